@@ -1,0 +1,12 @@
+DROP TABLE idempotency_keys;
+DROP TABLE appointment_events;
+DROP FUNCTION booking_notify_event();
+DROP TABLE appointments;
+DROP TABLE time_slots;
+DROP TABLE specialists;
+DROP TABLE users;
+DROP TYPE appointment_priority;
+DROP TYPE appointment_status;
+DROP TYPE timeslot_status;
+DROP TYPE user_role;
+DROP EXTENSION IF EXISTS btree_gist;

@@ -1,0 +1,17 @@
+DROP FUNCTION booking_expire_holds(integer);
+DROP FUNCTION booking_reschedule(uuid, uuid, uuid, uuid, boolean, uuid);
+DROP FUNCTION booking_mark_no_show(uuid, uuid, uuid);
+DROP FUNCTION booking_cancel(uuid, uuid, uuid, text, uuid);
+DROP FUNCTION booking_confirm(uuid, uuid, uuid, uuid);
+DROP FUNCTION booking_hold_slot(uuid, uuid, appointment_priority, uuid, interval, boolean, uuid);
+DROP FUNCTION booking_wrong_state(appointments, text);
+DROP FUNCTION booking_lock_appointment(uuid, uuid);
+DROP FUNCTION booking_claim_slot(time_slots);
+DROP FUNCTION booking_expire_hold(appointments);
+DROP FUNCTION booking_check_user_overlap(uuid, time_slots, uuid);
+DROP FUNCTION booking_lock_user(uuid, boolean);
+DROP FUNCTION booking_remember(uuid, text, text, appointment_events);
+DROP FUNCTION booking_replay(uuid, text, text);
+DROP FUNCTION booking_emit_event(appointments, text, appointment_status, uuid, text, uuid);
+DROP FUNCTION booking_require_snapshot_isolation();
+DROP FUNCTION booking_fail(text, jsonb);

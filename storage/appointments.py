@@ -1,0 +1,186 @@
+"""SQL for appointments: the transitions (server-side functions, one round
+trip each, see migrations/0002) and the reads."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+
+from storage.database import Connection, Database
+from storage.errors import AppointmentNotFound
+from storage.events import EVENT_COLUMNS, event_from_row
+from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
+
+_COLUMNS = (
+    "a.id, a.user_id, a.specialist_id, a.time_slot_id, a.status, a.priority,"
+    " s.start_time, s.end_time, a.expires_at, a.created_at, a.updated_at"
+)
+
+
+def _appointment(row: asyncpg.Record) -> Appointment:
+    return Appointment(
+        id=row["id"],
+        user_id=row["user_id"],
+        specialist_id=row["specialist_id"],
+        slot_id=row["time_slot_id"],
+        status=AppointmentStatus(row["status"]),
+        priority=Priority(row["priority"]),
+        start_time=row["start_time"],
+        end_time=row["end_time"],
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def _transition(db: Database, function: str, *args: object) -> AppointmentEvent:
+    placeholders = ", ".join(f"${i}" for i in range(1, len(args) + 1))
+    sql = f"SELECT {EVENT_COLUMNS} FROM {function}({placeholders}) e"
+
+    async def work(conn: Connection) -> asyncpg.Record:
+        return await conn.fetchrow(sql, *args)
+
+    return event_from_row(await db.run(work, single_statement=True))
+
+
+async def hold(
+    db: Database,
+    *,
+    slot_id: UUID,
+    user_id: UUID,
+    priority: Priority,
+    actor_id: UUID | None,
+    hold_ttl: timedelta,
+    check_user_overlap: bool,
+    request_id: UUID | None,
+) -> AppointmentEvent:
+    return await _transition(
+        db,
+        "booking_hold_slot",
+        slot_id,
+        user_id,
+        priority.value,
+        actor_id,
+        hold_ttl,
+        check_user_overlap,
+        request_id,
+    )
+
+
+async def confirm(
+    db: Database,
+    appointment_id: UUID,
+    *,
+    owner_id: UUID | None,
+    actor_id: UUID | None,
+    request_id: UUID | None,
+) -> AppointmentEvent:
+    return await _transition(
+        db, "booking_confirm", appointment_id, owner_id, actor_id, request_id
+    )
+
+
+async def cancel(
+    db: Database,
+    appointment_id: UUID,
+    *,
+    owner_id: UUID | None,
+    actor_id: UUID | None,
+    reason: str | None,
+    request_id: UUID | None,
+) -> AppointmentEvent:
+    return await _transition(
+        db, "booking_cancel", appointment_id, owner_id, actor_id, reason, request_id
+    )
+
+
+async def mark_no_show(
+    db: Database, appointment_id: UUID, *, actor_id: UUID | None, request_id: UUID | None
+) -> AppointmentEvent:
+    return await _transition(db, "booking_mark_no_show", appointment_id, actor_id, request_id)
+
+
+async def reschedule(
+    db: Database,
+    appointment_id: UUID,
+    *,
+    new_slot_id: UUID,
+    owner_id: UUID | None,
+    actor_id: UUID | None,
+    check_user_overlap: bool,
+    request_id: UUID | None,
+) -> AppointmentEvent:
+    return await _transition(
+        db,
+        "booking_reschedule",
+        appointment_id,
+        new_slot_id,
+        owner_id,
+        actor_id,
+        check_user_overlap,
+        request_id,
+    )
+
+
+async def expire_holds(db: Database, limit: int) -> int:
+    """Release up to `limit` lapsed holds; returns how many were released."""
+
+    async def work(conn: Connection) -> int:
+        return int(await conn.fetchval("SELECT booking_expire_holds($1)", limit))
+
+    return await db.run(work, single_statement=True)
+
+
+async def get(db: Database, appointment_id: UUID, *, owner_id: UUID | None = None) -> Appointment:
+    """`owner_id` restricts the lookup to one user's appointments; another
+    user's appointment is reported as missing."""
+
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
+            " WHERE a.id = $1 AND ($2::uuid IS NULL OR a.user_id = $2)",
+            appointment_id,
+            owner_id,
+        )
+
+    row = await db.run(work, single_statement=True)
+    if row is None:
+        raise AppointmentNotFound(id=str(appointment_id))
+    return _appointment(row)
+
+
+async def list_(
+    db: Database,
+    *,
+    user_id: UUID | None,
+    specialist_id: UUID | None,
+    status: AppointmentStatus | None,
+    window_start: datetime | None,
+    window_end: datetime | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> Page[Appointment]:
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
+            " WHERE ($1::uuid IS NULL OR a.user_id = $1)"
+            " AND ($2::uuid IS NULL OR a.specialist_id = $2)"
+            " AND ($3::appointment_status IS NULL OR a.status = $3)"
+            " AND ($4::timestamptz IS NULL OR s.end_time > $4)"
+            " AND ($5::timestamptz IS NULL OR s.start_time < $5)"
+            " AND ($6::timestamptz IS NULL OR (s.start_time, a.id) > ($6, $7::uuid))"
+            " ORDER BY s.start_time, a.id LIMIT $8",
+            user_id,
+            specialist_id,
+            status.value if status else None,
+            window_start,
+            window_end,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit + 1,
+        )
+
+    rows = await db.run(work, single_statement=True)
+    return Page([_appointment(r) for r in rows[:limit]], has_more=len(rows) > limit)

@@ -1,0 +1,263 @@
+"""Domain errors: what went wrong, with the fields a caller needs.
+
+storage/ raises these from database errors (``raise ... from exc``); the
+service layer maps each one to a gRPC status in a single table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import ClassVar
+
+
+class BookingError(Exception):
+    """Base of every error a client can cause or be told about."""
+
+    reason: ClassVar[str] = "BOOKING_ERROR"
+
+    def metadata(self) -> dict[str, str]:
+        """The error's fields as strings, for google.rpc.ErrorInfo.metadata."""
+        out: dict[str, str] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = value.isoformat() if isinstance(value, datetime) else str(value)
+        return out
+
+
+@dataclass(eq=False)
+class NotFound(BookingError):
+    """Base for missing resources; `resource` names the kind."""
+
+    resource: ClassVar[str] = "resource"
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.resource} {self.id} not found"
+
+
+class UserNotFound(NotFound):
+    reason = "USER_NOT_FOUND"
+    resource = "user"
+
+
+class SpecialistNotFound(NotFound):
+    reason = "SPECIALIST_NOT_FOUND"
+    resource = "specialist"
+
+
+class SlotNotFound(NotFound):
+    reason = "SLOT_NOT_FOUND"
+    resource = "slot"
+
+
+class AppointmentNotFound(NotFound):
+    reason = "APPOINTMENT_NOT_FOUND"
+    resource = "appointment"
+
+
+@dataclass(eq=False)
+class EmailTaken(BookingError):
+    reason = "EMAIL_TAKEN"
+    email: str
+
+    def __str__(self) -> str:
+        return f"a user with email {self.email!r} already exists"
+
+
+@dataclass(eq=False)
+class SlotOverlap(BookingError):
+    reason = "SLOT_OVERLAP"
+    specialist_id: str
+
+    def __str__(self) -> str:
+        return f"specialist {self.specialist_id} already has a slot overlapping this time"
+
+
+@dataclass(eq=False)
+class SlotUnavailable(BookingError):
+    reason = "SLOT_UNAVAILABLE"
+    slot_id: str
+    status: str
+
+    def __str__(self) -> str:
+        return f"slot {self.slot_id} is {self.status}, not AVAILABLE"
+
+
+@dataclass(eq=False)
+class WrongState(BookingError):
+    reason = "WRONG_STATE"
+    appointment_id: str
+    status: str
+    transition: str
+
+    def __str__(self) -> str:
+        return f"cannot {self.transition} appointment {self.appointment_id}: it is {self.status}"
+
+
+@dataclass(eq=False)
+class HoldExpired(BookingError):
+    reason = "HOLD_EXPIRED"
+    appointment_id: str
+    expire_time: str
+
+    def __str__(self) -> str:
+        return f"the hold on appointment {self.appointment_id} expired at {self.expire_time}"
+
+
+@dataclass(eq=False)
+class UserOverlap(BookingError):
+    reason = "USER_OVERLAP"
+    user_id: str
+    conflicting_appointment_id: str
+
+    def __str__(self) -> str:
+        return (
+            f"user {self.user_id} already has appointment "
+            f"{self.conflicting_appointment_id} at an overlapping time"
+        )
+
+
+@dataclass(eq=False)
+class UserInactive(BookingError):
+    reason = "USER_INACTIVE"
+    user_id: str
+
+    def __str__(self) -> str:
+        return f"user {self.user_id} is deactivated"
+
+
+@dataclass(eq=False)
+class SpecialistInactive(BookingError):
+    reason = "SPECIALIST_INACTIVE"
+    specialist_id: str
+
+    def __str__(self) -> str:
+        return f"specialist {self.specialist_id} is inactive"
+
+
+@dataclass(eq=False)
+class SlotNotStarted(BookingError):
+    reason = "SLOT_NOT_STARTED"
+    appointment_id: str
+    start_time: str
+
+    def __str__(self) -> str:
+        return f"appointment {self.appointment_id} starts at {self.start_time}; it has not started"
+
+
+@dataclass(eq=False)
+class SpecialistMismatch(BookingError):
+    reason = "SPECIALIST_MISMATCH"
+    slot_id: str
+    specialist_id: str
+
+    def __str__(self) -> str:
+        return f"slot {self.slot_id} does not belong to specialist {self.specialist_id}"
+
+
+@dataclass(eq=False)
+class SameSlot(BookingError):
+    reason = "SAME_SLOT"
+    appointment_id: str
+    slot_id: str
+
+    def __str__(self) -> str:
+        return f"appointment {self.appointment_id} is already in slot {self.slot_id}"
+
+
+@dataclass(eq=False)
+class SlotBusy(BookingError):
+    """DeleteSlot on a slot that is held or booked."""
+
+    reason = "SLOT_NOT_AVAILABLE"
+    slot_id: str
+    status: str
+
+    def __str__(self) -> str:
+        return f"slot {self.slot_id} is {self.status}; only an AVAILABLE slot can be deleted"
+
+
+@dataclass(eq=False)
+class RequestIdReused(BookingError):
+    reason = "REQUEST_ID_REUSED"
+    request_id: str
+    operation: str
+
+    def __str__(self) -> str:
+        return (
+            f"request_id {self.request_id} was already used for a different "
+            f"{self.operation} request"
+        )
+
+
+@dataclass(eq=False)
+class InvalidValue(BookingError):
+    """A value the database refused (e.g. NUL in text) that validation missed."""
+
+    reason = "INVALID_VALUE"
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+@dataclass(eq=False)
+class InvalidCredentials(BookingError):
+    reason = "INVALID_CREDENTIALS"
+
+    def __str__(self) -> str:
+        return "wrong email or password"
+
+
+@dataclass(eq=False)
+class LoginThrottled(BookingError):
+    reason = "LOGIN_THROTTLED"
+    retry_after_seconds: int
+
+    def __str__(self) -> str:
+        return f"too many failed logins; try again in {self.retry_after_seconds} s"
+
+
+@dataclass(eq=False)
+class TransactionConflict(BookingError):
+    """Retries of a serialization failure or deadlock ran out."""
+
+    reason = "TRANSACTION_CONFLICT"
+    attempts: int
+
+    def __str__(self) -> str:
+        return f"the change conflicted with concurrent ones {self.attempts} times; retry"
+
+
+@dataclass(eq=False)
+class DatabaseUnavailable(BookingError):
+    reason = "DATABASE_UNAVAILABLE"
+
+    def __str__(self) -> str:
+        return "the database is unavailable"
+
+
+# Reasons raised by the SQL functions (SQLSTATE BK001), with the detail keys
+# each constructor takes.
+SQL_REASONS: dict[str, type[BookingError]] = {
+    cls.reason: cls
+    for cls in (
+        UserNotFound,
+        SlotNotFound,
+        AppointmentNotFound,
+        SlotUnavailable,
+        WrongState,
+        HoldExpired,
+        UserOverlap,
+        UserInactive,
+        SpecialistInactive,
+        SlotNotStarted,
+        SpecialistMismatch,
+        SameSlot,
+        RequestIdReused,
+    )
+}

@@ -1,0 +1,112 @@
+"""SQL for the appointment event log.
+
+Readers only see events below the oldest transaction still running
+(``pg_snapshot_xmin``), ordered by (xid, seq). An event whose transaction
+commits late therefore cannot be skipped: readers wait for it instead.
+docs/events.md has the reasoning.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from storage.database import Connection, Database
+from storage.models import (
+    Appointment,
+    AppointmentEvent,
+    AppointmentStatus,
+    EventFilter,
+    EventType,
+    Position,
+    Priority,
+)
+
+EVENT_COLUMNS = (
+    "e.id, e.xid::text::bigint AS xid, e.seq, e.appointment_id, e.event_type, e.old_status,"
+    " e.new_status, e.time_slot_id, e.previous_slot_id, e.specialist_id, e.user_id,"
+    " e.priority, e.start_time, e.end_time, e.expires_at, e.appointment_created_at,"
+    " e.actor_id, e.reason, e.created_at"
+)
+
+# The stable horizon: every transaction with a smaller xid has finished.
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
+
+
+def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
+    appointment = Appointment(
+        id=row["appointment_id"],
+        user_id=row["user_id"],
+        specialist_id=row["specialist_id"],
+        slot_id=row["time_slot_id"],
+        status=AppointmentStatus(row["new_status"]),
+        priority=Priority(row["priority"]),
+        start_time=row["start_time"],
+        end_time=row["end_time"],
+        expires_at=row["expires_at"],
+        created_at=row["appointment_created_at"],
+        updated_at=row["created_at"],
+    )
+    old = row["old_status"]
+    return AppointmentEvent(
+        id=row["id"],
+        position=Position(row["xid"], row["seq"]),
+        type=EventType(row["event_type"]),
+        created_at=row["created_at"],
+        old_status=AppointmentStatus(old) if old else None,
+        appointment=appointment,
+        actor_id=row["actor_id"],
+        reason=row["reason"],
+        previous_slot_id=row["previous_slot_id"],
+    )
+
+
+async def read_after(
+    db: Database, after: Position, filter_: EventFilter, limit: int
+) -> tuple[list[AppointmentEvent], Position]:
+    """Up to `limit` stable events after `after`, and how far the read got.
+
+    The returned position is the last event read or, when the read reached
+    the horizon, the horizon itself: a consumer may resume from it without
+    missing anything, even if the filter matched nothing.
+    """
+
+    async def work(conn: Connection) -> tuple[list[asyncpg.Record], int]:
+        rows = await conn.fetch(
+            f"SELECT {EVENT_COLUMNS}, {_HORIZON}::text::bigint AS horizon"
+            " FROM appointment_events e"
+            " WHERE (e.xid, e.seq) > ($1::text::xid8, $2::bigint)"
+            f" AND e.xid < {_HORIZON}"
+            " AND ($3::uuid IS NULL OR e.specialist_id = $3)"
+            " AND ($4::uuid IS NULL OR e.user_id = $4)"
+            " AND ($5::uuid IS NULL OR e.appointment_id = $5)"
+            " AND ($6::text[] IS NULL OR e.event_type = ANY($6))"
+            " ORDER BY e.xid, e.seq LIMIT $7",
+            str(after.xid),
+            after.seq,
+            filter_.specialist_id,
+            filter_.user_id,
+            filter_.appointment_id,
+            sorted(t.value for t in filter_.types) or None,
+            limit,
+        )
+        if rows:
+            return rows, int(rows[0]["horizon"])
+        return rows, int(await conn.fetchval(f"SELECT {_HORIZON}::text::bigint"))
+
+    # One snapshot for both statements, so the horizon matches the rows.
+    rows, horizon = await db.run(work)
+    events = [event_from_row(r) for r in rows]
+    if len(events) == limit:
+        return events, events[-1].position
+    # Everything below the horizon has been read; seq starts at 1.
+    reached = Position(horizon, 0)
+    return events, max(reached, events[-1].position) if events else max(reached, after)
+
+
+async def horizon(db: Database) -> Position:
+    """The position a reader starting 'now' should resume after."""
+
+    async def work(conn: Connection) -> int:
+        return int(await conn.fetchval(f"SELECT {_HORIZON}::text::bigint"))
+
+    return Position(await db.run(work, single_statement=True), 0)

@@ -1,0 +1,59 @@
+"""Schema migrations: plain SQL files in migrations/, applied by yoyo."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from yoyo import get_backend, read_migrations
+
+log = logging.getLogger(__name__)
+
+
+def migrations_dir() -> Path:
+    """migrations/ beside the packages, in a checkout and in an install."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("migrations directory not found")
+
+
+def _yoyo_url(dsn: str) -> str:
+    # yoyo picks its driver from the scheme; psycopg 3 is the one we ship.
+    scheme, sep, rest = dsn.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg://{rest}"
+    return dsn
+
+
+def apply(dsn: str) -> list[str]:
+    """Apply every pending migration; returns the ids applied."""
+    backend = get_backend(_yoyo_url(dsn))
+    migrations = read_migrations(str(migrations_dir()))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    ids = [m.id for m in pending]
+    if ids:
+        log.info("applied migrations: %s", ", ".join(ids))
+    return ids
+
+
+def rollback(dsn: str, count: int = 1) -> list[str]:
+    """Roll back the newest `count` applied migrations; returns their ids."""
+    backend = get_backend(_yoyo_url(dsn))
+    migrations = read_migrations(str(migrations_dir()))
+    with backend.lock():
+        applied = backend.to_rollback(migrations)
+        chosen = applied[:count]
+        backend.rollback_migrations(chosen)
+    ids = [m.id for m in chosen]
+    log.info("rolled back migrations: %s", ", ".join(ids) or "none")
+    return ids
+
+
+def applied(dsn: str) -> list[str]:
+    backend = get_backend(_yoyo_url(dsn))
+    migrations = read_migrations(str(migrations_dir()))
+    return [m.id for m in migrations if backend.is_applied(m)]

@@ -1,0 +1,138 @@
+"""Plain records that storage returns. No wire types here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+from uuid import UUID
+
+T = TypeVar("T")
+
+
+class Role(enum.StrEnum):
+    CLIENT = "CLIENT"
+    OPERATOR = "OPERATOR"
+    ADMIN = "ADMIN"
+
+
+class SlotStatus(enum.StrEnum):
+    AVAILABLE = "AVAILABLE"
+    HOLD = "HOLD"
+    BOOKED = "BOOKED"
+
+
+class AppointmentStatus(enum.StrEnum):
+    HOLD = "HOLD"
+    CONFIRMED = "CONFIRMED"
+    CANCELLED = "CANCELLED"
+    NO_SHOW = "NO_SHOW"
+
+
+class Priority(enum.StrEnum):
+    NORMAL = "NORMAL"
+    VIP = "VIP"
+    URGENT = "URGENT"
+
+
+class EventType(enum.StrEnum):
+    HELD = "HELD"
+    CONFIRMED = "CONFIRMED"
+    CANCELLED = "CANCELLED"
+    HOLD_EXPIRED = "HOLD_EXPIRED"
+    NO_SHOW = "NO_SHOW"
+    RESCHEDULED = "RESCHEDULED"
+
+
+@dataclass(frozen=True)
+class User:
+    id: UUID
+    email: str
+    role: Role
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Specialist:
+    id: UUID
+    full_name: str
+    service_type: str
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Slot:
+    id: UUID
+    specialist_id: UUID
+    start_time: datetime
+    end_time: datetime
+    status: SlotStatus
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Appointment:
+    id: UUID
+    user_id: UUID
+    specialist_id: UUID
+    slot_id: UUID
+    status: AppointmentStatus
+    priority: Priority
+    start_time: datetime
+    end_time: datetime
+    expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A place in the event stream: (transaction id, sequence), see docs/events.md."""
+
+    xid: int
+    seq: int
+
+    @classmethod
+    def start(cls) -> Position:
+        return cls(0, 0)
+
+
+@dataclass(frozen=True)
+class AppointmentEvent:
+    id: UUID
+    position: Position
+    type: EventType
+    created_at: datetime
+    old_status: AppointmentStatus | None
+    appointment: Appointment
+    actor_id: UUID | None
+    reason: str | None
+    previous_slot_id: UUID | None
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    specialist_id: UUID | None = None
+    user_id: UUID | None = None
+    appointment_id: UUID | None = None
+    types: frozenset[EventType] = frozenset()
+
+    def matches(self, event: AppointmentEvent) -> bool:
+        a = event.appointment
+        return (
+            (self.specialist_id is None or a.specialist_id == self.specialist_id)
+            and (self.user_id is None or a.user_id == self.user_id)
+            and (self.appointment_id is None or a.id == self.appointment_id)
+            and (not self.types or event.type in self.types)
+        )
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool

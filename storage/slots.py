@@ -1,0 +1,132 @@
+"""SQL for time slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from storage.database import Connection, Database
+from storage.errors import SlotBusy, SlotNotFound, SpecialistInactive, SpecialistNotFound
+from storage.models import Page, Slot, SlotStatus
+
+_COLUMNS = "id, specialist_id, start_time, end_time, status, created_at"
+
+
+@dataclass(frozen=True)
+class NewSlot:
+    specialist_id: UUID
+    start_time: datetime
+    end_time: datetime
+
+
+def _slot(row: asyncpg.Record) -> Slot:
+    return Slot(
+        id=row["id"],
+        specialist_id=row["specialist_id"],
+        start_time=row["start_time"],
+        end_time=row["end_time"],
+        status=SlotStatus(row["status"]),
+        created_at=row["created_at"],
+    )
+
+
+async def create_many(db: Database, new: list[NewSlot]) -> list[Slot]:
+    """Create all the slots or none. Overlaps (with each other or with
+    existing slots) are refused by the exclusion constraint."""
+    specialist_ids = sorted({s.specialist_id for s in new})
+
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        # FOR SHARE keeps a specialist from being deactivated mid-way.
+        found = await conn.fetch(
+            "SELECT id, is_active FROM specialists WHERE id = ANY($1::uuid[])"
+            " ORDER BY id FOR SHARE",
+            specialist_ids,
+        )
+        active = {r["id"]: r["is_active"] for r in found}
+        for sid in specialist_ids:
+            if sid not in active:
+                raise SpecialistNotFound(id=str(sid))
+            if not active[sid]:
+                raise SpecialistInactive(specialist_id=str(sid))
+        return await conn.fetch(
+            "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
+            " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[])"
+            f" RETURNING {_COLUMNS}",
+            [uuid4() for _ in new],
+            [s.specialist_id for s in new],
+            [s.start_time for s in new],
+            [s.end_time for s in new],
+        )
+
+    rows = await db.run(work)
+    return [_slot(r) for r in rows]
+
+
+async def get(db: Database, slot_id: UUID) -> Slot:
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM time_slots WHERE id = $1 AND deleted_at IS NULL", slot_id
+        )
+
+    row = await db.run(work, single_statement=True)
+    if row is None:
+        raise SlotNotFound(id=str(slot_id))
+    return _slot(row)
+
+
+async def list_(
+    db: Database,
+    *,
+    specialist_id: UUID | None,
+    window_start: datetime | None,
+    window_end: datetime | None,
+    status: SlotStatus | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> Page[Slot]:
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            f"SELECT {_COLUMNS} FROM time_slots"
+            " WHERE deleted_at IS NULL"
+            " AND ($1::uuid IS NULL OR specialist_id = $1)"
+            " AND ($2::timestamptz IS NULL OR end_time > $2)"
+            " AND ($3::timestamptz IS NULL OR start_time < $3)"
+            " AND ($4::timeslot_status IS NULL OR status = $4)"
+            " AND ($5::timestamptz IS NULL OR (start_time, id) > ($5, $6::uuid))"
+            " ORDER BY start_time, id LIMIT $7",
+            specialist_id,
+            window_start,
+            window_end,
+            status.value if status else None,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit + 1,
+        )
+
+    rows = await db.run(work, single_statement=True)
+    return Page([_slot(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+async def delete(db: Database, slot_id: UUID) -> None:
+    """Delete an AVAILABLE slot. It is kept, marked deleted, because past
+    appointments and events may reference it; it no longer blocks overlaps."""
+
+    async def work(conn: Connection) -> None:
+        deleted = await conn.fetchval(
+            "UPDATE time_slots SET deleted_at = now()"
+            " WHERE id = $1 AND deleted_at IS NULL AND status = 'AVAILABLE' RETURNING id",
+            slot_id,
+        )
+        if deleted is not None:
+            return
+        status = await conn.fetchval(
+            "SELECT status FROM time_slots WHERE id = $1 AND deleted_at IS NULL", slot_id
+        )
+        if status is None:
+            raise SlotNotFound(id=str(slot_id))
+        raise SlotBusy(slot_id=str(slot_id), status=status)
+
+    await db.run(work)

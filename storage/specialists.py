@@ -1,0 +1,104 @@
+"""SQL for specialists."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from storage.database import Connection, Database
+from storage.errors import SpecialistNotFound
+from storage.models import Page, Specialist
+
+_COLUMNS = "id, full_name, service_type, is_active, created_at, updated_at"
+
+
+def _specialist(row: asyncpg.Record) -> Specialist:
+    return Specialist(
+        id=row["id"],
+        full_name=row["full_name"],
+        service_type=row["service_type"],
+        active=row["is_active"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def create(db: Database, *, full_name: str, service_type: str) -> Specialist:
+    async def work(conn: Connection) -> asyncpg.Record:
+        return await conn.fetchrow(
+            "INSERT INTO specialists (id, full_name, service_type) VALUES ($1, $2, $3)"
+            f" RETURNING {_COLUMNS}",
+            uuid4(),
+            full_name,
+            service_type,
+        )
+
+    return _specialist(await db.run(work, single_statement=True))
+
+
+async def get(db: Database, specialist_id: UUID) -> Specialist:
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM specialists WHERE id = $1", specialist_id
+        )
+
+    row = await db.run(work, single_statement=True)
+    if row is None:
+        raise SpecialistNotFound(id=str(specialist_id))
+    return _specialist(row)
+
+
+async def list_(
+    db: Database,
+    *,
+    service_type: str | None,
+    active: bool | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> Page[Specialist]:
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            f"SELECT {_COLUMNS} FROM specialists"
+            " WHERE ($1::text IS NULL OR service_type = $1)"
+            " AND ($2::boolean IS NULL OR is_active = $2)"
+            " AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4::uuid))"
+            " ORDER BY created_at, id LIMIT $5",
+            service_type,
+            active,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit + 1,
+        )
+
+    rows = await db.run(work, single_statement=True)
+    return Page([_specialist(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+async def update(
+    db: Database,
+    specialist_id: UUID,
+    *,
+    full_name: str | None = None,
+    service_type: str | None = None,
+    active: bool | None = None,
+) -> Specialist:
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            "UPDATE specialists SET"
+            " full_name = coalesce($2, full_name),"
+            " service_type = coalesce($3, service_type),"
+            " is_active = coalesce($4, is_active),"
+            " updated_at = now()"
+            f" WHERE id = $1 RETURNING {_COLUMNS}",
+            specialist_id,
+            full_name,
+            service_type,
+            active,
+        )
+
+    row = await db.run(work, single_statement=True)
+    if row is None:
+        raise SpecialistNotFound(id=str(specialist_id))
+    return _specialist(row)

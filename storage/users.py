@@ -1,0 +1,149 @@
+"""SQL for users."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from storage.database import Connection, Database
+from storage.errors import UserNotFound
+from storage.models import Page, Role, User
+
+_COLUMNS = "id, email, role, is_active, created_at, updated_at"
+
+
+def _user(row: asyncpg.Record) -> User:
+    return User(
+        id=row["id"],
+        email=row["email"],
+        role=Role(row["role"]),
+        active=row["is_active"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def create(db: Database, *, email: str, password_hash: str, role: Role) -> User:
+    async def work(conn: Connection) -> User:
+        row = await conn.fetchrow(
+            f"INSERT INTO users (id, email, password_hash, role) VALUES ($1, $2, $3, $4)"
+            f" RETURNING {_COLUMNS}",
+            uuid4(),
+            email,
+            password_hash,
+            role.value,
+        )
+        return _user(row)
+
+    return await db.run(work, single_statement=True)
+
+
+async def get(db: Database, user_id: UUID) -> User:
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        return await conn.fetchrow(f"SELECT {_COLUMNS} FROM users WHERE id = $1", user_id)
+
+    row = await db.run(work, single_statement=True)
+    if row is None:
+        raise UserNotFound(id=str(user_id))
+    return _user(row)
+
+
+async def credentials(db: Database, email: str) -> tuple[User, str] | None:
+    """The user with this email (any case) and its password hash."""
+
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            f"SELECT {_COLUMNS}, password_hash FROM users WHERE lower(email) = lower($1)", email
+        )
+
+    row = await db.run(work, single_statement=True)
+    return None if row is None else (_user(row), row["password_hash"])
+
+
+async def set_password_hash(db: Database, user_id: UUID, old_hash: str, new_hash: str) -> None:
+    """Swap in a rehashed password unless it changed meanwhile."""
+
+    async def work(conn: Connection) -> None:
+        await conn.execute(
+            "UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2",
+            user_id,
+            old_hash,
+            new_hash,
+        )
+
+    await db.run(work, single_statement=True)
+
+
+async def list_(
+    db: Database,
+    *,
+    role: Role | None,
+    active: bool | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> Page[User]:
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            f"SELECT {_COLUMNS} FROM users"
+            " WHERE ($1::user_role IS NULL OR role = $1)"
+            " AND ($2::boolean IS NULL OR is_active = $2)"
+            " AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4::uuid))"
+            " ORDER BY created_at, id LIMIT $5",
+            role.value if role else None,
+            active,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit + 1,
+        )
+
+    rows = await db.run(work, single_statement=True)
+    return Page([_user(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+async def update(
+    db: Database,
+    user_id: UUID,
+    *,
+    email: str | None = None,
+    password_hash: str | None = None,
+    role: Role | None = None,
+    active: bool | None = None,
+) -> User:
+    """Change the given fields; deactivating also revokes every token."""
+
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        row = await conn.fetchrow(
+            "UPDATE users SET"
+            " email = coalesce($2, email),"
+            " password_hash = coalesce($3, password_hash),"
+            " role = coalesce($4::user_role, role),"
+            " is_active = coalesce($5, is_active),"
+            " updated_at = now()"
+            f" WHERE id = $1 RETURNING {_COLUMNS}",
+            user_id,
+            email,
+            password_hash,
+            role.value if role else None,
+            active,
+        )
+        if row is not None and (active is False or password_hash is not None):
+            await conn.execute(
+                "UPDATE access_tokens SET revoked_at = now()"
+                " WHERE user_id = $1 AND revoked_at IS NULL",
+                user_id,
+            )
+        return row
+
+    row = await db.run(work)
+    if row is None:
+        raise UserNotFound(id=str(user_id))
+    return _user(row)
+
+
+async def count_admins(db: Database) -> int:
+    async def work(conn: Connection) -> int:
+        return int(await conn.fetchval("SELECT count(*) FROM users WHERE role = 'ADMIN'"))
+
+    return await db.run(work, single_statement=True)
