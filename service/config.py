@@ -23,6 +23,7 @@ class Config:
     # Unset: start an embedded PostgreSQL with its data under data_dir.
     database_url: str | None = None
     data_dir: Path = Path(".data")
+    migrate_on_start: bool = True
     pool_min_size: int = 2
     pool_max_size: int = 10
     hold_ttl_seconds: float = 300.0
@@ -74,7 +75,9 @@ class Config:
         if self.grace_seconds < 0:
             problems.append("grace_seconds must not be negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level}")
+            problems.append(
+                f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level}"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -122,14 +125,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f"env {env_name(f.name)} (default: {f.default})"
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=help_text)
 
 
-def from_sources(args: argparse.Namespace | None = None,
-                 environ: Mapping[str, str] | None = None) -> Config:
+def from_sources(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in fields(Config):

@@ -116,7 +116,9 @@ def _pack(message: object) -> any_pb2.Any:
 def to_status(exc: e.BookingError) -> grpc.Status:
     code = code_for(exc)
     details = [
-        _pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata()))
+        _pack(
+            error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata())
+        )
     ]
     violations: list[FieldViolation] = []
     if isinstance(exc, InvalidArgument):
@@ -152,3 +154,14 @@ def internal_status() -> grpc.Status:
             details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
         )
     )
+
+
+@dataclass(eq=False)
+class ShuttingDown(e.BookingError):
+    reason = "SHUTTING_DOWN"
+
+    def __str__(self) -> str:
+        return "the server is shutting down; reconnect and resume from your last cursor"
+
+
+CODES[ShuttingDown] = grpc.StatusCode.UNAVAILABLE

@@ -77,9 +77,7 @@ async def confirm(
     actor_id: UUID | None,
     request_id: UUID | None,
 ) -> AppointmentEvent:
-    return await _transition(
-        db, "booking_confirm", appointment_id, owner_id, actor_id, request_id
-    )
+    return await _transition(db, "booking_confirm", appointment_id, owner_id, actor_id, request_id)
 
 
 async def cancel(

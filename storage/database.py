@@ -80,11 +80,15 @@ def translate(exc: asyncpg.PostgresError) -> errors.BookingError | None:
     if isinstance(
         exc, (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
     ):
-        return errors.InvalidValue(field=getattr(exc, "column_name", None) or "text",
-                                   description="contains a character PostgreSQL cannot store (NUL)")
+        return errors.InvalidValue(
+            field=getattr(exc, "column_name", None) or "text",
+            description="contains a character PostgreSQL cannot store (NUL)",
+        )
     if isinstance(exc, (asyncpg.DatetimeFieldOverflowError, asyncpg.InvalidDatetimeFormatError)):
-        return errors.InvalidValue(field=getattr(exc, "column_name", None) or "timestamp",
-                                   description="timestamp out of range")
+        return errors.InvalidValue(
+            field=getattr(exc, "column_name", None) or "timestamp",
+            description="timestamp out of range",
+        )
     return None
 
 
@@ -116,9 +120,10 @@ def _from_sql_function(exc: asyncpg.PostgresError) -> errors.BookingError:
 class Database:
     """An asyncpg pool whose sessions default to REPEATABLE READ."""
 
-    def __init__(self, pool: asyncpg.Pool, retry: RetryPolicy) -> None:
+    def __init__(self, pool: asyncpg.Pool, retry: RetryPolicy, dsn: str) -> None:
         self.pool = pool
         self.retry = retry
+        self.dsn = dsn
 
     @classmethod
     async def connect(
@@ -145,7 +150,7 @@ class Database:
             },
         )
         assert pool is not None
-        return cls(pool, retry or RetryPolicy())
+        return cls(pool, retry or RetryPolicy(), dsn)
 
     async def close(self) -> None:
         await self.pool.close()

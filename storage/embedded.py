@@ -77,7 +77,14 @@ def _ensure_service_user() -> None:
         pwd.getpwnam(SERVICE_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SERVICE_USER,
+            ],
             check=True,
             capture_output=True,
         )
@@ -164,7 +171,9 @@ def _initdb(data_dir: Path, pgdata: Path) -> str:
     return password
 
 
-def start(data_dir: Path, *, unsafe_fast: bool = False, max_connections: int = 200) -> EmbeddedPostgres:
+def start(
+    data_dir: Path, *, unsafe_fast: bool = False, max_connections: int = 200
+) -> EmbeddedPostgres:
     """Start (or reuse) a server on `data_dir`, initialising it on first use.
 
     It listens on 127.0.0.1 only, on a free port, with a password kept in

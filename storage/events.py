@@ -8,6 +8,8 @@ docs/events.md has the reasoning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 
 from storage.database import Connection, Database
@@ -62,25 +64,30 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
 
 async def read_after(
     db: Database, after: Position, filter_: EventFilter, limit: int
-) -> tuple[list[AppointmentEvent], Position]:
-    """Up to `limit` stable events after `after`, and how far the read got.
+) -> tuple[list[AppointmentEvent], Position, bool]:
+    """Up to `limit` stable events after `after`, how far the read got, and
+    whether newer events exist that are not yet stable.
 
-    The returned position is the last event read or, when the read reached
+    The position returned is the last event read or, when the read reached
     the horizon, the horizon itself: a consumer may resume from it without
-    missing anything, even if the filter matched nothing.
+    missing anything, even if the filter matched nothing. One statement, so
+    one snapshot: the horizon always matches the rows.
     """
 
-    async def work(conn: Connection) -> tuple[list[asyncpg.Record], int]:
-        rows = await conn.fetch(
-            f"SELECT {EVENT_COLUMNS}, {_HORIZON}::text::bigint AS horizon"
-            " FROM appointment_events e"
-            " WHERE (e.xid, e.seq) > ($1::text::xid8, $2::bigint)"
-            f" AND e.xid < {_HORIZON}"
-            " AND ($3::uuid IS NULL OR e.specialist_id = $3)"
-            " AND ($4::uuid IS NULL OR e.user_id = $4)"
-            " AND ($5::uuid IS NULL OR e.appointment_id = $5)"
-            " AND ($6::text[] IS NULL OR e.event_type = ANY($6))"
-            " ORDER BY e.xid, e.seq LIMIT $7",
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            f"WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
+            f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
+            " SELECT h.x::text::bigint AS horizon, h.pending, ev.*"
+            " FROM h LEFT JOIN LATERAL ("
+            f"  SELECT {EVENT_COLUMNS} FROM appointment_events e"
+            "  WHERE (e.xid, e.seq) > ($1::text::xid8, $2::bigint) AND e.xid < h.x"
+            "  AND ($3::uuid IS NULL OR e.specialist_id = $3)"
+            "  AND ($4::uuid IS NULL OR e.user_id = $4)"
+            "  AND ($5::uuid IS NULL OR e.appointment_id = $5)"
+            "  AND ($6::text[] IS NULL OR e.event_type = ANY($6))"
+            "  ORDER BY e.xid, e.seq LIMIT $7"
+            " ) ev ON true ORDER BY ev.xid, ev.seq",
             str(after.xid),
             after.seq,
             filter_.specialist_id,
@@ -89,18 +96,15 @@ async def read_after(
             sorted(t.value for t in filter_.types) or None,
             limit,
         )
-        if rows:
-            return rows, int(rows[0]["horizon"])
-        return rows, int(await conn.fetchval(f"SELECT {_HORIZON}::text::bigint"))
 
-    # One snapshot for both statements, so the horizon matches the rows.
-    rows, horizon = await db.run(work)
-    events = [event_from_row(r) for r in rows]
+    rows = await db.run(work, single_statement=True)
+    horizon, pending = int(rows[0]["horizon"]), bool(rows[0]["pending"])
+    events = [event_from_row(r) for r in rows if r["id"] is not None]
     if len(events) == limit:
-        return events, events[-1].position
+        return events, events[-1].position, True
     # Everything below the horizon has been read; seq starts at 1.
-    reached = Position(horizon, 0)
-    return events, max(reached, events[-1].position) if events else max(reached, after)
+    reached = max(Position(horizon, 0), after)
+    return events, reached, pending
 
 
 async def horizon(db: Database) -> Position:
@@ -110,3 +114,31 @@ async def horizon(db: Database) -> Position:
         return int(await conn.fetchval(f"SELECT {_HORIZON}::text::bigint"))
 
     return Position(await db.run(work, single_statement=True), 0)
+
+
+CHANNEL = "booking_appointment_events"
+
+
+class Listener:
+    """A dedicated connection LISTENing for event commits.
+
+    NOTIFY is delivered only at commit and never replayed, so it is just a
+    wake-up; readers always go back to the table.
+    """
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, dsn: str, on_notify: Callable[[], None]) -> Listener:
+        conn = await asyncpg.connect(dsn, server_settings={"application_name": "booking-listener"})
+        await conn.add_listener(CHANNEL, lambda *_: on_notify())
+        return cls(conn)
+
+    @property
+    def alive(self) -> bool:
+        return not self._conn.is_closed()
+
+    async def close(self) -> None:
+        if not self._conn.is_closed():
+            await self._conn.close(timeout=2)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from yoyo import get_backend, read_migrations
 
@@ -27,11 +30,20 @@ def _yoyo_url(dsn: str) -> str:
     return dsn
 
 
+@contextmanager
+def _backend(dsn: str) -> Iterator[Any]:
+    backend = get_backend(_yoyo_url(dsn))
+    try:
+        yield backend
+    finally:
+        # Left open, the session would block CREATE DATABASE ... TEMPLATE.
+        backend.connection.close()
+
+
 def apply(dsn: str) -> list[str]:
     """Apply every pending migration; returns the ids applied."""
-    backend = get_backend(_yoyo_url(dsn))
     migrations = read_migrations(str(migrations_dir()))
-    with backend.lock():
+    with _backend(dsn) as backend, backend.lock():
         pending = backend.to_apply(migrations)
         backend.apply_migrations(pending)
     ids = [m.id for m in pending]
@@ -42,9 +54,8 @@ def apply(dsn: str) -> list[str]:
 
 def rollback(dsn: str, count: int = 1) -> list[str]:
     """Roll back the newest `count` applied migrations; returns their ids."""
-    backend = get_backend(_yoyo_url(dsn))
     migrations = read_migrations(str(migrations_dir()))
-    with backend.lock():
+    with _backend(dsn) as backend, backend.lock():
         applied = backend.to_rollback(migrations)
         chosen = applied[:count]
         backend.rollback_migrations(chosen)
@@ -54,6 +65,6 @@ def rollback(dsn: str, count: int = 1) -> list[str]:
 
 
 def applied(dsn: str) -> list[str]:
-    backend = get_backend(_yoyo_url(dsn))
     migrations = read_migrations(str(migrations_dir()))
-    return [m.id for m in migrations if backend.is_applied(m)]
+    with _backend(dsn) as backend:
+        return [m.id for m in migrations if backend.is_applied(m)]

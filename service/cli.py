@@ -1,0 +1,168 @@
+"""The booking-service command: serve, migrate, create-admin, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from service import logs, passwords
+from service.config import Config, ConfigError, add_arguments, from_sources
+from service.server import BookingServer, resolve_database
+from storage import migrate
+from storage import users as user_store
+from storage.database import Database
+from storage.errors import EmailTaken
+from storage.models import Role
+
+log = logging.getLogger("booking")
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+async def _serve(config: Config) -> int:
+    server = BookingServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    print(f"booking-service listening on {config.host}:{server.port}", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("signal received; draining for up to %.0fs", config.grace_seconds)
+    await server.stop()
+    return 0
+
+
+async def _migrate(config: Config, action: str, count: int) -> int:
+    dsn, pg = await resolve_database(config)
+    try:
+        if action == "apply":
+            applied = await asyncio.to_thread(migrate.apply, dsn)
+            print("applied: " + (", ".join(applied) or "nothing to apply"))
+        elif action == "rollback":
+            rolled = await asyncio.to_thread(migrate.rollback, dsn, count)
+            print("rolled back: " + (", ".join(rolled) or "nothing"))
+        else:
+            for name in await asyncio.to_thread(migrate.applied, dsn):
+                print(name)
+    finally:
+        if pg is not None and pg.started_here:
+            await asyncio.to_thread(pg.stop)
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Repeat password: "):
+        raise ConfigError("passwords do not match")
+    return first
+
+
+async def _create_admin(config: Config, email: str, password: str) -> int:
+    problem = passwords.problem(password)
+    if problem:
+        print(f"password {problem}", file=sys.stderr)
+        return 2
+    dsn, pg = await resolve_database(config)
+    try:
+        await asyncio.to_thread(migrate.apply, dsn)
+        db = await Database.connect(dsn, min_size=1, max_size=1)
+        try:
+            user = await user_store.create(
+                db,
+                email=email,
+                password_hash=await passwords.hash_password(password),
+                role=Role.ADMIN,
+            )
+        except EmailTaken:
+            print(f"a user with email {email} already exists", file=sys.stderr)
+            return 1
+        finally:
+            await db.close()
+    finally:
+        if pg is not None and pg.started_here:
+            await asyncio.to_thread(pg.stop)
+    print(f"created ADMIN {user.email} ({user.id})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="booking-service",
+        description="Books appointments with specialists; double booking is impossible.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    add_arguments(serve)
+
+    mig = sub.add_parser("migrate", help="apply, roll back or list schema migrations")
+    mig.add_argument("action", nargs="?", choices=["apply", "rollback", "list"], default="apply")
+    mig.add_argument("--count", type=int, default=1, help="migrations to roll back (default 1)")
+    add_arguments(mig)
+
+    admin = sub.add_parser("create-admin", help="create an ADMIN user")
+    admin.add_argument("--email", required=True)
+    admin.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input instead of prompting",
+    )
+    add_arguments(admin)
+
+    bench = sub.add_parser("bench", help="run the benchmark harness")
+    bench.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        help="arguments for the harness (see: booking-service bench --help)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from bench.harness import main as bench_main
+
+        return bench_main(args.bench_args)
+    try:
+        config = from_sources(args)
+    except ConfigError as exc:
+        print(f"booking-service: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level, config.log_json)
+    if args.command == "serve":
+        return _run(lambda: _serve(config))
+    if args.command == "migrate":
+        return _run(lambda: _migrate(config, args.action, args.count))
+    if args.command == "create-admin":
+        try:
+            password = _read_password(args.password_stdin)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+        return _run(lambda: _create_admin(config, args.email, password))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Domain records <-> protobuf messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from booking.v1 import appointment_pb2 as apb
+from booking.v1 import slot_pb2 as spb
+from booking.v1 import specialist_pb2 as sppb
+from booking.v1 import user_pb2 as upb
+from storage import models as m
+
+ROLES: dict[int, m.Role] = {
+    upb.USER_ROLE_CLIENT: m.Role.CLIENT,
+    upb.USER_ROLE_OPERATOR: m.Role.OPERATOR,
+    upb.USER_ROLE_ADMIN: m.Role.ADMIN,
+}
+SLOT_STATUSES: dict[int, m.SlotStatus] = {
+    spb.SLOT_STATUS_AVAILABLE: m.SlotStatus.AVAILABLE,
+    spb.SLOT_STATUS_HOLD: m.SlotStatus.HOLD,
+    spb.SLOT_STATUS_BOOKED: m.SlotStatus.BOOKED,
+}
+APPOINTMENT_STATUSES: dict[int, m.AppointmentStatus] = {
+    apb.APPOINTMENT_STATUS_HOLD: m.AppointmentStatus.HOLD,
+    apb.APPOINTMENT_STATUS_CONFIRMED: m.AppointmentStatus.CONFIRMED,
+    apb.APPOINTMENT_STATUS_CANCELLED: m.AppointmentStatus.CANCELLED,
+    apb.APPOINTMENT_STATUS_NO_SHOW: m.AppointmentStatus.NO_SHOW,
+}
+PRIORITIES: dict[int, m.Priority] = {
+    apb.APPOINTMENT_PRIORITY_NORMAL: m.Priority.NORMAL,
+    apb.APPOINTMENT_PRIORITY_VIP: m.Priority.VIP,
+    apb.APPOINTMENT_PRIORITY_URGENT: m.Priority.URGENT,
+}
+EVENT_TYPES: dict[int, m.EventType] = {
+    apb.APPOINTMENT_EVENT_TYPE_HELD: m.EventType.HELD,
+    apb.APPOINTMENT_EVENT_TYPE_CONFIRMED: m.EventType.CONFIRMED,
+    apb.APPOINTMENT_EVENT_TYPE_CANCELLED: m.EventType.CANCELLED,
+    apb.APPOINTMENT_EVENT_TYPE_HOLD_EXPIRED: m.EventType.HOLD_EXPIRED,
+    apb.APPOINTMENT_EVENT_TYPE_NO_SHOW: m.EventType.NO_SHOW,
+    apb.APPOINTMENT_EVENT_TYPE_RESCHEDULED: m.EventType.RESCHEDULED,
+}
+
+
+def _inverse(mapping: dict[int, object]) -> dict[object, int]:
+    return {v: k for k, v in mapping.items()}
+
+
+_ROLE_WIRE = _inverse(ROLES)  # type: ignore[arg-type]
+_SLOT_STATUS_WIRE = _inverse(SLOT_STATUSES)  # type: ignore[arg-type]
+_APPT_STATUS_WIRE = _inverse(APPOINTMENT_STATUSES)  # type: ignore[arg-type]
+_PRIORITY_WIRE = _inverse(PRIORITIES)  # type: ignore[arg-type]
+_EVENT_TYPE_WIRE = _inverse(EVENT_TYPES)  # type: ignore[arg-type]
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def user(u: m.User) -> upb.User:
+    return upb.User(
+        id=str(u.id),
+        email=u.email,
+        role=_ROLE_WIRE[u.role],  # type: ignore[arg-type]
+        active=u.active,
+        create_time=timestamp(u.created_at),
+        update_time=timestamp(u.updated_at),
+    )
+
+
+def specialist(s: m.Specialist) -> sppb.Specialist:
+    return sppb.Specialist(
+        id=str(s.id),
+        full_name=s.full_name,
+        service_type=s.service_type,
+        active=s.active,
+        create_time=timestamp(s.created_at),
+        update_time=timestamp(s.updated_at),
+    )
+
+
+def slot(s: m.Slot) -> spb.Slot:
+    return spb.Slot(
+        id=str(s.id),
+        specialist_id=str(s.specialist_id),
+        start_time=timestamp(s.start_time),
+        end_time=timestamp(s.end_time),
+        status=_SLOT_STATUS_WIRE[s.status],  # type: ignore[arg-type]
+        create_time=timestamp(s.created_at),
+    )
+
+
+def appointment(a: m.Appointment) -> apb.Appointment:
+    out = apb.Appointment(
+        id=str(a.id),
+        user_id=str(a.user_id),
+        specialist_id=str(a.specialist_id),
+        slot_id=str(a.slot_id),
+        status=_APPT_STATUS_WIRE[a.status],  # type: ignore[arg-type]
+        priority=_PRIORITY_WIRE[a.priority],  # type: ignore[arg-type]
+        start_time=timestamp(a.start_time),
+        end_time=timestamp(a.end_time),
+        create_time=timestamp(a.created_at),
+        update_time=timestamp(a.updated_at),
+    )
+    if a.expires_at is not None:
+        out.expire_time.CopyFrom(timestamp(a.expires_at))
+    return out
+
+
+def cursor(position: m.Position) -> str:
+    """Event positions on the wire. Opaque to clients; readable for humans."""
+    return f"{position.xid}-{position.seq}"
+
+
+def parse_cursor(text: str) -> m.Position | None:
+    xid, sep, seq = text.partition("-")
+    if not sep or not xid.isdigit() or not seq.isdigit():
+        return None
+    if int(xid) >= 2**63 or int(seq) >= 2**63:
+        return None
+    return m.Position(int(xid), int(seq))
+
+
+def event(e: m.AppointmentEvent) -> apb.AppointmentEvent:
+    return apb.AppointmentEvent(
+        cursor=cursor(e.position),
+        id=str(e.id),
+        type=_EVENT_TYPE_WIRE[e.type],  # type: ignore[arg-type]
+        create_time=timestamp(e.created_at),
+        old_status=_APPT_STATUS_WIRE[e.old_status] if e.old_status else 0,  # type: ignore[arg-type]
+        appointment=appointment(e.appointment),
+        actor_id=str(e.actor_id) if e.actor_id else "",
+        reason=e.reason or "",
+        previous_slot_id=str(e.previous_slot_id) if e.previous_slot_id else "",
+    )

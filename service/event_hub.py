@@ -1,0 +1,180 @@
+"""Fan-out of the appointment event log to WatchAppointmentEvents streams.
+
+One tail reader per server process follows the table (woken by NOTIFY,
+polling as a fallback) and keeps the newest events in a bounded ring. A
+stream whose cursor falls inside the ring is served from memory; one that
+is further behind (a resume from an old cursor, or a consumer so slow the
+ring moved past it) reads the table directly until it catches up. So
+memory stays bounded however many streams there are or however slow they
+are, and the database sees one tail query per wake-up, not one per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from service.errors import ShuttingDown, TooManyStreams
+from storage import events as store
+from storage.database import Database
+from storage.models import AppointmentEvent, EventFilter, Position
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    position: Position
+    time: datetime
+
+
+class EventHub:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        poll_interval: float,
+        max_streams: int,
+        ring_size: int = 4096,
+        batch_size: int = 500,
+    ) -> None:
+        self.db = db
+        self.poll_interval = poll_interval
+        self.max_streams = max_streams
+        self.ring_size = ring_size
+        self.batch_size = batch_size
+        self.active_streams = 0
+        self._events: list[AppointmentEvent] = []
+        # The ring holds every event in (floor, head].
+        self._floor = Position.start()
+        self._head = Position.start()
+        self._changed = asyncio.Event()
+        self._poke = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: store.Listener | None = None
+
+    @property
+    def head(self) -> Position:
+        return self._head
+
+    async def start(self) -> None:
+        self._head = self._floor = await store.horizon(self.db)
+        self._task = asyncio.create_task(self._tail(), name="event-hub-tail")
+
+    def close_streams(self) -> None:
+        """Ask every open stream to end (UNAVAILABLE) so shutdown can drain."""
+        self._closing.set()
+        self._wake_watchers()
+
+    async def stop(self) -> None:
+        self.close_streams()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+
+    def _wake_watchers(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and self._listener.alive:
+            return
+        try:
+            self._listener = await store.Listener.open(self.db.dsn, self._poke.set)
+        except Exception:  # noqa: BLE001 - polling covers for a missing listener
+            self._listener = None
+            log.warning("cannot LISTEN for events; polling every %.1fs", self.poll_interval)
+
+    async def _tail(self) -> None:
+        # After a wake-up whose events are not stable yet (an older
+        # transaction is still open), look again soon, backing off.
+        retry = 0.0
+        while True:
+            await self._ensure_listener()
+            timeout = retry or self.poll_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), timeout)
+            self._poke.clear()
+            try:
+                pending = await self._catch_up()
+            except Exception:  # noqa: BLE001 - keep tailing; the table is the truth
+                log.exception("reading appointment events failed")
+                retry = self.poll_interval
+                continue
+            retry = min(max(retry * 2, 0.002), self.poll_interval) if pending else 0.0
+
+    async def _catch_up(self) -> bool:
+        while True:
+            batch, reached, pending = await store.read_after(
+                self.db, self._head, EventFilter(), self.batch_size
+            )
+            self._head = reached
+            if batch:
+                self._events.extend(batch)
+                self._trim()
+                self._wake_watchers()
+            if len(batch) < self.batch_size:
+                return pending
+
+    def _trim(self) -> None:
+        if len(self._events) > 2 * self.ring_size:
+            cut = len(self._events) - self.ring_size
+            self._floor = self._events[cut - 1].position
+            del self._events[:cut]
+
+    @contextlib.contextmanager
+    def stream_slot(self) -> Iterator[None]:
+        if self.active_streams >= self.max_streams:
+            raise TooManyStreams(limit=self.max_streams)
+        self.active_streams += 1
+        try:
+            yield
+        finally:
+            self.active_streams -= 1
+
+    async def watch(
+        self, after: Position, filter_: EventFilter, heartbeat_every: float
+    ) -> AsyncIterator[AppointmentEvent | Heartbeat]:
+        """Every event after `after` matching `filter_`, in stream order,
+        then live ones; a Heartbeat after `heartbeat_every` idle seconds."""
+        cursor = after
+        last_sent = time.monotonic()
+        while not self._closing.is_set():
+            if cursor < self._floor:
+                batch, cursor, _ = await store.read_after(self.db, cursor, filter_, self.batch_size)
+                for event in batch:
+                    yield event
+                if batch:
+                    last_sent = time.monotonic()
+                continue
+            start = bisect.bisect_right(self._events, cursor, key=lambda e: e.position)
+            chunk = self._events[start : start + 256]
+            if chunk:
+                for event in chunk:
+                    cursor = event.position
+                    if filter_.matches(event):
+                        yield event
+                        last_sent = time.monotonic()
+                continue
+            cursor = max(cursor, self._head)
+            idle_for = heartbeat_every - (time.monotonic() - last_sent)
+            if idle_for <= 0:
+                yield Heartbeat(cursor, datetime.now(UTC))
+                last_sent = time.monotonic()
+                continue
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), idle_for)
+        raise ShuttingDown()

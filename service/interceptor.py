@@ -1,0 +1,140 @@
+"""Wraps every handler: authentication and function-level authorization,
+error mapping, and one log line per RPC (method, code, duration).
+
+grpc.aio's ServerInterceptor only sees the method name and metadata, so the
+work happens in a wrapper around the handler it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service import auth
+from service.errors import code_for, internal_status, to_status
+from storage.errors import BookingError
+
+log = logging.getLogger("booking.rpc")
+
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+class _Call:
+    """Book-keeping for one RPC: the code it ended with, and the log line."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        self.reason = ""
+
+    async def fail(self, exc: BaseException) -> None:
+        """Answer the client for `exc`; always raises."""
+        if isinstance(exc, BookingError):
+            self.code = code_for(exc)
+            self.reason = exc.reason
+            await self.context.abort_with_status(to_status(exc))
+        log.error("unhandled error in %s", self.method, exc_info=exc)
+        self.code = grpc.StatusCode.INTERNAL
+        await self.context.abort_with_status(internal_status())
+
+    def finish(self, items: int | None = None) -> None:
+        elapsed_ms = (time.perf_counter() - self.start) * 1000
+        extra: dict[str, Any] = {
+            "rpc_method": self.method,
+            "rpc_code": self.code.name,
+            "duration_ms": round(elapsed_ms, 3),
+        }
+        if self.reason:
+            extra["reason"] = self.reason
+        if items is not None:
+            extra["messages"] = items
+        caller = auth.current()
+        if caller.user is not None:
+            extra["user_id"] = str(caller.user.id)
+        level = logging.ERROR if self.code is grpc.StatusCode.INTERNAL else logging.INFO
+        log.log(
+            level,
+            "%s %s %.1fms%s",
+            self.method,
+            self.code.name,
+            elapsed_ms,
+            f" {self.reason}" if self.reason else "",
+            extra=extra,
+        )
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: auth.Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or self.authenticator.is_open(method):
+            return handler
+        metadata = tuple(details.invocation_metadata or ())  # type: ignore[attr-defined]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, metadata, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, metadata, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(self, method: str, metadata: tuple[Any, ...], inner: Unary) -> Unary:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(method, context)
+            try:
+                auth.set_current(await self.authenticator.authorize(method, metadata))
+                return await inner(request, context)
+            except asyncio.CancelledError:
+                call.code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
+                await call.fail(exc)
+            finally:
+                call.finish()
+
+        return behavior
+
+    def _streaming(self, method: str, metadata: tuple[Any, ...], inner: Streaming) -> Streaming:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(method, context)
+            sent = 0
+            try:
+                auth.set_current(await self.authenticator.authorize(method, metadata))
+                async for message in inner(request, context):
+                    yield message
+                    sent += 1
+            except asyncio.CancelledError:
+                # Re-raised: swallowing it leaks the stream (grpc/grpc#43360).
+                call.code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
+                await call.fail(exc)
+            finally:
+                call.finish(items=sent)
+
+        return behavior

@@ -1,0 +1,72 @@
+"""Who may call what: one declared policy per RPC, deny by default.
+
+Function-level rules (which roles may call a method) live here and are
+enforced by the interceptor before the handler runs. Object-level rules (a
+CLIENT only touches its own appointments) are enforced by the servicers,
+mostly by passing the caller as the required owner down to storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage.models import Role
+
+EVERYONE = frozenset(Role)
+STAFF = frozenset({Role.OPERATOR, Role.ADMIN})
+ADMINS = frozenset({Role.ADMIN})
+
+
+@dataclass(frozen=True)
+class Policy:
+    roles: frozenset[Role]
+    # Callable without a token. CreateUser is only when self sign-up is on.
+    anonymous: bool = False
+    note: str = ""
+
+
+P = "/booking.v1."
+
+POLICIES: dict[str, Policy] = {
+    P + "AuthService/Login": Policy(frozenset(), anonymous=True, note="anyone"),
+    P + "AuthService/WhoAmI": Policy(EVERYONE),
+    P + "AuthService/Logout": Policy(EVERYONE),
+    P + "UserService/CreateUser": Policy(
+        ADMINS,
+        anonymous=True,
+        note="anonymous: CLIENT self sign-up (if enabled); ADMIN: any role",
+    ),
+    P + "UserService/GetUser": Policy(EVERYONE, note="CLIENT: self; OPERATOR and ADMIN: any"),
+    P + "UserService/ListUsers": Policy(STAFF),
+    P + "UserService/UpdateUser": Policy(
+        EVERYONE,
+        note="self: email and password; ADMIN: anyone, also role and active",
+    ),
+    P + "SpecialistService/CreateSpecialist": Policy(STAFF),
+    P + "SpecialistService/GetSpecialist": Policy(EVERYONE),
+    P + "SpecialistService/ListSpecialists": Policy(EVERYONE),
+    P + "SpecialistService/UpdateSpecialist": Policy(STAFF),
+    P + "SlotService/CreateSlot": Policy(STAFF),
+    P + "SlotService/BatchCreateSlots": Policy(STAFF),
+    P + "SlotService/GetSlot": Policy(EVERYONE),
+    P + "SlotService/ListSlots": Policy(EVERYONE),
+    P + "SlotService/DeleteSlot": Policy(STAFF),
+    P + "AppointmentService/HoldSlot": Policy(
+        EVERYONE, note="CLIENT: for itself, NORMAL priority only"
+    ),
+    P + "AppointmentService/ConfirmAppointment": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/CancelAppointment": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/RescheduleAppointment": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/MarkNoShow": Policy(STAFF),
+    P + "AppointmentService/GetAppointment": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/ListAppointments": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/ListAppointmentEvents": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/WatchAppointmentEvents": Policy(EVERYONE, note="CLIENT: own only"),
+}
+
+# Infrastructure anyone may call: health checks and reflection.
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)

@@ -1,0 +1,292 @@
+"""AppointmentService: transitions, reads and the event stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import grpc
+
+from booking.v1 import appointment_pb2 as pb
+from booking.v1 import appointment_pb2_grpc
+from service import auth, convert, pagination
+from service.config import Config
+from service.errors import FieldViolation, InvalidArgument, PermissionDenied
+from service.event_hub import EventHub, Heartbeat
+from service.validation import Validator
+from storage import appointments as store
+from storage import events as event_store
+from storage.database import Database
+from storage.models import AppointmentEvent, EventFilter, Position, Priority, Role
+
+MAX_REASON = 1000
+
+
+def _response_appointment(event: AppointmentEvent) -> pb.Appointment:
+    return convert.appointment(event.appointment)
+
+
+def _owner(caller: auth.Caller) -> UUID | None:
+    """The owner a caller is restricted to: itself for a CLIENT, else None.
+
+    Passed down to storage so a CLIENT asking about someone else's
+    appointment gets NOT_FOUND, exactly as if it did not exist."""
+    user = caller.require_user()
+    return user.id if user.role is Role.CLIENT else None
+
+
+def _request_id(v: Validator, value: str) -> UUID | None:
+    return v.uuid("request_id", value, required=False)
+
+
+class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
+    def __init__(self, db: Database, config: Config, hub: EventHub) -> None:
+        self.db = db
+        self.config = config
+        self.hub = hub
+
+    async def HoldSlot(
+        self, request: pb.HoldSlotRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HoldSlotResponse:
+        caller = auth.current().require_user()
+        v = Validator()
+        slot_id = v.uuid("slot_id", request.slot_id)
+        user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
+        priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
+        request_id = _request_id(v, request.request_id)
+        v.check()
+        if caller.role is Role.CLIENT:
+            if user_id != caller.id:
+                raise PermissionDenied(detail="a CLIENT may only hold slots for itself")
+            if priority is not Priority.NORMAL:
+                raise PermissionDenied(detail="only operators may set VIP or URGENT priority")
+        assert slot_id is not None
+        event = await store.hold(
+            self.db,
+            slot_id=slot_id,
+            user_id=user_id,
+            priority=priority,
+            actor_id=caller.id,
+            hold_ttl=self.config.hold_ttl,
+            check_user_overlap=self.config.check_user_overlap,
+            request_id=request_id,
+        )
+        return pb.HoldSlotResponse(appointment=_response_appointment(event))
+
+    async def ConfirmAppointment(
+        self, request: pb.ConfirmAppointmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConfirmAppointmentResponse:
+        caller = auth.current()
+        v = Validator()
+        appointment_id = v.uuid("id", request.id)
+        request_id = _request_id(v, request.request_id)
+        v.check()
+        assert appointment_id is not None
+        event = await store.confirm(
+            self.db,
+            appointment_id,
+            owner_id=_owner(caller),
+            actor_id=caller.require_user().id,
+            request_id=request_id,
+        )
+        return pb.ConfirmAppointmentResponse(appointment=_response_appointment(event))
+
+    async def CancelAppointment(
+        self, request: pb.CancelAppointmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelAppointmentResponse:
+        caller = auth.current()
+        v = Validator()
+        appointment_id = v.uuid("id", request.id)
+        reason = v.text("reason", request.reason, required=False, max_length=MAX_REASON)
+        request_id = _request_id(v, request.request_id)
+        v.check()
+        assert appointment_id is not None
+        event = await store.cancel(
+            self.db,
+            appointment_id,
+            owner_id=_owner(caller),
+            actor_id=caller.require_user().id,
+            reason=reason,
+            request_id=request_id,
+        )
+        return pb.CancelAppointmentResponse(appointment=_response_appointment(event))
+
+    async def MarkNoShow(
+        self, request: pb.MarkNoShowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MarkNoShowResponse:
+        caller = auth.current().require_user()
+        v = Validator()
+        appointment_id = v.uuid("id", request.id)
+        request_id = _request_id(v, request.request_id)
+        v.check()
+        assert appointment_id is not None
+        event = await store.mark_no_show(
+            self.db, appointment_id, actor_id=caller.id, request_id=request_id
+        )
+        return pb.MarkNoShowResponse(appointment=_response_appointment(event))
+
+    async def RescheduleAppointment(
+        self, request: pb.RescheduleAppointmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RescheduleAppointmentResponse:
+        caller = auth.current()
+        v = Validator()
+        appointment_id = v.uuid("id", request.id)
+        new_slot_id = v.uuid("new_slot_id", request.new_slot_id)
+        request_id = _request_id(v, request.request_id)
+        v.check()
+        assert appointment_id is not None and new_slot_id is not None
+        event = await store.reschedule(
+            self.db,
+            appointment_id,
+            new_slot_id=new_slot_id,
+            owner_id=_owner(caller),
+            actor_id=caller.require_user().id,
+            check_user_overlap=self.config.check_user_overlap,
+            request_id=request_id,
+        )
+        return pb.RescheduleAppointmentResponse(appointment=_response_appointment(event))
+
+    async def GetAppointment(
+        self, request: pb.GetAppointmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAppointmentResponse:
+        caller = auth.current()
+        v = Validator()
+        appointment_id = v.uuid("id", request.id)
+        v.check()
+        assert appointment_id is not None
+        found = await store.get(self.db, appointment_id, owner_id=_owner(caller))
+        return pb.GetAppointmentResponse(appointment=convert.appointment(found))
+
+    def _scoped_user(self, v: Validator, value: str) -> UUID | None:
+        """The user filter, forced to the caller for a CLIENT."""
+        caller = auth.current().require_user()
+        user_id = v.uuid("user_id", value, required=False)
+        if caller.role is Role.CLIENT:
+            if user_id is not None and user_id != caller.id:
+                raise PermissionDenied(detail="a CLIENT may only see its own appointments")
+            return caller.id
+        return user_id
+
+    async def ListAppointments(
+        self, request: pb.ListAppointmentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAppointmentsResponse:
+        v = Validator()
+        user_id = self._scoped_user(v, request.user_id)
+        size = v.page_size(request.page_size)
+        specialist_id = v.uuid("specialist_id", request.specialist_id, required=False)
+        status = v.enum("status", request.status, convert.APPOINTMENT_STATUSES)
+        start = v.timestamp("window_start_time", request, "window_start_time", required=False)
+        end = v.timestamp("window_end_time", request, "window_end_time", required=False)
+        v.window(start, end, "window_start_time", "window_end_time")
+        v.check()
+        filters = ["appointments", user_id, specialist_id, status, start, end]
+        page = await store.list_(
+            self.db,
+            user_id=user_id,
+            specialist_id=specialist_id,
+            status=status,
+            window_start=start,
+            window_end=end,
+            after=pagination.time_and_id(request.page_token, filters),
+            limit=size,
+        )
+        last = page.items[-1] if page.items else None
+        return pb.ListAppointmentsResponse(
+            appointments=[convert.appointment(a) for a in page.items],
+            next_page_token=pagination.encode([last.start_time.isoformat(), last.id], filters)
+            if page.has_more and last
+            else "",
+        )
+
+    def _event_filter(self, v: Validator, f: pb.AppointmentEventFilter) -> EventFilter:
+        user_id = self._scoped_user(v, f.user_id)
+        types = [
+            v.enum(f"filter.types[{i}]", t, convert.EVENT_TYPES, required=True)
+            for i, t in enumerate(f.types)
+        ]
+        return EventFilter(
+            specialist_id=v.uuid("filter.specialist_id", f.specialist_id, required=False),
+            user_id=user_id,
+            appointment_id=v.uuid("filter.appointment_id", f.appointment_id, required=False),
+            types=frozenset(t for t in types if t is not None),
+        )
+
+    @staticmethod
+    def _cursor(v: Validator, field: str, value: str) -> Position | None:
+        if not value:
+            return None
+        position = convert.parse_cursor(value)
+        if position is None:
+            v.fail(field, "not a cursor returned by this service")
+        return position
+
+    async def ListAppointmentEvents(
+        self, request: pb.ListAppointmentEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAppointmentEventsResponse:
+        v = Validator()
+        filter_ = self._event_filter(v, request.filter)
+        size = v.page_size(request.page_size)
+        after = self._cursor(v, "after_cursor", request.after_cursor) or Position.start()
+        v.check()
+        filters = [
+            "events",
+            filter_.specialist_id,
+            filter_.user_id,
+            filter_.appointment_id,
+            sorted(filter_.types),
+            request.after_cursor,
+        ]
+        key = pagination.decode(request.page_token, filters)
+        if key is not None:
+            resumed = convert.parse_cursor(key[0]) if len(key) == 1 else None
+            if resumed is None:
+                raise InvalidArgument(
+                    violations=[
+                        FieldViolation("page_token", "not a page token issued by this service")
+                    ]
+                )
+            after = resumed
+        batch, reached, _ = await event_store.read_after(self.db, after, filter_, size)
+        return pb.ListAppointmentEventsResponse(
+            events=[convert.event(e) for e in batch],
+            next_page_token=pagination.encode([convert.cursor(reached)], filters)
+            if len(batch) == size
+            else "",
+        )
+
+    async def WatchAppointmentEvents(
+        self, request: pb.WatchAppointmentEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchAppointmentEventsResponse]:
+        v = Validator()
+        filter_ = self._event_filter(v, request.filter)
+        start = request.WhichOneof("start")
+        after: Position | None = None
+        if start == "after_cursor":
+            after = self._cursor(v, "after_cursor", request.after_cursor)
+            if after is None and not v.violations:
+                v.fail("after_cursor", "must not be empty when set")
+        elif start == "start_position" and request.start_position not in (
+            pb.WATCH_START_POSITION_UNSPECIFIED,
+            pb.WATCH_START_POSITION_BEGINNING,
+            pb.WATCH_START_POSITION_NOW,
+        ):
+            v.fail("start_position", f"unknown value {request.start_position}")
+        v.check()
+        if after is None:
+            if (
+                start == "start_position"
+                and request.start_position == pb.WATCH_START_POSITION_BEGINNING
+            ):
+                after = Position.start()
+            else:
+                after = await event_store.horizon(self.db)
+        with self.hub.stream_slot():
+            async for item in self.hub.watch(after, filter_, self.config.heartbeat_seconds):
+                if isinstance(item, Heartbeat):
+                    yield pb.WatchAppointmentEventsResponse(
+                        heartbeat=pb.Heartbeat(
+                            cursor=convert.cursor(item.position), time=convert.timestamp(item.time)
+                        )
+                    )
+                else:
+                    yield pb.WatchAppointmentEventsResponse(event=convert.event(item))

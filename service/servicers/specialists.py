@@ -1,0 +1,93 @@
+"""SpecialistService."""
+
+from __future__ import annotations
+
+import grpc
+
+from booking.v1 import specialist_pb2 as pb
+from booking.v1 import specialist_pb2_grpc
+from service import convert, pagination
+from service.validation import Validator, field_mask_paths
+from storage import specialists as store
+from storage.database import Database
+
+
+class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def CreateSpecialist(
+        self, request: pb.CreateSpecialistRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateSpecialistResponse:
+        v = Validator()
+        full_name = v.text("full_name", request.full_name)
+        service_type = v.text("service_type", request.service_type, max_length=100)
+        v.check()
+        assert full_name is not None and service_type is not None
+        created = await store.create(
+            self.db, full_name=full_name.strip(), service_type=service_type.strip()
+        )
+        return pb.CreateSpecialistResponse(specialist=convert.specialist(created))
+
+    async def GetSpecialist(
+        self, request: pb.GetSpecialistRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSpecialistResponse:
+        v = Validator()
+        specialist_id = v.uuid("id", request.id)
+        v.check()
+        assert specialist_id is not None
+        found = await store.get(self.db, specialist_id)
+        return pb.GetSpecialistResponse(specialist=convert.specialist(found))
+
+    async def ListSpecialists(
+        self, request: pb.ListSpecialistsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSpecialistsResponse:
+        v = Validator()
+        size = v.page_size(request.page_size)
+        service_type = v.text("service_type", request.service_type, required=False, max_length=100)
+        active = request.active if request.HasField("active") else None
+        v.check()
+        filters = ["specialists", service_type, active]
+        page = await store.list_(
+            self.db,
+            service_type=service_type,
+            active=active,
+            after=pagination.time_and_id(request.page_token, filters),
+            limit=size,
+        )
+        last = page.items[-1] if page.items else None
+        return pb.ListSpecialistsResponse(
+            specialists=[convert.specialist(s) for s in page.items],
+            next_page_token=pagination.encode([last.created_at.isoformat(), last.id], filters)
+            if page.has_more and last
+            else "",
+        )
+
+    async def UpdateSpecialist(
+        self, request: pb.UpdateSpecialistRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateSpecialistResponse:
+        v = Validator()
+        specialist_id = v.uuid("specialist.id", request.specialist.id)
+        paths = field_mask_paths(
+            list(request.update_mask.paths), {"full_name", "service_type", "active"}, v
+        )
+        full_name = (
+            v.text("specialist.full_name", request.specialist.full_name)
+            if "full_name" in paths
+            else None
+        )
+        service_type = (
+            v.text("specialist.service_type", request.specialist.service_type, max_length=100)
+            if "service_type" in paths
+            else None
+        )
+        v.check()
+        assert specialist_id is not None
+        updated = await store.update(
+            self.db,
+            specialist_id,
+            full_name=full_name.strip() if full_name else None,
+            service_type=service_type.strip() if service_type else None,
+            active=request.specialist.active if "active" in paths else None,
+        )
+        return pb.UpdateSpecialistResponse(specialist=convert.specialist(updated))

@@ -1,0 +1,124 @@
+"""Request validation: everything a client can get wrong is caught here and
+reported as INVALID_ARGUMENT with one field violation per problem, before
+any database work."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TypeVar
+from uuid import UUID
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.errors import FieldViolation, InvalidArgument
+
+E = TypeVar("E")
+
+# google.protobuf.Timestamp's documented range: 0001-01-01 .. 9999-12-31.
+MIN_SECONDS = -62135596800
+MAX_SECONDS = 253402300799
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class Validator:
+    """Collects violations so a client learns about every bad field at once."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def fail(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def check(self) -> None:
+        if self.violations:
+            raise InvalidArgument(violations=list(self.violations))
+
+    def uuid(self, field: str, value: str, *, required: bool = True) -> UUID | None:
+        if not value:
+            if required:
+                self.fail(field, "required")
+            return None
+        try:
+            return UUID(value)
+        except ValueError:
+            self.fail(field, f"not a UUID: {value[:64]!r}")
+            return None
+
+    def text(
+        self, field: str, value: str, *, required: bool = True, max_length: int = 200
+    ) -> str | None:
+        if "\x00" in value:
+            self.fail(field, "must not contain NUL characters")
+            return None
+        if not value.strip():
+            if required:
+                self.fail(field, "required")
+            return None
+        if len(value) > max_length:
+            self.fail(field, f"at most {max_length} characters")
+            return None
+        return value
+
+    def email(self, field: str, value: str, *, required: bool = True) -> str | None:
+        text = self.text(field, value, required=required, max_length=254)
+        if text is None:
+            return None
+        text = text.strip()
+        local, at, domain = text.rpartition("@")
+        if not at or not local or "." not in domain or any(c.isspace() for c in text):
+            self.fail(field, "not an email address")
+            return None
+        return text
+
+    def timestamp(
+        self, field: str, message: Message, name: str, *, required: bool
+    ) -> datetime | None:
+        if not message.HasField(name):
+            if required:
+                self.fail(field, "required")
+            return None
+        ts: Timestamp = getattr(message, name)
+        if not MIN_SECONDS <= ts.seconds <= MAX_SECONDS or not 0 <= ts.nanos <= 999_999_999:
+            self.fail(field, "outside 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z")
+            return None
+        return datetime.fromtimestamp(ts.seconds, tz=UTC).replace(microsecond=ts.nanos // 1000)
+
+    def enum(
+        self, field: str, value: int, mapping: Mapping[int, E], *, required: bool = False
+    ) -> E | None:
+        """Maps a wire enum to a domain value; 0 (UNSPECIFIED) means unset."""
+        if value == 0:
+            if required:
+                self.fail(field, "required")
+            return None
+        if value not in mapping:
+            self.fail(field, f"unknown value {value}")
+            return None
+        return mapping[value]
+
+    def page_size(self, value: int, field: str = "page_size") -> int:
+        if value < 0:
+            self.fail(field, "must not be negative")
+            return DEFAULT_PAGE_SIZE
+        if value == 0:
+            return DEFAULT_PAGE_SIZE
+        return min(value, MAX_PAGE_SIZE)
+
+    def window(
+        self, start: datetime | None, end: datetime | None, start_field: str, end_field: str
+    ) -> None:
+        if start is not None and end is not None and start >= end:
+            self.fail(end_field, f"must be after {start_field}")
+
+
+def field_mask_paths(paths: list[str], allowed: set[str], v: Validator) -> set[str]:
+    if not paths:
+        v.fail("update_mask", f"required; allowed paths: {', '.join(sorted(allowed))}")
+    unknown = [p for p in paths if p not in allowed]
+    if unknown:
+        v.fail("update_mask", f"unknown paths {unknown}; allowed: {', '.join(sorted(allowed))}")
+    return set(paths) & allowed

@@ -1,0 +1,101 @@
+"""Test fixtures: one real PostgreSQL per session, a fresh database per test.
+
+The schema is migrated once into a template database; every test gets its
+own copy (CREATE DATABASE ... TEMPLATE ...), which takes milliseconds.
+Set TEST_DATABASE_URL to use an existing server instead of the embedded one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from service.config import Config
+from service.server import BookingServer
+from storage import embedded, migrate
+from tests.support import Api, ServerConfig
+
+TEMPLATE = "booking_test_template"
+_counter = itertools.count()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="booking-test-pg-"))
+    server = embedded.start(data_dir, unsafe_fast=True, max_connections=300)
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def template_url(pg_admin_url: str) -> str:
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    finally:
+        await conn.close()
+    url = _with_database(pg_admin_url, TEMPLATE)
+    migrate.apply(url)
+    return url
+
+
+@pytest.fixture
+async def database_url(pg_admin_url: str, template_url: str) -> AsyncIterator[str]:
+    name = f"booking_test_{os.getpid()}_{next(_counter)}"
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    finally:
+        await conn.close()
+    yield _with_database(pg_admin_url, name)
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def server_config(database_url: str) -> Config:
+    return ServerConfig.for_tests(database_url)
+
+
+@pytest.fixture
+async def server(server_config: Config) -> AsyncIterator[BookingServer]:
+    srv = BookingServer(server_config)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=1)
+
+
+@pytest.fixture
+async def api(server: BookingServer) -> AsyncIterator[Api]:
+    async with Api.connect(server) as client:
+        yield client
+
+
+__all__ = ["replace"]
