@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from bench.harness import main as bench_main
 
-        return bench_main(args.bench_args)
+        return int(bench_main(args.bench_args))
     try:
         config = from_sources(args)
     except ConfigError as exc:

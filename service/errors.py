@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -97,19 +98,20 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.TransactionConflict: grpc.StatusCode.ABORTED,
     e.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+    e.DatabaseTimeout: grpc.StatusCode.UNAVAILABLE,
 }
 
 
 def code_for(exc: e.BookingError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in CODES:
-            return CODES[cls]  # type: ignore[index]
+            return CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
-def _pack(message: object) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed
 
 

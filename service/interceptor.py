@@ -11,24 +11,25 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
 from service import auth
 from service.errors import code_for, internal_status, to_status
+from service.grpc_types import Context, ServerInterceptor
 from storage.errors import BookingError
 
 log = logging.getLogger("booking.rpc")
 
-Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+Unary = Callable[[Any, Context], Awaitable[Any]]
+Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 
 
 class _Call:
     """Book-keeping for one RPC: the code it ended with, and the log line."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: str, context: Context) -> None:
         self.method = method
         self.context = context
         self.start = time.perf_counter()
@@ -40,10 +41,11 @@ class _Call:
         if isinstance(exc, BookingError):
             self.code = code_for(exc)
             self.reason = exc.reason
-            await self.context.abort_with_status(to_status(exc))
+            # grpc.aio has abort_with_status; grpc-stubs does not declare it.
+            await self.context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
         log.error("unhandled error in %s", self.method, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
-        await self.context.abort_with_status(internal_status())
+        await self.context.abort_with_status(internal_status())  # type: ignore[attr-defined]
 
     def finish(self, items: int | None = None) -> None:
         elapsed_ms = (time.perf_counter() - self.start) * 1000
@@ -71,36 +73,52 @@ class _Call:
         )
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
+class ServiceInterceptor(ServerInterceptor):
     def __init__(self, authenticator: auth.Authenticator) -> None:
         self.authenticator = authenticator
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
-        method: str = details.method  # type: ignore[attr-defined]
+        method = details.method
         if handler is None or self.authenticator.is_open(method):
             return handler
-        metadata = tuple(details.invocation_metadata or ())  # type: ignore[attr-defined]
+        metadata = tuple(details.invocation_metadata or ())
+        # grpc-stubs types handler behaviours as sync ones; under grpc.aio they
+        # are coroutine functions and async generators taking an aio context.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, metadata, handler.unary_unary),
+                self._unary(method, metadata, cast(Unary, handler.unary_unary)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, metadata, handler.unary_stream),
+                self._streaming(method, metadata, cast(Streaming, handler.unary_stream)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        # Client-streaming shapes get the same wrappers (the request is an
+        # iterator instead of a message), so no RPC escapes authorization.
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, metadata, cast(Unary, handler.stream_unary)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(method, metadata, cast(Streaming, handler.stream_stream)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _unary(self, method: str, metadata: tuple[Any, ...], inner: Unary) -> Unary:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def behavior(request: Any, context: Context) -> Any:
             call = _Call(method, context)
             try:
                 auth.set_current(await self.authenticator.authorize(method, metadata))
@@ -118,7 +136,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return behavior
 
     def _streaming(self, method: str, metadata: tuple[Any, ...], inner: Streaming) -> Streaming:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             call = _Call(method, context)
             sent = 0
             try:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -70,7 +71,8 @@ class BookingServer:
         self.db: Database | None = None
         self._embedded: embedded.EmbeddedPostgres | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        # grpc-stubs has no grpc_health.v1.health.aio (the asyncio servicer).
+        self._health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._hub: EventHub | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Task[None] | None = None

@@ -161,7 +161,7 @@ async def list_(
     limit: int,
 ) -> Page[Appointment]:
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
             " WHERE ($1::uuid IS NULL OR a.user_id = $1)"
             " AND ($2::uuid IS NULL OR a.specialist_id = $2)"
@@ -179,6 +179,7 @@ async def list_(
             after[1] if after else None,
             limit + 1,
         )
+        return rows
 
     rows = await db.run(work, single_statement=True)
     return Page([_appointment(r) for r in rows[:limit]], has_more=len(rows) > limit)

@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
@@ -24,7 +24,7 @@ from storage import errors
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Connection = asyncpg.Connection
+Connection: TypeAlias = asyncpg.Connection  # Any: asyncpg is untyped
 
 
 class Isolation(enum.StrEnum):
@@ -182,6 +182,10 @@ class Database:
             except asyncpg.PostgresError as exc:
                 if (exc.sqlstate or "").startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
                     raise errors.DatabaseUnavailable() from exc
+                if isinstance(exc, asyncpg.QueryCanceledError):
+                    # statement_timeout: the database is overloaded or a lock
+                    # is held too long; nothing the client sent is at fault.
+                    raise errors.DatabaseTimeout() from exc
                 retryable = isinstance(exc, _RETRYABLE) or (
                     isinstance(exc, asyncpg.UniqueViolationError)
                     and getattr(exc, "constraint_name", None) in _RETRYABLE_CONSTRAINTS

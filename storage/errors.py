@@ -241,6 +241,14 @@ class DatabaseUnavailable(BookingError):
         return "the database is unavailable"
 
 
+@dataclass(eq=False)
+class DatabaseTimeout(BookingError):
+    reason = "DATABASE_TIMEOUT"
+
+    def __str__(self) -> str:
+        return "the database took too long to answer; retry"
+
+
 # Reasons raised by the SQL functions (SQLSTATE BK001), with the detail keys
 # each constructor takes.
 SQL_REASONS: dict[str, type[BookingError]] = {

@@ -75,7 +75,7 @@ async def read_after(
     """
 
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             f"WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
             f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
             " SELECT h.x::text::bigint AS horizon, h.pending, ev.*"
@@ -96,6 +96,7 @@ async def read_after(
             sorted(t.value for t in filter_.types) or None,
             limit,
         )
+        return rows
 
     rows = await db.run(work, single_statement=True)
     horizon, pending = int(rows[0]["horizon"]), bool(rows[0]["pending"])

@@ -51,7 +51,7 @@ async def create_many(db: Database, new: list[NewSlot]) -> list[Slot]:
                 raise SpecialistNotFound(id=str(sid))
             if not active[sid]:
                 raise SpecialistInactive(specialist_id=str(sid))
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
             " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[])"
             f" RETURNING {_COLUMNS}",
@@ -60,6 +60,7 @@ async def create_many(db: Database, new: list[NewSlot]) -> list[Slot]:
             [s.start_time for s in new],
             [s.end_time for s in new],
         )
+        return rows
 
     rows = await db.run(work)
     return [_slot(r) for r in rows]
@@ -88,7 +89,7 @@ async def list_(
     limit: int,
 ) -> Page[Slot]:
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             f"SELECT {_COLUMNS} FROM time_slots"
             " WHERE deleted_at IS NULL"
             " AND ($1::uuid IS NULL OR specialist_id = $1)"
@@ -105,6 +106,7 @@ async def list_(
             after[1] if after else None,
             limit + 1,
         )
+        return rows
 
     rows = await db.run(work, single_statement=True)
     return Page([_slot(r) for r in rows[:limit]], has_more=len(rows) > limit)

@@ -59,7 +59,7 @@ async def list_(
     limit: int,
 ) -> Page[Specialist]:
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             f"SELECT {_COLUMNS} FROM specialists"
             " WHERE ($1::text IS NULL OR service_type = $1)"
             " AND ($2::boolean IS NULL OR is_active = $2)"
@@ -71,6 +71,7 @@ async def list_(
             after[1] if after else None,
             limit + 1,
         )
+        return rows
 
     rows = await db.run(work, single_statement=True)
     return Page([_specialist(r) for r in rows[:limit]], has_more=len(rows) > limit)

@@ -85,7 +85,7 @@ async def list_(
     limit: int,
 ) -> Page[User]:
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             f"SELECT {_COLUMNS} FROM users"
             " WHERE ($1::user_role IS NULL OR role = $1)"
             " AND ($2::boolean IS NULL OR is_active = $2)"
@@ -97,6 +97,7 @@ async def list_(
             after[1] if after else None,
             limit + 1,
         )
+        return rows
 
     rows = await db.run(work, single_statement=True)
     return Page([_user(r) for r in rows[:limit]], has_more=len(rows) > limit)

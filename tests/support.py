@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -87,10 +87,12 @@ class RpcFailure:
 def failure(err: grpc.aio.AioRpcError) -> RpcFailure:
     """Decode a rich error status into its parts."""
     reason, metadata, violations = "", {}, []
-    for key, value in err.trailing_metadata() or ():
+    # grpc.aio returns aio.Metadata; grpc-stubs declares the sync Call's type.
+    trailing = cast(grpc.aio.Metadata | None, err.trailing_metadata())
+    for key, value in trailing or ():
         if key != "grpc-status-details-bin":
             continue
-        st = status_pb2.Status.FromString(value)  # type: ignore[arg-type]
+        st = status_pb2.Status.FromString(value)
         for detail in st.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from uuid import UUID
 
-import grpc
-
 from booking.v1 import appointment_pb2 as pb
 from booking.v1 import appointment_pb2_grpc
 from service import auth, convert, pagination
 from service.config import Config
 from service.errors import FieldViolation, InvalidArgument, PermissionDenied
 from service.event_hub import EventHub, Heartbeat
+from service.grpc_types import Context
 from service.validation import Validator
 from storage import appointments as store
 from storage import events as event_store
@@ -45,9 +44,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         self.config = config
         self.hub = hub
 
-    async def HoldSlot(
-        self, request: pb.HoldSlotRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HoldSlotResponse:
+    async def HoldSlot(self, request: pb.HoldSlotRequest, context: Context) -> pb.HoldSlotResponse:
         caller = auth.current().require_user()
         v = Validator()
         slot_id = v.uuid("slot_id", request.slot_id)
@@ -74,7 +71,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         return pb.HoldSlotResponse(appointment=_response_appointment(event))
 
     async def ConfirmAppointment(
-        self, request: pb.ConfirmAppointmentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ConfirmAppointmentRequest, context: Context
     ) -> pb.ConfirmAppointmentResponse:
         caller = auth.current()
         v = Validator()
@@ -92,7 +89,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         return pb.ConfirmAppointmentResponse(appointment=_response_appointment(event))
 
     async def CancelAppointment(
-        self, request: pb.CancelAppointmentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CancelAppointmentRequest, context: Context
     ) -> pb.CancelAppointmentResponse:
         caller = auth.current()
         v = Validator()
@@ -112,7 +109,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         return pb.CancelAppointmentResponse(appointment=_response_appointment(event))
 
     async def MarkNoShow(
-        self, request: pb.MarkNoShowRequest, context: grpc.aio.ServicerContext
+        self, request: pb.MarkNoShowRequest, context: Context
     ) -> pb.MarkNoShowResponse:
         caller = auth.current().require_user()
         v = Validator()
@@ -126,7 +123,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         return pb.MarkNoShowResponse(appointment=_response_appointment(event))
 
     async def RescheduleAppointment(
-        self, request: pb.RescheduleAppointmentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RescheduleAppointmentRequest, context: Context
     ) -> pb.RescheduleAppointmentResponse:
         caller = auth.current()
         v = Validator()
@@ -147,7 +144,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         return pb.RescheduleAppointmentResponse(appointment=_response_appointment(event))
 
     async def GetAppointment(
-        self, request: pb.GetAppointmentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetAppointmentRequest, context: Context
     ) -> pb.GetAppointmentResponse:
         caller = auth.current()
         v = Validator()
@@ -168,7 +165,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         return user_id
 
     async def ListAppointments(
-        self, request: pb.ListAppointmentsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListAppointmentsRequest, context: Context
     ) -> pb.ListAppointmentsResponse:
         v = Validator()
         user_id = self._scoped_user(v, request.user_id)
@@ -221,7 +218,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         return position
 
     async def ListAppointmentEvents(
-        self, request: pb.ListAppointmentEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListAppointmentEventsRequest, context: Context
     ) -> pb.ListAppointmentEventsResponse:
         v = Validator()
         filter_ = self._event_filter(v, request.filter)
@@ -255,7 +252,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         )
 
     async def WatchAppointmentEvents(
-        self, request: pb.WatchAppointmentEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchAppointmentEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchAppointmentEventsResponse]:
         v = Validator()
         filter_ = self._event_filter(v, request.filter)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
-
 from booking.v1 import slot_pb2 as pb
 from booking.v1 import slot_pb2_grpc
 from service import convert, pagination
+from service.grpc_types import Context
 from service.validation import Validator
 from storage import slots as store
 from storage.database import Database
@@ -32,7 +31,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         self.db = db
 
     async def CreateSlot(
-        self, request: pb.CreateSlotRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateSlotRequest, context: Context
     ) -> pb.CreateSlotResponse:
         v = Validator()
         new = _new_slot(v, "", request)
@@ -42,7 +41,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         return pb.CreateSlotResponse(slot=convert.slot(created))
 
     async def BatchCreateSlots(
-        self, request: pb.BatchCreateSlotsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BatchCreateSlotsRequest, context: Context
     ) -> pb.BatchCreateSlotsResponse:
         v = Validator()
         if not request.requests:
@@ -55,9 +54,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         created = await store.create_many(self.db, [n for n in new if n is not None])
         return pb.BatchCreateSlotsResponse(slots=[convert.slot(s) for s in created])
 
-    async def GetSlot(
-        self, request: pb.GetSlotRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetSlotResponse:
+    async def GetSlot(self, request: pb.GetSlotRequest, context: Context) -> pb.GetSlotResponse:
         v = Validator()
         slot_id = v.uuid("id", request.id)
         v.check()
@@ -65,7 +62,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         return pb.GetSlotResponse(slot=convert.slot(await store.get(self.db, slot_id)))
 
     async def ListSlots(
-        self, request: pb.ListSlotsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListSlotsRequest, context: Context
     ) -> pb.ListSlotsResponse:
         v = Validator()
         size = v.page_size(request.page_size)
@@ -94,7 +91,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         )
 
     async def DeleteSlot(
-        self, request: pb.DeleteSlotRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteSlotRequest, context: Context
     ) -> pb.DeleteSlotResponse:
         v = Validator()
         slot_id = v.uuid("id", request.id)

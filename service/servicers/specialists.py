@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
-
 from booking.v1 import specialist_pb2 as pb
 from booking.v1 import specialist_pb2_grpc
 from service import convert, pagination
+from service.grpc_types import Context
 from service.validation import Validator, field_mask_paths
 from storage import specialists as store
 from storage.database import Database
@@ -17,7 +16,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         self.db = db
 
     async def CreateSpecialist(
-        self, request: pb.CreateSpecialistRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateSpecialistRequest, context: Context
     ) -> pb.CreateSpecialistResponse:
         v = Validator()
         full_name = v.text("full_name", request.full_name)
@@ -30,7 +29,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         return pb.CreateSpecialistResponse(specialist=convert.specialist(created))
 
     async def GetSpecialist(
-        self, request: pb.GetSpecialistRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetSpecialistRequest, context: Context
     ) -> pb.GetSpecialistResponse:
         v = Validator()
         specialist_id = v.uuid("id", request.id)
@@ -40,7 +39,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         return pb.GetSpecialistResponse(specialist=convert.specialist(found))
 
     async def ListSpecialists(
-        self, request: pb.ListSpecialistsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListSpecialistsRequest, context: Context
     ) -> pb.ListSpecialistsResponse:
         v = Validator()
         size = v.page_size(request.page_size)
@@ -64,7 +63,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         )
 
     async def UpdateSpecialist(
-        self, request: pb.UpdateSpecialistRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateSpecialistRequest, context: Context
     ) -> pb.UpdateSpecialistResponse:
         v = Validator()
         specialist_id = v.uuid("specialist.id", request.specialist.id)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
-
 from booking.v1 import auth_pb2, auth_pb2_grpc, user_pb2, user_pb2_grpc
 from service import auth, convert, pagination, passwords
 from service.config import Config
 from service.errors import PermissionDenied, Unauthenticated
+from service.grpc_types import Context
 from service.validation import Validator, field_mask_paths
 from storage import users as store
 from storage.database import Database
@@ -20,7 +19,7 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         self.config = config
 
     async def CreateUser(
-        self, request: user_pb2.CreateUserRequest, context: grpc.aio.ServicerContext
+        self, request: user_pb2.CreateUserRequest, context: Context
     ) -> user_pb2.CreateUserResponse:
         caller = auth.current()
         v = Validator()
@@ -45,7 +44,7 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         return user_pb2.CreateUserResponse(user=convert.user(user))
 
     async def GetUser(
-        self, request: user_pb2.GetUserRequest, context: grpc.aio.ServicerContext
+        self, request: user_pb2.GetUserRequest, context: Context
     ) -> user_pb2.GetUserResponse:
         caller = auth.current().require_user()
         v = Validator()
@@ -57,7 +56,7 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         return user_pb2.GetUserResponse(user=convert.user(await store.get(self.db, user_id)))
 
     async def ListUsers(
-        self, request: user_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
+        self, request: user_pb2.ListUsersRequest, context: Context
     ) -> user_pb2.ListUsersResponse:
         v = Validator()
         size = v.page_size(request.page_size)
@@ -81,7 +80,7 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         )
 
     async def UpdateUser(
-        self, request: user_pb2.UpdateUserRequest, context: grpc.aio.ServicerContext
+        self, request: user_pb2.UpdateUserRequest, context: Context
     ) -> user_pb2.UpdateUserResponse:
         caller = auth.current().require_user()
         v = Validator()
@@ -122,7 +121,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         self.authenticator = authenticator
 
     async def Login(
-        self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.LoginRequest, context: Context
     ) -> auth_pb2.LoginResponse:
         v = Validator()
         email = v.text("email", request.email, max_length=254)
@@ -138,12 +137,12 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def WhoAmI(
-        self, request: auth_pb2.WhoAmIRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.WhoAmIRequest, context: Context
     ) -> auth_pb2.WhoAmIResponse:
         return auth_pb2.WhoAmIResponse(user=convert.user(auth.current().require_user()))
 
     async def Logout(
-        self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.LogoutRequest, context: Context
     ) -> auth_pb2.LogoutResponse:
         await self.authenticator.logout(auth.current())
         return auth_pb2.LogoutResponse()
