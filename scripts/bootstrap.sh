@@ -2,7 +2,7 @@
 # Create/refresh the project virtualenv in <repo>/.venv and install the project into it.
 #
 #   scripts/bootstrap.sh dev        # editable install with the dev extra: pip install -e '.[dev]'
-#   scripts/bootstrap.sh runtime    # editable install, runtime deps only: pip install -e .
+#   scripts/bootstrap.sh runtime    # editable install, runtime deps + grpcurl: pip install -e ".[tools]"
 #
 # Can also be sourced (`source scripts/bootstrap.sh`), which defines `bootstrap_venv MODE`.
 #
@@ -24,7 +24,7 @@ bootstrap_venv() {
 
     case "$mode" in
         dev) spec=".[dev]" ;;
-        runtime) spec="." ;;
+        runtime) spec=".[tools]" ;;
         *)
             echo "bootstrap: unknown mode '$mode' (expected 'dev' or 'runtime')" >&2
             return 2

@@ -42,7 +42,7 @@ async def _race(
         start.set()
         return list(await asyncio.gather(*tasks))
     finally:
-        await asyncio.gather(*(ch.close() for ch in opened))
+        await asyncio.gather(*(ch.close(None) for ch in opened))
 
 
 async def test_64_concurrent_holds_on_one_slot_give_exactly_one_hold(
@@ -68,7 +68,9 @@ async def test_64_concurrent_holds_on_one_slot_give_exactly_one_hold(
         uuid.UUID(slot.id),
     )
     assert [r["status"] for r in live] == ["HOLD"]
-    slot_rows = await fetch(database_url, "SELECT status FROM time_slots WHERE id = $1", uuid.UUID(slot.id))
+    slot_rows = await fetch(
+        database_url, "SELECT status FROM time_slots WHERE id = $1", uuid.UUID(slot.id)
+    )
     assert slot_rows[0]["status"] == "HOLD"
     events = await fetch(database_url, "SELECT event_type FROM appointment_events")
     assert [e["event_type"] for e in events] == ["HELD"]
@@ -202,5 +204,7 @@ async def test_concurrent_reschedules_into_one_slot_move_exactly_one(
     )
     assert occupants[0]["n"] == 1
     # Every loser still has its original slot, still held.
-    statuses = await fetch(database_url, "SELECT status, count(*) AS n FROM time_slots GROUP BY status")
+    statuses = await fetch(
+        database_url, "SELECT status, count(*) AS n FROM time_slots GROUP BY status"
+    )
     assert {r["status"]: r["n"] for r in statuses} == {"HOLD": 8, "AVAILABLE": 1}

@@ -128,7 +128,7 @@ async def test_idle_streams_get_heartbeats_whose_cursor_resumes_without_loss(api
     await _booking(api, 10)
     async with watching(api, BEGINNING) as watch:
         await watch.events(1)
-        beats = []
+        beats: list[apb.Heartbeat] = []
         while len(beats) < 2:
             message = await watch.next(wait=3)
             if message.WhichOneof("kind") == "heartbeat":
@@ -147,7 +147,9 @@ async def test_filters_select_by_specialist_user_appointment_and_type(api: Api) 
     spec_b = await api.specialist(name="B")
     a1 = await client.hold((await api.slot(spec_a.id, hours_from_now(10))).id)
     b1 = await api.hold((await api.slot(spec_b.id, hours_from_now(11))).id)
-    await api.appointments.ConfirmAppointment(apb.ConfirmAppointmentRequest(id=b1.id), metadata=api.md)
+    await api.appointments.ConfirmAppointment(
+        apb.ConfirmAppointmentRequest(id=b1.id), metadata=api.md
+    )
 
     async def ids(filter_: apb.AppointmentEventFilter, count: int) -> list[tuple[str, int]]:
         request = apb.WatchAppointmentEventsRequest(
@@ -265,12 +267,16 @@ async def test_a_slow_consumer_behind_the_ring_still_gets_everything_in_order(
     spec = await api.specialist()
     async with watching(api, apb.WatchAppointmentEventsRequest()) as watch:
         await watch.next()
-        booked = [await api.hold((await api.slot(spec.id, hours_from_now(10 + i))).id) for i in range(30)]
+        booked = [
+            await api.hold((await api.slot(spec.id, hours_from_now(10 + i))).id) for i in range(30)
+        ]
         got = await watch.events(30)
     assert [e.appointment.id for e in got] == [b.id for b in booked]
 
 
-async def test_list_events_pages_through_history_in_stream_order(api: Api, database_url: str) -> None:
+async def test_list_events_pages_through_history_in_stream_order(
+    api: Api, database_url: str
+) -> None:
     for i in range(7):
         await _booking(api, 10 + i)
     seen: list[str] = []
@@ -333,7 +339,9 @@ async def _random_lifecycle(
                 break
 
 
-async def test_stream_order_under_load_with_reconnects_is_exact(api: Api, database_url: str) -> None:
+async def test_stream_order_under_load_with_reconnects_is_exact(
+    api: Api, database_url: str
+) -> None:
     operator = api.as_(await api.make_token(Role.OPERATOR))
     spec = await api.specialist()
     slots = [(await api.slot(spec.id, hours_from_now(10 + i))).id for i in range(24)]
@@ -349,9 +357,7 @@ async def test_stream_order_under_load_with_reconnects_is_exact(api: Api, databa
         reconnects = 0
         while True:
             request = (
-                apb.WatchAppointmentEventsRequest(after_cursor=cursor)
-                if cursor
-                else BEGINNING
+                apb.WatchAppointmentEventsRequest(after_cursor=cursor) if cursor else BEGINNING
             )
             async with watching(operator, request) as watch:
                 budget = rng.randint(5, 25)  # disconnect after this many events

@@ -12,6 +12,7 @@ import grpc
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import slot_pb2 as spb
+from service.config import Config
 from service.server import BookingServer
 from storage.models import Role
 from tests.population import fetch, insert_clients
@@ -62,7 +63,9 @@ async def _event_types(database_url: str, appointment_id: str) -> list[str]:
     return [r["event_type"] for r in rows]
 
 
-async def test_confirm_moves_hold_to_confirmed_and_books_the_slot(api: Api, database_url: str) -> None:
+async def test_confirm_moves_hold_to_confirmed_and_books_the_slot(
+    api: Api, database_url: str
+) -> None:
     spec = await api.specialist()
     slot = await api.slot(spec.id, hours_from_now(5))
     held = await api.hold(slot.id)
@@ -164,7 +167,9 @@ async def test_reschedule_moves_a_hold_and_keeps_its_state(api: Api, database_ur
         database_url,
         "SELECT previous_slot_id, time_slot_id FROM appointment_events WHERE event_type = 'RESCHEDULED'",
     )
-    assert [(str(r["previous_slot_id"]), str(r["time_slot_id"])) for r in rows] == [(old.id, new.id)]
+    assert [(str(r["previous_slot_id"]), str(r["time_slot_id"])) for r in rows] == [
+        (old.id, new.id)
+    ]
 
 
 async def test_reschedule_of_a_confirmed_appointment_books_the_new_slot(api: Api) -> None:
@@ -241,7 +246,9 @@ async def test_user_overlap_is_refused_and_can_be_turned_off(database_url: str) 
         config = ServerConfig.for_tests(database_url, check_user_overlap=check)
         async with _running(config) as api:
             client, _ = await api.client()
-            a = await api.slot((await api.specialist()).id, hours_from_now(100 + (0 if check else 10)))
+            a = await api.slot(
+                (await api.specialist()).id, hours_from_now(100 + (0 if check else 10))
+            )
             b = await api.slot(
                 (await api.specialist()).id,
                 hours_from_now(100 + (0 if check else 10)),
@@ -255,7 +262,7 @@ async def test_user_overlap_is_refused_and_can_be_turned_off(database_url: str) 
 
 
 @asynccontextmanager
-async def _running(config) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
+async def _running(config: Config) -> AsyncIterator[Api]:
     server = BookingServer(config)
     await server.start()
     try:
