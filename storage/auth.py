@@ -91,11 +91,11 @@ async def record_failure(
             "INSERT INTO login_throttle AS t (email_key, failures, window_start)"
             " VALUES ($1, 1, now())"
             " ON CONFLICT (email_key) DO UPDATE SET"
-            "  failures = CASE WHEN t.window_start < now() - $3 THEN 1 ELSE t.failures + 1 END,"
-            "  window_start = CASE WHEN t.window_start < now() - $3 THEN now()"
+            "  failures = CASE WHEN t.window_start < now() - $3::interval THEN 1 ELSE t.failures + 1 END,"
+            "  window_start = CASE WHEN t.window_start < now() - $3::interval THEN now()"
             "   ELSE t.window_start END,"
             "  locked_until = CASE"
-            "   WHEN t.window_start >= now() - $3 AND t.failures + 1 >= $2 THEN now() + $3"
+            "   WHEN t.window_start >= now() - $3::interval AND t.failures + 1 >= $2 THEN now() + $3::interval"
             "   ELSE t.locked_until END",
             email_key,
             max_failures,

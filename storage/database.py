@@ -71,7 +71,8 @@ def translate(exc: asyncpg.PostgresError) -> errors.BookingError | None:
     if isinstance(exc, asyncpg.UniqueViolationError) and constraint == "users_email_key":
         return errors.EmailTaken(email=_detail_value(exc) or "")
     if isinstance(exc, asyncpg.ExclusionViolationError) and constraint == "time_slots_no_overlap":
-        return errors.SlotOverlap(specialist_id=_detail_value(exc) or "")
+        # Key (specialist_id, tstzrange(...))=(<id>, [...)): the id comes first.
+        return errors.SlotOverlap(specialist_id=(_detail_value(exc) or "").split(",")[0])
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         if constraint == "time_slots_specialist_id_fkey":
             return errors.SpecialistNotFound(id=_detail_value(exc) or "")

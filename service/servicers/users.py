@@ -30,10 +30,14 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         role = v.enum("role", request.role, convert.ROLES) or Role.CLIENT
         v.check()
         if caller.role is not Role.ADMIN:
-            if caller.user is None and not self.config.allow_self_signup:
-                raise Unauthenticated(detail="self sign-up is disabled; an ADMIN creates users")
-            if role is not Role.CLIENT or not self.config.allow_self_signup:
+            if role is not Role.CLIENT:
                 raise PermissionDenied(detail=f"only an ADMIN may create {role.value} users")
+            # Operators register clients at the desk; everyone else only
+            # through self sign-up, when it is on.
+            if caller.role is not Role.OPERATOR and not self.config.allow_self_signup:
+                if caller.user is None:
+                    raise Unauthenticated(detail="self sign-up is disabled")
+                raise PermissionDenied(detail="self sign-up is disabled")
         assert email is not None
         user = await store.create(
             self.db,
