@@ -32,9 +32,9 @@ POLICIES: dict[str, Policy] = {
     P + "AuthService/WhoAmI": Policy(EVERYONE),
     P + "AuthService/Logout": Policy(EVERYONE),
     P + "UserService/CreateUser": Policy(
-        ADMINS,
+        EVERYONE,
         anonymous=True,
-        note="anonymous: CLIENT self sign-up (if enabled); ADMIN: any role",
+        note="ADMIN: any role; OPERATOR: CLIENTs; others: CLIENT self sign-up if enabled",
     ),
     P + "UserService/GetUser": Policy(EVERYONE, note="CLIENT: self; OPERATOR and ADMIN: any"),
     P + "UserService/ListUsers": Policy(STAFF),
