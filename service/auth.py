@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -65,7 +65,7 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     for key, value in metadata:
         if key.lower() == "authorization":
             text = value.decode() if isinstance(value, bytes) else value
@@ -84,7 +84,7 @@ class Authenticator:
     def is_open(self, method: str) -> bool:
         return method.startswith(OPEN_PREFIXES)
 
-    async def authorize(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
+    async def authorize(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> Caller:
         """The caller of `method`, if its policy lets it call at all.
 
         Function-level only; object-level checks happen in the servicers.

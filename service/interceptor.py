@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import grpc
@@ -76,6 +76,8 @@ class _Call:
 class ServiceInterceptor(ServerInterceptor):
     def __init__(self, authenticator: auth.Authenticator) -> None:
         self.authenticator = authenticator
+        # Wrapped handlers are built once per method, not once per call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -84,44 +86,53 @@ class ServiceInterceptor(ServerInterceptor):
         ],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
         method = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
         if handler is None or self.authenticator.is_open(method):
             return handler
-        metadata = tuple(details.invocation_metadata or ())
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         # grpc-stubs types handler behaviours as sync ones; under grpc.aio they
         # are coroutine functions and async generators taking an aio context.
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, metadata, cast(Unary, handler.unary_unary)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._unary(method, cast(Unary, handler.unary_unary)), **codec
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, metadata, cast(Streaming, handler.unary_stream)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._streaming(method, cast(Streaming, handler.unary_stream)), **codec
             )
         # Client-streaming shapes get the same wrappers (the request is an
         # iterator instead of a message), so no RPC escapes authorization.
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, metadata, cast(Unary, handler.stream_unary)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._unary(method, cast(Unary, handler.stream_unary)), **codec
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, metadata, cast(Streaming, handler.stream_stream)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            self._streaming(method, cast(Streaming, handler.stream_stream)), **codec
         )
 
-    def _unary(self, method: str, metadata: tuple[Any, ...], inner: Unary) -> Unary:
+    async def _authorize(self, method: str, context: Context) -> None:
+        metadata = cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
+        auth.set_current(await self.authenticator.authorize(method, metadata))
+
+    def _unary(self, method: str, inner: Unary) -> Unary:
         async def behavior(request: Any, context: Context) -> Any:
             call = _Call(method, context)
             try:
-                auth.set_current(await self.authenticator.authorize(method, metadata))
+                await self._authorize(method, context)
                 return await inner(request, context)
             except asyncio.CancelledError:
                 call.code = grpc.StatusCode.CANCELLED
@@ -135,12 +146,12 @@ class ServiceInterceptor(ServerInterceptor):
 
         return behavior
 
-    def _streaming(self, method: str, metadata: tuple[Any, ...], inner: Streaming) -> Streaming:
+    def _streaming(self, method: str, inner: Streaming) -> Streaming:
         async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             call = _Call(method, context)
             sent = 0
             try:
-                auth.set_current(await self.authenticator.authorize(method, metadata))
+                await self._authorize(method, context)
                 async for message in inner(request, context):
                     yield message
                     sent += 1
