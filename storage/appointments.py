@@ -12,6 +12,7 @@ from storage.database import Connection, Database
 from storage.errors import AppointmentNotFound
 from storage.events import EVENT_COLUMNS, event_from_row
 from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
+from storage.sql import Conditions
 
 _COLUMNS = (
     "a.id, a.user_id, a.specialist_id, a.time_slot_id, a.status, a.priority,"
@@ -160,25 +161,21 @@ async def list_(
     after: tuple[datetime, UUID] | None,
     limit: int,
 ) -> Page[Appointment]:
+    where = Conditions()
+    where.add_if(user_id, "a.user_id = {}")
+    where.add_if(specialist_id, "a.specialist_id = {}")
+    where.add_if(status.value if status else None, "a.status = {}::appointment_status")
+    where.add_if(window_start, "s.end_time > {}")
+    where.add_if(window_end, "s.start_time < {}")
+    if after is not None:
+        where.add("(s.start_time, a.id) > ({}, {})", after[0], after[1])
+    sql = (
+        f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
+        f"{where.sql(' WHERE ')} ORDER BY s.start_time, a.id LIMIT {where.arg(limit + 1)}"
+    )
+
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
-            " WHERE ($1::uuid IS NULL OR a.user_id = $1)"
-            " AND ($2::uuid IS NULL OR a.specialist_id = $2)"
-            " AND ($3::appointment_status IS NULL OR a.status = $3)"
-            " AND ($4::timestamptz IS NULL OR s.end_time > $4)"
-            " AND ($5::timestamptz IS NULL OR s.start_time < $5)"
-            " AND ($6::timestamptz IS NULL OR (s.start_time, a.id) > ($6, $7::uuid))"
-            " ORDER BY s.start_time, a.id LIMIT $8",
-            user_id,
-            specialist_id,
-            status.value if status else None,
-            window_start,
-            window_end,
-            after[0] if after else None,
-            after[1] if after else None,
-            limit + 1,
-        )
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
     rows = await db.run(work, single_statement=True)

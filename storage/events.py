@@ -22,6 +22,7 @@ from storage.models import (
     Position,
     Priority,
 )
+from storage.sql import Conditions
 
 EVENT_COLUMNS = (
     "e.id, e.xid::text::bigint AS xid, e.seq, e.appointment_id, e.event_type, e.old_status,"
@@ -74,28 +75,25 @@ async def read_after(
     one snapshot: the horizon always matches the rows.
     """
 
+    where = Conditions()
+    where.add("(e.xid, e.seq) > ({}::text::xid8, {}::bigint)", str(after.xid), after.seq)
+    where.add_if(filter_.specialist_id, "e.specialist_id = {}")
+    where.add_if(filter_.user_id, "e.user_id = {}")
+    where.add_if(filter_.appointment_id, "e.appointment_id = {}")
+    where.add_if(sorted(t.value for t in filter_.types) or None, "e.event_type = ANY({}::text[])")
+    sql = (
+        "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
+        f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
+        " SELECT h.x::text::bigint AS horizon, h.pending, ev.*"
+        " FROM h LEFT JOIN LATERAL ("
+        f"  SELECT {EVENT_COLUMNS} FROM appointment_events e"
+        f"  WHERE e.xid < h.x{where.sql()}"
+        f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
+        " ) ev ON true ORDER BY ev.xid, ev.seq"
+    )
+
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            f"WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
-            f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
-            " SELECT h.x::text::bigint AS horizon, h.pending, ev.*"
-            " FROM h LEFT JOIN LATERAL ("
-            f"  SELECT {EVENT_COLUMNS} FROM appointment_events e"
-            "  WHERE (e.xid, e.seq) > ($1::text::xid8, $2::bigint) AND e.xid < h.x"
-            "  AND ($3::uuid IS NULL OR e.specialist_id = $3)"
-            "  AND ($4::uuid IS NULL OR e.user_id = $4)"
-            "  AND ($5::uuid IS NULL OR e.appointment_id = $5)"
-            "  AND ($6::text[] IS NULL OR e.event_type = ANY($6))"
-            "  ORDER BY e.xid, e.seq LIMIT $7"
-            " ) ev ON true ORDER BY ev.xid, ev.seq",
-            str(after.xid),
-            after.seq,
-            filter_.specialist_id,
-            filter_.user_id,
-            filter_.appointment_id,
-            sorted(t.value for t in filter_.types) or None,
-            limit,
-        )
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
     rows = await db.run(work, single_statement=True)

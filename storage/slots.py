@@ -11,6 +11,7 @@ import asyncpg
 from storage.database import Connection, Database
 from storage.errors import SlotBusy, SlotNotFound, SpecialistInactive, SpecialistNotFound
 from storage.models import Page, Slot, SlotStatus
+from storage.sql import Conditions
 
 _COLUMNS = "id, specialist_id, start_time, end_time, status, created_at"
 
@@ -88,24 +89,26 @@ async def list_(
     after: tuple[datetime, UUID] | None,
     limit: int,
 ) -> Page[Slot]:
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM time_slots"
-            " WHERE deleted_at IS NULL"
-            " AND ($1::uuid IS NULL OR specialist_id = $1)"
-            " AND ($2::timestamptz IS NULL OR end_time > $2)"
-            " AND ($3::timestamptz IS NULL OR start_time < $3)"
-            " AND ($4::timeslot_status IS NULL OR status = $4)"
-            " AND ($5::timestamptz IS NULL OR (start_time, id) > ($5, $6::uuid))"
-            " ORDER BY start_time, id LIMIT $7",
-            specialist_id,
+    where = Conditions()
+    where.add_if(specialist_id, "specialist_id = {}")
+    if window_start is not None or window_end is not None:
+        # Written to match the exclusion constraint's GiST index, which
+        # finds one specialist's day without scanning their other slots.
+        where.add(
+            "tstzrange(start_time, end_time, '[)') && tstzrange({}, {}, '[)')",
             window_start,
             window_end,
-            status.value if status else None,
-            after[0] if after else None,
-            after[1] if after else None,
-            limit + 1,
         )
+    where.add_if(status.value if status else None, "status = {}::timeslot_status")
+    if after is not None:
+        where.add("(start_time, id) > ({}, {})", after[0], after[1])
+    sql = (
+        f"SELECT {_COLUMNS} FROM time_slots WHERE deleted_at IS NULL{where.sql()}"
+        f" ORDER BY start_time, id LIMIT {where.arg(limit + 1)}"
+    )
+
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
     rows = await db.run(work, single_statement=True)

@@ -10,6 +10,7 @@ import asyncpg
 from storage.database import Connection, Database
 from storage.errors import SpecialistNotFound
 from storage.models import Page, Specialist
+from storage.sql import Conditions
 
 _COLUMNS = "id, full_name, service_type, is_active, created_at, updated_at"
 
@@ -58,19 +59,18 @@ async def list_(
     after: tuple[datetime, UUID] | None,
     limit: int,
 ) -> Page[Specialist]:
+    where = Conditions()
+    where.add_if(service_type, "service_type = {}")
+    where.add_if(active, "is_active = {}")
+    if after is not None:
+        where.add("(created_at, id) > ({}, {})", after[0], after[1])
+    sql = (
+        f"SELECT {_COLUMNS} FROM specialists{where.sql(' WHERE ')}"
+        f" ORDER BY created_at, id LIMIT {where.arg(limit + 1)}"
+    )
+
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM specialists"
-            " WHERE ($1::text IS NULL OR service_type = $1)"
-            " AND ($2::boolean IS NULL OR is_active = $2)"
-            " AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4::uuid))"
-            " ORDER BY created_at, id LIMIT $5",
-            service_type,
-            active,
-            after[0] if after else None,
-            after[1] if after else None,
-            limit + 1,
-        )
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
     rows = await db.run(work, single_statement=True)

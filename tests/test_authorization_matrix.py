@@ -96,9 +96,10 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 # CLIENT column (its user record, its appointments); see BUILDERS below.
 #
 # Login/CreateUser are the anonymous paths: a caller whose token is dead
-# (deactivated, expired, forged) is expected to get what an anonymous caller
-# gets there. CreateUser is declared ADMIN-only apart from anonymous
-# self sign-up, so a logged-in CLIENT or OPERATOR is denied.
+# (deactivated, expired, forged) gets what an anonymous caller gets there.
+# The CreateUser cells ask for a CLIENT with self sign-up on, which anyone may
+# (docs/auth.md); who may create which role is tested in
+# test_who_may_create_which_role below.
 # ---------------------------------------------------------------------------
 
 COLUMNS = tuple(Caller)
@@ -106,11 +107,11 @@ P = "/booking.v1."
 
 # fmt: off
 EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
-    # RPC                                          anon    client  other      operator admin  deact   expired forged  # noqa: E501
+    # RPC                                          anon    client  other      operator admin  deact   expired forged
     P + "AuthService/Login":                       (OK,     OK,     OK,        OK,     OK,     OK,     OK,     OK),
     P + "AuthService/WhoAmI":                      (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AuthService/Logout":                      (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
-    P + "UserService/CreateUser":                  (OK,     DENIED, DENIED,    DENIED, OK,     OK,     OK,     OK),
+    P + "UserService/CreateUser":                  (OK,     OK,     OK,        OK,     OK,     OK,     OK,     OK),
     P + "UserService/GetUser":                     (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "UserService/ListUsers":                   (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "UserService/UpdateUser":                  (UNAUTH, OK,     DENIED,    DENIED, OK,     UNAUTH, UNAUTH, UNAUTH),
@@ -360,6 +361,13 @@ class Outcome:
     detail: str = ""
 
 
+async def _first(stream: Any) -> Any:
+    """The first message of a server stream, or None if it ends at once."""
+    async for message in stream:
+        return message
+    return None
+
+
 async def _invoke(
     channel: grpc.aio.Channel, rpc: str, request: Message, token: str | None
 ) -> Outcome:
@@ -378,10 +386,16 @@ async def _invoke(
                 response_deserializer=response_type.FromString,
             )(request, metadata=metadata)
             try:
-                first = await asyncio.wait_for(stream.read(), STREAM_FIRST_MESSAGE_TIMEOUT)
+                first = await asyncio.wait_for(_first(stream), STREAM_FIRST_MESSAGE_TIMEOUT)
+            except TimeoutError:
+                # Not a status the server sent: reported as a mismatch.
+                return Outcome(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no message within {STREAM_FIRST_MESSAGE_TIMEOUT} s",
+                )
             finally:
                 stream.cancel()
-            if first is grpc.aio.EOF:
+            if first is None:
                 return Outcome(grpc.StatusCode.OK, "stream ended without a message")
             return Outcome(grpc.StatusCode.OK)
         await channel.unary_unary(
@@ -447,7 +461,9 @@ async def test_each_caller_gets_the_declared_outcome_on_every_rpc(
     api: Api, server: BookingServer, service_name: str
 ) -> None:
     world = await _world(api, server)
-    rpcs = sorted(rpc for rpc, m in METHODS.items() if m.containing_service.full_name == service_name)
+    rpcs = sorted(
+        rpc for rpc, m in METHODS.items() if m.containing_service.full_name == service_name
+    )
     mismatches: list[str] = []
     for rpc in rpcs:
         builder = BUILDERS.get(rpc)
@@ -574,14 +590,17 @@ async def _first_messages(
     """Stream messages up to and including the first heartbeat (or just the
     first message)."""
     call = client.appointments.WatchAppointmentEvents(request, metadata=client.md)
-    out: list[apb.WatchAppointmentEventsResponse] = []
-    try:
-        while True:
-            message = await asyncio.wait_for(call.read(), STREAM_FIRST_MESSAGE_TIMEOUT)
-            assert message is not grpc.aio.EOF, "the stream ended"
+
+    async def collect() -> list[apb.WatchAppointmentEventsResponse]:
+        out: list[apb.WatchAppointmentEventsResponse] = []
+        async for message in call:
             out.append(message)
             if not until_heartbeat or message.WhichOneof("kind") == "heartbeat":
                 return out
+        raise AssertionError("the stream ended")
+
+    try:
+        return await asyncio.wait_for(collect(), STREAM_FIRST_MESSAGE_TIMEOUT)
     finally:
         call.cancel()
 
@@ -654,7 +673,7 @@ async def test_a_client_without_a_filter_sees_only_its_own_appointments_and_even
 
 
 async def test_permission_is_checked_before_existence(api: Api) -> None:
-    client, client_id = await api.client()
+    client, _ = await api.client()
     operator = api.as_(await api.make_token(Role.OPERATOR))
     missing = str(uuid.uuid4())
     start = hours_from_now(30)
@@ -732,18 +751,19 @@ async def test_permission_is_checked_before_existence(api: Api) -> None:
     # Whereas a caller who may delete slots learns that this one is missing.
     async with expect_failure(grpc.StatusCode.NOT_FOUND, "SLOT_NOT_FOUND"):
         await api.slots.DeleteSlot(spb.DeleteSlotRequest(id=missing), metadata=api.md)
-    assert client_id
 
 
 async def test_only_an_admin_changes_roles_or_deactivates(api: Api) -> None:
     client, client_id = await api.client()
     operator_id, operator_email = await api.make_user(Role.OPERATOR)
     operator = api.as_(await api.login(operator_email))
+    roles = {client_id: upb.USER_ROLE_CLIENT, operator_id: upb.USER_ROLE_OPERATOR}
     for who, target, paths, user in (
         (client, client_id, ["role"], upb.User(id=client_id, role=upb.USER_ROLE_ADMIN)),
         (client, client_id, ["active"], upb.User(id=client_id, active=False)),
         (operator, operator_id, ["role"], upb.User(id=operator_id, role=upb.USER_ROLE_ADMIN)),
         (operator, client_id, ["active"], upb.User(id=client_id, active=False)),
+        (operator, client_id, ["role"], upb.User(id=client_id, role=upb.USER_ROLE_OPERATOR)),
     ):
         async with expect_failure(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"):
             await who.users.UpdateUser(
@@ -752,8 +772,39 @@ async def test_only_an_admin_changes_roles_or_deactivates(api: Api) -> None:
             )
         reread = await api.users.GetUser(upb.GetUserRequest(id=target), metadata=api.md)
         assert reread.user.active
-        assert reread.user.role in (upb.USER_ROLE_CLIENT, upb.USER_ROLE_OPERATOR)
+        assert reread.user.role == roles[target]
 
 
 def test_self_sign_up_is_on_by_default() -> None:
     assert Config().allow_self_signup is True
+
+
+async def test_who_may_create_which_role(api: Api) -> None:
+    """With self sign-up on: anyone may create a CLIENT, only an ADMIN staff."""
+    tokens: dict[str, str | None] = {
+        "anonymous": None,
+        "CLIENT": await api.make_token(Role.CLIENT),
+        "OPERATOR": await api.make_token(Role.OPERATOR),
+        "ADMIN": api.token,
+    }
+    allowed = {
+        "anonymous": {upb.USER_ROLE_CLIENT},
+        "CLIENT": {upb.USER_ROLE_CLIENT},
+        "OPERATOR": {upb.USER_ROLE_CLIENT},
+        "ADMIN": {upb.USER_ROLE_CLIENT, upb.USER_ROLE_OPERATOR, upb.USER_ROLE_ADMIN},
+    }
+    wrong: list[str] = []
+    for who, token in tokens.items():
+        caller = api.as_(token)
+        for role in (upb.USER_ROLE_CLIENT, upb.USER_ROLE_OPERATOR, upb.USER_ROLE_ADMIN):
+            expected = OK if role in allowed[who] else DENIED
+            request = upb.CreateUserRequest(email=_email(), password=PASSWORD, role=role)
+            try:
+                reply = await caller.users.CreateUser(request, metadata=caller.md)
+                got = OK
+                assert reply.user.role == role
+            except grpc.aio.AioRpcError as err:
+                got = err.code()
+            if got != expected:
+                wrong.append(f"{who} creating {upb.UserRole.Name(role)}: {got.name}")
+    assert not wrong, wrong
