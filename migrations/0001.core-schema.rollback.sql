@@ -1,6 +1,5 @@
 DROP TABLE idempotency_keys;
 DROP TABLE appointment_events;
-DROP FUNCTION booking_notify_event();
 DROP TABLE appointments;
 DROP TABLE time_slots;
 DROP TABLE specialists;

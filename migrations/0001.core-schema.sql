@@ -117,21 +117,6 @@ CREATE TABLE appointment_events (
 CREATE UNIQUE INDEX appointment_events_position ON appointment_events (xid, seq);
 CREATE INDEX appointment_events_appointment ON appointment_events (appointment_id, xid, seq);
 
--- NOTIFY is only a wake-up for watchers; the table stays the truth. A
--- statement trigger sends one per writing statement, and PostgreSQL folds
--- identical notifications within a transaction.
-CREATE FUNCTION booking_notify_event() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('booking_appointment_events', '');
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER appointment_events_notify
-    AFTER INSERT ON appointment_events
-    FOR EACH STATEMENT EXECUTE FUNCTION booking_notify_event();
-
 -- AIP-155 request ids: a retried request returns the event (and so the
 -- appointment state) its first success produced.
 CREATE TABLE idempotency_keys (

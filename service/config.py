@@ -36,7 +36,7 @@ class Config:
     login_lockout_seconds: int = 300
     max_streams: int = 1000
     heartbeat_seconds: float = 5.0
-    event_poll_seconds: float = 1.0
+    event_poll_seconds: float = 0.5
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     log_json: bool = False

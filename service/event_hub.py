@@ -57,7 +57,9 @@ class EventHub:
         self._changed = asyncio.Event()
         self._poke = asyncio.Event()
         self._closing = asyncio.Event()
+        self._announce_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._announcer: asyncio.Task[None] | None = None
         self._listener: store.Listener | None = None
 
     @property
@@ -67,6 +69,27 @@ class EventHub:
     async def start(self) -> None:
         self._head = self._floor = await store.horizon(self.db)
         self._task = asyncio.create_task(self._tail(), name="event-hub-tail")
+        self._announcer = asyncio.create_task(self._announce(), name="event-hub-announcer")
+
+    def committed(self) -> None:
+        """Called after a transition commits: wake this server's tail reader
+        at once, and the other replicas' through NOTIFY."""
+        self._poke.set()
+        self._announce_wanted.set()
+
+    async def _announce(self) -> None:
+        # One NOTIFY in flight at a time; commits that land meanwhile share
+        # the next one, so under load this is one NOTIFY per round trip.
+        while True:
+            await self._announce_wanted.wait()
+            self._announce_wanted.clear()
+            listener = self._listener
+            if listener is None or not listener.alive:
+                continue  # other replicas fall back to polling
+            try:
+                await listener.announce()
+            except Exception:  # noqa: BLE001 - polling covers a lost wake-up
+                log.warning("NOTIFY failed; other replicas will poll", exc_info=True)
 
     def close_streams(self) -> None:
         """Ask every open stream to end (UNAVAILABLE) so shutdown can drain."""
@@ -75,11 +98,12 @@ class EventHub:
 
     async def stop(self) -> None:
         self.close_streams()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._announcer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._announcer = None
         if self._listener is not None:
             await self._listener.close()
             self._listener = None

@@ -119,6 +119,7 @@ class BookingServer:
                     db,
                     interval=self.config.sweep_interval_seconds,
                     batch_size=self.config.sweep_batch_size,
+                    on_release=hub.committed,
                 ),
                 name="hold-sweeper",
             ),

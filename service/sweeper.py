@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from storage import appointments as store
 from storage.database import Database
@@ -12,7 +13,9 @@ from storage.database import Database
 log = logging.getLogger(__name__)
 
 
-async def sweep_forever(db: Database, *, interval: float, batch_size: int) -> None:
+async def sweep_forever(
+    db: Database, *, interval: float, batch_size: int, on_release: Callable[[], None]
+) -> None:
     while True:
         try:
             released = await store.expire_holds(db, batch_size)
@@ -23,6 +26,7 @@ async def sweep_forever(db: Database, *, interval: float, batch_size: int) -> No
             released = 0
         if released:
             log.info("released %d expired holds", released)
+            on_release()
         # A full batch means more may be waiting: go again at once.
         if released < batch_size:
             await asyncio.sleep(interval)

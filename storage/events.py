@@ -119,10 +119,14 @@ CHANNEL = "booking_appointment_events"
 
 
 class Listener:
-    """A dedicated connection LISTENing for event commits.
+    """A dedicated connection that LISTENs for, and announces, new events.
 
     NOTIFY is delivered only at commit and never replayed, so it is just a
-    wake-up; readers always go back to the table.
+    wake-up; readers always go back to the table. It is sent by the service
+    after a transition commits, not by a trigger inside the transaction:
+    PostgreSQL serialises the commits of notifying transactions (a global
+    lock held through the commit's WAL flush), which cut hold throughput by
+    more than half in our measurements (docs/events.md).
     """
 
     def __init__(self, conn: asyncpg.Connection) -> None:
@@ -137,6 +141,10 @@ class Listener:
     @property
     def alive(self) -> bool:
         return not self._conn.is_closed()
+
+    async def announce(self) -> None:
+        """Wake every listener (other replicas included)."""
+        await self._conn.execute(f"NOTIFY {CHANNEL}")
 
     async def close(self) -> None:
         if not self._conn.is_closed():

@@ -21,10 +21,6 @@ from storage.models import AppointmentEvent, EventFilter, Position, Priority, Ro
 MAX_REASON = 1000
 
 
-def _response_appointment(event: AppointmentEvent) -> pb.Appointment:
-    return convert.appointment(event.appointment)
-
-
 def _owner(caller: auth.Caller) -> UUID | None:
     """The owner a caller is restricted to: itself for a CLIENT, else None.
 
@@ -43,6 +39,14 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         self.db = db
         self.config = config
         self.hub = hub
+
+    def _committed(self, event: AppointmentEvent) -> pb.Appointment:
+        """The appointment a transition answers with; wakes the watchers.
+
+        A replayed request (same request_id) wakes them needlessly, which
+        costs one empty read."""
+        self.hub.committed()
+        return convert.appointment(event.appointment)
 
     async def HoldSlot(self, request: pb.HoldSlotRequest, context: Context) -> pb.HoldSlotResponse:
         caller = auth.current().require_user()
@@ -68,7 +72,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             check_user_overlap=self.config.check_user_overlap,
             request_id=request_id,
         )
-        return pb.HoldSlotResponse(appointment=_response_appointment(event))
+        return pb.HoldSlotResponse(appointment=self._committed(event))
 
     async def ConfirmAppointment(
         self, request: pb.ConfirmAppointmentRequest, context: Context
@@ -86,7 +90,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             actor_id=caller.require_user().id,
             request_id=request_id,
         )
-        return pb.ConfirmAppointmentResponse(appointment=_response_appointment(event))
+        return pb.ConfirmAppointmentResponse(appointment=self._committed(event))
 
     async def CancelAppointment(
         self, request: pb.CancelAppointmentRequest, context: Context
@@ -106,7 +110,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             reason=reason,
             request_id=request_id,
         )
-        return pb.CancelAppointmentResponse(appointment=_response_appointment(event))
+        return pb.CancelAppointmentResponse(appointment=self._committed(event))
 
     async def MarkNoShow(
         self, request: pb.MarkNoShowRequest, context: Context
@@ -120,7 +124,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         event = await store.mark_no_show(
             self.db, appointment_id, actor_id=caller.id, request_id=request_id
         )
-        return pb.MarkNoShowResponse(appointment=_response_appointment(event))
+        return pb.MarkNoShowResponse(appointment=self._committed(event))
 
     async def RescheduleAppointment(
         self, request: pb.RescheduleAppointmentRequest, context: Context
@@ -141,7 +145,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             check_user_overlap=self.config.check_user_overlap,
             request_id=request_id,
         )
-        return pb.RescheduleAppointmentResponse(appointment=_response_appointment(event))
+        return pb.RescheduleAppointmentResponse(appointment=self._committed(event))
 
     async def GetAppointment(
         self, request: pb.GetAppointmentRequest, context: Context
