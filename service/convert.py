@@ -116,9 +116,14 @@ def cursor(position: m.Position) -> str:
     return f"{position.xid}-{position.seq}"
 
 
+def _ascii_digits(text: str) -> bool:
+    # str.isdigit() also accepts digits int() refuses, such as "²".
+    return 0 < len(text) <= 20 and all("0" <= c <= "9" for c in text)
+
+
 def parse_cursor(text: str) -> m.Position | None:
     xid, sep, seq = text.partition("-")
-    if not sep or not xid.isdigit() or not seq.isdigit():
+    if not sep or not _ascii_digits(xid) or not _ascii_digits(seq):
         return None
     if int(xid) >= 2**63 or int(seq) >= 2**63:
         return None

@@ -127,6 +127,8 @@ def to_status(exc: e.BookingError) -> grpc.Status:
         violations = exc.violations
     elif isinstance(exc, e.InvalidValue):
         violations = [FieldViolation(exc.field, exc.description)]
+    elif isinstance(exc, e.RequestIdReused):
+        violations = [FieldViolation("request_id", str(exc))]
     if violations:
         details.append(
             _pack(

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service import auth
-from service.errors import code_for, internal_status, to_status
+from service.errors import FieldViolation, InvalidArgument, code_for, internal_status, to_status
 from service.grpc_types import Context, ServerInterceptor
 from storage.errors import BookingError
 
@@ -73,6 +74,20 @@ class _Call:
         )
 
 
+Parser = Callable[[bytes], Any]
+
+
+def _parse(parse: Parser | None, request: Any) -> Any:
+    if parse is None:
+        return request
+    try:
+        return parse(request)
+    except DecodeError:
+        raise InvalidArgument(
+            violations=[FieldViolation("request", "not a valid protobuf message for this method")]
+        ) from None
+
+
 class ServiceInterceptor(ServerInterceptor):
     def __init__(self, authenticator: auth.Authenticator) -> None:
         self.authenticator = authenticator
@@ -106,13 +121,18 @@ class ServiceInterceptor(ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        # Single requests are parsed inside the wrapper, so undecodable bytes
+        # become INVALID_ARGUMENT instead of grpc's UNKNOWN with the parser's
+        # exception text.
+        raw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+        parse = handler.request_deserializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, cast(Unary, handler.unary_unary)), **codec
+                self._unary(method, cast(Unary, handler.unary_unary), parse), **raw
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, cast(Streaming, handler.unary_stream)), **codec
+                self._streaming(method, cast(Streaming, handler.unary_stream), parse), **raw
             )
         # Client-streaming shapes get the same wrappers (the request is an
         # iterator instead of a message), so no RPC escapes authorization.
@@ -128,12 +148,12 @@ class ServiceInterceptor(ServerInterceptor):
         metadata = cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
         auth.set_current(await self.authenticator.authorize(method, metadata))
 
-    def _unary(self, method: str, inner: Unary) -> Unary:
+    def _unary(self, method: str, inner: Unary, parse: Parser | None = None) -> Unary:
         async def behavior(request: Any, context: Context) -> Any:
             call = _Call(method, context)
             try:
                 await self._authorize(method, context)
-                return await inner(request, context)
+                return await inner(_parse(parse, request), context)
             except asyncio.CancelledError:
                 call.code = grpc.StatusCode.CANCELLED
                 raise
@@ -146,13 +166,13 @@ class ServiceInterceptor(ServerInterceptor):
 
         return behavior
 
-    def _streaming(self, method: str, inner: Streaming) -> Streaming:
+    def _streaming(self, method: str, inner: Streaming, parse: Parser | None = None) -> Streaming:
         async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             call = _Call(method, context)
             sent = 0
             try:
                 await self._authorize(method, context)
-                async for message in inner(request, context):
+                async for message in inner(_parse(parse, request), context):
                     yield message
                     sent += 1
             except asyncio.CancelledError:

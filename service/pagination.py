@@ -12,7 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -59,6 +59,11 @@ def time_and_id(token: str, filters: Any) -> tuple[datetime, UUID] | None:
         return None
     try:
         when, ident = key
-        return datetime.fromisoformat(when), UUID(ident)
+        moment = datetime.fromisoformat(when)
+        # Tokens are only as trustworthy as the client that sends them: keep
+        # the position to an instant PostgreSQL can compare.
+        if moment.utcoffset() != timedelta(0):
+            raise ValueError(when)
+        return moment, UUID(ident)
     except ValueError:
         raise _bad("not a page token issued by this service") from None

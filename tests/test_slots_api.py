@@ -5,10 +5,13 @@ pagination."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import slot_pb2 as spb
@@ -30,15 +33,15 @@ def _req(specialist_id: str, start: datetime, minutes: int = 30) -> spb.CreateSl
     )
 
 
-def _when(t: object) -> datetime:
-    return t.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined, no-any-return]
+def _when(t: Timestamp) -> datetime:
+    return t.ToDatetime(tzinfo=UTC)
 
 
-async def _list(api: Api, **filters: object) -> spb.ListSlotsResponse:
-    return await api.slots.ListSlots(spb.ListSlotsRequest(**filters), metadata=api.md)  # type: ignore[arg-type]
+async def _list(api: Api, **filters: Any) -> spb.ListSlotsResponse:
+    return await api.slots.ListSlots(spb.ListSlotsRequest(**filters), metadata=api.md)
 
 
-async def _walk(api: Api, page_size: int, **filters: object) -> tuple[list[spb.Slot], int]:
+async def _walk(api: Api, page_size: int, **filters: Any) -> tuple[list[spb.Slot], int]:
     """Every slot matching `filters`, following next_page_token; and the page count."""
     items: list[spb.Slot] = []
     token, pages = "", 0
@@ -53,8 +56,8 @@ async def _walk(api: Api, page_size: int, **filters: object) -> tuple[list[spb.S
         assert pages < 100, "pagination does not terminate"
 
 
-def _ids(slots: object) -> list[str]:
-    return [s.id for s in slots]  # type: ignore[attr-defined]
+def _ids(slots: Iterable[Any]) -> list[str]:
+    return [s.id for s in slots]
 
 
 async def _deactivate(api: Api, specialist_id: str) -> None:
@@ -80,13 +83,8 @@ async def test_create_slot_returns_an_available_slot_with_the_requested_times(ap
     assert _when(slot.start_time) == start
     assert _when(slot.end_time) == start + timedelta(minutes=45)
     assert slot.HasField("create_time")
-
-
-async def test_get_slot_returns_the_created_slot(api: Api) -> None:
-    spec = await api.specialist()
-    created = await api.slot(spec.id, hours_from_now(24))
-    got = await api.slots.GetSlot(spb.GetSlotRequest(id=created.id), metadata=api.md)
-    assert got.slot == created
+    got = await api.slots.GetSlot(spb.GetSlotRequest(id=slot.id), metadata=api.md)
+    assert got.slot == slot
 
 
 async def test_slot_times_keep_microseconds_and_drop_extra_nanos(api: Api) -> None:
@@ -133,12 +131,6 @@ async def test_delete_slot_then_get_slot_is_not_found(api: Api) -> None:
     async with expect_failure(NOT_FOUND, "SLOT_NOT_FOUND"):
         await api.slots.GetSlot(spb.GetSlotRequest(id=slot.id), metadata=api.md)
     assert _ids((await _list(api, specialist_id=spec.id)).slots) == []
-
-
-async def test_deleting_a_slot_twice_is_not_found(api: Api) -> None:
-    spec = await api.specialist()
-    slot = await api.slot(spec.id, hours_from_now(24))
-    await api.slots.DeleteSlot(spb.DeleteSlotRequest(id=slot.id), metadata=api.md)
     async with expect_failure(NOT_FOUND, "SLOT_NOT_FOUND"):
         await api.slots.DeleteSlot(spb.DeleteSlotRequest(id=slot.id), metadata=api.md)
 
@@ -170,10 +162,19 @@ async def test_overlapping_slot_for_the_same_specialist_is_already_exists(api: A
     start = hours_from_now(24)
     await api.slot(spec.id, start, 60)
     for offset, minutes in [(0, 60), (-15, 30), (45, 30), (15, 15), (-30, 120)]:
-        async with expect_failure(EXISTS, "SLOT_OVERLAP") as box:
+        async with expect_failure(EXISTS, "SLOT_OVERLAP"):
             await api.slot(spec.id, start + timedelta(minutes=offset), minutes)
-        assert box[0].metadata.get("specialist_id") == spec.id
     assert len((await _list(api, specialist_id=spec.id)).slots) == 1
+
+
+async def test_slot_overlap_error_names_the_specialist(api: Api) -> None:
+    spec = await api.specialist()
+    start = hours_from_now(24)
+    await api.slot(spec.id, start, 60)
+    async with expect_failure(EXISTS, "SLOT_OVERLAP") as box:
+        await api.slot(spec.id, start, 60)
+    assert box[0].metadata.get("specialist_id") == spec.id
+    assert box[0].message == (f"specialist {spec.id} already has a slot overlapping this time")
 
 
 async def test_adjacent_slots_are_allowed(api: Api) -> None:
@@ -279,68 +280,18 @@ async def test_batch_of_1000_is_accepted_and_1001_is_invalid_argument(api: Api) 
         spb.BatchCreateSlotsRequest(requests=requests[:1000]), metadata=api.md
     )
     assert len(reply.slots) == 1000
-
-
-async def test_empty_batch_is_invalid_argument(api: Api) -> None:
     async with expect_failure(INVALID) as box:
         await api.slots.BatchCreateSlots(spb.BatchCreateSlotsRequest(), metadata=api.md)
     assert box[0].violations == ["requests"]
 
 
-# --- INVALID_ARGUMENT ------------------------------------------------------
-
-
-async def test_slot_whose_end_is_not_after_its_start_is_invalid_argument(api: Api) -> None:
-    spec = await api.specialist()
-    start = hours_from_now(24)
-    for end in [start, start - timedelta(minutes=1)]:
-        async with expect_failure(INVALID) as box:
-            await api.slots.CreateSlot(
-                spb.CreateSlotRequest(specialist_id=spec.id, start_time=ts(start), end_time=ts(end)),
-                metadata=api.md,
-            )
-        assert box[0].violations == ["end_time"]
-    assert (await _list(api)).slots == []
-
-
-async def test_create_slot_missing_fields_names_each_of_them(api: Api) -> None:
-    spec = await api.specialist()
-    start = hours_from_now(24)
-    cases = [
-        (spb.CreateSlotRequest(start_time=ts(start), end_time=ts(start + timedelta(hours=1))), ["specialist_id"]),
-        (spb.CreateSlotRequest(specialist_id=spec.id, end_time=ts(start)), ["start_time"]),
-        (spb.CreateSlotRequest(specialist_id=spec.id, start_time=ts(start)), ["end_time"]),
-        (spb.CreateSlotRequest(), ["specialist_id", "start_time", "end_time"]),
-    ]
-    for request, fields in cases:
-        async with expect_failure(INVALID) as box:
-            await api.slots.CreateSlot(request, metadata=api.md)
-        assert box[0].violations == fields
-
-
-async def test_list_slots_with_window_end_not_after_start_is_invalid_argument(api: Api) -> None:
-    t = hours_from_now(24)
-    async with expect_failure(INVALID) as box:
-        await _list(api, window_start_time=ts(t), window_end_time=ts(t))
-    assert box[0].violations == ["window_end_time"]
-
-
-async def test_list_slots_with_unknown_status_is_invalid_argument(api: Api) -> None:
-    async with expect_failure(INVALID) as box:
-        await _list(api, status=99)
-    assert box[0].violations == ["status"]
-
-
 # --- NOT_FOUND / FAILED_PRECONDITION ---------------------------------------
 
 
-async def test_get_unknown_slot_is_not_found(api: Api) -> None:
+async def test_get_or_delete_unknown_slot_is_not_found(api: Api) -> None:
     async with expect_failure(NOT_FOUND, "SLOT_NOT_FOUND") as box:
         await api.slots.GetSlot(spb.GetSlotRequest(id=MISSING_ID), metadata=api.md)
     assert box[0].metadata.get("id") == MISSING_ID
-
-
-async def test_delete_unknown_slot_is_not_found(api: Api) -> None:
     async with expect_failure(NOT_FOUND, "SLOT_NOT_FOUND"):
         await api.slots.DeleteSlot(spb.DeleteSlotRequest(id=MISSING_ID), metadata=api.md)
 
@@ -424,7 +375,7 @@ async def test_list_slots_filters_by_time_window_with_exclusive_edges(api: Api) 
     s3 = await api.slot(spec.id, t + timedelta(hours=2), 30)  # [t+2h, t+2h30m)
 
     async def window(start: datetime | None, end: datetime | None) -> list[str]:
-        filters: dict[str, object] = {"specialist_id": spec.id}
+        filters: dict[str, Any] = {"specialist_id": spec.id}
         if start is not None:
             filters["window_start_time"] = ts(start)
         if end is not None:
@@ -541,15 +492,6 @@ async def test_list_slots_page_size_above_1000_is_coerced_to_1000(api: Api) -> N
     assert page.slots[0].id == last.id  # earliest start comes first
 
 
-async def test_last_page_has_an_empty_token(api: Api) -> None:
-    spec = await api.specialist()
-    await api.slot(spec.id, hours_from_now(24))
-    await api.slot(spec.id, hours_from_now(25))
-    page = await _list(api, page_size=2)
-    assert len(page.slots) == 2
-    assert page.next_page_token == ""
-
-
 async def test_slot_page_token_reused_with_changed_filters_is_invalid_argument(api: Api) -> None:
     a, b = await api.specialist("A"), await api.specialist("B")
     base = hours_from_now(24)
@@ -558,7 +500,7 @@ async def test_slot_page_token_reused_with_changed_filters_is_invalid_argument(a
     first = await _list(api, page_size=1, specialist_id=a.id)
     token = first.next_page_token
     assert token
-    changed = [
+    changed: list[dict[str, Any]] = [
         {"specialist_id": b.id},
         {},
         {"specialist_id": a.id, "status": spb.SLOT_STATUS_AVAILABLE},
@@ -573,10 +515,3 @@ async def test_slot_page_token_reused_with_changed_filters_is_invalid_argument(a
     second = await _list(api, page_size=5, page_token=token, specialist_id=a.id)
     assert len(second.slots) == 2
     assert first.slots[0].id not in _ids(second.slots)
-
-
-async def test_bad_slot_page_tokens_are_invalid_argument(api: Api) -> None:
-    for token in ["garbage", "e30", "bm90IGpzb24", "eyJ2IjoyLCJrIjpbXSwiZiI6IiJ9", "%%%"]:
-        async with expect_failure(INVALID) as box:
-            await _list(api, page_token=token)
-        assert box[0].violations == ["page_token"], token

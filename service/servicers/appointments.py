@@ -158,10 +158,10 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         found = await store.get(self.db, appointment_id, owner_id=_owner(caller))
         return pb.GetAppointmentResponse(appointment=convert.appointment(found))
 
-    def _scoped_user(self, v: Validator, value: str) -> UUID | None:
+    def _scoped_user(self, v: Validator, value: str, field: str = "user_id") -> UUID | None:
         """The user filter, forced to the caller for a CLIENT."""
         caller = auth.current().require_user()
-        user_id = v.uuid("user_id", value, required=False)
+        user_id = v.uuid(field, value, required=False)
         if caller.role is Role.CLIENT:
             if user_id is not None and user_id != caller.id:
                 raise PermissionDenied(detail="a CLIENT may only see its own appointments")
@@ -200,7 +200,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         )
 
     def _event_filter(self, v: Validator, f: pb.AppointmentEventFilter) -> EventFilter:
-        user_id = self._scoped_user(v, f.user_id)
+        user_id = self._scoped_user(v, f.user_id, "filter.user_id")
         types = [
             v.enum(f"filter.types[{i}]", t, convert.EVENT_TYPES, required=True)
             for i, t in enumerate(f.types)

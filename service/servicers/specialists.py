@@ -49,7 +49,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         filters = ["specialists", service_type, active]
         page = await store.list_(
             self.db,
-            service_type=service_type,
+            service_type=service_type.strip() if service_type else None,
             active=active,
             after=pagination.time_and_id(request.page_token, filters),
             limit=size,
