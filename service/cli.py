@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -48,6 +49,42 @@ async def _serve(config: Config) -> int:
     log.info("signal received; draining for up to %.0fs", config.grace_seconds)
     await server.stop()
     return 0
+
+
+async def _serve_workers(config: Config, argv: list[str]) -> int:
+    """Run `config.workers` server processes on one port (SO_REUSEPORT).
+
+    This process owns the embedded database (if any) and the migrations;
+    the workers share them. SIGTERM/SIGINT are passed on, and the exit code
+    is the first non-zero one of the workers."""
+    dsn, pg = await resolve_database(config)
+    try:
+        if config.migrate_on_start:
+            await asyncio.to_thread(migrate.apply, dsn)
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "BOOKING_MIGRATE_ON_START": "false",
+            "BOOKING_WORKERS": str(config.workers),
+        }
+        command = [sys.executable, "-m", "service.cli", *argv, "--worker-process"]
+        workers = [
+            await asyncio.create_subprocess_exec(*command, env=env) for _ in range(config.workers)
+        ]
+
+        def forward(sig: signal.Signals) -> None:
+            for worker in workers:
+                if worker.returncode is None:
+                    worker.send_signal(sig)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, forward, sig)
+        codes = [await w.wait() for w in workers]
+    finally:
+        if pg is not None and pg.started_here:
+            await asyncio.to_thread(pg.stop)
+    return next((c for c in codes if c != 0), 0)
 
 
 async def _migrate(config: Config, action: str, count: int) -> int:
@@ -114,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gRPC server")
     add_arguments(serve)
+    serve.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
 
     mig = sub.add_parser("migrate", help="apply, roll back or list schema migrations")
     mig.add_argument("action", nargs="?", choices=["apply", "rollback", "list"], default="apply")
@@ -139,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         from bench.harness import main as bench_main
@@ -151,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(config.log_level, config.log_json)
     if args.command == "serve":
+        if config.workers > 1 and not args.worker_process:
+            return _run(lambda: _serve_workers(config, list(argv)))
         return _run(lambda: _serve(config))
     if args.command == "migrate":
         return _run(lambda: _migrate(config, args.action, args.count))

@@ -38,6 +38,8 @@ class Config:
     heartbeat_seconds: float = 5.0
     event_poll_seconds: float = 0.5
     grace_seconds: float = 10.0
+    # Server processes sharing the port through SO_REUSEPORT (Linux).
+    workers: int = 1
     log_level: str = "INFO"
     log_json: bool = False
     tls_cert: Path | None = None
@@ -72,6 +74,10 @@ class Config:
         for name in ("sweep_batch_size", "login_max_failures", "max_streams"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.workers < 1:
+            problems.append("workers must be at least 1")
+        if self.workers > 1 and self.port == 0:
+            problems.append("workers > 1 needs a fixed port, not 0")
         if self.grace_seconds < 0:
             problems.append("grace_seconds must not be negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -95,7 +95,9 @@ class BookingServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
+                # Only worker processes share a port; otherwise a second
+                # server on the same port must fail, not split the traffic.
+                ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
             ],
         )
         user_pb2_grpc.add_UserServiceServicer_to_server(UserService(db, self.config), server)

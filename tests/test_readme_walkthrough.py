@@ -90,3 +90,35 @@ def test_readme_walkthrough_books_an_appointment_with_grpcurl(database_url: str)
     # One log line per RPC, with method, code and duration.
     assert re.search(r"/booking\.v1\.AppointmentService/HoldSlot OK \d+\.\dms", stderr)
     assert "FAILED_PRECONDITION" in stderr
+
+
+def test_workers_share_one_port_and_all_stop_on_sigterm(database_url: str) -> None:
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "BOOKING_PORT": str(port)}
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_port(port, parent)
+        deadline = time.monotonic() + 30
+        listening = 0
+        while time.monotonic() < deadline and listening < 2:
+            time.sleep(0.2)
+            listening = len(
+                subprocess.run(
+                    ["pgrep", "-f", "service.cli serve --workers 2 --worker-process"],
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()
+            )
+        assert listening == 2
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        code = parent.wait(timeout=30)
+        stderr = parent.stderr.read().decode() if parent.stderr else ""
+    assert code == 0, stderr
+    assert stderr.count("booking-service stopped") == 2
