@@ -23,8 +23,9 @@ COPY gen ./gen
 COPY migrations ./migrations
 COPY storage ./storage
 COPY service ./service
+COPY bench ./bench
 RUN pip install --no-deps . \
-    && python -c "import booking, service, storage"
+    && python -c "import booking, service, storage, bench"
 
 # ---- runtime ------------------------------------------------------------------
 FROM python:3.11-slim AS runtime

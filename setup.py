@@ -2,7 +2,8 @@
 
 - ``booking`` (generated gRPC/protobuf code) lives in ``gen/booking`` and is mapped
   with package_dir, so ``import booking.v1.x_pb2`` works in editable and regular installs.
-- ``service`` and ``storage`` (and any subpackages with an ``__init__.py``) are found
+- ``service``, ``storage`` and ``bench`` (the benchmark harness behind
+  ``booking-service bench``; and any subpackages with an ``__init__.py``) are found
   automatically at the repository root.
 - ``migrations/*.sql`` is shipped inside the wheel as ``storage/migrations/*.sql``
   (virtual package ``storage.migrations`` mapped to ``migrations/``). In a checkout /
@@ -13,7 +14,9 @@ from setuptools import find_packages, setup
 
 packages = (
     find_packages(where="gen", include=["booking", "booking.*"])
-    + find_packages(where=".", include=["service", "service.*", "storage", "storage.*"])
+    + find_packages(
+        where=".", include=["service", "service.*", "storage", "storage.*", "bench", "bench.*"]
+    )
     + ["storage.migrations"]
 )
 

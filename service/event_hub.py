@@ -27,6 +27,10 @@ from storage.models import AppointmentEvent, EventFilter, Position
 
 log = logging.getLogger(__name__)
 
+# Reads of the log and NOTIFYs are at most one per PACE seconds: a burst of
+# commits shares them, for at most this much added latency.
+PACE = 0.002
+
 
 @dataclass(frozen=True)
 class Heartbeat:
@@ -58,6 +62,7 @@ class EventHub:
         self._poke = asyncio.Event()
         self._closing = asyncio.Event()
         self._announce_wanted = asyncio.Event()
+        self._idle = True
         self._task: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
         self._listener: store.Listener | None = None
@@ -78,10 +83,11 @@ class EventHub:
         self._announce_wanted.set()
 
     async def _announce(self) -> None:
-        # One NOTIFY in flight at a time; commits that land meanwhile share
-        # the next one, so under load this is one NOTIFY per round trip.
+        # One NOTIFY in flight at a time, and at most one per PACE seconds:
+        # commits that land meanwhile share the next one.
         while True:
             await self._announce_wanted.wait()
+            await asyncio.sleep(PACE)
             self._announce_wanted.clear()
             listener = self._listener
             if listener is None or not listener.alive:
@@ -130,14 +136,30 @@ class EventHub:
             timeout = retry or self.poll_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout)
+            await asyncio.sleep(PACE)  # let a burst of commits share one read
             self._poke.clear()
             try:
+                if self.active_streams == 0:
+                    # Nobody is watching: skip the reads, and start the ring
+                    # afresh (from the horizon) when someone does.
+                    self._idle = True
+                    continue
+                if self._idle:
+                    await self._restart_ring()
                 pending = await self._catch_up()
             except Exception:  # noqa: BLE001 - keep tailing; the table is the truth
                 log.exception("reading appointment events failed")
                 retry = self.poll_interval
                 continue
             retry = min(max(retry * 2, 0.002), self.poll_interval) if pending else 0.0
+
+    async def _restart_ring(self) -> None:
+        # Watchers compare their cursor with the floor on every turn, so one
+        # that is now below it simply reads the table until it catches up.
+        horizon = await store.horizon(self.db)
+        self._events.clear()
+        self._head = self._floor = max(horizon, self._head)
+        self._idle = False
 
     async def _catch_up(self) -> bool:
         while True:
@@ -163,6 +185,7 @@ class EventHub:
         if self.active_streams >= self.max_streams:
             raise TooManyStreams(limit=self.max_streams)
         self.active_streams += 1
+        self._poke.set()
         try:
             yield
         finally:

@@ -118,6 +118,18 @@ def _from_sql_function(exc: asyncpg.PostgresError) -> errors.BookingError:
     return cls(**args)
 
 
+async def _reset(conn: Connection) -> None:
+    """Make a connection safe to hand out again.
+
+    asyncpg's default reset costs a round trip on every release (advisory
+    unlock, CLOSE ALL, UNLISTEN, RESET ALL), which profiling showed at ~10%
+    of a hold's server CPU. Pooled sessions here never take advisory locks,
+    open cursors, LISTEN or SET anything, so only an unfinished transaction
+    needs undoing."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Database:
     """An asyncpg pool whose sessions default to REPEATABLE READ."""
 
@@ -140,6 +152,7 @@ class Database:
             dsn,
             min_size=min_size,
             max_size=max_size,
+            reset=_reset,
             server_settings={
                 "application_name": "booking-service",
                 "default_transaction_isolation": DEFAULT_ISOLATION.sql_name,
