@@ -8,12 +8,17 @@ deactivating a user or logging out takes effect on the very next call
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import hashlib
+import logging
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from uuid import UUID
 
 from service import passwords
 from service.config import Config
@@ -21,9 +26,13 @@ from service.errors import PermissionDenied, Unauthenticated
 from service.policy import OPEN_PREFIXES, POLICIES
 from storage import auth as auth_store
 from storage import users as user_store
+from storage.auth import AUTH_CHANNEL
 from storage.database import Database
 from storage.errors import InvalidCredentials, LoginThrottled
+from storage.events import Listener
 from storage.models import Role, User
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "bk_"
 
@@ -76,10 +85,108 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     return None
 
 
+class TokenCache:
+    """Recently resolved tokens, to spare most RPCs a database round trip.
+
+    Trusted only while a listener on the auth channel is connected: any
+    change that could end a token (deactivation, role or password change,
+    logout) notifies every replica, which drops the user's entries; the
+    cache is emptied whenever the listener (re)connects, and entries live
+    at most `max_age` seconds regardless. A `generation` bump on every
+    invalidation keeps a lookup that raced one from caching a stale answer.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, max_age: float) -> None:
+        self.max_age = max_age
+        self.trusted = False
+        self.generation = 0
+        self._entries: dict[bytes, tuple[User, float]] = {}
+
+    def get(self, token_hash: bytes) -> User | None:
+        if not self.trusted:
+            return None
+        entry = self._entries.get(token_hash)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self._entries[token_hash]
+            return None
+        return entry[0]
+
+    def put(self, token_hash: bytes, user: User, generation: int) -> None:
+        if not self.trusted or generation != self.generation or self.max_age <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[token_hash] = (user, time.monotonic() + self.max_age)
+
+    def forget_user(self, user_id: UUID) -> None:
+        self.generation += 1
+        for key in [k for k, (u, _) in self._entries.items() if u.id == user_id]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+
 class Authenticator:
     def __init__(self, db: Database, config: Config) -> None:
         self.db = db
         self.config = config
+        self.cache = TokenCache(config.token_cache_seconds)
+        self._follower: asyncio.Task[None] | None = None
+        self._listener: Listener | None = None
+
+    async def start(self) -> None:
+        if self.config.token_cache_seconds > 0:
+            self._follower = asyncio.create_task(self._follow(), name="auth-invalidations")
+
+    async def stop(self) -> None:
+        self.cache.trusted = False
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        if self._listener is not None:
+            await self._listener.close()
+
+    def _on_change(self, payload: str) -> None:
+        try:
+            self.cache.forget_user(UUID(payload))
+        except ValueError:
+            self.cache.clear()
+
+    async def _follow(self) -> None:
+        """Keep a listener for invalidations; trust the cache only while it lives."""
+        while True:
+            if self._listener is None or not self._listener.alive:
+                self.cache.trusted = False
+                self.cache.clear()
+                try:
+                    self._listener = await Listener.open(
+                        self.db.dsn, self._on_change, channel=AUTH_CHANNEL
+                    )
+                    self.cache.trusted = True
+                except Exception:  # noqa: BLE001 - without it, every call asks the database
+                    log.warning("cannot LISTEN for auth changes; not caching tokens")
+            await asyncio.sleep(1.0)
+
+    def forget_user(self, user_id: UUID) -> None:
+        """Drop this server's cached tokens of `user_id` (others get NOTIFY)."""
+        self.cache.forget_user(user_id)
+
+    async def _resolve(self, token_hash: bytes) -> User | None:
+        cached = self.cache.get(token_hash)
+        if cached is not None:
+            return cached
+        generation = self.cache.generation
+        user = await auth_store.resolve_token(self.db, token_hash)
+        if user is not None:
+            self.cache.put(token_hash, user, generation)
+        return user
 
     def is_open(self, method: str) -> bool:
         return method.startswith(OPEN_PREFIXES)
@@ -99,7 +206,7 @@ class Authenticator:
                 return ANONYMOUS
             raise Unauthenticated()
         token_hash = digest(token)
-        user = await auth_store.resolve_token(self.db, token_hash)
+        user = await self._resolve(token_hash)
         if user is None:
             if policy.anonymous:
                 # A stale token must not stop anyone logging in again: where
@@ -150,3 +257,5 @@ class Authenticator:
     async def logout(self, caller: Caller) -> None:
         if caller.token_hash is not None:
             await auth_store.revoke_token(self.db, caller.token_hash)
+            if caller.user is not None:
+                self.forget_user(caller.user.id)

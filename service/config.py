@@ -32,6 +32,9 @@ class Config:
     check_user_overlap: bool = True
     allow_self_signup: bool = True
     token_ttl_seconds: int = 3600
+    # How long a server may reuse a token lookup; invalidated at once by
+    # NOTIFY on any change (docs/auth.md). 0 looks every token up every time.
+    token_cache_seconds: float = 30.0
     login_max_failures: int = 5
     login_lockout_seconds: int = 300
     max_streams: int = 1000
@@ -78,6 +81,8 @@ class Config:
             problems.append("workers must be at least 1")
         if self.workers > 1 and self.port == 0:
             problems.append("workers > 1 needs a fixed port, not 0")
+        if self.token_cache_seconds < 0:
+            problems.append("token_cache_seconds must not be negative")
         if self.grace_seconds < 0:
             problems.append("grace_seconds must not be negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -54,10 +54,17 @@ _PRIORITY_WIRE = _inverse(PRIORITIES)  # type: ignore[arg-type]
 _EVENT_TYPE_WIRE = _inverse(EVENT_TYPES)  # type: ignore[arg-type]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def timestamp(value: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    # Integer arithmetic on an aware datetime: several times cheaper than
+    # Timestamp.FromDatetime, and this runs for every time in every reply.
+    if value.tzinfo is None:  # asyncpg's edge-of-range values come naive
+        value = value.replace(tzinfo=UTC)
+    seconds, micros = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
+    return Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 def user(u: m.User) -> upb.User:

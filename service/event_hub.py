@@ -122,7 +122,7 @@ class EventHub:
         if self._listener is not None and self._listener.alive:
             return
         try:
-            self._listener = await store.Listener.open(self.db.dsn, self._poke.set)
+            self._listener = await store.Listener.open(self.db.dsn, lambda _: self._poke.set())
         except Exception:  # noqa: BLE001 - polling covers for a missing listener
             self._listener = None
             log.warning("cannot LISTEN for events; polling every %.1fs", self.poll_interval)

@@ -74,6 +74,7 @@ class BookingServer:
         # grpc-stubs has no grpc_health.v1.health.aio (the asyncio servicer).
         self._health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._hub: EventHub | None = None
+        self._authenticator: Authenticator | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Task[None] | None = None
 
@@ -88,7 +89,8 @@ class BookingServer:
             db, poll_interval=self.config.event_poll_seconds, max_streams=self.config.max_streams
         )
         await hub.start()
-        authenticator = Authenticator(db, self.config)
+        self._authenticator = authenticator = Authenticator(db, self.config)
+        await authenticator.start()
 
         server = grpc.aio.server(
             interceptors=[ServiceInterceptor(authenticator)],
@@ -100,7 +102,9 @@ class BookingServer:
                 ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
             ],
         )
-        user_pb2_grpc.add_UserServiceServicer_to_server(UserService(db, self.config), server)
+        user_pb2_grpc.add_UserServiceServicer_to_server(
+            UserService(db, self.config, authenticator), server
+        )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(authenticator), server)
         specialist_pb2_grpc.add_SpecialistServiceServicer_to_server(SpecialistService(db), server)
         slot_pb2_grpc.add_SlotServiceServicer_to_server(SlotService(db), server)
@@ -196,6 +200,8 @@ class BookingServer:
                 await task
         if self._hub is not None:
             await self._hub.stop()
+        if self._authenticator is not None:
+            await self._authenticator.stop()
         if self.db is not None:
             await self.db.close()
         if self._embedded is not None and self._embedded.started_here:

@@ -10,6 +10,10 @@ import asyncpg
 from storage.database import Connection, Database
 from storage.models import Role, User
 
+# Notified (by triggers, migrations/0004) with a user id whenever that user's
+# tokens may have stopped working or the user's identity changed.
+AUTH_CHANNEL = "booking_auth"
+
 
 async def create_token(
     db: Database, *, user_id: UUID, token_hash: bytes, ttl: timedelta

@@ -133,9 +133,12 @@ class Listener:
         self._conn = conn
 
     @classmethod
-    async def open(cls, dsn: str, on_notify: Callable[[], None]) -> Listener:
+    async def open(
+        cls, dsn: str, on_notify: Callable[[str], None], channel: str = CHANNEL
+    ) -> Listener:
+        """Listen on `channel`; `on_notify` gets each notification's payload."""
         conn = await asyncpg.connect(dsn, server_settings={"application_name": "booking-listener"})
-        await conn.add_listener(CHANNEL, lambda *_: on_notify())
+        await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
         return cls(conn)
 
     @property

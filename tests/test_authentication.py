@@ -3,6 +3,7 @@ and self sign-up."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import uuid
@@ -394,3 +395,41 @@ async def test_self_sign_up_can_be_disabled(no_signup_server: BookingServer) -> 
                 upb.CreateUserRequest(email=_email("desk"), password=PASSWORD), metadata=staff.md
             )
             assert created.user.role == upb.USER_ROLE_CLIENT
+
+
+async def test_deactivation_through_one_replica_stops_the_token_on_another_at_once(
+    database_url: str,
+) -> None:
+    config = ServerConfig.for_tests(database_url)
+    one, two = BookingServer(config), BookingServer(config)
+    await one.start()
+    await two.start()
+    try:
+        async with Api.connect(one) as admin_one, Api.connect(two) as admin_two:
+            user_id, email = await admin_one.make_user(Role.CLIENT)
+            token = await admin_one.login(email)
+            on_two = admin_two.as_(token)
+            # Warm replica two's token cache.
+            for _ in range(3):
+                await on_two.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=on_two.md)
+            await admin_one.users.UpdateUser(
+                upb.UpdateUserRequest(
+                    user=upb.User(id=user_id, active=False),
+                    update_mask=FieldMask(paths=["active"]),
+                ),
+                metadata=admin_one.md,
+            )
+            # NOTIFY crosses replicas within milliseconds; allow a little
+            # scheduling slack, far below the cache's 30 s lifetime.
+            for _ in range(20):
+                try:
+                    await on_two.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=on_two.md)
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("replica two still accepts the deactivated user's token")
+    finally:
+        await one.stop(grace=1)
+        await two.stop(grace=1)

@@ -32,6 +32,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0001.core-schema",
         "0002.appointment-transitions",
         "0003.auth",
+        "0004.auth-invalidation",
     ]
     before = await _counts(database_url)
     assert before[0] == 8 and before[1] == 4 and before[2] > 10

@@ -14,9 +14,10 @@ from storage.models import Role
 
 
 class UserService(user_pb2_grpc.UserServiceServicer):
-    def __init__(self, db: Database, config: Config) -> None:
+    def __init__(self, db: Database, config: Config, authenticator: auth.Authenticator) -> None:
         self.db = db
         self.config = config
+        self.authenticator = authenticator
 
     async def CreateUser(
         self, request: user_pb2.CreateUserRequest, context: Context
@@ -117,6 +118,9 @@ class UserService(user_pb2_grpc.UserServiceServicer):
             role=role,
             active=request.user.active if "active" in paths else None,
         )
+        # This server forgets the user's cached tokens now; the others on
+        # the NOTIFY the update's trigger sends.
+        self.authenticator.forget_user(user.id)
         return user_pb2.UpdateUserResponse(user=convert.user(user))
 
 
