@@ -197,6 +197,8 @@ class EventHub:
         """Every event after `after` matching `filter_`, in stream order,
         then live ones; a Heartbeat after `heartbeat_every` idle seconds."""
         cursor = after
+        # An opening heartbeat: the stream is live, and here is where it starts.
+        yield Heartbeat(cursor, datetime.now(UTC))
         last_sent = time.monotonic()
         while not self._closing.is_set():
             if cursor < self._floor:

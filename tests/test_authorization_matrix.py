@@ -587,15 +587,17 @@ async def test_a_client_holds_only_for_itself_and_only_at_normal_priority(api: A
 async def _first_messages(
     client: Api, request: apb.WatchAppointmentEventsRequest, *, until_heartbeat: bool
 ) -> list[apb.WatchAppointmentEventsResponse]:
-    """Stream messages up to and including the first heartbeat (or just the
-    first message)."""
+    """Stream messages up to and including the first heartbeat after the
+    opening one, i.e. the whole backlog (or just the first message)."""
     call = client.appointments.WatchAppointmentEvents(request, metadata=client.md)
 
     async def collect() -> list[apb.WatchAppointmentEventsResponse]:
         out: list[apb.WatchAppointmentEventsResponse] = []
+        heartbeats = 0
         async for message in call:
             out.append(message)
-            if not until_heartbeat or message.WhichOneof("kind") == "heartbeat":
+            heartbeats += message.WhichOneof("kind") == "heartbeat"
+            if not until_heartbeat or heartbeats == 2:
                 return out
         raise AssertionError("the stream ended")
 
