@@ -165,3 +165,26 @@ async def test_tls_and_mutual_tls_serve_with_configured_certificates(
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(grace=1)
+
+
+async def test_shutdown_ends_open_streams_with_unavailable_so_clients_resume(
+    database_url: str,
+) -> None:
+    from booking.v1 import appointment_pb2 as apb
+    from tests.support import Api, failure
+
+    server = BookingServer(ServerConfig.for_tests(database_url, heartbeat_seconds=30))
+    await server.start()
+    async with Api.connect(server) as api:
+        call = api.appointments.WatchAppointmentEvents(
+            apb.WatchAppointmentEventsRequest(), metadata=api.md
+        )
+        opening = await call.read()
+        assert opening.WhichOneof("kind") == "heartbeat"
+        stopping = server.stop(grace=30)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        await stopping
+    # Ended by the server's request (a reason), not cut off when grace ran out.
+    got = failure(ended.value)
+    assert got.code == grpc.StatusCode.UNAVAILABLE and got.reason == "SHUTTING_DOWN"
