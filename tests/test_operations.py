@@ -180,6 +180,7 @@ async def test_shutdown_ends_open_streams_with_unavailable_so_clients_resume(
             apb.WatchAppointmentEventsRequest(), metadata=api.md
         )
         opening = await call.read()
+        assert isinstance(opening, apb.WatchAppointmentEventsResponse)
         assert opening.WhichOneof("kind") == "heartbeat"
         stopping = server.stop(grace=30)
         with pytest.raises(grpc.aio.AioRpcError) as ended:
