@@ -12,11 +12,15 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from service.errors import FieldViolation, InvalidArgument
+from storage.models import Page
+
+T = TypeVar("T")
 
 _VERSION = 1
 
@@ -34,6 +38,13 @@ def encode(key: list[Any], filters: Any) -> str:
     payload = {"v": _VERSION, "k": [str(part) for part in key], "f": _digest(filters)}
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def next_token(page: Page[T], key: Callable[[T], list[Any]], filters: Any) -> str:
+    """The token for the page after `page`: empty on the last page."""
+    if not page.has_more or not page.items:
+        return ""
+    return encode(key(page.items[-1]), filters)
 
 
 def decode(token: str, filters: Any) -> list[str] | None:

@@ -205,12 +205,11 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             after=pagination.time_and_id(request.page_token, filters),
             limit=size,
         )
-        last = page.items[-1] if page.items else None
         return pb.ListAppointmentsResponse(
             appointments=[convert.appointment(a) for a in page.items],
-            next_page_token=pagination.encode([last.start_time.isoformat(), last.id], filters)
-            if page.has_more and last
-            else "",
+            next_page_token=pagination.next_token(
+                page, lambda item: [item.start_time.isoformat(), item.id], filters
+            ),
         )
 
     def _event_filter(self, v: Validator, f: pb.AppointmentEventFilter) -> EventFilter:

@@ -82,12 +82,11 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
             after=pagination.time_and_id(request.page_token, filters),
             limit=size,
         )
-        last = page.items[-1] if page.items else None
         return pb.ListSlotsResponse(
             slots=[convert.slot(s) for s in page.items],
-            next_page_token=pagination.encode([last.start_time.isoformat(), last.id], filters)
-            if page.has_more and last
-            else "",
+            next_page_token=pagination.next_token(
+                page, lambda item: [item.start_time.isoformat(), item.id], filters
+            ),
         )
 
     async def DeleteSlot(

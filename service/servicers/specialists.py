@@ -54,12 +54,11 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
             after=pagination.time_and_id(request.page_token, filters),
             limit=size,
         )
-        last = page.items[-1] if page.items else None
         return pb.ListSpecialistsResponse(
             specialists=[convert.specialist(s) for s in page.items],
-            next_page_token=pagination.encode([last.created_at.isoformat(), last.id], filters)
-            if page.has_more and last
-            else "",
+            next_page_token=pagination.next_token(
+                page, lambda item: [item.created_at.isoformat(), item.id], filters
+            ),
         )
 
     async def UpdateSpecialist(

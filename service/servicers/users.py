@@ -76,12 +76,11 @@ class UserService(user_pb2_grpc.UserServiceServicer):
             after=pagination.time_and_id(request.page_token, filters),
             limit=size,
         )
-        last = page.items[-1] if page.items else None
         return user_pb2.ListUsersResponse(
             users=[convert.user(u) for u in page.items],
-            next_page_token=pagination.encode([last.created_at.isoformat(), last.id], filters)
-            if page.has_more and last
-            else "",
+            next_page_token=pagination.next_token(
+                page, lambda item: [item.created_at.isoformat(), item.id], filters
+            ),
         )
 
     async def UpdateUser(
