@@ -421,7 +421,7 @@ async def test_deactivation_through_one_replica_stops_the_token_on_another_at_on
             )
             # NOTIFY crosses replicas within milliseconds; allow a little
             # scheduling slack, far below the cache's 30 s lifetime.
-            for _ in range(20):
+            for _ in range(200):
                 try:
                     await on_two.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=on_two.md)
                 except grpc.aio.AioRpcError as err:

@@ -389,4 +389,4 @@ async def test_stream_order_under_load_with_reconnects_is_exact(
     assert len(got) == len(set(got)), "duplicates delivered"
     assert got == expected, "events missing or out of commit order"
     assert len(got) == committed[0]
-    assert committed[0] > 40
+    assert committed[0] > 20, "the writers must really have written"
