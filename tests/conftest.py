@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -96,6 +95,3 @@ async def server(server_config: Config) -> AsyncIterator[BookingServer]:
 async def api(server: BookingServer) -> AsyncIterator[Api]:
     async with Api.connect(server) as client:
         yield client
-
-
-__all__ = ["replace"]

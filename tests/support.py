@@ -15,9 +15,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from booking.v1 import (
-    appointment_pb2 as apb,
-)
+from booking.v1 import appointment_pb2 as apb
 from booking.v1 import (
     appointment_pb2_grpc,
     auth_pb2,
@@ -26,15 +24,8 @@ from booking.v1 import (
     specialist_pb2_grpc,
     user_pb2_grpc,
 )
-from booking.v1 import (
-    slot_pb2 as spb,
-)
-from booking.v1 import (
-    specialist_pb2 as sppb,
-)
-from booking.v1 import (
-    user_pb2 as upb,
-)
+from booking.v1 import slot_pb2 as spb
+from booking.v1 import specialist_pb2 as sppb
 from service import passwords
 from service.config import Config
 from service.server import BookingServer
@@ -212,6 +203,3 @@ class Api:
     async def user_id(self) -> str:
         reply = await self.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=self.md)
         return reply.user.id
-
-
-__all__ = ["upb"]
