@@ -236,9 +236,13 @@ BEGIN
 
     PERFORM booking_lock_user(p_user_id, p_check_user_overlap);
 
+    -- NOWAIT: when another request holds this slot's lock, the slot is
+    -- changing under it and is not AVAILABLE to us now. Failing at once
+    -- (storage/ answers SLOT_UNAVAILABLE) spares a herd of callers queueing
+    -- behind the winner only to fail with 40001 and retry.
     SELECT * INTO v_slot FROM time_slots
     WHERE id = p_slot_id AND deleted_at IS NULL
-    FOR UPDATE;
+    FOR UPDATE NOWAIT;
     IF v_slot.id IS NULL THEN
         PERFORM booking_fail('SLOT_NOT_FOUND', jsonb_build_object('slot_id', p_slot_id));
     END IF;

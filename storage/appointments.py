@@ -3,13 +3,14 @@ trip each, see migrations/0002) and the reads."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
 
 from storage.database import Connection, Database
-from storage.errors import AppointmentNotFound
+from storage.errors import AppointmentNotFound, SlotUnavailable
 from storage.events import EVENT_COLUMNS, event_from_row
 from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
 from storage.sql import Conditions
@@ -57,17 +58,28 @@ async def hold(
     check_user_overlap: bool,
     request_id: UUID | None,
 ) -> AppointmentEvent:
-    return await _transition(
-        db,
-        "booking_hold_slot",
-        slot_id,
-        user_id,
-        priority.value,
-        actor_id,
-        hold_ttl,
-        check_user_overlap,
-        request_id,
-    )
+    attempt = 0
+    while True:
+        try:
+            return await _transition(
+                db,
+                "booking_hold_slot",
+                slot_id,
+                user_id,
+                priority.value,
+                actor_id,
+                hold_ttl,
+                check_user_overlap,
+                request_id,
+            )
+        except asyncpg.LockNotAvailableError as exc:
+            # FOR UPDATE NOWAIT on the slot: another request is changing it.
+            # A retry of the same request_id waits for it instead, to return
+            # its result once it commits.
+            attempt += 1
+            if request_id is None or attempt >= db.retry.attempts:
+                raise SlotUnavailable(slot_id=str(slot_id), status="LOCKED") from exc
+            await asyncio.sleep(db.retry.delay(attempt))
 
 
 async def confirm(

@@ -13,9 +13,10 @@ import grpc
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import appointment_pb2_grpc, slot_pb2, slot_pb2_grpc
+from service.server import BookingServer
 from storage.models import Role
 from tests.population import fetch, insert_clients
-from tests.support import Api, hours_from_now, ts
+from tests.support import Api, ServerConfig, hours_from_now, ts
 
 
 async def _race(
@@ -208,3 +209,36 @@ async def test_concurrent_reschedules_into_one_slot_move_exactly_one(
         database_url, "SELECT status, count(*) AS n FROM time_slots GROUP BY status"
     )
     assert {r["status"]: r["n"] for r in statuses} == {"HOLD": 8, "AVAILABLE": 1}
+
+
+async def test_racing_request_id_retries_agree_even_without_the_user_lock(
+    database_url: str,
+) -> None:
+    # With the overlap check off nothing serialises the retries before the
+    # slot lock, so they meet it held (NOWAIT) and must wait, not fail.
+    server = BookingServer(ServerConfig.for_tests(database_url, check_user_overlap=False))
+    await server.start()
+    try:
+        async with Api.connect(server) as api:
+            client, _ = await api.client()
+            spec = await api.specialist()
+            slot = await api.slot(spec.id, hours_from_now(62))
+            request_id = str(uuid.uuid4())
+            seen: list[str] = []
+
+            async def hold(channel: grpc.aio.Channel, i: int) -> None:
+                stub = appointment_pb2_grpc.AppointmentServiceStub(channel)
+                reply = await stub.HoldSlot(
+                    apb.HoldSlotRequest(slot_id=slot.id, request_id=request_id),
+                    metadata=client.md,
+                )
+                seen.append(reply.appointment.id)
+
+            codes = Counter(await _race(api, 12, hold, channels=12))
+    finally:
+        await server.stop(grace=1)
+
+    assert codes == {grpc.StatusCode.OK: 12}
+    assert len(set(seen)) == 1
+    rows = await fetch(database_url, "SELECT count(*) AS n FROM appointments")
+    assert rows[0]["n"] == 1
