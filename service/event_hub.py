@@ -32,6 +32,18 @@ log = logging.getLogger(__name__)
 PACE = 0.002
 
 
+async def wait_up_to(event: asyncio.Event, seconds: float) -> None:
+    """Wait for `event`, at most `seconds`.
+
+    Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that
+    arrives as the event fires, which left a cancelled loop running (a hung
+    shutdown, seen in tests). asyncio.timeout counts cancellations properly.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     position: Position
@@ -134,8 +146,7 @@ class EventHub:
         while True:
             await self._ensure_listener()
             timeout = retry or self.poll_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), timeout)
+            await wait_up_to(self._poke, timeout)
             await asyncio.sleep(PACE)  # let a burst of commits share one read
             self._poke.clear()
             try:
@@ -224,6 +235,5 @@ class EventHub:
                 last_sent = time.monotonic()
                 continue
             changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), idle_for)
+            await wait_up_to(changed, idle_for)
         raise ShuttingDown()
