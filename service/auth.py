@@ -179,6 +179,10 @@ class Authenticator:
         self.cache.forget_user(user_id)
 
     async def _resolve(self, token_hash: bytes) -> User | None:
+        # Checked on every use, not only by _follow's once-a-second look: a
+        # listener that just died may have missed an invalidation.
+        if self._listener is None or not self._listener.alive:
+            self.cache.trusted = False
         cached = self.cache.get(token_hash)
         if cached is not None:
             return cached

@@ -433,3 +433,32 @@ async def test_deactivation_through_one_replica_stops_the_token_on_another_at_on
     finally:
         await one.stop(grace=1)
         await two.stop(grace=1)
+
+
+async def test_cached_tokens_are_not_trusted_once_the_invalidation_listener_is_lost(
+    api: Api, database_url: str
+) -> None:
+    user_id, email = await api.make_user(Role.CLIENT)
+    client = api.as_(await api.login(email))
+    for _ in range(3):  # cached now
+        await client.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=client.md)
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Cut the server's LISTEN connections, then deactivate behind its
+        # back: the notification goes nowhere.
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'booking-listener' AND datname = current_database()"
+        )
+        await conn.execute("UPDATE users SET is_active = false WHERE id = $1", uuid.UUID(user_id))
+    finally:
+        await conn.close()
+    for _ in range(200):
+        try:
+            await client.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=client.md)
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("a token cached before the listener died outlived its user")
