@@ -79,12 +79,8 @@ class EventHub:
         self._announcer: asyncio.Task[None] | None = None
         self._listener: store.Listener | None = None
 
-    @property
-    def head(self) -> Position:
-        return self._head
-
     async def start(self) -> None:
-        self._head = self._floor = await store.horizon(self.db)
+        # The ring starts (from the horizon) when the first stream opens.
         self._task = asyncio.create_task(self._tail(), name="event-hub-tail")
         self._announcer = asyncio.create_task(self._announce(), name="event-hub-announcer")
 
