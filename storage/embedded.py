@@ -15,7 +15,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -226,9 +225,3 @@ def start(
     )
     log.info("embedded PostgreSQL listening on 127.0.0.1:%d", port)
     return EmbeddedPostgres(data_dir, port, password, started_here=True)
-
-
-def wait_until_gone(server: EmbeddedPostgres, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while _running_port(server.pgdata) is not None and time.monotonic() < deadline:
-        time.sleep(0.1)

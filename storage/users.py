@@ -141,10 +141,3 @@ async def update(
     if row is None:
         raise UserNotFound(id=str(user_id))
     return _user(row)
-
-
-async def count_admins(db: Database) -> int:
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval("SELECT count(*) FROM users WHERE role = 'ADMIN'"))
-
-    return await db.run(work, single_statement=True)
