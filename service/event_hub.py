@@ -167,6 +167,7 @@ class EventHub:
         self._events.clear()
         self._head = self._floor = max(horizon, self._head)
         self._idle = False
+        self._wake_watchers()  # those waiting below the new floor read the table now
 
     async def _catch_up(self) -> bool:
         while True:

@@ -390,3 +390,20 @@ async def test_stream_order_under_load_with_reconnects_is_exact(
     assert got == expected, "events missing or out of commit order"
     assert len(got) == committed[0]
     assert committed[0] > 20, "the writers must really have written"
+
+
+async def test_the_first_stream_on_a_server_gets_its_backlog_without_waiting_for_a_heartbeat(
+    database_url: str,
+) -> None:
+    # Heartbeats every 60 s: nothing but the hub's own wake-up can deliver
+    # the history within the read's 5 s limit.
+    server = BookingServer(ServerConfig.for_tests(database_url, heartbeat_seconds=60))
+    await server.start()
+    try:
+        async with Api.connect(server) as api:
+            booked = await _booking(api, 10)
+            async with watching(api, BEGINNING) as watch:
+                (event,) = await watch.events(1, wait=5)
+        assert event.appointment.id == booked.id
+    finally:
+        await server.stop(grace=1)
