@@ -41,6 +41,13 @@ async def _serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+    except Exception as exc:  # noqa: BLE001 - an operator's problem: say it plainly
+        # Unreachable database, port in use, unreadable certificate: one
+        # clear line, the traceback only at DEBUG.
+        log.debug("start-up failed", exc_info=True)
+        print(f"booking-service: cannot start: {exc or type(exc).__name__}", file=sys.stderr)
+        await server.stop(0)
+        return 1
     except BaseException:
         await server.stop(0)
         raise

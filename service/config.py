@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class Config:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
 
-    @property
+    @cached_property  # read on every HoldSlot
     def hold_ttl(self) -> timedelta:
         return timedelta(seconds=self.hold_ttl_seconds)
 

@@ -135,9 +135,7 @@ class BookingServer:
         return self.port
 
     def _bind(self, server: grpc.aio.Server) -> int:
-        address = f"{self.config.host}:{self.config.port}"
-        if ":" in self.config.host:
-            address = f"[{self.config.host}]:{self.config.port}"
+        address = self.config.address
         if self.config.tls_cert is None or self.config.tls_key is None:
             port = server.add_insecure_port(address)
         else:

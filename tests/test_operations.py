@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -189,3 +192,24 @@ async def test_shutdown_ends_open_streams_with_unavailable_so_clients_resume(
     # Ended by the server's request (a reason), not cut off when grace ran out.
     got = failure(ended.value)
     assert got.code == grpc.StatusCode.UNAVAILABLE and got.reason == "SHUTTING_DOWN"
+
+
+def test_serve_says_plainly_when_it_cannot_start(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import cli, logs
+
+    monkeypatch.setattr(logs, "configure", lambda level, as_json: None)
+    with socket_on_free_port() as closed_port:
+        monkeypatch.setenv("DATABASE_URL", f"postgresql://nobody@127.0.0.1:{closed_port}/none")
+    assert cli.main(["serve", "--port", "0", "--no-migrate-on-start"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot start" in err and "Traceback" not in err
+
+
+@contextmanager
+def socket_on_free_port() -> Iterator[int]:
+    """A port that was free a moment ago and is closed again on exit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
