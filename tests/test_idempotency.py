@@ -186,7 +186,7 @@ async def test_a_request_answered_unavailable_is_not_remembered(
 
     second = await _hold(client, slot.id, request_id)
 
-    assert first[:2] == (grpc.StatusCode.UNAVAILABLE, "DATABASE_TIMEOUT")
+    assert first[0] == grpc.StatusCode.UNAVAILABLE, first
     assert second[0] == "OK", second
 
 
