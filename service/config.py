@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +31,12 @@ class Config:
     sweep_interval_seconds: float = 5.0
     sweep_batch_size: int = 500
     check_user_overlap: bool = True
+    # How long a request_id's outcome is remembered (docs/api.md); the
+    # sweeper forgets older ones.
+    request_id_retention_hours: float = field(
+        default=24.0,
+        metadata={"help": "how long a request_id's first outcome is replayed to retries"},
+    )
     allow_self_signup: bool = True
     token_ttl_seconds: int = 3600
     # How long a server may reuse a token lookup; invalidated at once by
@@ -54,6 +60,10 @@ class Config:
     def hold_ttl(self) -> timedelta:
         return timedelta(seconds=self.hold_ttl_seconds)
 
+    @cached_property
+    def request_id_retention(self) -> timedelta:
+        return timedelta(hours=self.request_id_retention_hours)
+
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -72,6 +82,7 @@ class Config:
             "event_poll_seconds",
             "token_ttl_seconds",
             "login_lockout_seconds",
+            "request_id_retention_hours",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -136,6 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"env {env_name(f.name)} (default: {f.default})"
+        if "help" in f.metadata:
+            help_text = f"{f.metadata['help']}; {help_text}"
         if f.type in (bool, "bool"):
             parser.add_argument(
                 flag,

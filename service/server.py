@@ -126,6 +126,7 @@ class BookingServer:
                     interval=self.config.sweep_interval_seconds,
                     batch_size=self.config.sweep_batch_size,
                     on_release=hub.committed,
+                    request_id_retention=self.config.request_id_retention,
                 ),
                 name="hold-sweeper",
             ),

@@ -1,16 +1,15 @@
 """SQL for appointments: the transitions (server-side functions, one round
-trip each, see migrations/0002) and the reads."""
+trip each on success, see migrations/0002 and 0005) and the reads."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
 
 from storage.database import Connection, Database
-from storage.errors import AppointmentNotFound, SlotUnavailable
+from storage.errors import AppointmentNotFound
 from storage.events import EVENT_COLUMNS, event_from_row
 from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
 from storage.sql import Conditions
@@ -38,11 +37,35 @@ def _appointment(row: asyncpg.Record) -> Appointment:
 
 
 async def _transition(db: Database, function: str, *args: object) -> AppointmentEvent:
+    """Run a transition; with a request id, its business failure is
+    remembered too, so every copy of the request gets one answer.
+
+    A failure that began executing names its request's key in the error's
+    HINT (migrations/0005). Storing it takes a second statement, its own
+    implicit transaction: the failure has already aborted the first. If
+    another copy's outcome was stored first, the request is replayed to
+    answer with that outcome instead. A copy that committed concurrently
+    makes the second statement fail with 40001 or the key's unique
+    violation, and Database.run's retry replays."""
     placeholders = ", ".join(f"${i}" for i in range(1, len(args) + 1))
     sql = f"SELECT {EVENT_COLUMNS} FROM {function}({placeholders}) e"
 
     async def work(conn: Connection) -> asyncpg.Record:
-        return await conn.fetchrow(sql, *args)
+        try:
+            return await conn.fetchrow(sql, *args)
+        except asyncpg.PostgresError as exc:
+            key = getattr(exc, "hint", None) if exc.sqlstate == "BK001" else None
+            if not key:
+                raise
+            stored = await conn.fetchval(
+                "SELECT booking_remember_failure($1::jsonb, $2, $3::jsonb)",
+                key,
+                getattr(exc, "message", None),
+                getattr(exc, "detail", None),
+            )
+            if stored:
+                raise
+            return await conn.fetchrow(sql, *args)
 
     return event_from_row(await db.run(work, single_statement=True))
 
@@ -58,28 +81,17 @@ async def hold(
     check_user_overlap: bool,
     request_id: UUID | None,
 ) -> AppointmentEvent:
-    attempt = 0
-    while True:
-        try:
-            return await _transition(
-                db,
-                "booking_hold_slot",
-                slot_id,
-                user_id,
-                priority.value,
-                actor_id,
-                hold_ttl,
-                check_user_overlap,
-                request_id,
-            )
-        except asyncpg.LockNotAvailableError as exc:
-            # FOR UPDATE NOWAIT on the slot: another request is changing it.
-            # A retry of the same request_id waits for it instead, to return
-            # its result once it commits.
-            attempt += 1
-            if request_id is None or attempt >= db.retry.attempts:
-                raise SlotUnavailable(slot_id=str(slot_id), status="LOCKED") from exc
-            await asyncio.sleep(db.retry.delay(attempt))
+    return await _transition(
+        db,
+        "booking_hold_slot",
+        slot_id,
+        user_id,
+        priority.value,
+        actor_id,
+        hold_ttl,
+        check_user_overlap,
+        request_id,
+    )
 
 
 async def confirm(
@@ -140,6 +152,18 @@ async def expire_holds(db: Database, limit: int) -> int:
 
     async def work(conn: Connection) -> int:
         return int(await conn.fetchval("SELECT booking_expire_holds($1)", limit))
+
+    return await db.run(work, single_statement=True)
+
+
+async def forget_request_ids(db: Database, retention: timedelta, limit: int) -> int:
+    """Forget up to `limit` request ids older than `retention`; returns how
+    many were forgotten."""
+
+    async def work(conn: Connection) -> int:
+        return int(
+            await conn.fetchval("SELECT booking_forget_request_ids($1, $2)", retention, limit)
+        )
 
     return await db.run(work, single_statement=True)
 

@@ -215,7 +215,8 @@ async def test_racing_request_id_retries_agree_even_without_the_user_lock(
     database_url: str,
 ) -> None:
     # With the overlap check off nothing serialises the retries before the
-    # slot lock, so they meet it held (NOWAIT) and must wait, not fail.
+    # slot lock, so they meet it held and must wait for the first copy's
+    # outcome, not fail.
     server = BookingServer(ServerConfig.for_tests(database_url, check_user_overlap=False))
     await server.start()
     try:

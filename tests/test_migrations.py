@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import asyncpg
+import grpc
+import pytest
 
 from storage import migrate
+from tests.support import Api, hours_from_now
 
 _OBJECTS = """
 SELECT
@@ -33,6 +38,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0002.appointment-transitions",
         "0003.auth",
         "0004.auth-invalidation",
+        "0005.idempotency-per-caller",
     ]
     before = await _counts(database_url)
     assert before[0] == 8 and before[1] == 4 and before[2] > 10
@@ -44,3 +50,34 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
     assert migrate.apply(database_url) == applied
     assert await _counts(database_url) == before
     assert migrate.apply(database_url) == []
+
+
+async def test_rolling_back_per_caller_request_ids_keeps_each_ids_oldest_success(
+    api: Api, database_url: str
+) -> None:
+    first, _ = await api.client()
+    second, _ = await api.client()
+    spec = await api.specialist()
+    request_id = str(uuid.uuid4())
+    # Two callers' successes under one id, and a remembered failure.
+    kept = await first.hold((await api.slot(spec.id, hours_from_now(20))).id, request_id=request_id)
+    taken = await api.slot(spec.id, hours_from_now(21))
+    await second.hold(taken.id, request_id=request_id)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await first.hold(taken.id, request_id=str(uuid.uuid4()))
+    await api.server.stop(grace=1)
+
+    assert migrate.rollback(database_url, count=1) == ["0005.idempotency-per-caller"]
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT k.request_id, e.appointment_id FROM idempotency_keys k"
+            " JOIN appointment_events e ON e.id = k.event_id"
+        )
+    finally:
+        await conn.close()
+    assert [(str(r["request_id"]), str(r["appointment_id"])) for r in rows] == [
+        (request_id, kept.id)
+    ]
+    assert migrate.apply(database_url) == ["0005.idempotency-per-caller"]
