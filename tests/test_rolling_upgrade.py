@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -97,33 +98,16 @@ async def empty_database_url(pg_admin_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture
-def previous_server(previous_release: Path, empty_database_url: str) -> Iterator[int]:
-    """The previous release, on its own schema, serving on a loopback port."""
-    env = _env(previous_release)
-    run = [sys.executable, "-m", "service.cli"]
-    subprocess.run(
-        [*run, "migrate", "apply", "--database-url", empty_database_url],
-        cwd=previous_release,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [*run, "create-admin", "--database-url", empty_database_url]
-        + ["--email", ADMIN_EMAIL, "--password-stdin"],
-        cwd=previous_release,
-        env=env,
-        input=ADMIN_PASSWORD.encode(),
-        check=True,
-        capture_output=True,
-    )
+@contextmanager
+def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool) -> Iterator[int]:
+    """A `serve` process of the previous release; yields its port."""
     port = _free_port()
     proc = subprocess.Popen(
-        [*run, "serve", "--database-url", empty_database_url, "--port", str(port)]
-        + ["--no-migrate-on-start", "--sweep-interval-seconds", "0.2"],
-        cwd=previous_release,
-        env=env,
+        [sys.executable, "-m", "service.cli", "serve", "--database-url", database_url]
+        + ["--port", str(port), "--sweep-interval-seconds", "0.2"]
+        + ["--migrate-on-start" if migrate_on_start else "--no-migrate-on-start"],
+        cwd=release,
+        env=_env(release),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -145,6 +129,31 @@ def previous_server(previous_release: Path, empty_database_url: str) -> Iterator
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def previous_server(previous_release: Path, empty_database_url: str) -> Iterator[int]:
+    """The previous release, on its own schema, serving on a loopback port."""
+    env = _env(previous_release)
+    run = [sys.executable, "-m", "service.cli"]
+    subprocess.run(
+        [*run, "migrate", "apply", "--database-url", empty_database_url],
+        cwd=previous_release,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*run, "create-admin", "--database-url", empty_database_url]
+        + ["--email", ADMIN_EMAIL, "--password-stdin"],
+        cwd=previous_release,
+        env=env,
+        input=ADMIN_PASSWORD.encode(),
+        check=True,
+        capture_output=True,
+    )
+    with _serve_previous(previous_release, empty_database_url, migrate_on_start=False) as port:
+        yield port
 
 
 class _Client:
@@ -200,7 +209,7 @@ class _Client:
 
 
 async def test_previous_release_keeps_serving_while_migrations_apply(
-    previous_server: int, empty_database_url: str
+    previous_release: Path, previous_server: int, empty_database_url: str
 ) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{previous_server}") as channel:
         old = _Client(channel)
@@ -247,6 +256,14 @@ async def test_previous_release_keeps_serving_while_migrations_apply(
             await old.book_and_cancel(slots[1])
         finally:
             await new.stop(grace=1)
+
+    # A previous-release replica restarting now (migrating at start-up, as
+    # by default) meets migrations it does not know, and still serves.
+    with _serve_previous(previous_release, empty_database_url, migrate_on_start=True) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            restarted = _Client(channel)
+            restarted.metadata = old.metadata
+            await restarted.book_and_cancel(slots[2])
 
 
 async def test_replicas_starting_together_apply_migrations_once(empty_database_url: str) -> None:
