@@ -28,6 +28,7 @@ setup(
     },
     package_data={
         "": ["py.typed", "*.pyi"],
+        "storage": ["sql/*.sql"],
         "storage.migrations": ["*.sql"],
     },
 )

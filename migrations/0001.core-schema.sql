@@ -1,5 +1,4 @@
--- The seed schema (shared/design/seed-database-schema.md) with the
--- refinements recorded in docs/schema.md.
+-- The original schema design with the refinements recorded in docs/schema.md.
 
 CREATE EXTENSION IF NOT EXISTS btree_gist;
 

@@ -1,0 +1,132 @@
+-- The tables, types and indexes: the current schema in one place.
+--
+-- This file and the other files in storage/sql/ are the source of truth
+-- for the database; migrations/ holds only the changes that lead here, and
+-- tests/test_schema_source.py fails if the two ever disagree.
+-- docs/schema.md explains each refinement of the original design.
+
+CREATE EXTENSION IF NOT EXISTS btree_gist;
+
+CREATE TYPE user_role AS ENUM ('CLIENT', 'OPERATOR', 'ADMIN');
+CREATE TYPE timeslot_status AS ENUM ('AVAILABLE', 'HOLD', 'BOOKED');
+CREATE TYPE appointment_status AS ENUM ('HOLD', 'CONFIRMED', 'CANCELLED', 'NO_SHOW');
+CREATE TYPE appointment_priority AS ENUM ('NORMAL', 'VIP', 'URGENT');
+
+CREATE TABLE users (
+    id              uuid PRIMARY KEY,
+    email           text NOT NULL,
+    password_hash   text NOT NULL,
+    role            user_role NOT NULL,
+    is_active       boolean NOT NULL DEFAULT TRUE,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT users_email_not_blank CHECK (btrim(email) <> '')
+);
+-- Case-insensitive: Alice@x and alice@x are one mailbox, so one account.
+CREATE UNIQUE INDEX users_email_key ON users (lower(email));
+CREATE INDEX users_created ON users (created_at, id);
+
+CREATE TABLE specialists (
+    id              uuid PRIMARY KEY,
+    full_name       text NOT NULL,
+    service_type    text NOT NULL,
+    is_active       boolean NOT NULL DEFAULT TRUE,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX specialists_created ON specialists (created_at, id);
+
+CREATE TABLE time_slots (
+    id              uuid PRIMARY KEY,
+    specialist_id   uuid NOT NULL REFERENCES specialists (id),
+    start_time      timestamptz NOT NULL,
+    end_time        timestamptz NOT NULL,
+    status          timeslot_status NOT NULL DEFAULT 'AVAILABLE',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- Deleted slots are kept (soft delete) because cancelled appointments
+    -- and their events still reference them.
+    deleted_at      timestamptz,
+
+    CONSTRAINT chk_time_range CHECK (start_time < end_time),
+    -- Lets appointments reference (slot, specialist) so the two always agree.
+    CONSTRAINT time_slots_id_specialist_key UNIQUE (id, specialist_id),
+    -- A specialist never has two overlapping slots; '[)' lets adjacent
+    -- slots (end = next start) coexist.
+    CONSTRAINT time_slots_no_overlap EXCLUDE USING gist (
+        specialist_id WITH =,
+        tstzrange(start_time, end_time, '[)') WITH &&
+    ) WHERE (deleted_at IS NULL)
+);
+
+CREATE INDEX idx_time_slots_specialist_time
+    ON time_slots (specialist_id, start_time, end_time);
+CREATE INDEX idx_time_slots_status ON time_slots (status);
+CREATE INDEX time_slots_start ON time_slots (start_time, id);
+
+CREATE TABLE appointments (
+    id              uuid PRIMARY KEY,
+    user_id         uuid NOT NULL REFERENCES users (id),
+    specialist_id   uuid NOT NULL REFERENCES specialists (id),
+    time_slot_id    uuid NOT NULL REFERENCES time_slots (id),
+    status          appointment_status NOT NULL,
+    priority        appointment_priority NOT NULL DEFAULT 'NORMAL',
+    expires_at      timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+
+    CONSTRAINT appointments_slot_specialist_fkey
+        FOREIGN KEY (time_slot_id, specialist_id)
+        REFERENCES time_slots (id, specialist_id),
+    -- A hold always has an expiry and nothing else has one.
+    CONSTRAINT appointments_expiry_iff_hold
+        CHECK ((status = 'HOLD') = (expires_at IS NOT NULL))
+);
+
+-- One appointment per slot among those that still occupy it: a CANCELLED
+-- appointment (including an expired hold) frees the slot for a new one.
+CREATE UNIQUE INDEX appointments_one_live_per_slot
+    ON appointments (time_slot_id) WHERE status <> 'CANCELLED';
+CREATE INDEX appointments_user ON appointments (user_id, status);
+CREATE INDEX appointments_specialist ON appointments (specialist_id, status);
+CREATE INDEX appointments_hold_expiry ON appointments (expires_at) WHERE status = 'HOLD';
+
+CREATE TABLE appointment_events (
+    id                  uuid PRIMARY KEY,
+    -- Stream position is (xid, seq): see docs/events.md for why a sequence
+    -- alone would let readers skip events that commit out of order.
+    xid                 xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    seq                 bigint GENERATED ALWAYS AS IDENTITY,
+    appointment_id      uuid NOT NULL REFERENCES appointments (id),
+    event_type          text NOT NULL,
+    old_status          appointment_status,
+    new_status          appointment_status NOT NULL,
+    -- The appointment's state after the change, so consumers need no join.
+    time_slot_id        uuid NOT NULL,
+    previous_slot_id    uuid,
+    specialist_id       uuid NOT NULL,
+    user_id             uuid NOT NULL,
+    priority            appointment_priority NOT NULL,
+    start_time          timestamptz NOT NULL,
+    end_time            timestamptz NOT NULL,
+    expires_at          timestamptz,
+    appointment_created_at timestamptz NOT NULL,
+    -- NULL when the server acted on its own (hold expiry).
+    actor_id            uuid,
+    reason              text,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+
+    CONSTRAINT appointment_events_type_check CHECK (event_type IN (
+        'HELD', 'CONFIRMED', 'CANCELLED', 'HOLD_EXPIRED', 'NO_SHOW', 'RESCHEDULED'))
+);
+CREATE UNIQUE INDEX appointment_events_position ON appointment_events (xid, seq);
+CREATE INDEX appointment_events_appointment ON appointment_events (appointment_id, xid, seq);
+
+-- AIP-155 request ids: a retried request returns the event (and so the
+-- appointment state) its first success produced.
+CREATE TABLE idempotency_keys (
+    request_id      uuid PRIMARY KEY,
+    operation       text NOT NULL,
+    fingerprint     text NOT NULL,
+    event_id        uuid NOT NULL REFERENCES appointment_events (id),
+    created_at      timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,277 @@
+"""A rolling upgrade: the previous release keeps serving while this release's
+migrations are applied under it, and both releases then serve side by side.
+
+The previous release is taken from git (its tag, or the commit the tag
+names) into a temporary directory and run as a real `serve` process against
+the database; this test drives it over gRPC throughout the migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from booking.v1 import appointment_pb2 as apb
+from booking.v1 import (
+    appointment_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    slot_pb2,
+    slot_pb2_grpc,
+    specialist_pb2,
+    specialist_pb2_grpc,
+)
+from service.server import BookingServer
+from storage import migrate
+from tests.conftest import _with_database
+from tests.support import ServerConfig, hours_from_now, ts
+
+ROOT = Path(__file__).resolve().parent.parent
+# The release this one must upgrade from without downtime. Its tag is used
+# when present; the commit keeps the test meaningful in a clone without tags.
+PREVIOUS_RELEASE = ("v0.1.0", "96c761ddac51c8817eb4518a60255e90891821e7")
+ADMIN_EMAIL, ADMIN_PASSWORD = "upgrade-admin@example.com", "upgrade-admin-password"
+
+
+def _previous_release_rev() -> str:
+    tag, commit = PREVIOUS_RELEASE
+    for rev in (f"{tag}^{{commit}}", commit):
+        found = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", rev], cwd=ROOT, capture_output=True
+        )
+        if found.returncode == 0:
+            return found.stdout.decode().strip()
+    raise AssertionError(f"previous release {tag} ({commit}) is not in this clone's history")
+
+
+@pytest.fixture(scope="module")
+def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("previous-release")
+    archive = subprocess.run(
+        ["git", "archive", _previous_release_rev(), "service", "storage", "gen", "migrations"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+def _env(release: Path) -> dict[str, str]:
+    # The previous release's own packages come first on the path, ahead of
+    # this checkout's editable install.
+    return {**os.environ, "PYTHONPATH": f"{release}:{release / 'gen'}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def empty_database_url(pg_admin_url: str) -> AsyncIterator[str]:
+    name = f"booking_upgrade_{os.getpid()}"
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+    finally:
+        await admin.close()
+    yield _with_database(pg_admin_url, name)
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@contextmanager
+def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool) -> Iterator[int]:
+    """A `serve` process of the previous release; yields its port."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--database-url", database_url]
+        + ["--port", str(port), "--sweep-interval-seconds", "0.2"]
+        + ["--migrate-on-start" if migrate_on_start else "--no-migrate-on-start"],
+        cwd=release,
+        env=_env(release),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "previous release did not start"
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def previous_server(previous_release: Path, empty_database_url: str) -> Iterator[int]:
+    """The previous release, on its own schema, serving on a loopback port."""
+    env = _env(previous_release)
+    run = [sys.executable, "-m", "service.cli"]
+    subprocess.run(
+        [*run, "migrate", "apply", "--database-url", empty_database_url],
+        cwd=previous_release,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*run, "create-admin", "--database-url", empty_database_url]
+        + ["--email", ADMIN_EMAIL, "--password-stdin"],
+        cwd=previous_release,
+        env=env,
+        input=ADMIN_PASSWORD.encode(),
+        check=True,
+        capture_output=True,
+    )
+    with _serve_previous(previous_release, empty_database_url, migrate_on_start=False) as port:
+        yield port
+
+
+class _Client:
+    """Just enough of the API to book: the protos are wire-compatible."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.auth = auth_pb2_grpc.AuthServiceStub(channel)
+        self.specialists = specialist_pb2_grpc.SpecialistServiceStub(channel)
+        self.slots = slot_pb2_grpc.SlotServiceStub(channel)
+        self.appointments = appointment_pb2_grpc.AppointmentServiceStub(channel)
+        self.metadata: tuple[tuple[str, str], ...] = ()
+
+    async def setup(self, slots: int) -> list[str]:
+        login = await self.auth.Login(
+            auth_pb2.LoginRequest(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+        )
+        self.metadata = (("authorization", f"Bearer {login.access_token}"),)
+        specialist = await self.specialists.CreateSpecialist(
+            specialist_pb2.CreateSpecialistRequest(full_name="Dr. Upgrade", service_type="x"),
+            metadata=self.metadata,
+        )
+        start = hours_from_now(48)
+        batch = await self.slots.BatchCreateSlots(
+            slot_pb2.BatchCreateSlotsRequest(
+                requests=[
+                    slot_pb2.CreateSlotRequest(
+                        specialist_id=specialist.specialist.id,
+                        start_time=ts(start + timedelta(minutes=30 * i)),
+                        end_time=ts(start + timedelta(minutes=30 * (i + 1))),
+                    )
+                    for i in range(slots)
+                ]
+            ),
+            metadata=self.metadata,
+        )
+        return [s.id for s in batch.slots]
+
+    async def book_and_cancel(self, slot_id: str) -> None:
+        held = await self.appointments.HoldSlot(
+            apb.HoldSlotRequest(slot_id=slot_id), metadata=self.metadata
+        )
+        appointment = held.appointment.id
+        await self.appointments.ConfirmAppointment(
+            apb.ConfirmAppointmentRequest(id=appointment), metadata=self.metadata
+        )
+        await self.appointments.GetAppointment(
+            apb.GetAppointmentRequest(id=appointment), metadata=self.metadata
+        )
+        await self.appointments.CancelAppointment(
+            apb.CancelAppointmentRequest(id=appointment, reason="upgrade"),
+            metadata=self.metadata,
+        )
+
+
+async def test_previous_release_keeps_serving_while_migrations_apply(
+    previous_release: Path, previous_server: int, empty_database_url: str
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{previous_server}") as channel:
+        old = _Client(channel)
+        slots = await old.setup(slots=8)
+        failures: list[grpc.aio.AioRpcError] = []
+        migrated = asyncio.Event()
+        rounds_after = 0
+
+        async def traffic(slot_id: str) -> None:
+            nonlocal rounds_after
+            while True:
+                done_before = migrated.is_set()
+                try:
+                    await old.book_and_cancel(slot_id)
+                except grpc.aio.AioRpcError as err:
+                    failures.append(err)
+                if done_before:
+                    rounds_after += 1
+                    if rounds_after >= 3 * len(slots):
+                        return
+
+        async def upgrade() -> list[str]:
+            await asyncio.sleep(0.3)  # traffic is flowing first
+            applied = await asyncio.to_thread(migrate.apply, empty_database_url)
+            migrated.set()
+            return applied
+
+        results = await asyncio.gather(upgrade(), *(traffic(s) for s in slots))
+        assert not failures, [f"{e.code().name}: {e.details()}" for e in failures]
+        expected = sorted(
+            m.stem for m in (ROOT / "migrations").glob("[0-9]*.sql") if ".rollback" not in m.name
+        )
+        assert migrate.applied(empty_database_url) == expected
+        assert isinstance(results[0], list)
+
+        # Both releases now serve the same database side by side.
+        new = BookingServer(ServerConfig.for_tests(empty_database_url))
+        await new.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{new.port}") as new_channel:
+                current = _Client(new_channel)
+                current.metadata = old.metadata
+                await current.book_and_cancel(slots[0])
+            await old.book_and_cancel(slots[1])
+        finally:
+            await new.stop(grace=1)
+
+    # A previous-release replica restarting now (migrating at start-up, as
+    # by default) meets migrations it does not know, and still serves.
+    with _serve_previous(previous_release, empty_database_url, migrate_on_start=True) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            restarted = _Client(channel)
+            restarted.metadata = old.metadata
+            await restarted.book_and_cancel(slots[2])
+
+
+async def test_replicas_starting_together_apply_migrations_once(empty_database_url: str) -> None:
+    # Every replica migrates at start-up by default; yoyo's lock serialises
+    # them, so each migration runs exactly once and none fails.
+    results = await asyncio.gather(
+        *(asyncio.to_thread(migrate.apply, empty_database_url) for _ in range(4))
+    )
+    applied = [ids for ids in results if ids]
+    assert len(applied) == 1, results
+    assert sorted(applied[0]) == migrate.applied(empty_database_url)
