@@ -428,6 +428,36 @@ async def test_self_sign_up_can_be_disabled(no_signup_server: BookingServer) -> 
             assert created.user.role == upb.USER_ROLE_CLIENT
 
 
+async def test_anonymous_sign_ups_are_rate_limited_per_address(database_url: str) -> None:
+    # Each sign-up tells whether an email is registered and costs an argon2
+    # hash: one address gets a few per minute.
+    srv = BookingServer(ServerConfig.for_tests(database_url, signups_per_minute=3))
+    await srv.start()
+    try:
+        async with Api.connect(srv) as admin:
+            anon = admin.as_(None)
+            taken = _email("taken")
+            await _sign_up(anon, taken, PASSWORD)
+            async with expect_failure(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN"):
+                await _sign_up(anon, taken, PASSWORD)
+            await _sign_up(anon, _email("signup"), PASSWORD)
+            for email in (taken, _email("signup")):
+                async with expect_failure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "SIGNUP_THROTTLED"
+                ) as box:
+                    await _sign_up(anon, email, PASSWORD)
+                assert int(box[0].metadata["retry_after_seconds"]) > 0
+            # Staff registering clients are not anonymous, nor limited.
+            for _ in range(4):
+                created = await admin.users.CreateUser(
+                    upb.CreateUserRequest(email=_email("desk"), password=PASSWORD),
+                    metadata=admin.md,
+                )
+                assert created.user.id
+    finally:
+        await srv.stop(grace=1)
+
+
 async def test_deactivation_through_one_replica_stops_the_token_on_another_at_once(
     database_url: str,
 ) -> None:
