@@ -1,9 +1,11 @@
 """Authentication: opaque bearer tokens, login, and the caller of an RPC.
 
-Tokens are random 256-bit strings; only their SHA-256 is stored, and every
-RPC looks the digest up together with the user's is_active flag, so
-deactivating a user or logging out takes effect on the very next call
-(docs/auth.md explains the choice over JWTs).
+Tokens are random 256-bit strings; only their SHA-256 is stored, and an
+RPC's token is looked up together with the user's is_active flag (or found
+in a cache that NOTIFY keeps honest and that never outlives a token's
+expiry), so deactivating a user or logging out takes effect on the very
+next call; open streams re-check their token when it may have changed
+(docs/auth.md explains the choice over JWTs, and the cache).
 """
 
 from __future__ import annotations
