@@ -182,6 +182,38 @@ async def test_revoking_a_token_ends_its_open_stream(
         other_stream.cancel()
 
 
+async def test_a_role_change_ends_the_stream_its_filter_was_authorized_for(
+    database_url: str,
+) -> None:
+    async with (
+        _replicas(database_url, heartbeat_seconds=60.0) as (one, two),
+        Api.connect(one) as on_one,
+        Api.connect(two) as on_two,
+    ):
+        await _listening(one, two)
+        user_id, email = await on_one.make_user(Role.OPERATOR)
+        stream = await _open_stream(on_one.as_(await on_one.login(email)))
+        await on_two.users.UpdateUser(
+            upb.UpdateUserRequest(
+                user=upb.User(id=user_id, role=upb.USER_ROLE_CLIENT),
+                update_mask=FieldMask(paths=["role"]),
+            ),
+            metadata=on_two.md,
+        )
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    await stream.read()
+        except grpc.aio.AioRpcError as err:
+            got = failure(err)
+            assert (got.code, got.reason) == (
+                grpc.StatusCode.PERMISSION_DENIED,
+                "PERMISSION_DENIED",
+            )
+        else:
+            raise AssertionError("unreachable")
+
+
 async def test_a_stream_ends_when_its_token_expires(database_url: str) -> None:
     async with (
         _replicas(database_url, token_ttl_seconds=2, heartbeat_seconds=60.0) as (one, _),
