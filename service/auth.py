@@ -261,11 +261,12 @@ class Authenticator:
         self._poke(g for guards in self._guards.values() for g in guards)
 
     def _poke(self, guards: Iterable[StreamGuard]) -> None:
-        wakes: dict[int, Callable[[], None]] = {}
+        # One wake per hub, however many of its streams are concerned.
+        wakes: set[Callable[[], None]] = set()
         for guard in guards:
             guard.attention = True
-            wakes[id(guard.wake)] = guard.wake
-        for wake in wakes.values():
+            wakes.add(guard.wake)
+        for wake in wakes:
             wake()
 
     async def _follow(self) -> None:
