@@ -225,8 +225,10 @@ async def test_a_stream_ends_when_its_token_expires(database_url: str) -> None:
         stream = await _open_stream(api.as_(reply.access_token))
         await _ends_unauthenticated(stream)
         ended = datetime.now(UTC)
-        assert ended >= expires
-        assert (ended - expires).total_seconds() < 2, "the stream outlived its token"
+        # The server counts the expiry down from before its lookup, so it may
+        # end the stream a lookup's latency early, never late.
+        assert (ended - expires).total_seconds() > -0.1, "the stream ended long before expiry"
+        assert (ended - expires).total_seconds() < 1, "the stream outlived its token"
 
 
 # ---------------------------------------------------------------------------
