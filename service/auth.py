@@ -1,9 +1,11 @@
 """Authentication: opaque bearer tokens, login, and the caller of an RPC.
 
-Tokens are random 256-bit strings; only their SHA-256 is stored, and every
-RPC looks the digest up together with the user's is_active flag, so
-deactivating a user or logging out takes effect on the very next call
-(docs/auth.md explains the choice over JWTs).
+Tokens are random 256-bit strings; only their SHA-256 is stored, and an
+RPC's token is looked up together with the user's is_active flag (or found
+in a cache that NOTIFY keeps honest and that never outlives a token's
+expiry), so deactivating a user or logging out takes effect on the very
+next call; open streams re-check their token when it may have changed
+(docs/auth.md explains the choice over JWTs, and the cache).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import math
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -43,6 +46,8 @@ class Caller:
 
     user: User | None
     token_hash: bytes | None = None
+    # time.monotonic() at which the token expires.
+    deadline: float | None = None
 
     @property
     def role(self) -> Role | None:
@@ -88,11 +93,12 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
 class TokenCache:
     """Recently resolved tokens, to spare most RPCs a database round trip.
 
-    Trusted only while a listener on the auth channel is connected: any
-    change that could end a token (deactivation, role or password change,
-    logout) notifies every replica, which drops the user's entries; the
-    cache is emptied whenever the listener (re)connects, and entries live
-    at most `max_age` seconds regardless. A `generation` bump on every
+    Trusted only while the invalidation listener is known to be working (a
+    round trip within the last TRUST_SECONDS): any change that could end a
+    token (deactivation, role or password change, logout) notifies every
+    replica, which drops the user's entries; the cache is emptied whenever
+    the listener is lost or reconnects. An entry lives at most `max_age`
+    seconds and never past its token's expiry. A `generation` bump on every
     invalidation keeps a lookup that raced one from caching a stale answer.
     """
 
@@ -102,29 +108,33 @@ class TokenCache:
         self.max_age = max_age
         self.trusted = False
         self.generation = 0
-        self._entries: dict[bytes, tuple[User, float]] = {}
+        # token hash -> (user, token expiry, entry expiry), monotonic times.
+        self._entries: dict[bytes, tuple[User, float, float]] = {}
 
-    def get(self, token_hash: bytes) -> User | None:
+    def get(self, token_hash: bytes) -> tuple[User, float] | None:
+        """The user and the token's expiry (monotonic), if cached."""
         if not self.trusted:
             return None
         entry = self._entries.get(token_hash)
         if entry is None:
             return None
-        if entry[1] < time.monotonic():
+        user, expires, stale = entry
+        # Both bounds hold at their instant: a token expiring now is gone now.
+        if time.monotonic() >= min(expires, stale):
             del self._entries[token_hash]
             return None
-        return entry[0]
+        return user, expires
 
-    def put(self, token_hash: bytes, user: User, generation: int) -> None:
+    def put(self, token_hash: bytes, user: User, expires: float, generation: int) -> None:
         if not self.trusted or generation != self.generation or self.max_age <= 0:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
-        self._entries[token_hash] = (user, time.monotonic() + self.max_age)
+        self._entries[token_hash] = (user, expires, time.monotonic() + self.max_age)
 
     def forget_user(self, user_id: UUID) -> None:
         self.generation += 1
-        for key in [k for k, (u, _) in self._entries.items() if u.id == user_id]:
+        for key in [k for k, (u, _, _) in self._entries.items() if u.id == user_id]:
             del self._entries[key]
 
     def clear(self) -> None:
@@ -132,65 +142,218 @@ class TokenCache:
         self._entries.clear()
 
 
+class StreamGuard:
+    """Keeps one long-lived stream honest about its caller.
+
+    A stream is authorized once, when it opens; this re-checks the token
+    whenever it may have stopped working: a change to the user (NOTIFY from
+    any replica, or this server's own change), the token's expiry instant,
+    and, while the invalidation listener is down, once a second. The stream
+    (EventHub.watch) calls `check` when `attention` is set; `wake` gets it
+    out of its wait to do so.
+    """
+
+    def __init__(self, authenticator: Authenticator, caller: Caller, wake: Callable[[], None]):
+        self.authenticator = authenticator
+        self.user = caller.require_user()
+        self.token_hash = caller.token_hash
+        self.deadline = caller.deadline
+        self.wake = wake
+        self.attention = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def poke(self) -> None:
+        self.attention = True
+        self.wake()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.deadline is not None:
+            delay = max(0.0, self.deadline - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self.poke)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def check(self) -> None:
+        """Return if the caller may go on; raise to end the stream."""
+        self.attention = False
+        if self.token_hash is None:
+            raise Unauthenticated()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise Unauthenticated(detail="the token expired")
+        resolved = await self.authenticator.resolve(self.token_hash)
+        if resolved is None:
+            raise Unauthenticated(detail="the token is invalid, expired or revoked")
+        user, self.deadline = resolved
+        if user.role is not self.user.role:
+            # The stream's filter was authorized for the old role.
+            raise PermissionDenied(detail="the caller's role changed; open the stream again")
+        self._arm()
+
+
 class Authenticator:
+    # The invalidation listener proves itself with a round trip every
+    # PING_SECONDS; the cache is trusted only within TRUST_SECONDS of the
+    # start of the last one that succeeded. So a silently dead listener
+    # delays a revocation by at most TRUST_SECONDS.
+    PING_SECONDS = 0.5
+    PING_TIMEOUT = 1.0
+    TRUST_SECONDS = 2.0
+    # While untrusted, open streams re-check their tokens this often.
+    RECHECK_SECONDS = 1.0
+    MAX_BACKOFF = 5.0
+
     def __init__(self, db: Database, config: Config) -> None:
         self.db = db
         self.config = config
         self.cache = TokenCache(config.token_cache_seconds)
         self._follower: asyncio.Task[None] | None = None
+        self._rechecker: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
+        self._confirmed = -float("inf")  # monotonic start of the last good ping
+        self._guards: dict[UUID, set[StreamGuard]] = {}
 
     async def start(self) -> None:
-        if self.config.token_cache_seconds > 0:
-            self._follower = asyncio.create_task(self._follow(), name="auth-invalidations")
+        # Also without a cache: open streams learn of revocations from it.
+        self._follower = asyncio.create_task(self._follow(), name="auth-invalidations")
+        self._rechecker = asyncio.create_task(self._recheck(), name="auth-stream-recheck")
 
     async def stop(self) -> None:
         self.cache.trusted = False
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        for task in (self._follower, self._rechecker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._follower = self._rechecker = None
         if self._listener is not None:
             await self._listener.close()
+            self._listener = None
+
+    @property
+    def listening(self) -> bool:
+        """Whether every invalidation up to about now has reached us."""
+        listener = self._listener
+        return (
+            listener is not None
+            and listener.alive
+            and time.monotonic() - self._confirmed < self.TRUST_SECONDS
+        )
 
     def _on_change(self, payload: str) -> None:
         try:
-            self.cache.forget_user(UUID(payload))
+            user_id = UUID(payload)
         except ValueError:
-            self.cache.clear()
+            self._lost()
+            return
+        self.forget_user(user_id)
+
+    def _lost(self) -> None:
+        """Invalidations may have been missed: trust nothing remembered."""
+        self.cache.trusted = False
+        self.cache.clear()
+        self._poke(g for guards in self._guards.values() for g in guards)
+
+    def _poke(self, guards: Iterable[StreamGuard]) -> None:
+        # One wake per hub, however many of its streams are concerned.
+        wakes: set[Callable[[], None]] = set()
+        for guard in guards:
+            guard.attention = True
+            wakes.add(guard.wake)
+        for wake in wakes:
+            wake()
 
     async def _follow(self) -> None:
-        """Keep a listener for invalidations; trust the cache only while it lives."""
+        """Keep a listener for invalidations, and keep checking it is alive."""
+        backoff = self.PING_SECONDS
         while True:
             if self._listener is None or not self._listener.alive:
-                self.cache.trusted = False
-                self.cache.clear()
+                self._drop_listener()
                 try:
                     self._listener = await Listener.open(
-                        self.db.dsn, self._on_change, channel=AUTH_CHANNEL
+                        self.db.dsn,
+                        self._on_change,
+                        channel=AUTH_CHANNEL,
+                        application_name="booking-auth-listener",
+                        connect_within=self.PING_TIMEOUT * 5,
                     )
-                    self.cache.trusted = True
                 except Exception:  # noqa: BLE001 - without it, every call asks the database
                     log.warning("cannot LISTEN for auth changes; not caching tokens")
-            await asyncio.sleep(1.0)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.MAX_BACKOFF)
+                    continue
+                # Whatever happened while we were not listening is unknown.
+                self._lost()
+            started = time.monotonic()
+            try:
+                await self._listener.ping(self.PING_TIMEOUT)
+            except Exception:  # noqa: BLE001 - any failure means "not listening"
+                log.warning("the auth listener stopped answering; reconnecting")
+                self._drop_listener()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.MAX_BACKOFF)
+                continue
+            backoff = self.PING_SECONDS
+            self._confirmed = started
+            self.cache.trusted = True
+            await asyncio.sleep(self.PING_SECONDS)
+
+    def _drop_listener(self) -> None:
+        self._confirmed = -float("inf")
+        if self._listener is not None:
+            # Not close(): a half-open connection would make us wait for it.
+            self._listener.terminate()
+            self._listener = None
+        self._lost()
+
+    async def _recheck(self) -> None:
+        while True:
+            await asyncio.sleep(self.RECHECK_SECONDS)
+            if self._guards and not self.listening:
+                self._poke(g for guards in self._guards.values() for g in guards)
 
     def forget_user(self, user_id: UUID) -> None:
-        """Drop this server's cached tokens of `user_id` (others get NOTIFY)."""
+        """Drop this server's cached tokens of `user_id` (others get NOTIFY),
+        and have the user's open streams re-check theirs."""
         self.cache.forget_user(user_id)
+        self._poke(self._guards.get(user_id, ()))
 
-    async def _resolve(self, token_hash: bytes) -> User | None:
-        # Checked on every use, not only by _follow's once-a-second look: a
-        # listener that just died may have missed an invalidation.
-        if self._listener is None or not self._listener.alive:
-            self.cache.trusted = False
+    @contextlib.contextmanager
+    def guard(self, caller: Caller, wake: Callable[[], None]) -> Iterator[StreamGuard]:
+        """A StreamGuard for a stream `caller` opens, registered while it runs."""
+        guard = StreamGuard(self, caller, wake)
+        guards = self._guards.setdefault(guard.user.id, set())
+        guards.add(guard)
+        try:
+            yield guard
+        finally:
+            guard.close()
+            guards.discard(guard)
+            if not guards and self._guards.get(guard.user.id) is guards:
+                del self._guards[guard.user.id]
+
+    async def resolve(self, token_hash: bytes) -> tuple[User, float] | None:
+        """The token's user and its expiry (monotonic), if it works now."""
+        # Checked on every use, not only by _follow: a listener that just
+        # died, or went quiet, may have missed an invalidation.
+        self.cache.trusted = self.listening
         cached = self.cache.get(token_hash)
         if cached is not None:
             return cached
         generation = self.cache.generation
-        user = await auth_store.resolve_token(self.db, token_hash)
-        if user is not None:
-            self.cache.put(token_hash, user, generation)
-        return user
+        found = await auth_store.resolve_token(self.db, token_hash)
+        if found is None:
+            return None
+        user, remaining = found
+        expires = time.monotonic() + remaining
+        self.cache.put(token_hash, user, expires, generation)
+        return user, expires
 
     def is_open(self, method: str) -> bool:
         return method.startswith(OPEN_PREFIXES)
@@ -210,14 +373,15 @@ class Authenticator:
                 return ANONYMOUS
             raise Unauthenticated()
         token_hash = digest(token)
-        user = await self._resolve(token_hash)
-        if user is None:
+        resolved = await self.resolve(token_hash)
+        if resolved is None:
             if policy.anonymous:
                 # A stale token must not stop anyone logging in again: where
                 # anonymous calls are allowed, a bad token only adds nothing.
                 return ANONYMOUS
             raise Unauthenticated(detail="the token is invalid, expired or revoked")
-        caller = Caller(user, token_hash)
+        user, deadline = resolved
+        caller = Caller(user, token_hash, deadline)
         if user.role not in policy.roles and not policy.anonymous:
             raise PermissionDenied(method=method)
         return caller
@@ -226,25 +390,29 @@ class Authenticator:
         """A new token for valid credentials.
 
         Unknown email and wrong password fail the same way after the same
-        work; failures are counted per email (known or not) and lock it out.
+        work; attempts are counted per account key (known or not) and lock
+        it out.
         """
-        key = email.strip().lower()
-        remaining = await auth_store.lockout_remaining(self.db, key)
+        email = email.strip()
+        # The attempt is taken before the password is checked, in one
+        # statement, so concurrent attempts cannot all pass a check and only
+        # then be counted. Keyed like the accounts (booking_email_key).
+        remaining = await auth_store.take_attempt(
+            self.db,
+            email,
+            max_failures=self.config.login_max_failures,
+            window=timedelta(seconds=self.config.login_lockout_seconds),
+        )
         if remaining > 0:
-            raise LoginThrottled(retry_after_seconds=max(1, round(remaining)))
-        found = await user_store.credentials(self.db, email.strip())
+            raise LoginThrottled(retry_after_seconds=max(1, math.ceil(remaining)))
+        found = await user_store.credentials(self.db, email)
         stored = found[1] if found else None
         ok = await passwords.verify(stored, password)
         if not ok or found is None or not found[0].active:
-            await auth_store.record_failure(
-                self.db,
-                key,
-                max_failures=self.config.login_max_failures,
-                window=timedelta(seconds=self.config.login_lockout_seconds),
-            )
+            # The attempt stays counted.
             raise InvalidCredentials()
         user, stored_hash = found
-        await auth_store.clear_failures(self.db, key)
+        await auth_store.clear_failures(self.db, email)
         if passwords.needs_rehash(stored_hash):
             await user_store.set_password_hash(
                 self.db, user.id, stored_hash, await passwords.hash_password(password)

@@ -38,6 +38,10 @@ class Config:
         metadata={"help": "how long a request_id's first outcome is replayed to retries"},
     )
     allow_self_signup: bool = True
+    # Anonymous CreateUser calls one client address may make per minute, per
+    # server: each costs an argon2 hash, and each answers whether an email
+    # is registered (docs/auth.md).
+    signups_per_minute: int = 10
     token_ttl_seconds: int = 3600
     # How long a server may reuse a token lookup; invalidated at once by
     # NOTIFY on any change (docs/auth.md). 0 looks every token up every time.
@@ -86,7 +90,7 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        for name in ("sweep_batch_size", "login_max_failures", "max_streams"):
+        for name in ("sweep_batch_size", "login_max_failures", "max_streams", "signups_per_minute"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.workers < 1:

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from service.errors import ShuttingDown, TooManyStreams
 from storage import events as store
@@ -42,6 +43,16 @@ async def wait_up_to(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
+
+
+class StreamGuard(Protocol):
+    """Decides whether a stream may go on (service.auth.StreamGuard)."""
+
+    # Set when `check` must run before the stream sends anything more.
+    attention: bool
+
+    async def check(self) -> None:
+        """Return to go on; raise to end the stream with that error."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,10 @@ class EventHub:
             await self._listener.close()
             self._listener = None
 
+    def wake(self) -> None:
+        """Get every waiting stream to look at its state (and its guard)."""
+        self._wake_watchers()
+
     def _wake_watchers(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -200,18 +215,28 @@ class EventHub:
             self.active_streams -= 1
 
     async def watch(
-        self, after: Position, filter_: EventFilter, heartbeat_every: float
+        self,
+        after: Position,
+        filter_: EventFilter,
+        heartbeat_every: float,
+        guard: StreamGuard | None = None,
     ) -> AsyncIterator[AppointmentEvent | Heartbeat]:
         """Every event after `after` matching `filter_`, in stream order,
-        then live ones; a Heartbeat after `heartbeat_every` idle seconds."""
+        then live ones; a Heartbeat after `heartbeat_every` idle seconds.
+        Before each message, and whenever woken, `guard` is consulted once
+        it asks for attention (call `wake` to get a waiting stream to it)."""
         cursor = after
         # An opening heartbeat: the stream is live, and here is where it starts.
         yield Heartbeat(cursor, datetime.now(UTC))
         last_sent = time.monotonic()
         while not self._closing.is_set():
+            if guard is not None and guard.attention:
+                await guard.check()
             if cursor < self._floor:
                 batch, cursor, _ = await store.read_after(self.db, cursor, filter_, self.batch_size)
                 for event in batch:
+                    if guard is not None and guard.attention:
+                        await guard.check()
                     yield event
                 if batch:
                     last_sent = time.monotonic()
@@ -220,6 +245,8 @@ class EventHub:
             chunk = self._events[start : start + 256]
             if chunk:
                 for event in chunk:
+                    if guard is not None and guard.attention:
+                        break  # checked at the top, then on from this event
                     cursor = event.position
                     if filter_.matches(event):
                         yield event
@@ -232,5 +259,7 @@ class EventHub:
                 last_sent = time.monotonic()
                 continue
             changed = self._changed
+            if guard is not None and guard.attention:
+                continue  # asked for between the top of the loop and now
             await wait_up_to(changed, idle_for)
         raise ShuttingDown()

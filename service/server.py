@@ -109,7 +109,7 @@ class BookingServer:
         specialist_pb2_grpc.add_SpecialistServiceServicer_to_server(SpecialistService(db), server)
         slot_pb2_grpc.add_SlotServiceServicer_to_server(SlotService(db), server)
         appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(
-            AppointmentService(db, self.config, hub), server
+            AppointmentService(db, self.config, hub, authenticator), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -7,7 +7,7 @@ from uuid import UUID
 
 import asyncpg
 
-from storage.database import Connection, Database
+from storage.database import Connection, Database, Isolation
 from storage.models import Role, User
 
 # Notified (by triggers, migrations/0004) with a user id whenever that user's
@@ -33,22 +33,25 @@ async def create_token(
     return await db.run(work, single_statement=True)
 
 
-async def resolve_token(db: Database, token_hash: bytes) -> User | None:
-    """The active user a live token belongs to, or None."""
+async def resolve_token(db: Database, token_hash: bytes) -> tuple[User, float] | None:
+    """The active user a live token belongs to, and the seconds until the
+    token expires (by the database's clock, so a cache can count them down
+    without trusting this host's clock), or None."""
 
     async def work(conn: Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(
-            "SELECT u.id, u.email, u.role, u.is_active, u.created_at, u.updated_at"
+            "SELECT u.id, u.email, u.role, u.is_active, u.created_at, u.updated_at,"
+            " extract(epoch FROM t.expires_at - clock_timestamp())::float8 AS remaining"
             " FROM access_tokens t JOIN users u ON u.id = t.user_id"
-            " WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()"
-            " AND u.is_active",
+            " WHERE t.token_hash = $1 AND t.revoked_at IS NULL"
+            " AND t.expires_at > clock_timestamp() AND u.is_active",
             token_hash,
         )
 
     row = await db.run(work, single_statement=True)
     if row is None:
         return None
-    return User(
+    user = User(
         id=row["id"],
         email=row["email"],
         role=Role(row["role"]),
@@ -56,6 +59,7 @@ async def resolve_token(db: Database, token_hash: bytes) -> User | None:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+    return user, float(row["remaining"])
 
 
 async def revoke_token(db: Database, token_hash: bytes) -> None:
@@ -69,48 +73,54 @@ async def revoke_token(db: Database, token_hash: bytes) -> None:
     await db.run(work, single_statement=True)
 
 
-async def lockout_remaining(db: Database, email_key: str) -> float:
-    """Seconds until `email_key` may try to log in again (0 if it may now)."""
+async def take_attempt(db: Database, email: str, *, max_failures: int, window: timedelta) -> float:
+    """Reserve one login attempt for `email`'s account key before its
+    password is checked; 0 if granted, else seconds until one may be.
 
-    async def work(conn: Connection) -> float | None:
-        value = await conn.fetchval(
-            "SELECT extract(epoch FROM locked_until - now()) FROM login_throttle"
-            " WHERE email_key = $1 AND locked_until > now()",
-            email_key,
-        )
-        return None if value is None else float(value)
+    The reservation counts as a failure until clear_failures: so however
+    many attempts arrive at once, at most max_failures per window get as far
+    as the (slow) password check. Granting the max_failures-th locks the key
+    for `window` unless that attempt succeeds. READ COMMITTED, so that
+    concurrent attempts queue on the row and each sees the count the one
+    before left, instead of failing to serialize.
+    """
 
-    remaining = await db.run(work, single_statement=True)
-    return max(0.0, remaining or 0.0)
-
-
-async def record_failure(
-    db: Database, email_key: str, *, max_failures: int, window: timedelta
-) -> None:
-    """Count a failed login; the max_failures-th within `window` locks the
-    account key for `window`."""
-
-    async def work(conn: Connection) -> None:
-        await conn.execute(
-            "INSERT INTO login_throttle AS t (email_key, failures, window_start)"
-            " VALUES ($1, 1, now())"
+    async def work(conn: Connection) -> float:
+        granted = await conn.fetchval(
+            "INSERT INTO login_throttle AS t (email_key, failures, window_start, locked_until)"
+            " VALUES (booking_email_key($1), 1, now(),"
+            "  CASE WHEN $2 <= 1 THEN now() + $3::interval END)"
             " ON CONFLICT (email_key) DO UPDATE SET"
-            "  failures = CASE WHEN t.window_start < now() - $3::interval THEN 1 ELSE t.failures + 1 END,"
+            "  failures = CASE WHEN t.window_start < now() - $3::interval THEN 1"
+            "   ELSE t.failures + 1 END,"
             "  window_start = CASE WHEN t.window_start < now() - $3::interval THEN now()"
             "   ELSE t.window_start END,"
-            "  locked_until = CASE"
-            "   WHEN t.window_start >= now() - $3::interval AND t.failures + 1 >= $2 THEN now() + $3::interval"
-            "   ELSE t.locked_until END",
-            email_key,
+            "  locked_until = CASE WHEN (CASE WHEN t.window_start < now() - $3::interval THEN 1"
+            "   ELSE t.failures + 1 END) >= $2 THEN now() + $3::interval END"
+            " WHERE t.locked_until IS NULL OR t.locked_until <= now()"
+            " RETURNING true",
+            email,
             max_failures,
             window,
         )
+        if granted:
+            return 0.0
+        remaining = await conn.fetchval(
+            "SELECT extract(epoch FROM locked_until - now())::float8 FROM login_throttle"
+            " WHERE email_key = booking_email_key($1)",
+            email,
+        )
+        return max(0.001, remaining or 0.0)
 
-    await db.run(work)
+    return await db.run(work, isolation=Isolation.READ_COMMITTED)
 
 
-async def clear_failures(db: Database, email_key: str) -> None:
+async def clear_failures(db: Database, email: str) -> None:
+    """A successful login: forget the key's attempts (its own included)."""
+
     async def work(conn: Connection) -> None:
-        await conn.execute("DELETE FROM login_throttle WHERE email_key = $1", email_key)
+        await conn.execute(
+            "DELETE FROM login_throttle WHERE email_key = booking_email_key($1)", email
+        )
 
     await db.run(work, single_statement=True)

@@ -28,6 +28,9 @@ Connection: TypeAlias = asyncpg.Connection  # Any: asyncpg is untyped
 
 
 class Isolation(enum.StrEnum):
+    # Only where every statement must see the newest committed row rather
+    # than the snapshot (a contended counter: login throttling).
+    READ_COMMITTED = "read_committed"
     REPEATABLE_READ = "repeatable_read"
     SERIALIZABLE = "serializable"
 

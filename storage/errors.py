@@ -223,6 +223,16 @@ class LoginThrottled(BookingError):
 
 
 @dataclass(eq=False)
+class SignUpThrottled(LoginThrottled):
+    """Too many anonymous sign-ups from one address."""
+
+    reason = "SIGNUP_THROTTLED"
+
+    def __str__(self) -> str:
+        return f"too many sign-ups from this address; try again in {self.retry_after_seconds} s"
+
+
+@dataclass(eq=False)
 class TransactionConflict(BookingError):
     """Retries of a serialization failure or deadlock ran out."""
 

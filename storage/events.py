@@ -134,16 +134,39 @@ class Listener:
 
     @classmethod
     async def open(
-        cls, dsn: str, on_notify: Callable[[str], None], channel: str = CHANNEL
+        cls,
+        dsn: str,
+        on_notify: Callable[[str], None],
+        channel: str = CHANNEL,
+        *,
+        application_name: str = "booking-listener",
+        connect_within: float = 60.0,
     ) -> Listener:
         """Listen on `channel`; `on_notify` gets each notification's payload."""
-        conn = await asyncpg.connect(dsn, server_settings={"application_name": "booking-listener"})
+        conn = await asyncpg.connect(
+            dsn, server_settings={"application_name": application_name}, timeout=connect_within
+        )
         await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
         return cls(conn)
 
     @property
     def alive(self) -> bool:
         return not self._conn.is_closed()
+
+    async def ping(self, within: float) -> None:
+        """One round trip, or an exception within `within` seconds.
+
+        A half-open connection (its backend stopped, or the network gone
+        quiet) still looks alive and silently delivers nothing; only a round
+        trip shows it. PostgreSQL sends pending notifications before it
+        answers, so after a ping every notification committed before it
+        began has been delivered.
+        """
+        await self._conn.fetchval("SELECT 1", timeout=within)
+
+    def terminate(self) -> None:
+        """Drop the connection at once, without waiting for the server."""
+        self._conn.terminate()
 
     async def announce(self) -> None:
         """Wake every listener (other replicas included)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from uuid import UUID, uuid4
 
@@ -13,6 +14,13 @@ from storage.models import Page, Role, User
 from storage.sql import Conditions
 
 _COLUMNS = "id, email, role, is_active, created_at, updated_at"
+
+
+def email_key(email: str) -> str:
+    """The key emails are unique by and found by, as the database computes it
+    (booking_email_key, migrations/0006): Unicode's canonical caseless match,
+    NFC(casefold(NFD(email))). Tests compare the two."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", email).casefold())
 
 
 def _user(row: asyncpg.Record) -> User:
@@ -52,11 +60,13 @@ async def get(db: Database, user_id: UUID) -> User:
 
 
 async def credentials(db: Database, email: str) -> tuple[User, str] | None:
-    """The user with this email (any case) and its password hash."""
+    """The user with this email (in any case, composed or not) and its
+    password hash."""
 
     async def work(conn: Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(
-            f"SELECT {_COLUMNS}, password_hash FROM users WHERE lower(email) = lower($1)", email
+            f"SELECT {_COLUMNS}, password_hash FROM users WHERE email_key = booking_email_key($1)",
+            email,
         )
 
     row = await db.run(work, single_statement=True)

@@ -26,7 +26,7 @@ from service.logs import JsonFormatter
 from service.server import BookingServer
 from storage import users as user_store
 from storage.models import Role
-from tests.support import PASSWORD, Api, RpcFailure, ServerConfig, expect_failure
+from tests.support import PASSWORD, Api, RpcFailure, ServerConfig, expect_failure, failure
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
@@ -166,6 +166,37 @@ async def test_repeated_failures_throttle_the_account(api: Api, server: BookingS
     # Other accounts are unaffected.
     _, bystander = await api.make_user(Role.CLIENT)
     assert await api.login(bystander)
+
+
+async def test_concurrent_attempts_cannot_outrun_the_throttle(
+    api: Api, server: BookingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = server.config.login_max_failures
+    _, email = await api.make_user(Role.CLIENT)
+    counting = _CountingHasher(passwords.HASHER)
+    monkeypatch.setattr(passwords, "HASHER", counting)
+    attempts = 40
+    right = attempts - 1  # sent last: the likeliest to be throttled
+
+    async def attempt(i: int) -> str:
+        password = PASSWORD if i == right else f"wrong password {i}"
+        try:
+            await api.auth.Login(auth_pb2.LoginRequest(email=email, password=password))
+        except grpc.aio.AioRpcError as err:
+            return failure(err).reason
+        return "OK"
+
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(attempts)))
+    evaluated = len(counting.verified)
+    assert 1 <= evaluated <= limit, f"{evaluated} passwords were checked, the limit is {limit}"
+    throttled = outcomes.count("LOGIN_THROTTLED")
+    assert throttled == attempts - evaluated
+    assert outcomes.count("INVALID_CREDENTIALS") + outcomes.count("OK") == evaluated
+    if outcomes[right] != "OK":
+        # The right password came too late: the account stays locked.
+        async with expect_failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "LOGIN_THROTTLED"):
+            await api.login(email)
+        assert len(counting.verified) == evaluated
 
 
 async def test_repeated_failures_throttle_an_unknown_email_too(api: Api) -> None:
@@ -397,6 +428,36 @@ async def test_self_sign_up_can_be_disabled(no_signup_server: BookingServer) -> 
             assert created.user.role == upb.USER_ROLE_CLIENT
 
 
+async def test_anonymous_sign_ups_are_rate_limited_per_address(database_url: str) -> None:
+    # Each sign-up tells whether an email is registered and costs an argon2
+    # hash: one address gets a few per minute.
+    srv = BookingServer(ServerConfig.for_tests(database_url, signups_per_minute=3))
+    await srv.start()
+    try:
+        async with Api.connect(srv) as admin:
+            anon = admin.as_(None)
+            taken = _email("taken")
+            await _sign_up(anon, taken, PASSWORD)
+            async with expect_failure(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN"):
+                await _sign_up(anon, taken, PASSWORD)
+            await _sign_up(anon, _email("signup"), PASSWORD)
+            for email in (taken, _email("signup")):
+                async with expect_failure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "SIGNUP_THROTTLED"
+                ) as box:
+                    await _sign_up(anon, email, PASSWORD)
+                assert int(box[0].metadata["retry_after_seconds"]) > 0
+            # Staff registering clients are not anonymous, nor limited.
+            for _ in range(4):
+                created = await admin.users.CreateUser(
+                    upb.CreateUserRequest(email=_email("desk"), password=PASSWORD),
+                    metadata=admin.md,
+                )
+                assert created.user.id
+    finally:
+        await srv.stop(grace=1)
+
+
 async def test_deactivation_through_one_replica_stops_the_token_on_another_at_once(
     database_url: str,
 ) -> None:
@@ -448,7 +509,7 @@ async def test_cached_tokens_are_not_trusted_once_the_invalidation_listener_is_l
         # back: the notification goes nowhere.
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'booking-listener' AND datname = current_database()"
+            " WHERE application_name LIKE 'booking-%listener' AND datname = current_database()"
         )
         await conn.execute("UPDATE users SET is_active = false WHERE id = $1", uuid.UUID(user_id))
     finally:

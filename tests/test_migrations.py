@@ -39,6 +39,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0003.auth",
         "0004.auth-invalidation",
         "0005.idempotency-per-caller",
+        "0006.email-key",
     ]
     before = await _counts(database_url)
     assert before[0] == 8 and before[1] == 4 and before[2] > 10

@@ -37,10 +37,13 @@ def _request_id(v: Validator, value: str) -> UUID | None:
 
 
 class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
-    def __init__(self, db: Database, config: Config, hub: EventHub) -> None:
+    def __init__(
+        self, db: Database, config: Config, hub: EventHub, authenticator: auth.Authenticator
+    ) -> None:
         self.db = db
         self.config = config
         self.hub = hub
+        self.authenticator = authenticator
         self._wire_cache: OrderedDict[Position, pb.WatchAppointmentEventsResponse] = OrderedDict()
 
     def _wire_event(self, event: AppointmentEvent) -> pb.WatchAppointmentEventsResponse:
@@ -294,8 +297,14 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
                 after = Position.start()
             else:
                 after = await event_store.horizon(self.db)
-        with self.hub.stream_slot():
-            async for item in self.hub.watch(after, filter_, self.config.heartbeat_seconds):
+        # The stream outlives the call's authorization: the guard ends it
+        # (UNAUTHENTICATED) when its token is revoked, its user deactivated,
+        # or the token expires.
+        with (
+            self.hub.stream_slot(),
+            self.authenticator.guard(auth.current(), wake=self.hub.wake) as guard,
+        ):
+            async for item in self.hub.watch(after, filter_, self.config.heartbeat_seconds, guard):
                 if isinstance(item, Heartbeat):
                     yield pb.WatchAppointmentEventsResponse(
                         heartbeat=pb.Heartbeat(

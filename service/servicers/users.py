@@ -7,9 +7,11 @@ from service import auth, convert, pagination, passwords
 from service.config import Config
 from service.errors import PermissionDenied, Unauthenticated
 from service.grpc_types import Context
+from service.ratelimit import PerKeyRate, peer_host, retry_after
 from service.validation import Validator, field_mask_paths
 from storage import users as store
 from storage.database import Database
+from storage.errors import SignUpThrottled
 from storage.models import Role
 
 
@@ -18,6 +20,7 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         self.db = db
         self.config = config
         self.authenticator = authenticator
+        self.signups = PerKeyRate(config.signups_per_minute, 60.0)
 
     async def CreateUser(
         self, request: user_pb2.CreateUserRequest, context: Context
@@ -40,6 +43,10 @@ class UserService(user_pb2_grpc.UserServiceServicer):
                     raise Unauthenticated(detail="self sign-up is disabled")
                 raise PermissionDenied(detail="self sign-up is disabled")
         assert email is not None
+        if caller.user is None:
+            wait = self.signups.take(peer_host(context.peer()))
+            if wait > 0:
+                raise SignUpThrottled(retry_after_seconds=retry_after(wait))
         user = await store.create(
             self.db,
             email=email,
