@@ -293,7 +293,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             ):
                 after = Position.start()
             else:
-                after = await event_store.horizon(self.db)
+                after = await event_store.stable_head(self.db)
         with self.hub.stream_slot():
             async for item in self.hub.watch(after, filter_, self.config.heartbeat_seconds):
                 if isinstance(item, Heartbeat):
