@@ -132,10 +132,10 @@ async def _reset(conn: Connection) -> None:
 
 async def _durable_commits(conn: Connection) -> None:
     """Commits must be durable before they are visible: event cursors rely
-    on it across crash recovery (docs/events.md). Raises a cluster or role
-    default of 'off' to 'on' for the session; a stricter setting (such as
-    remote_apply) stays as configured. A session setting, so it lasts:
-    _reset never runs RESET ALL."""
+    on it across crash recovery (docs/events.md). Raises a cluster, database
+    or role default of 'off' to 'on' for the session; any other value also
+    waits for the local flush and stays as configured (remote_apply must not
+    be lowered). A session setting, so it lasts: _reset never runs RESET ALL."""
     await conn.execute(
         "SELECT set_config('synchronous_commit', 'on', false)"
         " WHERE current_setting('synchronous_commit') = 'off'"
