@@ -91,7 +91,7 @@ class EventHub:
         self._listener: store.Listener | None = None
 
     async def start(self) -> None:
-        # The ring starts (from the horizon) when the first stream opens.
+        # The ring starts (from the newest stable event) when the first stream opens.
         self._task = asyncio.create_task(self._tail(), name="event-hub-tail")
         self._announcer = asyncio.create_task(self._announce(), name="event-hub-announcer")
 
@@ -163,7 +163,7 @@ class EventHub:
             try:
                 if self.active_streams == 0:
                     # Nobody is watching: skip the reads, and start the ring
-                    # afresh (from the horizon) when someone does.
+                    # afresh (from the newest stable event) when someone does.
                     self._idle = True
                     continue
                 if self._idle:
@@ -178,9 +178,9 @@ class EventHub:
     async def _restart_ring(self) -> None:
         # Watchers compare their cursor with the floor on every turn, so one
         # that is now below it simply reads the table until it catches up.
-        horizon = await store.horizon(self.db)
+        head = await store.stable_head(self.db)
         self._events.clear()
-        self._head = self._floor = max(horizon, self._head)
+        self._head = self._floor = max(head, self._head)
         self._idle = False
         self._wake_watchers()  # those waiting below the new floor read the table now
 

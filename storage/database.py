@@ -133,6 +133,18 @@ async def _reset(conn: Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+async def _durable_commits(conn: Connection) -> None:
+    """Commits must be durable before they are visible: event cursors rely
+    on it across crash recovery (docs/events.md). Raises a cluster, database
+    or role default of 'off' to 'on' for the session; any other value also
+    waits for the local flush and stays as configured (remote_apply must not
+    be lowered). A session setting, so it lasts: _reset never runs RESET ALL."""
+    await conn.execute(
+        "SELECT set_config('synchronous_commit', 'on', false)"
+        " WHERE current_setting('synchronous_commit') = 'off'"
+    )
+
+
 class Database:
     """An asyncpg pool whose sessions default to REPEATABLE READ."""
 
@@ -156,6 +168,7 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             reset=_reset,
+            init=_durable_commits,
             server_settings={
                 "application_name": "booking-service",
                 "default_transaction_isolation": DEFAULT_ISOLATION.sql_name,

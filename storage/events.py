@@ -3,6 +3,8 @@
 Readers only see events below the oldest transaction still running
 (``pg_snapshot_xmin``), ordered by (xid, seq). An event whose transaction
 commits late therefore cannot be skipped: readers wait for it instead.
+Every position handed out is that of a committed event (or the start), so
+crash recovery reusing xids cannot slip an event in below it.
 docs/events.md has the reasoning.
 """
 
@@ -33,6 +35,15 @@ EVENT_COLUMNS = (
 
 # The stable horizon: every transaction with a smaller xid has finished.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
+
+# The newest event below the horizon `h.x`, as a LATERAL subquery so the
+# horizon is an index condition: one backward step of the (xid, seq) index.
+# Positions handed out are always such event positions, never the horizon
+# itself (docs/events.md, "Crash recovery").
+_STABLE_HEAD = (
+    "SELECT t.xid::text::bigint AS xid, t.seq FROM appointment_events t"
+    " WHERE t.xid < h.x ORDER BY t.xid DESC, t.seq DESC LIMIT 1"
+)
 
 
 def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
@@ -70,9 +81,13 @@ async def read_after(
     whether newer events exist that are not yet stable.
 
     The position returned is the last event read or, when the read reached
-    the horizon, the horizon itself: a consumer may resume from it without
-    missing anything, even if the filter matched nothing. One statement, so
-    one snapshot: the horizon always matches the rows.
+    the horizon, the newest stable event of the whole log (filter or not):
+    a consumer may resume from it without missing anything, even if the
+    filter matched nothing. It is always the position of a committed event
+    (or `after`), never the horizon itself: after a crash PostgreSQL can
+    hand out xids below a horizon it showed before (docs/events.md). One
+    statement, so one snapshot: the horizon and the newest event match the
+    rows.
     """
 
     where = Conditions()
@@ -84,8 +99,9 @@ async def read_after(
     sql = (
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
         f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
-        " SELECT h.x::text::bigint AS horizon, h.pending, ev.*"
-        " FROM h LEFT JOIN LATERAL ("
+        " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq, ev.*"
+        f" FROM h LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true"
+        " LEFT JOIN LATERAL ("
         f"  SELECT {EVENT_COLUMNS} FROM appointment_events e"
         f"  WHERE e.xid < h.x{where.sql()}"
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
@@ -97,22 +113,32 @@ async def read_after(
         return rows
 
     rows = await db.run(work, single_statement=True)
-    horizon, pending = int(rows[0]["horizon"]), bool(rows[0]["pending"])
+    pending = bool(rows[0]["pending"])
     events = [event_from_row(r) for r in rows if r["id"] is not None]
     if len(events) == limit:
         return events, events[-1].position, True
-    # Everything below the horizon has been read; seq starts at 1.
-    reached = max(Position(horizon, 0), after)
-    return events, reached, pending
+    # Everything below the horizon has been read.
+    return events, max(_head(rows[0]), after), pending
 
 
-async def horizon(db: Database) -> Position:
-    """The position a reader starting 'now' should resume after."""
+async def stable_head(db: Database) -> Position:
+    """The position a reader starting 'now' should resume after: the newest
+    event below the horizon, or the start of the log if there is none."""
 
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval(f"SELECT {_HORIZON}::text::bigint"))
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            f"SELECT head.* FROM (SELECT {_HORIZON} AS x) h, LATERAL ({_STABLE_HEAD}) head"
+        )
+        return row
 
-    return Position(await db.run(work, single_statement=True), 0)
+    row = await db.run(work, single_statement=True)
+    return Position.start() if row is None else Position(int(row["xid"]), int(row["seq"]))
+
+
+def _head(row: asyncpg.Record) -> Position:
+    if row["head_xid"] is None:
+        return Position.start()
+    return Position(int(row["head_xid"]), int(row["head_seq"]))
 
 
 CHANNEL = "booking_appointment_events"

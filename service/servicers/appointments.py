@@ -296,7 +296,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             ):
                 after = Position.start()
             else:
-                after = await event_store.horizon(self.db)
+                after = await event_store.stable_head(self.db)
         # The stream outlives the call's authorization: the guard ends it
         # (UNAUTHENTICATED) when its token is revoked, its user deactivated,
         # or the token expires.
