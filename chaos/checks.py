@@ -68,6 +68,7 @@ class EventRow:
     type: str
     old_status: str | None
     new_status: str
+    specialist_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,12 @@ def check_logs(paths: Iterable[Path]) -> tuple[list[Violation], list[Traceback]]
 # -- the database side --------------------------------------------------------------------
 
 
+def stream_of(log: ConsumerLog, events: Iterable[EventRow]) -> list[str]:
+    """The event ids a consumer should receive, in order: all of them, or
+    those its filter selects."""
+    return [e.id for e in events if not log.specialist_id or e.specialist_id == log.specialist_id]
+
+
 @dataclass
 class DatabaseState:
     now: datetime
@@ -496,10 +503,18 @@ async def _fetch_state(conn: asyncpg.Connection) -> DatabaseState:
         )
     ]
     events = [
-        EventRow(r["id"], r["appointment_id"], r["event_type"], r["old_status"], r["new_status"])
+        EventRow(
+            r["id"],
+            r["appointment_id"],
+            r["event_type"],
+            r["old_status"],
+            r["new_status"],
+            r["specialist_id"],
+        )
         for r in await conn.fetch(
             "SELECT id::text, appointment_id::text, event_type, old_status::text,"
-            " new_status::text FROM appointment_events ORDER BY xid, seq"
+            " new_status::text, specialist_id::text"
+            " FROM appointment_events ORDER BY xid, seq"
         )
     ]
     return DatabaseState(now, slots, appointments, events)

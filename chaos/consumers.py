@@ -19,8 +19,11 @@ IDLE_SECONDS = 15.0
 
 
 class Consumer:
-    def __init__(self, name: str, home: int, replicas: Replicas, seat: Seat) -> None:
-        self.log = ConsumerLog(name)
+    def __init__(
+        self, name: str, home: int, replicas: Replicas, seat: Seat, specialist_id: str = ""
+    ) -> None:
+        self.log = ConsumerLog(name, specialist_id)
+        self.filter = apb.AppointmentEventFilter(specialist_id=specialist_id)
         self.home = home
         self.replicas = replicas
         self.seat = seat
@@ -35,10 +38,12 @@ class Consumer:
             # Home replica first; after a failure, whichever replica is next.
             replica = (self.home + failures) % len(self.replicas)
             if self.cursor:
-                request = apb.WatchAppointmentEventsRequest(after_cursor=self.cursor)
+                request = apb.WatchAppointmentEventsRequest(
+                    after_cursor=self.cursor, filter=self.filter
+                )
             else:
                 request = apb.WatchAppointmentEventsRequest(
-                    start_position=apb.WATCH_START_POSITION_BEGINNING
+                    start_position=apb.WATCH_START_POSITION_BEGINNING, filter=self.filter
                 )
             call = self.replicas.stubs[replica].appointments.WatchAppointmentEvents(
                 request, metadata=self.seat.metadata

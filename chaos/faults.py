@@ -108,12 +108,18 @@ class Injector:
         return rec
 
     async def _terminate_backends(self) -> str:
-        conn = await asyncpg.connect(self.cluster.admin_url)
+        conn = await asyncpg.connect(self.cluster.url)
         try:
-            pids = await conn.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                " AND application_name = 'booking-service' AND pid <> pg_backend_pid()"
-            )
+            pids: list[Any] = []
+            # Right after another fault the pools may still be reconnecting.
+            for _ in range(50):
+                pids = await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'booking-service'"
+                )
+                if pids:
+                    break
+                await asyncio.sleep(0.1)
             victims = [r["pid"] for r in pids if self.rng.random() < 0.5] or [
                 r["pid"] for r in pids[:1]
             ]

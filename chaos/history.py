@@ -107,6 +107,8 @@ class ConsumerLog:
     """What one event consumer received, in order, across reconnects."""
 
     name: str
+    # Only this specialist's events, when set (the watch's filter).
+    specialist_id: str = ""
     event_ids: list[str] = field(default_factory=list)
     event_types: list[str] = field(default_factory=list)
     connects: int = 0
