@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown fault kinds: {', '.join(unknown)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so the cluster is stopped and a frozen
+    # PostgreSQL resumed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     opts = Options(
         duration=args.duration,
         operations=args.operations,

@@ -50,6 +50,9 @@ class FaultRecord:
     duration: float = 0.0
     to_serving: float | None = None
     to_first_hold: float | None = None
+    # Whether any replica's health check said anything but SERVING while
+    # the fault lasted (information, not a check).
+    health_noticed: bool = False
     error: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +84,7 @@ class Injector:
     async def inject(self, kind: str) -> FaultRecord:
         rec = FaultRecord(kind, time.monotonic())
         self.records.append(rec)
+        watcher = asyncio.create_task(self._watch_health(rec))
         try:
             if kind == "terminate_backend":
                 rec.detail = await self._terminate_backends()
@@ -100,6 +104,8 @@ class Injector:
                 raise ValueError(f"unknown fault kind {kind}")
         except Exception as exc:  # noqa: BLE001 - a fault that failed is reported, not fatal
             rec.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            watcher.cancel()
         back = time.monotonic()
         rec.duration = back - rec.started
         serving, hold = await asyncio.gather(self._until_serving(), self._until_hold())
@@ -128,6 +134,19 @@ class Injector:
         finally:
             await conn.close()
         return f"{len(victims)} of {len(pids)} backends"
+
+    async def _watch_health(self, rec: FaultRecord) -> None:
+        while not rec.health_noticed:
+            for stubs in self.replicas.stubs:
+                try:
+                    reply = await stubs.health.Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=0.5
+                    )
+                    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                        rec.health_noticed = True
+                except grpc.aio.AioRpcError:
+                    rec.health_noticed = True
+            await asyncio.sleep(0.1)
 
     async def _until_serving(self) -> float | None:
         deadline = time.monotonic() + RECOVERY_TIMEOUT

@@ -49,6 +49,7 @@ def summarize(
             "to_first_hold_s": _seconds(
                 [f.to_first_hold for f in recs if f.to_first_hold is not None]
             ),
+            "health_noticed": sum(1 for f in recs if f.health_noticed),
             "not_recovered": sum(
                 1 for f in recs if f.to_serving is None or f.to_first_hold is None
             ),
@@ -129,12 +130,21 @@ def render(summary: dict[str, Any]) -> str:
     parts.append(
         "\nFaults (recovery measured from the end of the fault; median / max seconds)\n"
         + _table(
-            ["fault", "count", "failed", "to SERVING", "to first hold", "not recovered"],
+            [
+                "fault",
+                "count",
+                "failed",
+                "health noticed",
+                "to SERVING",
+                "to first hold",
+                "not recovered",
+            ],
             [
                 [
                     kind,
                     f["count"],
                     f["failed_to_inject"],
+                    f["health_noticed"],
                     f"{f['to_serving_s']['median']} / {f['to_serving_s']['max']}",
                     f"{f['to_first_hold_s']['median']} / {f['to_first_hold_s']['max']}",
                     f["not_recovered"],
