@@ -62,6 +62,21 @@ class ReplicaSettings:
         }
 
 
+def _fast_shutdown(postmaster: int, timeout: float = 60.0) -> None:
+    """SIGINT is PostgreSQL's fast shutdown; wait for the postmaster to go."""
+    try:
+        os.kill(postmaster, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(postmaster, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 class Replica(ServerProcess):
     """`booking-service serve` on a port chosen once and kept across
     restarts; stdout and stderr go to its log file."""
@@ -136,7 +151,12 @@ class Cluster:
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 replica.kill()
         if self.database is not None:
-            self.database.close()
+            postmaster = self.postmaster_pid()
+            try:
+                self.database.close()
+            except Exception:  # noqa: BLE001 - pg_ctl failed: stop it by signal instead
+                if postmaster is not None:
+                    _fast_shutdown(postmaster)
             self.database = None
 
     # -- facts ----------------------------------------------------------------------

@@ -46,7 +46,7 @@ class Options:
     sigstop_seconds: float = 3.0
     duplicate_rate: float = 0.1
     specialists: int = 3
-    future_slots: int = 16
+    future_slots: int | None = None
     past_slots: int | None = None
     consumers_per_replica: int = 1
     hold_ttl_seconds: float = 20.0
@@ -65,8 +65,11 @@ class Options:
             self.users = max(1, (self.clients * 2) // 3)
         if self.faults_min is None:
             self.faults_min = len(self.faults)
+        # Confirmed and NO_SHOW appointments keep their slots for good: long
+        # runs get more slots so holds keep succeeding.
+        if self.future_slots is None:
+            self.future_slots = max(16, (self.operations or 0) // 2000)
         if self.past_slots is None:
-            # NO_SHOW uses a past slot up for good; keep some free in long runs.
             self.past_slots = max(8, (self.operations or 0) // 2000)
         return self
 
@@ -101,7 +104,8 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
 
 
 async def _run(cluster: Cluster, opts: Options) -> dict[str, Any]:
-    assert opts.seed is not None and opts.users is not None and opts.past_slots is not None
+    assert opts.seed is not None and opts.users is not None
+    assert opts.future_slots is not None and opts.past_slots is not None
     rng = random.Random(opts.seed)
     world = await seed(
         cluster.url,
