@@ -128,6 +128,7 @@ class Cluster:
         self.settings = settings
         self.database: bench_db.BenchDatabase | None = None
         self.replicas: list[Replica] = []
+        self.database_name = ""
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -136,6 +137,7 @@ class Cluster:
         self.database = bench_db.prepare(
             database_url=None, pg_dir=self.work_dir / "pg", durable=True
         )
+        self.database_name = self.database.name
         for i in range(self.n_replicas):
             replica = Replica.create(
                 i, self.url, self.work_dir / "logs" / f"replica-{i}.log", self.settings
@@ -143,7 +145,9 @@ class Cluster:
             self.replicas.append(replica)
             replica.start()
 
-    def close(self) -> None:
+    def close(self, *, keep_database: bool = False) -> None:
+        """Stop everything; drop the scratch database unless it is to be
+        kept for a post-mortem (then PostgreSQL is only stopped)."""
         _resume_all()
         for replica in self.replicas:
             try:
@@ -153,7 +157,10 @@ class Cluster:
         if self.database is not None:
             postmaster = self.postmaster_pid()
             try:
-                self.database.close()
+                if keep_database:
+                    self.pg.stop()
+                else:
+                    self.database.close()
             except Exception:  # noqa: BLE001 - pg_ctl failed: stop it by signal instead
                 if postmaster is not None:
                     _fast_shutdown(postmaster)

@@ -90,9 +90,13 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
         cluster.start()
         summary = asyncio.run(_run(cluster, opts))
     finally:
-        cluster.close()
-        if opts.keep or opts.work_dir is not None:
-            say(f"chaos: logs and data kept in {work_dir}")
+        keep = opts.keep or opts.work_dir is not None
+        cluster.close(keep_database=keep)
+        if keep:
+            say(
+                f"chaos: logs and data kept in {work_dir}"
+                + (f" (database {cluster.database_name})" if cluster.database_name else "")
+            )
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
     summary["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
