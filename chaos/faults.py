@@ -70,6 +70,7 @@ class Injector:
     sigstop_seconds: float = 3.0
     records: list[FaultRecord] = field(default_factory=list)
     _probe_slot: int = 0
+    _order: list[str] = field(default_factory=list)
 
     def next_kind(self) -> str:
         """Every kind once per round, in a fresh random order each round, so
@@ -78,8 +79,6 @@ class Injector:
         if done % len(self.kinds) == 0:
             self._order = self.rng.sample(self.kinds, len(self.kinds))
         return self._order[done % len(self.kinds)]
-
-    _order: list[str] = field(default_factory=list)
 
     async def inject(self, kind: str) -> FaultRecord:
         rec = FaultRecord(kind, time.monotonic())

@@ -223,7 +223,7 @@ class Sender:
             time.monotonic(),
         )
         self.history.requests.append(rec)
-        self._last_reply = None
+        self.last_reply = None
         n = len(self.replicas)
         first = self.rng.randrange(n)
         await asyncio.gather(
@@ -257,10 +257,11 @@ class Sender:
                 cp.answer = Answer("OK", "", appt.id, status_name(appt.status), appt.slot_id)
             else:
                 cp.answer = Answer("OK")
-            self._last_reply = reply
+            self.last_reply = reply
             return
 
-    _last_reply: Any = None
+    # The reply of the latest successful attempt (what a read returned).
+    last_reply: Any = None
 
 
 WEIGHTS_CLIENT = {
@@ -381,7 +382,7 @@ class Client:
             else:
                 req = apb.ListAppointmentsRequest(user_id=seat.user_id, page_size=200)
             rec = await self.sender.send(op, req, self.name, seat)
-            reply = self.sender._last_reply
+            reply = self.sender.last_reply
             ok = rec.acknowledged is not None and isinstance(reply, apb.ListAppointmentsResponse)
             if ok:
                 for a in reply.appointments:
