@@ -24,8 +24,9 @@ COPY migrations ./migrations
 COPY storage ./storage
 COPY service ./service
 COPY bench ./bench
+COPY chaos ./chaos
 RUN pip install --no-deps . \
-    && python -c "import booking, service, storage, bench"
+    && python -c "import booking, service, storage, bench, chaos"
 
 # ---- runtime ------------------------------------------------------------------
 FROM python:3.11-slim AS runtime

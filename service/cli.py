@@ -1,4 +1,4 @@
-"""The booking-service command: serve, migrate, create-admin, bench."""
+"""The booking-service command: serve, migrate, create-admin, bench, chaos."""
 
 from __future__ import annotations
 
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only; main() hands `bench ...` to the harness.
     sub.add_parser("bench", help="run the benchmark harness (booking-service bench --help)")
+    sub.add_parser("chaos", help="run the fault-injection suite (booking-service chaos --help)")
     return parser
 
 
@@ -186,6 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.harness import main as bench_main
 
         return int(bench_main(argv[1:]))
+    if argv[:1] == ["chaos"]:
+        # Imported only when asked for, like the benchmark harness.
+        from chaos.__main__ import main as chaos_main
+
+        return int(chaos_main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         config = from_sources(args)

@@ -1,0 +1,543 @@
+"""The invariants a run must keep, as pure functions over what the
+database holds and what clients and consumers saw (so they can be tested
+on a made-up history), plus the few queries that fetch the database side.
+
+Each check returns a list of Violation; an empty list means it held.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+
+from chaos.history import EVENT_OF, FORBIDDEN, TRANSITIONS, ConsumerLog, Request
+
+# Every check, in the order the report lists them.
+CHECKS = (
+    "one_live_appointment_per_slot",
+    "slot_status_matches_appointment",
+    "no_user_overlap",
+    "event_chain",
+    "acknowledged_request_has_one_event",
+    "failed_request_has_no_event",
+    "copies_got_same_answer",
+    "no_unknown_or_internal",
+    "consumer_sequence",
+    "api_agrees_with_sql",
+    "no_traceback_in_logs",
+    "recovered_after_fault",
+)
+
+EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Violation:
+    check: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    id: str
+    specialist_id: str
+    status: str
+    start_time: datetime
+    end_time: datetime
+
+
+@dataclass(frozen=True)
+class AppointmentRow:
+    id: str
+    slot_id: str
+    user_id: str
+    status: str
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: str
+    appointment_id: str
+    type: str
+    old_status: str | None
+    new_status: str
+    specialist_id: str = ""
+
+
+@dataclass(frozen=True)
+class EventRef:
+    """The event a request produced, as the idempotency record says."""
+
+    event_id: str
+    type: str
+    appointment_id: str
+    new_status: str
+
+
+LIVE = ("HOLD", "CONFIRMED", "NO_SHOW")
+# What a slot's status must be, given the status of its live appointment.
+SLOT_FOR = {None: "AVAILABLE", "HOLD": "HOLD", "CONFIRMED": "BOOKED", "NO_SHOW": "BOOKED"}
+
+
+def _examples(items: Sequence[object]) -> str:
+    shown = ", ".join(str(i) for i in items[:EXAMPLES])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > EXAMPLES else "")
+
+
+# -- database state ------------------------------------------------------------------
+
+
+def check_slots(
+    slots: Iterable[SlotRow],
+    appointments: Iterable[AppointmentRow],
+    now: datetime,
+    *,
+    user_overlap: bool = True,
+) -> list[Violation]:
+    """At most one live appointment per slot; the slot's status agrees
+    with it; and (when the server checks user overlap) no user holds two
+    overlapping live appointments."""
+    out: list[Violation] = []
+    slot_by_id = {s.id: s for s in slots}
+    live: dict[str, list[AppointmentRow]] = defaultdict(list)
+    for a in appointments:
+        if a.status in LIVE:
+            live[a.slot_id].append(a)
+    for slot_id, appts in live.items():
+        if len(appts) > 1:
+            out.append(
+                Violation(
+                    "one_live_appointment_per_slot",
+                    f"slot {slot_id} has {len(appts)} live appointments: "
+                    + ", ".join(f"{a.id} ({a.status})" for a in appts),
+                )
+            )
+    for slot in slot_by_id.values():
+        appts = live.get(slot.id, [])
+        status = appts[0].status if len(appts) == 1 else None
+        if len(appts) > 1:
+            continue
+        if SLOT_FOR[status] != slot.status:
+            out.append(
+                Violation(
+                    "slot_status_matches_appointment",
+                    f"slot {slot.id} is {slot.status} but its live appointment is "
+                    + (f"{appts[0].id} ({status})" if appts else "none"),
+                )
+            )
+    if user_overlap:
+        # The server's own rule: CONFIRMED, or a HOLD that has not lapsed.
+        by_user: dict[str, list[tuple[SlotRow, AppointmentRow]]] = defaultdict(list)
+        for appts in live.values():
+            for a in appts:
+                occupying = a.status == "CONFIRMED" or (
+                    a.status == "HOLD" and a.expires_at is not None and a.expires_at > now
+                )
+                if occupying and a.slot_id in slot_by_id:
+                    by_user[a.user_id].append((slot_by_id[a.slot_id], a))
+        for user_id, items in by_user.items():
+            items.sort(key=lambda sa: sa[0].start_time)
+            for (s1, a1), (s2, a2) in zip(items, items[1:], strict=False):
+                if s2.start_time < s1.end_time:
+                    out.append(
+                        Violation(
+                            "no_user_overlap",
+                            f"user {user_id} has overlapping {a1.id} ({a1.status}, "
+                            f"{s1.start_time:%H:%M}) and {a2.id} ({a2.status}, "
+                            f"{s2.start_time:%H:%M})",
+                        )
+                    )
+    return out
+
+
+# The status change each event type stands for: (old statuses allowed, new status).
+EVENT_STATUS: dict[str, tuple[tuple[str | None, ...], tuple[str, ...]]] = {
+    "HELD": ((None,), ("HOLD",)),
+    "CONFIRMED": (("HOLD",), ("CONFIRMED",)),
+    "CANCELLED": (("HOLD", "CONFIRMED"), ("CANCELLED",)),
+    "HOLD_EXPIRED": (("HOLD",), ("CANCELLED",)),
+    "NO_SHOW": (("CONFIRMED",), ("NO_SHOW",)),
+    "RESCHEDULED": (("HOLD", "CONFIRMED"), ("HOLD", "CONFIRMED")),
+}
+
+
+def check_event_chains(
+    events: Iterable[EventRow], appointments: Iterable[AppointmentRow]
+) -> list[Violation]:
+    """Read in stream order, each appointment's events form an unbroken
+    chain of status changes (HELD first; each old status is the previous
+    new one) that ends in the appointment's current status."""
+    out: list[Violation] = []
+    last: dict[str, str] = {}
+    for e in events:
+        allowed_old, allowed_new = EVENT_STATUS.get(e.type, ((), ()))
+        previous = last.get(e.appointment_id)
+        if e.old_status != previous or e.old_status not in allowed_old:
+            out.append(
+                Violation(
+                    "event_chain",
+                    f"event {e.id} {e.type} of appointment {e.appointment_id} says old status "
+                    f"{e.old_status}, but the stream before it left {previous}",
+                )
+            )
+        elif e.new_status not in allowed_new or (
+            e.type == "RESCHEDULED" and e.new_status != e.old_status
+        ):
+            out.append(
+                Violation(
+                    "event_chain",
+                    f"event {e.id} {e.type} moves {e.old_status} -> {e.new_status}",
+                )
+            )
+        last[e.appointment_id] = e.new_status
+    for a in appointments:
+        if last.get(a.id) != a.status:
+            out.append(
+                Violation(
+                    "event_chain",
+                    f"appointment {a.id} is {a.status} but its last event says {last.get(a.id)}",
+                )
+            )
+    return out
+
+
+# -- requests and answers --------------------------------------------------------------
+
+
+def check_requests(
+    requests: Iterable[Request], produced: dict[str, list[EventRef]]
+) -> list[Violation]:
+    """Every acknowledged transition maps to exactly one event, of the
+    right type, for the appointment (and status) its answer named; and a
+    request every copy of which was refused left no event behind."""
+    out: list[Violation] = []
+    for r in requests:
+        if r.op not in TRANSITIONS:
+            continue
+        refs = produced.get(r.request_id, [])
+        ack = r.acknowledged
+        if ack is not None:
+            if len(refs) != 1:
+                out.append(
+                    Violation(
+                        "acknowledged_request_has_one_event",
+                        f"{r.op} {r.request_id} was answered OK but maps to {len(refs)} events",
+                    )
+                )
+                continue
+            ref = refs[0]
+            wrong = []
+            if ref.type != EVENT_OF[r.op]:
+                wrong.append(f"type {ref.type}, expected {EVENT_OF[r.op]}")
+            if ref.appointment_id != ack.appointment_id:
+                wrong.append(f"appointment {ref.appointment_id}, answer said {ack.appointment_id}")
+            if ref.new_status != ack.status:
+                wrong.append(f"status {ref.new_status}, answer said {ack.status}")
+            if wrong:
+                out.append(
+                    Violation(
+                        "acknowledged_request_has_one_event",
+                        f"{r.op} {r.request_id} maps to event {ref.event_id} with "
+                        + "; ".join(wrong),
+                    )
+                )
+        elif r.answers and all(a.code != "OK" for a in r.answers) and refs:
+            out.append(
+                Violation(
+                    "failed_request_has_no_event",
+                    f"{r.op} {r.request_id} was answered "
+                    + " / ".join(a.brief() for a in r.answers)
+                    + f" but produced event {refs[0].event_id} ({refs[0].type})",
+                )
+            )
+    return out
+
+
+def check_copies(requests: Iterable[Request]) -> list[Violation]:
+    """Every definitive answer to one request_id (all copies, all retries
+    that got one) is the same answer."""
+    out: list[Violation] = []
+    for r in requests:
+        answers = r.answers
+        if len(answers) > 1 and not all(a.same_as(answers[0]) for a in answers[1:]):
+            out.append(
+                Violation(
+                    "copies_got_same_answer",
+                    f"{r.op} {r.request_id} ({len(r.copies)} copies): "
+                    + " vs ".join(a.brief() for a in answers),
+                )
+            )
+    return out
+
+
+def check_codes(requests: Iterable[Request], consumers: Iterable[ConsumerLog]) -> list[Violation]:
+    out: list[Violation] = []
+    for r in requests:
+        for c in r.copies:
+            bad = [code for code, _ in c.attempts if code in FORBIDDEN]
+            if bad:
+                out.append(
+                    Violation(
+                        "no_unknown_or_internal",
+                        f"{r.op} {r.request_id} got {', '.join(bad)}: "
+                        + "; ".join(c.messages)[:200],
+                    )
+                )
+    for log in consumers:
+        for message in log.bad_messages:
+            out.append(Violation("no_unknown_or_internal", f"consumer {log.name}: {message[:200]}"))
+    return out
+
+
+# -- event consumers -----------------------------------------------------------------------
+
+
+def check_consumer(
+    log: ConsumerLog, table: Sequence[str], settled: set[str] | None = None
+) -> list[Violation]:
+    """The consumer received exactly the table's sequence (ORDER BY xid,
+    seq), from the beginning: no gap, no duplicate, no reordering, nothing
+    the table does not hold. At the tail it may lack only events outside
+    `settled` (those committed after it was last given time to catch up)."""
+    out: list[Violation] = []
+    name = log.name
+    seen = log.event_ids
+    counts = Counter(seen)
+    position = {event_id: i for i, event_id in enumerate(table)}
+    dups = [e for e, n in counts.items() if n > 1]
+    if dups:
+        out.append(
+            Violation(
+                "consumer_sequence",
+                f"{name}: {len(dups)} events delivered more than once: {_examples(dups)}",
+            )
+        )
+    unknown = [e for e in counts if e not in position]
+    if unknown:
+        out.append(
+            Violation(
+                "consumer_sequence",
+                f"{name}: {len(unknown)} events not in the table: {_examples(unknown)}",
+            )
+        )
+    missing = [i for i, e in enumerate(table) if e not in counts]
+    if missing:
+        last_seen = max((position[e] for e in counts if e in position), default=-1)
+        gaps = [i for i in missing if i < last_seen]
+        behind = sum(
+            1 for i in missing if i > last_seen and (settled is None or table[i] in settled)
+        )
+        if gaps:
+            out.append(
+                Violation(
+                    "consumer_sequence",
+                    f"{name}: gap: {len(gaps)} events skipped while later ones arrived, "
+                    f"at table positions {_examples(gaps)} (first {table[gaps[0]]})",
+                )
+            )
+        if behind:
+            out.append(
+                Violation(
+                    "consumer_sequence",
+                    f"{name}: never received the last {behind} of {len(table)} events",
+                )
+            )
+    # Order: first deliveries of table events must follow table order.
+    firsts: list[int] = []
+    done: set[str] = set()
+    for e in seen:
+        if e in position and e not in done:
+            done.add(e)
+            firsts.append(position[e])
+    inversions = [
+        (i, firsts[i - 1], firsts[i]) for i in range(1, len(firsts)) if firsts[i] < firsts[i - 1]
+    ]
+    if inversions:
+        i, before, after = inversions[0]
+        out.append(
+            Violation(
+                "consumer_sequence",
+                f"{name}: {len(inversions)} reorderings; delivery {i} is table position "
+                f"{after} after position {before}",
+            )
+        )
+    return out
+
+
+def check_api_agrees(
+    sql_slots: dict[str, str],
+    api_slots: dict[str, str],
+    sql_appointments: dict[str, str],
+    api_appointments: dict[str, str],
+) -> list[Violation]:
+    """What the API reports (GetSlot, ListAppointments) is what the table holds."""
+    out: list[Violation] = []
+    for kind, sql, api in (
+        ("slot", sql_slots, api_slots),
+        ("appointment", sql_appointments, api_appointments),
+    ):
+        differ = [k for k in sql if api.get(k) != sql[k]]
+        if differ:
+            k = differ[0]
+            out.append(
+                Violation(
+                    "api_agrees_with_sql",
+                    f"{len(differ)} {kind}s differ, e.g. {k}: SQL {sql[k]}, API {api.get(k)}",
+                )
+            )
+    return out
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d\S* (\w+) ([\w.]+):")
+
+# Loggers of background work that no client request drives. A traceback
+# from these is listed in the report (see background_tracebacks) but is
+# not a violation: the rule is about what clients send.
+BACKGROUND_LOGGERS = ("asyncpg.pool", "service.sweeper", "service.event_hub")
+
+
+@dataclass(frozen=True)
+class Traceback:
+    file: str
+    logger: str
+    message: str
+    exception: str
+
+    def brief(self) -> str:
+        return f"{self.file}: after [{self.logger}] {self.message[:120]!r}: {self.exception[:200]}"
+
+
+def find_tracebacks(path: Path) -> list[Traceback]:
+    """Every traceback in a server log, with the log line that printed it
+    (its logger and message) and the exception it ends with."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    out: list[Traceback] = []
+    logger, message = "", ""
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        match = _LOG_LINE.match(line)
+        if match:
+            logger, message = match.group(2), line[match.end() :].strip()
+        if not line.startswith("Traceback (most recent call last)"):
+            i += 1
+            continue
+        # A chain of exceptions ends at the next log line; the last
+        # unindented line before it is the exception that was logged.
+        exception = ""
+        i += 1
+        while i < len(lines) and not _LOG_LINE.match(lines[i]):
+            text = lines[i]
+            if (
+                text
+                and not text[0].isspace()
+                and not text.startswith(("Traceback", "During handling", "The above exception"))
+            ):
+                exception = text.strip()
+            i += 1
+        out.append(Traceback(path.name, logger, message, exception))
+    return out
+
+
+def check_logs(paths: Iterable[Path]) -> tuple[list[Violation], list[Traceback]]:
+    """Tracebacks in the replicas' logs: violations for anything but the
+    background loggers, and the background ones apart."""
+    out: list[Violation] = []
+    background: list[Traceback] = []
+    for path in paths:
+        for tb in find_tracebacks(path):
+            if tb.logger.startswith(BACKGROUND_LOGGERS):
+                background.append(tb)
+            else:
+                out.append(Violation("no_traceback_in_logs", tb.brief()))
+    return out, background
+
+
+# -- the database side --------------------------------------------------------------------
+
+
+def stream_of(log: ConsumerLog, events: Iterable[EventRow]) -> list[str]:
+    """The event ids a consumer should receive, in order: all of them, or
+    those its filter selects."""
+    return [e.id for e in events if not log.specialist_id or e.specialist_id == log.specialist_id]
+
+
+@dataclass
+class DatabaseState:
+    now: datetime
+    slots: list[SlotRow]
+    appointments: list[AppointmentRow]
+    events: list[EventRow]
+
+
+async def fetch_state(conn: asyncpg.Connection) -> DatabaseState:
+    """One consistent snapshot (the sweeper may be expiring holds meanwhile)."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _fetch_state(conn)
+
+
+async def _fetch_state(conn: asyncpg.Connection) -> DatabaseState:
+    now = await conn.fetchval("SELECT now()")
+    slots = [
+        SlotRow(r["id"], r["specialist_id"], r["status"], r["start_time"], r["end_time"])
+        for r in await conn.fetch(
+            "SELECT id::text, specialist_id::text, status::text, start_time, end_time"
+            " FROM time_slots WHERE deleted_at IS NULL"
+        )
+    ]
+    appointments = [
+        AppointmentRow(r["id"], r["slot_id"], r["user_id"], r["status"], r["expires_at"])
+        for r in await conn.fetch(
+            "SELECT id::text, time_slot_id::text AS slot_id, user_id::text, status::text,"
+            " expires_at FROM appointments"
+        )
+    ]
+    events = [
+        EventRow(
+            r["id"],
+            r["appointment_id"],
+            r["event_type"],
+            r["old_status"],
+            r["new_status"],
+            r["specialist_id"],
+        )
+        for r in await conn.fetch(
+            "SELECT id::text, appointment_id::text, event_type, old_status::text,"
+            " new_status::text, specialist_id::text"
+            " FROM appointment_events ORDER BY xid, seq"
+        )
+    ]
+    return DatabaseState(now, slots, appointments, events)
+
+
+async def request_events(
+    conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]
+) -> dict[str, list[EventRef]]:
+    """The events the given requests produced, by request_id, as the
+    idempotency records say. `keys` are (caller user id, request_id): the
+    caller is unused while request ids are global, and is what a table
+    scoped per caller would join on too. Records of refused requests (no
+    event) are left out by the join."""
+    rows = await conn.fetch(
+        "SELECT k.request_id::text AS request_id, e.id::text AS event_id, e.event_type,"
+        " e.appointment_id::text AS appointment_id, e.new_status::text AS new_status"
+        " FROM idempotency_keys k JOIN appointment_events e ON e.id = k.event_id"
+        " WHERE k.request_id = ANY($1::uuid[])",
+        [rid for _, rid in keys],
+    )
+    out: dict[str, list[EventRef]] = defaultdict(list)
+    for r in rows:
+        out[r["request_id"]].append(
+            EventRef(r["event_id"], r["event_type"], r["appointment_id"], r["new_status"])
+        )
+    return dict(out)

@@ -1,0 +1,255 @@
+"""The chaos suite's checkers catch what they exist to catch: each is fed a
+made-up history with one kind of damage and must report it, and must stay
+quiet on the undamaged version."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from chaos import checks
+from chaos.checks import AppointmentRow, EventRef, EventRow, SlotRow
+from chaos.history import Answer, ConsumerLog, Copy, Request
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def slot(i: int, status: str, specialist: str = "sp1") -> SlotRow:
+    start = NOW + timedelta(hours=i)
+    return SlotRow(f"s{i}", specialist, status, start, start + timedelta(minutes=30))
+
+
+def appt(
+    ident: str, slot_id: str, status: str, user: str = "u1", expires: datetime | None = None
+) -> AppointmentRow:
+    if status == "HOLD" and expires is None:
+        expires = NOW + timedelta(minutes=5)
+    return AppointmentRow(ident, slot_id, user, status, expires)
+
+
+def names(violations: list[checks.Violation]) -> list[str]:
+    return [v.check for v in violations]
+
+
+# -- database state --------------------------------------------------------------------
+
+
+def test_consistent_slots_pass() -> None:
+    slots = [slot(0, "HOLD"), slot(1, "BOOKED"), slot(2, "AVAILABLE"), slot(3, "BOOKED")]
+    appts = [
+        appt("a0", "s0", "HOLD"),
+        appt("a1", "s1", "CONFIRMED", user="u2"),
+        appt("a2", "s2", "CANCELLED"),
+        appt("a3", "s3", "NO_SHOW"),
+    ]
+    assert checks.check_slots(slots, appts, NOW) == []
+
+
+def test_double_booking_is_reported() -> None:
+    slots = [slot(0, "BOOKED")]
+    appts = [appt("a0", "s0", "CONFIRMED", "u1"), appt("a1", "s0", "HOLD", "u2")]
+    found = checks.check_slots(slots, appts, NOW)
+    assert names(found) == ["one_live_appointment_per_slot"]
+    assert "a0" in found[0].detail and "a1" in found[0].detail
+
+
+def test_slot_status_disagreeing_with_its_appointment_is_reported() -> None:
+    slots = [slot(0, "AVAILABLE"), slot(1, "HOLD"), slot(2, "HOLD")]
+    appts = [appt("a0", "s0", "CONFIRMED"), appt("a2", "s2", "CONFIRMED", user="u2")]
+    found = checks.check_slots(slots, appts, NOW)
+    assert names(found) == ["slot_status_matches_appointment"] * 3
+
+
+def test_user_overlap_is_reported_but_not_for_a_lapsed_hold() -> None:
+    a = SlotRow("x", "sp1", "BOOKED", NOW, NOW + timedelta(minutes=30))
+    b = SlotRow("y", "sp2", "HOLD", NOW + timedelta(minutes=15), NOW + timedelta(minutes=45))
+    overlapping = [appt("a0", "x", "CONFIRMED"), appt("a1", "y", "HOLD")]
+    assert names(checks.check_slots([a, b], overlapping, NOW)) == ["no_user_overlap"]
+    lapsed = [appt("a0", "x", "CONFIRMED"), appt("a1", "y", "HOLD", expires=NOW)]
+    assert checks.check_slots([a, b], lapsed, NOW) == []
+    assert checks.check_slots([a, b], overlapping, NOW, user_overlap=False) == []
+
+
+def test_event_chains() -> None:
+    events = [
+        EventRow("e1", "a1", "HELD", None, "HOLD"),
+        EventRow("e2", "a1", "RESCHEDULED", "HOLD", "HOLD"),
+        EventRow("e3", "a1", "CONFIRMED", "HOLD", "CONFIRMED"),
+        EventRow("e4", "a1", "NO_SHOW", "CONFIRMED", "NO_SHOW"),
+        EventRow("e5", "a2", "HELD", None, "HOLD"),
+        EventRow("e6", "a2", "HOLD_EXPIRED", "HOLD", "CANCELLED"),
+    ]
+    final = [appt("a1", "s1", "NO_SHOW"), appt("a2", "s2", "CANCELLED")]
+    assert checks.check_event_chains(events, final) == []
+    # A lost CONFIRMED event breaks the chain at NO_SHOW.
+    lost = [e for e in events if e.id != "e3"]
+    found = checks.check_event_chains(lost, final)
+    assert names(found) == ["event_chain"] and "e4" in found[0].detail
+    # The table says CONFIRMED but no event says so.
+    found = checks.check_event_chains(events[:2], [appt("a1", "s1", "CONFIRMED")])
+    assert names(found) == ["event_chain"] and "a1" in found[0].detail
+    # Events delivered out of order break the chain too.
+    swapped = [events[0], events[2], events[1], *events[3:]]
+    assert "event_chain" in names(checks.check_event_chains(swapped, final))
+
+
+# -- requests and answers ---------------------------------------------------------------------
+
+
+def request(
+    op: str, rid: str, *answers: Answer | None, attempts: list[str] | None = None
+) -> Request:
+    r = Request(rid, op, "client-0", "u1", 0.0)
+    for a in answers:
+        r.copies.append(
+            Copy([(c, 0) for c in (attempts or [])] + ([(a.code, 0)] if a else []), [], a)
+        )
+    return r
+
+
+HELD = Answer("OK", "", "a1", "HOLD", "s1")
+
+
+def test_acknowledged_request_maps_to_one_event_of_the_right_type() -> None:
+    ok = request("HoldSlot", "r1", HELD)
+    good = {"r1": [EventRef("e1", "HELD", "a1", "HOLD")]}
+    assert checks.check_requests([ok], good) == []
+    assert names(checks.check_requests([ok], {})) == ["acknowledged_request_has_one_event"]
+    two = {"r1": [EventRef("e1", "HELD", "a1", "HOLD"), EventRef("e2", "HELD", "a1", "HOLD")]}
+    assert names(checks.check_requests([ok], two)) == ["acknowledged_request_has_one_event"]
+    wrong_type = {"r1": [EventRef("e1", "CONFIRMED", "a1", "HOLD")]}
+    found = checks.check_requests([ok], wrong_type)
+    assert names(found) == ["acknowledged_request_has_one_event"]
+    assert "expected HELD" in found[0].detail
+    other_appointment = {"r1": [EventRef("e1", "HELD", "a9", "HOLD")]}
+    assert names(checks.check_requests([ok], other_appointment)) == [
+        "acknowledged_request_has_one_event"
+    ]
+
+
+def test_refused_request_must_leave_no_event() -> None:
+    refused = request("HoldSlot", "r2", Answer("FAILED_PRECONDITION", "SLOT_UNAVAILABLE"))
+    assert checks.check_requests([refused], {}) == []
+    found = checks.check_requests([refused], {"r2": [EventRef("e1", "HELD", "a1", "HOLD")]})
+    assert names(found) == ["failed_request_has_no_event"]
+    # Gave up (no definitive answer): the outcome is unknown, so either is fine.
+    unknown = request("HoldSlot", "r3", None, attempts=["UNAVAILABLE"])
+    assert checks.check_requests([unknown], {"r3": [EventRef("e1", "HELD", "a1", "HOLD")]}) == []
+    # Reads have no request id and no event.
+    assert checks.check_requests([request("GetSlot", "", Answer("OK"))], {}) == []
+
+
+def test_copies_of_a_request_must_get_the_same_answer() -> None:
+    same = request("HoldSlot", "r1", HELD, HELD)
+    assert checks.check_copies([same]) == []
+    raced = request("HoldSlot", "r1", HELD, Answer("FAILED_PRECONDITION", "SLOT_UNAVAILABLE"))
+    found = checks.check_copies([raced])
+    assert names(found) == ["copies_got_same_answer"]
+    assert "SLOT_UNAVAILABLE" in found[0].detail
+    other_state = request("HoldSlot", "r1", HELD, Answer("OK", "", "a1", "CONFIRMED", "s1"))
+    assert names(checks.check_copies([other_state])) == ["copies_got_same_answer"]
+    # A copy that gave up is not an answer.
+    assert checks.check_copies([request("HoldSlot", "r1", HELD, None)]) == []
+
+
+def test_unknown_and_internal_are_reported_even_when_a_retry_succeeded() -> None:
+    retried = request("HoldSlot", "r1", HELD, attempts=["UNAVAILABLE", "INTERNAL"])
+    assert names(checks.check_codes([retried], [])) == ["no_unknown_or_internal"]
+    assert checks.check_codes([request("HoldSlot", "r1", HELD, attempts=["UNAVAILABLE"])], []) == []
+    log = ConsumerLog("c", bad_messages=["UNKNOWN: Unexpected <class 'KeyError'>"])
+    assert names(checks.check_codes([], [log])) == ["no_unknown_or_internal"]
+
+
+# -- consumers -----------------------------------------------------------------------------------
+
+TABLE = ["e1", "e2", "e3", "e4", "e5"]
+
+
+def consumer(*ids: str) -> ConsumerLog:
+    return ConsumerLog("c0", event_ids=list(ids))
+
+
+def test_consumer_that_saw_the_table_passes() -> None:
+    assert checks.check_consumer(consumer(*TABLE), TABLE) == []
+
+
+def test_consumer_gap_is_reported() -> None:
+    found = checks.check_consumer(consumer("e1", "e2", "e4", "e5"), TABLE)
+    assert names(found) == ["consumer_sequence"]
+    assert "gap" in found[0].detail and "e3" in found[0].detail
+
+
+def test_consumer_duplicate_is_reported() -> None:
+    found = checks.check_consumer(consumer("e1", "e2", "e3", "e3", "e4", "e5"), TABLE)
+    assert names(found) == ["consumer_sequence"]
+    assert "more than once" in found[0].detail
+
+
+def test_consumer_reordering_is_reported() -> None:
+    found = checks.check_consumer(consumer("e1", "e3", "e2", "e4", "e5"), TABLE)
+    assert names(found) == ["consumer_sequence"]
+    assert "reorder" in found[0].detail
+
+
+def test_consumer_phantom_event_is_reported() -> None:
+    found = checks.check_consumer(consumer(*TABLE, "e9"), TABLE)
+    assert names(found) == ["consumer_sequence"] and "not in the table" in found[0].detail
+
+
+def test_consumer_behind_is_reported_only_for_settled_events() -> None:
+    behind = consumer("e1", "e2", "e3")
+    assert names(checks.check_consumer(behind, TABLE)) == ["consumer_sequence"]
+    # e4 and e5 committed after the consumers were given time to catch up.
+    assert checks.check_consumer(behind, TABLE, settled={"e1", "e2", "e3"}) == []
+    assert names(checks.check_consumer(behind, TABLE, settled={"e1", "e4"})) == [
+        "consumer_sequence"
+    ]
+
+
+def test_api_must_agree_with_sql() -> None:
+    assert (
+        checks.check_api_agrees({"s1": "HOLD"}, {"s1": "HOLD"}, {"a1": "HOLD"}, {"a1": "HOLD"})
+        == []
+    )
+    found = checks.check_api_agrees({"s1": "HOLD"}, {"s1": "AVAILABLE"}, {"a1": "HOLD"}, {})
+    assert names(found) == ["api_agrees_with_sql"] * 2
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+LOG = """\
+2030-01-01 12:00:00,000 INFO booking.rpc: /booking.v1.AppointmentService/HoldSlot OK 2.0ms
+2030-01-01 12:00:01,000 ERROR service.errors: unexpected error in /booking.v1.AppointmentService/HoldSlot
+Traceback (most recent call last):
+  File "x.py", line 1, in f
+    raise KeyError("k")
+KeyError: 'k'
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "y.py", line 2, in g
+RuntimeError: boom
+2030-01-01 12:00:02,000 WARNING asyncpg.pool: Failed to restore the pool connection floor; retrying
+Traceback (most recent call last):
+  File "z.py", line 3, in h
+ConnectionResetError: [Errno 104] Connection reset by peer
+2030-01-01 12:00:03,000 INFO booking.rpc: /booking.v1.AppointmentService/HoldSlot OK 2.0ms
+"""
+
+
+def test_tracebacks_in_logs_are_found_and_attributed(tmp_path: Path) -> None:
+    path = tmp_path / "replica-0.log"
+    path.write_text(LOG)
+    found = checks.find_tracebacks(path)
+    assert [(t.logger, t.exception) for t in found] == [
+        ("service.errors", "RuntimeError: boom"),
+        ("asyncpg.pool", "ConnectionResetError: [Errno 104] Connection reset by peer"),
+    ]
+    violations, background = checks.check_logs([path])
+    assert names(violations) == ["no_traceback_in_logs"]
+    assert "RuntimeError: boom" in violations[0].detail
+    assert [t.logger for t in background] == ["asyncpg.pool"]
+    clean = tmp_path / "replica-1.log"
+    clean.write_text(LOG.splitlines(keepends=True)[0])
+    assert checks.check_logs([clean]) == ([], [])
