@@ -152,8 +152,9 @@ async def test_examples_book_and_watch_with_resume(
             log.append(line)
 
     await wait_for_log(rf"watching after cursor {re.escape(saved)}$")
+    await wait_for_log(r"stream open$")
     await server.stop(grace=1)
-    await wait_for_log(r"stream lost \(UNAVAILABLE.*reconnecting in")
+    await wait_for_log(r"stream lost \(UNAVAILABLE SHUTTING_DOWN: .*reconnecting in")
     restarted = BookingServer(ServerConfig.for_tests(database_url, port=port))
     await restarted.start()
     try:

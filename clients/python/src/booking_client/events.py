@@ -189,6 +189,7 @@ class EventConsumer:
                 call = self._stub.WatchAppointmentEvents(self._request(cursor), metadata=metadata)
                 self.connections += 1
                 responses = aiter(call)
+                opened = False
                 while True:
                     try:
                         async with asyncio.timeout(self._idle_timeout):
@@ -197,7 +198,10 @@ class EventConsumer:
                         raise _Reconnect(f"nothing received for {self._idle_timeout:g}s") from None
                     except StopAsyncIteration:
                         raise _Reconnect("the server ended the stream") from None
-                    attempt = 0
+                    if not opened:
+                        # Only a stream that delivers resets the backoff.
+                        log.info("stream open")
+                        opened, attempt = True, 0
                     if response.HasField("event"):
                         await handle(response.event)
                         self.checkpoint.save(response.event.cursor)
