@@ -7,16 +7,29 @@ import asyncio
 import json
 import re
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import appointment_pb2_grpc
-from booking_client import Backoff, CursorExpired, EventConsumer, MemoryCheckpoint
+from booking_client import (
+    Backoff,
+    CursorExpired,
+    EventConsumer,
+    FieldViolation,
+    MemoryCheckpoint,
+    error_details,
+    insecure_channel,
+    service_config,
+)
 from service.server import BookingServer
 from storage.models import Role
 from tests.support import PASSWORD, Api, ServerConfig, hours_from_now
@@ -230,3 +243,87 @@ async def test_consumer_checkpoints_heartbeats_resumes_and_reports_expired_curso
     assert starts == ["start_position", "after_cursor", "after_cursor"]
     assert servicer.requests[0].start_position == apb.WATCH_START_POSITION_BEGINNING
     assert [r.after_cursor for r in servicer.requests[1:]] == ["h1", "e2"]
+
+
+class _Flaky(appointment_pb2_grpc.AppointmentServiceServicer):
+    """GetAppointment: UNAVAILABLE twice, then an answer; HoldSlot: a rich error;
+    ConfirmAppointment: slower than any sane timeout."""
+
+    def __init__(self) -> None:
+        self.gets = 0
+
+    async def GetAppointment(  # noqa: N802 - the generated name
+        self, request: apb.GetAppointmentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.GetAppointmentResponse:
+        self.gets += 1
+        if self.gets <= 2:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable")
+        return apb.GetAppointmentResponse(appointment=apb.Appointment(id=request.id))
+
+    async def HoldSlot(  # noqa: N802 - the generated name
+        self, request: apb.HoldSlotRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.HoldSlotResponse:
+        info = error_details_pb2.ErrorInfo(
+            reason="INVALID_ARGUMENT", domain="booking.v1", metadata={"field": "slot_id"}
+        )
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="slot_id", description="not a UUID"
+                )
+            ]
+        )
+        details = [any_pb2.Any(), any_pb2.Any()]
+        details[0].Pack(info)
+        details[1].Pack(bad)
+        status = status_pb2.Status(
+            code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="bad", details=details
+        )
+        # grpc.aio has abort_with_status; grpc-stubs does not declare it.
+        await context.abort_with_status(rpc_status.to_status(status))  # type: ignore[attr-defined]
+        raise AssertionError("unreachable")
+
+    async def ConfirmAppointment(  # noqa: N802 - the generated name
+        self, request: apb.ConfirmAppointmentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.ConfirmAppointmentResponse:
+        await asyncio.sleep(5)
+        return apb.ConfirmAppointmentResponse()
+
+
+async def test_channel_retries_unavailable_applies_timeouts_and_decodes_details() -> None:
+    servicer = _Flaky()  # type: ignore[abstract]
+    fake = grpc.aio.server()
+    appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(servicer, fake)
+    port = fake.add_insecure_port("127.0.0.1:0")
+    await fake.start()
+    config = service_config()
+    assert config["methodConfig"][0]["timeout"] == "10s"
+    # Shortened so that the test need not wait: 1 s is what grpcio's own
+    # service-config timeout gets wrong (it fails such a call at once).
+    config["methodConfig"][0]["timeout"] = "1s"
+    config["methodConfig"][0]["retryPolicy"]["initialBackoff"] = "0.01s"
+    try:
+        async with insecure_channel(f"127.0.0.1:{port}", config=config) as channel:
+            stub = appointment_pb2_grpc.AppointmentServiceStub(channel)
+            reply = await stub.GetAppointment(apb.GetAppointmentRequest(id="a1"))
+            assert reply.appointment.id == "a1"
+            assert servicer.gets == 3, "two UNAVAILABLE answers retried by the service config"
+
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.HoldSlot(apb.HoldSlotRequest(slot_id="x"))
+            details = error_details(failed.value)
+            assert (details.code, details.reason, details.domain) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_ARGUMENT",
+                "booking.v1",
+            )
+            assert details.metadata == {"field": "slot_id"}
+            assert details.field_violations == (FieldViolation("slot_id", "not a UUID"),)
+
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as slow:
+                await stub.ConfirmAppointment(apb.ConfirmAppointmentRequest(id="a1"))
+            assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started >= 0.9, "the timeout is not cut short"
+    finally:
+        await fake.stop(None)
