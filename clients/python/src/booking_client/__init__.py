@@ -7,6 +7,7 @@ consumer.
 """
 
 from booking_client.channel import (
+    DefaultTimeouts,
     bearer,
     channel_options,
     insecure_channel,
@@ -28,6 +29,7 @@ __all__ = [
     "Backoff",
     "Checkpoint",
     "CursorExpired",
+    "DefaultTimeouts",
     "ErrorDetails",
     "EventConsumer",
     "FieldViolation",
