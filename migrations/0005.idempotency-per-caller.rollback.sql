@@ -15,7 +15,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION booking_replay(p_request_id uuid, p_operation text, p_fingerprint text)
+CREATE OR REPLACE FUNCTION booking_replay(p_request_id uuid, p_operation text, p_fingerprint text)
 RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -38,7 +38,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION booking_remember(
+CREATE OR REPLACE FUNCTION booking_remember(
     p_request_id uuid, p_operation text, p_fingerprint text, p_event appointment_events
 ) RETURNS appointment_events
 LANGUAGE plpgsql AS $$

@@ -51,8 +51,23 @@ BEGIN
 END
 $$;
 
-DROP FUNCTION booking_replay(uuid, text, text);
-DROP FUNCTION booking_remember(uuid, text, text, appointment_events);
+-- The previous helpers stay (expand, then contract in a later release): a
+-- statement of the previous release that compiled a transition before this
+-- migration committed may still call them. The old booking_remember files
+-- its key under the event's actor, as the new key requires.
+CREATE OR REPLACE FUNCTION booking_remember(
+    p_request_id uuid, p_operation text, p_fingerprint text, p_event appointment_events
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_request_id IS NOT NULL THEN
+        INSERT INTO idempotency_keys (actor_id, request_id, operation, fingerprint, event_id)
+        VALUES (coalesce(p_event.actor_id, '00000000-0000-0000-0000-000000000000'),
+                p_request_id, p_operation, p_fingerprint, p_event.id);
+    END IF;
+    RETURN p_event;
+END
+$$;
 
 -- Returns the event a caller's request id already produced, raises the
 -- failure it already produced, or returns NULL when the request is new (and

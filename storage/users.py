@@ -65,7 +65,7 @@ async def credentials(db: Database, email: str) -> tuple[User, str] | None:
 
     async def work(conn: Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(
-            f"SELECT {_COLUMNS}, password_hash FROM users WHERE email_key = booking_email_key($1)",
+            f"SELECT {_COLUMNS}, password_hash FROM users WHERE booking_email_key(email) = booking_email_key($1)",
             email,
         )
 

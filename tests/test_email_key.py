@@ -14,7 +14,7 @@ import pytest
 from booking.v1 import user_pb2 as upb
 from storage import migrate
 from storage.users import email_key
-from tests.support import PASSWORD, Api, expect_failure
+from tests.support import PASSWORD, Api, expect_failure, rollback_through
 
 
 def _tag() -> str:
@@ -94,7 +94,7 @@ async def test_the_database_key_is_the_python_key(database_url: str) -> None:
 
 
 async def _users_at_0004(database_url: str) -> asyncpg.Connection:
-    migrate.rollback(database_url, count=1)
+    rollback_through(database_url, "0006.email-key")
     assert "0006.email-key" not in migrate.applied(database_url)
     return await asyncpg.connect(database_url)
 
@@ -120,10 +120,10 @@ async def test_migrating_keys_existing_accounts_and_refuses_hidden_duplicates(
         )
     finally:
         await conn.close()
-    assert migrate.apply(database_url) == ["0006.email-key"]
+    assert migrate.apply(database_url)[0] == "0006.email-key"
     conn = await asyncpg.connect(database_url)
     try:
-        keys = dict(await conn.fetch("SELECT email, email_key FROM users"))
+        keys = dict(await conn.fetch("SELECT email, booking_email_key(email) FROM users"))
     finally:
         await conn.close()
     assert keys == {

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -102,6 +103,9 @@ async def empty_database_url(pg_admin_url: str) -> AsyncIterator[str]:
 def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool) -> Iterator[int]:
     """A `serve` process of the previous release; yields its port."""
     port = _free_port()
+    # A file, not a pipe: a server logging a line per call would fill a pipe
+    # nobody reads and block.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--database-url", database_url]
         + ["--port", str(port), "--sweep-interval-seconds", "0.2"]
@@ -109,12 +113,14 @@ def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool)
         cwd=release,
         env=_env(release),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 30
         while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"previous release exited: {log.read().decode()}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                     break
@@ -129,6 +135,7 @@ def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 @pytest.fixture
