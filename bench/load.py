@@ -480,12 +480,10 @@ class _Worker:
         import asyncpg
 
         from bench.db import POOL_SLOT, POOL_USER, SESSION_SETTINGS, pool_uuid
-        from storage.events import EVENT_COLUMNS
+        from storage.transitions import HOLD_SLOT
 
         job = self.job
-        function_sql = (
-            f"SELECT {EVENT_COLUMNS} FROM booking_hold_slot($1, $2, $3, $4, $5, $6, $7) e"
-        )
+        function_sql = HOLD_SLOT.statement()
         ttl = timedelta(seconds=300)
         actor = job.actor_id
         specialist = job.specialist_id

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.db import POOL_SLOT, POOL_USER, sql_uuid
 from storage import embedded
-from storage.events import EVENT_COLUMNS
+from storage.transitions import HOLD_SLOT
 
 # The walk over pool slots shared by both scripts.
 _WALK = "\\set k :base + :client_id + :nclients * :n\n\\set n :n + 1\n"
@@ -30,11 +30,22 @@ _USER = sql_uuid(POOL_USER, ":k")
 # The statement storage/appointments.py runs for HoldSlot (one implicit
 # REPEATABLE READ transaction), with the same arguments the service passes.
 FUNCTION_SCRIPT = (
-    _WALK + f"SELECT {EVENT_COLUMNS} FROM booking_hold_slot({_SLOT}, {_USER}, 'NORMAL',"
-    " :actor, interval '300 seconds', true, NULL) e;\n"
+    _WALK
+    + HOLD_SLOT.statement(
+        {
+            "p_slot_id": _SLOT,
+            "p_user_id": _USER,
+            "p_priority": "'NORMAL'",
+            "p_actor_id": ":actor",
+            "p_hold_ttl": "interval '300 seconds'",
+            "p_check_user_overlap": "true",
+            "p_request_id": "NULL",
+        }
+    )
+    + ";\n"
 )
 
-# The seed design's hold (shared/design/seed-database-schema.md).
+# The original design's hold: lock the slot, mark it HOLD, insert the appointment.
 SEED_SCRIPT = (
     _WALK
     + "BEGIN;\n"

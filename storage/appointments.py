@@ -1,5 +1,6 @@
-"""SQL for appointments: the transitions (server-side functions, one round
-trip each on success, see migrations/0002 and 0005) and the reads."""
+"""SQL for appointments: the transitions (server-side functions in
+storage/sql/, one round trip each on success, called as storage/transitions.py
+names them) and the reads."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import transitions as fn
 from storage.database import Connection, Database
 from storage.errors import AppointmentNotFound
-from storage.events import EVENT_COLUMNS, event_from_row
+from storage.events import event_from_row
 from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
 from storage.sql import Conditions
 
@@ -36,19 +38,22 @@ def _appointment(row: asyncpg.Record) -> Appointment:
     )
 
 
-async def _transition(db: Database, function: str, *args: object) -> AppointmentEvent:
+async def _transition(db: Database, function: fn.Function, **values: object) -> AppointmentEvent:
     """Run a transition; with a request id, its business failure is
     remembered too, so every copy of the request gets one answer.
 
-    A failure that began executing names its request's key in the error's
-    HINT (migrations/0005). Storing it takes a second statement, its own
-    implicit transaction: the failure has already aborted the first. If
-    another copy's outcome was stored first, the request is replayed to
-    answer with that outcome instead. A copy that committed concurrently
-    makes the second statement fail with 40001 or the key's unique
-    violation, and Database.run's retry replays."""
-    placeholders = ", ".join(f"${i}" for i in range(1, len(args) + 1))
-    sql = f"SELECT {EVENT_COLUMNS} FROM {function}({placeholders}) e"
+    A failure of a request that began executing names the request's key in
+    the error's HINT (storage/sql/requests.sql). Storing it takes a second
+    statement, its own implicit transaction: the failure has already
+    aborted the first. If another copy's outcome was stored first, the
+    request is replayed to answer with that outcome instead. A copy that
+    committed concurrently makes the second statement fail with 40001 or
+    the key's unique violation, and Database.run's retry replays."""
+    sql = function.statement()
+    args = function.values(**values)
+    remember = fn.REMEMBER_FAILURE.statement(
+        {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
+    )
 
     async def work(conn: Connection) -> asyncpg.Record:
         try:
@@ -58,10 +63,7 @@ async def _transition(db: Database, function: str, *args: object) -> Appointment
             if not key:
                 raise
             stored = await conn.fetchval(
-                "SELECT booking_remember_failure($1::jsonb, $2, $3::jsonb)",
-                key,
-                getattr(exc, "message", None),
-                getattr(exc, "detail", None),
+                remember, key, getattr(exc, "message", None), getattr(exc, "detail", None)
             )
             if stored:
                 raise
@@ -83,14 +85,14 @@ async def hold(
 ) -> AppointmentEvent:
     return await _transition(
         db,
-        "booking_hold_slot",
-        slot_id,
-        user_id,
-        priority.value,
-        actor_id,
-        hold_ttl,
-        check_user_overlap,
-        request_id,
+        fn.HOLD_SLOT,
+        slot_id=slot_id,
+        user_id=user_id,
+        priority=priority.value,
+        actor_id=actor_id,
+        hold_ttl=hold_ttl,
+        check_user_overlap=check_user_overlap,
+        request_id=request_id,
     )
 
 
@@ -102,7 +104,14 @@ async def confirm(
     actor_id: UUID | None,
     request_id: UUID | None,
 ) -> AppointmentEvent:
-    return await _transition(db, "booking_confirm", appointment_id, owner_id, actor_id, request_id)
+    return await _transition(
+        db,
+        fn.CONFIRM,
+        id=appointment_id,
+        owner_id=owner_id,
+        actor_id=actor_id,
+        request_id=request_id,
+    )
 
 
 async def cancel(
@@ -115,14 +124,22 @@ async def cancel(
     request_id: UUID | None,
 ) -> AppointmentEvent:
     return await _transition(
-        db, "booking_cancel", appointment_id, owner_id, actor_id, reason, request_id
+        db,
+        fn.CANCEL,
+        id=appointment_id,
+        owner_id=owner_id,
+        actor_id=actor_id,
+        reason=reason,
+        request_id=request_id,
     )
 
 
 async def mark_no_show(
     db: Database, appointment_id: UUID, *, actor_id: UUID | None, request_id: UUID | None
 ) -> AppointmentEvent:
-    return await _transition(db, "booking_mark_no_show", appointment_id, actor_id, request_id)
+    return await _transition(
+        db, fn.MARK_NO_SHOW, id=appointment_id, actor_id=actor_id, request_id=request_id
+    )
 
 
 async def reschedule(
@@ -137,21 +154,22 @@ async def reschedule(
 ) -> AppointmentEvent:
     return await _transition(
         db,
-        "booking_reschedule",
-        appointment_id,
-        new_slot_id,
-        owner_id,
-        actor_id,
-        check_user_overlap,
-        request_id,
+        fn.RESCHEDULE,
+        id=appointment_id,
+        new_slot_id=new_slot_id,
+        owner_id=owner_id,
+        actor_id=actor_id,
+        check_user_overlap=check_user_overlap,
+        request_id=request_id,
     )
 
 
 async def expire_holds(db: Database, limit: int) -> int:
     """Release up to `limit` lapsed holds; returns how many were released."""
+    sql = fn.EXPIRE_HOLDS.statement()
 
     async def work(conn: Connection) -> int:
-        return int(await conn.fetchval("SELECT booking_expire_holds($1)", limit))
+        return int(await conn.fetchval(sql, *fn.EXPIRE_HOLDS.values(limit=limit)))
 
     return await db.run(work, single_statement=True)
 
@@ -159,11 +177,11 @@ async def expire_holds(db: Database, limit: int) -> int:
 async def forget_request_ids(db: Database, retention: timedelta, limit: int) -> int:
     """Forget up to `limit` request ids older than `retention`; returns how
     many were forgotten."""
+    sql = fn.FORGET_REQUEST_IDS.statement()
+    args = fn.FORGET_REQUEST_IDS.values(retention=retention, limit=limit)
 
     async def work(conn: Connection) -> int:
-        return int(
-            await conn.fetchval("SELECT booking_forget_request_ids($1, $2)", retention, limit)
-        )
+        return int(await conn.fetchval(sql, *args))
 
     return await db.run(work, single_statement=True)
 

@@ -276,6 +276,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SlotNotStarted,
         SpecialistMismatch,
         SameSlot,
+        SlotBusy,
         RequestIdReused,
     )
 }

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# In dependency order: functions and triggers refer to the tables.
-SOURCE_FILES = ("tables.sql", "transitions.sql", "auth.sql")
+# In dependency order: the users table needs booking_email_key, and SQL-language
+# functions need the tables they read (plpgsql bodies are bound when first run).
+SOURCE_FILES = (
+    "email_key.sql",
+    "tables.sql",
+    "support.sql",
+    "requests.sql",
+    "slots.sql",
+    "transitions.sql",
+    "auth.sql",
+    "contract.sql",
+)
 
 
 def source_dir() -> Path:

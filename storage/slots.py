@@ -8,8 +8,9 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from storage import transitions as fn
 from storage.database import Connection, Database
-from storage.errors import SlotBusy, SlotNotFound, SpecialistInactive, SpecialistNotFound
+from storage.errors import SlotNotFound, SpecialistInactive, SpecialistNotFound
 from storage.models import Page, Slot, SlotStatus
 from storage.sql import Conditions
 
@@ -113,22 +114,12 @@ async def list_(
 
 
 async def delete(db: Database, slot_id: UUID) -> None:
-    """Delete an AVAILABLE slot. It is kept, marked deleted, because past
-    appointments and events may reference it; it no longer blocks overlaps."""
+    """Delete a slot nobody occupies (storage/sql/slots.sql). It is kept,
+    marked deleted, because past appointments and events may reference it;
+    it no longer blocks overlaps."""
+    sql = fn.DELETE_SLOT.statement()
 
     async def work(conn: Connection) -> None:
-        deleted = await conn.fetchval(
-            "UPDATE time_slots SET deleted_at = now()"
-            " WHERE id = $1 AND deleted_at IS NULL AND status = 'AVAILABLE' RETURNING id",
-            slot_id,
-        )
-        if deleted is not None:
-            return
-        status = await conn.fetchval(
-            "SELECT status FROM time_slots WHERE id = $1 AND deleted_at IS NULL", slot_id
-        )
-        if status is None:
-            raise SlotNotFound(id=str(slot_id))
-        raise SlotBusy(slot_id=str(slot_id), status=status)
+        await conn.execute(sql, *fn.DELETE_SLOT.values(slot_id=slot_id))
 
-    await db.run(work)
+    await db.run(work, single_statement=True)

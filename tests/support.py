@@ -203,3 +203,12 @@ class Api:
     async def user_id(self) -> str:
         reply = await self.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=self.md)
         return reply.user.id
+
+
+def rollback_through(database_url: str, migration_id: str) -> list[str]:
+    """Roll back every migration newer than `migration_id`, then it too;
+    returns the ids rolled back, newest first."""
+    from storage import migrate
+
+    applied = migrate.applied(database_url)
+    return migrate.rollback(database_url, count=len(applied) - applied.index(migration_id))

@@ -8,6 +8,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ import grpc
 from booking.v1 import appointment_pb2 as apb
 from service.server import BookingServer
 from storage.models import Role
+from storage.transitions import HOLD_SLOT
 from tests.population import fetch, insert_clients
 from tests.support import Api, ServerConfig, expect_failure, hours_from_now
 
@@ -203,9 +205,16 @@ async def test_an_open_older_transaction_holds_back_newer_events_instead_of_losi
             await tx.start()
             # Takes its xid first, commits last.
             await conn.fetchrow(
-                "SELECT * FROM booking_hold_slot($1, $2, 'NORMAL', NULL, '5 minutes', true, NULL)",
-                uuid.UUID(early_slot.id),
-                uuid.UUID(user_id),
+                HOLD_SLOT.statement(),
+                *HOLD_SLOT.values(
+                    slot_id=uuid.UUID(early_slot.id),
+                    user_id=uuid.UUID(user_id),
+                    priority="NORMAL",
+                    actor_id=None,
+                    hold_ttl=timedelta(minutes=5),
+                    check_user_overlap=True,
+                    request_id=None,
+                ),
             )
             later = await api.hold(late_slot.id)
             await watch.quiet_for(0.5)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from storage import migrate
-from tests.support import Api, hours_from_now
+from tests.support import Api, hours_from_now, rollback_through
 
 _OBJECTS = """
 SELECT
@@ -40,6 +40,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0004.auth-invalidation",
         "0005.idempotency-per-caller",
         "0006.email-key",
+        "0007.sql-source-tree",
     ]
     before = await _counts(database_url)
     assert before[0] == 8 and before[1] == 4 and before[2] > 10
@@ -68,7 +69,9 @@ async def test_rolling_back_per_caller_request_ids_keeps_each_ids_oldest_success
         await first.hold(taken.id, request_id=str(uuid.uuid4()))
     await api.server.stop(grace=1)
 
-    assert migrate.rollback(database_url, count=1) == ["0005.idempotency-per-caller"]
+    assert rollback_through(database_url, "0005.idempotency-per-caller")[-1] == (
+        "0005.idempotency-per-caller"
+    )
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -81,4 +84,4 @@ async def test_rolling_back_per_caller_request_ids_keeps_each_ids_oldest_success
     assert [(str(r["request_id"]), str(r["appointment_id"])) for r in rows] == [
         (request_id, kept.id)
     ]
-    assert migrate.apply(database_url) == ["0005.idempotency-per-caller"]
+    assert migrate.apply(database_url)[0] == "0005.idempotency-per-caller"

@@ -22,8 +22,13 @@ CREATE TABLE users (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT users_email_not_blank CHECK (btrim(email) <> '')
 );
--- Case-insensitive: Alice@x and alice@x are one mailbox, so one account.
-CREATE UNIQUE INDEX users_email_key ON users (lower(email));
+-- One account per mailbox, by Unicode's canonical caseless match of the
+-- email (email_key.sql): 'Ärger@x' and 'ärger@x' are one account. The name
+-- users_email_key is how a duplicate becomes EMAIL_TAKEN.
+CREATE UNIQUE INDEX users_email_key ON users (booking_email_key(email));
+-- The previous release looked users up by lower(email); kept until no
+-- replica of it can be running.
+CREATE INDEX users_email_lower ON users (lower(email));
 CREATE INDEX users_created ON users (created_at, id);
 
 CREATE TABLE specialists (
@@ -121,12 +126,20 @@ CREATE TABLE appointment_events (
 CREATE UNIQUE INDEX appointment_events_position ON appointment_events (xid, seq);
 CREATE INDEX appointment_events_appointment ON appointment_events (appointment_id, xid, seq);
 
--- AIP-155 request ids: a retried request returns the event (and so the
--- appointment state) its first success produced.
+-- AIP-155 request ids, per caller: each key stores the first outcome of the
+-- request, the event of a success or the reason and detail of a business
+-- failure (requests.sql).
 CREATE TABLE idempotency_keys (
-    request_id      uuid PRIMARY KEY,
+    request_id      uuid NOT NULL,
     operation       text NOT NULL,
     fingerprint     text NOT NULL,
-    event_id        uuid NOT NULL REFERENCES appointment_events (id),
-    created_at      timestamptz NOT NULL DEFAULT now()
+    event_id        uuid REFERENCES appointment_events (id),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    actor_id        uuid NOT NULL,
+    error_reason    text,
+    error_detail    jsonb,
+    CONSTRAINT idempotency_keys_pkey PRIMARY KEY (actor_id, request_id),
+    CONSTRAINT idempotency_keys_one_outcome
+        CHECK ((event_id IS NULL) <> (error_reason IS NULL))
 );
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);

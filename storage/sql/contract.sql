@@ -1,0 +1,87 @@
+-- Kept only for the previous releases' statements in flight during an
+-- upgrade (expand, then contract: docs/upgrades.md). Nothing in this release
+-- calls them; the next release's contract migration drops them.
+
+CREATE FUNCTION booking_replay(p_request_id uuid, p_operation text, p_fingerprint text)
+RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_key idempotency_keys;
+    v_event appointment_events;
+BEGIN
+    IF p_request_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO v_key FROM idempotency_keys WHERE request_id = p_request_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_key.operation <> p_operation OR v_key.fingerprint <> p_fingerprint THEN
+        PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
+            'request_id', p_request_id, 'operation', v_key.operation));
+    END IF;
+    SELECT * INTO v_event FROM appointment_events WHERE id = v_key.event_id;
+    RETURN v_event;
+END
+$$;
+
+CREATE FUNCTION booking_remember(
+    p_request_id uuid, p_operation text, p_fingerprint text, p_event appointment_events
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_request_id IS NOT NULL THEN
+        INSERT INTO idempotency_keys (actor_id, request_id, operation, fingerprint, event_id)
+        VALUES (coalesce(p_event.actor_id, '00000000-0000-0000-0000-000000000000'),
+                p_request_id, p_operation, p_fingerprint, p_event.id);
+    END IF;
+    RETURN p_event;
+END
+$$;
+
+CREATE FUNCTION booking_replay(
+    p_actor_id uuid, p_request_id uuid, p_operation text, p_fingerprint text
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_actor uuid := coalesce(p_actor_id, '00000000-0000-0000-0000-000000000000');
+    v_key idempotency_keys;
+    v_event appointment_events;
+BEGIN
+    IF p_request_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO v_key FROM idempotency_keys
+    WHERE actor_id = v_actor AND request_id = p_request_id;
+    IF NOT FOUND THEN
+        PERFORM set_config('booking.request_key', jsonb_build_object(
+            'actor_id', v_actor, 'request_id', p_request_id,
+            'operation', p_operation, 'fingerprint', p_fingerprint)::text, true);
+        RETURN NULL;
+    END IF;
+    IF v_key.operation <> p_operation OR v_key.fingerprint <> p_fingerprint THEN
+        PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
+            'request_id', p_request_id, 'operation', v_key.operation));
+    END IF;
+    IF v_key.event_id IS NULL THEN
+        PERFORM booking_fail(v_key.error_reason, v_key.error_detail);
+    END IF;
+    SELECT * INTO v_event FROM appointment_events WHERE id = v_key.event_id;
+    RETURN v_event;
+END
+$$;
+
+CREATE FUNCTION booking_remember(
+    p_actor_id uuid, p_request_id uuid, p_operation text, p_fingerprint text,
+    p_event appointment_events
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_request_id IS NOT NULL THEN
+        INSERT INTO idempotency_keys (actor_id, request_id, operation, fingerprint, event_id)
+        VALUES (coalesce(p_actor_id, '00000000-0000-0000-0000-000000000000'),
+                p_request_id, p_operation, p_fingerprint, p_event.id);
+    END IF;
+    RETURN p_event;
+END
+$$;

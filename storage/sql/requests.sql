@@ -1,0 +1,115 @@
+-- Request ids (AIP-155): every copy of a request gets one answer.
+--
+-- A key is (caller, request id): one caller's ids can neither collide with
+-- nor reveal another's. It stores the first outcome of a request that began
+-- executing: the event of its success, or the reason and detail of its
+-- business failure. Keys are forgotten after a retention period
+-- (booking_forget_request_ids, run by the sweeper).
+--
+-- Every transition starts with booking_begin_request and ends with
+-- booking_finish_request; the replay logic and the fingerprint rule live
+-- only here.
+
+-- The server acting on its own (no actor) is one caller: the nil uuid.
+CREATE FUNCTION booking_request_actor(p_actor_id uuid) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN coalesce(p_actor_id, '00000000-0000-0000-0000-000000000000'::uuid);
+
+-- Starts a transition. Returns the event a caller's request id already
+-- produced, raises the failure it already produced, or returns NULL when
+-- the request is new. A new request's key is kept for the rest of the
+-- transaction: booking_fail names it in a failure's HINT (so storage/ can
+-- remember the failure), and booking_finish_request stores the success.
+-- p_params are the request's parameters: the same id with other parameters
+-- is REQUEST_ID_REUSED.
+CREATE FUNCTION booking_begin_request(
+    p_operation text, p_actor_id uuid, p_request_id uuid, VARIADIC p_params text[]
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_actor uuid := booking_request_actor(p_actor_id);
+    v_fingerprint text := md5(concat_ws('|', VARIADIC p_params));
+    v_key idempotency_keys;
+    v_event appointment_events;
+BEGIN
+    PERFORM booking_require_snapshot_isolation();
+    IF p_request_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO v_key FROM idempotency_keys
+    WHERE actor_id = v_actor AND request_id = p_request_id;
+    IF NOT FOUND THEN
+        PERFORM set_config('booking.request_key', jsonb_build_object(
+            'actor_id', v_actor, 'request_id', p_request_id,
+            'operation', p_operation, 'fingerprint', v_fingerprint)::text, true);
+        RETURN NULL;
+    END IF;
+    IF v_key.operation <> p_operation OR v_key.fingerprint <> v_fingerprint THEN
+        PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
+            'request_id', p_request_id, 'operation', v_key.operation));
+    END IF;
+    IF v_key.event_id IS NULL THEN
+        PERFORM booking_fail(v_key.error_reason, v_key.error_detail);
+    END IF;
+    SELECT * INTO v_event FROM appointment_events WHERE id = v_key.event_id;
+    RETURN v_event;
+END
+$$;
+
+-- Ends a transition that succeeded: remembers its event under the request's
+-- key, if it has one, and returns the event.
+CREATE FUNCTION booking_finish_request(p_event appointment_events)
+RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_key jsonb := nullif(current_setting('booking.request_key', true), '')::jsonb;
+BEGIN
+    IF v_key IS NOT NULL THEN
+        INSERT INTO idempotency_keys (actor_id, request_id, operation, fingerprint, event_id)
+        VALUES ((v_key->>'actor_id')::uuid, (v_key->>'request_id')::uuid,
+                v_key->>'operation', v_key->>'fingerprint', p_event.id);
+    END IF;
+    RETURN p_event;
+END
+$$;
+
+-- Stores a failure as the outcome of the request named by p_key (a failure's
+-- HINT). True when it is now the stored outcome; false when another copy's
+-- outcome was stored first (replay the request to get it). A copy that
+-- committed after this statement's snapshot makes it fail with 40001, and
+-- the retry replays.
+CREATE FUNCTION booking_remember_failure(p_key jsonb, p_reason text, p_detail jsonb)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_inserted boolean;
+BEGIN
+    PERFORM booking_require_snapshot_isolation();
+    INSERT INTO idempotency_keys (
+        actor_id, request_id, operation, fingerprint, error_reason, error_detail)
+    VALUES ((p_key->>'actor_id')::uuid, (p_key->>'request_id')::uuid, p_key->>'operation',
+            p_key->>'fingerprint', p_reason, p_detail)
+    ON CONFLICT (actor_id, request_id) DO NOTHING
+    RETURNING TRUE INTO v_inserted;
+    RETURN coalesce(v_inserted, FALSE);
+END
+$$;
+
+-- Forgets up to p_limit keys older than p_retention. SKIP LOCKED lets
+-- several replicas prune at once without waiting on each other.
+CREATE FUNCTION booking_forget_request_ids(p_retention interval, p_limit integer)
+RETURNS integer
+LANGUAGE sql AS $$
+    WITH doomed AS (
+        SELECT actor_id, request_id FROM idempotency_keys
+        WHERE created_at < now() - p_retention
+        ORDER BY created_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM idempotency_keys k USING doomed d
+        WHERE k.actor_id = d.actor_id AND k.request_id = d.request_id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;

@@ -1,0 +1,123 @@
+-- How a slot is taken and given back.
+--
+-- booking_release_slot is the one place a slot becomes free again: cancel,
+-- reschedule (the old slot), the expiry of a hold (by the sweeper, or
+-- reclaimed by the next hold) and DeleteSlot (of a slot whose hold lapsed)
+-- all go through it, so whatever must happen when a slot frees up is
+-- written once, here. The caller holds the slot's row lock.
+
+CREATE FUNCTION booking_release_slot(p_slot_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE time_slots SET status = 'AVAILABLE' WHERE id = p_slot_id;
+END
+$$;
+
+-- Cancels a lapsed hold and releases its slot. The caller holds the locks
+-- on the slot and the appointment.
+CREATE FUNCTION booking_expire_hold(p_appointment appointments) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_appt appointments;
+    v_event appointment_events;
+BEGIN
+    UPDATE appointments
+    SET status = 'CANCELLED', expires_at = NULL, updated_at = now()
+    WHERE id = p_appointment.id
+    RETURNING * INTO v_appt;
+    v_event := booking_emit_event(v_appt, 'HOLD_EXPIRED', 'HOLD', NULL, NULL, NULL);
+    PERFORM booking_release_slot(v_appt.time_slot_id);
+    RETURN v_event;
+END
+$$;
+
+-- Expires the lapsed hold on a locked slot, if it has one, and returns the
+-- slot as it now is.
+CREATE FUNCTION booking_reclaim_slot(p_slot time_slots) RETURNS time_slots
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_holder appointments;
+    v_slot time_slots;
+BEGIN
+    IF p_slot.status <> 'HOLD' THEN
+        RETURN p_slot;
+    END IF;
+    SELECT * INTO v_holder FROM appointments
+    WHERE time_slot_id = p_slot.id AND status = 'HOLD'
+    FOR UPDATE;
+    IF v_holder.id IS NULL OR v_holder.expires_at > now() THEN
+        RETURN p_slot;
+    END IF;
+    PERFORM booking_expire_hold(v_holder);
+    SELECT * INTO v_slot FROM time_slots WHERE id = p_slot.id;
+    RETURN v_slot;
+END
+$$;
+
+-- Makes a locked slot free for a new occupant: AVAILABLE as it is, or after
+-- reclaiming a lapsed hold. Anything else fails.
+CREATE FUNCTION booking_claim_slot(p_slot time_slots) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_slot time_slots;
+BEGIN
+    IF NOT (SELECT is_active FROM specialists WHERE id = p_slot.specialist_id) THEN
+        PERFORM booking_fail('SPECIALIST_INACTIVE', jsonb_build_object(
+            'specialist_id', p_slot.specialist_id));
+    END IF;
+    v_slot := booking_reclaim_slot(p_slot);
+    IF v_slot.status <> 'AVAILABLE' THEN
+        PERFORM booking_fail('SLOT_UNAVAILABLE', jsonb_build_object(
+            'slot_id', v_slot.id, 'status', v_slot.status));
+    END IF;
+END
+$$;
+
+-- Releases up to p_limit lapsed holds. SKIP LOCKED lets several replicas
+-- sweep one database without waiting on, or double-releasing, a hold.
+CREATE FUNCTION booking_expire_holds(p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_appt appointments;
+    v_count integer := 0;
+BEGIN
+    PERFORM booking_require_snapshot_isolation();
+    FOR v_appt IN
+        SELECT * FROM appointments
+        WHERE status = 'HOLD' AND expires_at <= now()
+        ORDER BY expires_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        PERFORM 1 FROM time_slots WHERE id = v_appt.time_slot_id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        PERFORM booking_expire_hold(v_appt);
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END
+$$;
+
+-- Deletes a slot that nobody occupies (a lapsed hold is expired first). It
+-- is kept, marked deleted, because past appointments and events may
+-- reference it; it no longer blocks overlapping slots.
+CREATE FUNCTION booking_delete_slot(p_slot_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_slot time_slots;
+BEGIN
+    PERFORM booking_require_snapshot_isolation();
+    SELECT * INTO v_slot FROM time_slots
+    WHERE id = p_slot_id AND deleted_at IS NULL
+    FOR UPDATE;
+    IF v_slot.id IS NULL THEN
+        PERFORM booking_fail('SLOT_NOT_FOUND', jsonb_build_object('id', p_slot_id));
+    END IF;
+    v_slot := booking_reclaim_slot(v_slot);
+    IF v_slot.status <> 'AVAILABLE' THEN
+        PERFORM booking_fail('SLOT_NOT_AVAILABLE', jsonb_build_object(
+            'slot_id', p_slot_id, 'status', v_slot.status));
+    END IF;
+    UPDATE time_slots SET deleted_at = now() WHERE id = p_slot_id;
+END
+$$;

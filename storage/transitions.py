@@ -1,0 +1,82 @@
+"""The one place that names the database's functions and their arguments.
+
+Every call of a function in storage/sql/ is built here, with named
+arguments (``booking_hold_slot(p_slot_id => $1, …)``), so a reordered or
+added parameter is one edit, and an argument that does not exist fails
+loudly instead of landing in the wrong position. storage/, the benchmark
+and the tests all take their statements from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from storage.events import EVENT_COLUMNS
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    params: tuple[str, ...]
+    # A transition returns an appointment_events row; the others one value.
+    returns_event: bool = False
+
+    def call(self, args: Mapping[str, str]) -> str:
+        """The call expression with each parameter bound to an SQL expression."""
+        if set(args) != set(self.params):
+            raise TypeError(f"{self.name} takes {sorted(self.params)}, not {sorted(args)}")
+        bound = ", ".join(f"{p} => {args[p]}" for p in self.params)
+        return f"{self.name}({bound})"
+
+    def statement(self, args: Mapping[str, str] | None = None) -> str:
+        """The whole statement; by default the parameters are $1, $2, … in order."""
+        if args is None:
+            args = {p: f"${i}" for i, p in enumerate(self.params, start=1)}
+        if self.returns_event:
+            return f"SELECT {EVENT_COLUMNS} FROM {self.call(args)} e"
+        return f"SELECT {self.call(args)}"
+
+    def values(self, **kwargs: Any) -> list[Any]:
+        """Positional values for :meth:`statement`, from keyword arguments
+        named like the parameters without their ``p_`` prefix."""
+        given = {f"p_{k}": v for k, v in kwargs.items()}
+        if set(given) != set(self.params):
+            raise TypeError(f"{self.name} takes {sorted(self.params)}, not {sorted(given)}")
+        return [given[p] for p in self.params]
+
+
+def _transition(name: str, *params: str) -> Function:
+    return Function(name, params, returns_event=True)
+
+
+HOLD_SLOT = _transition(
+    "booking_hold_slot",
+    "p_slot_id",
+    "p_user_id",
+    "p_priority",
+    "p_actor_id",
+    "p_hold_ttl",
+    "p_check_user_overlap",
+    "p_request_id",
+)
+CONFIRM = _transition("booking_confirm", "p_id", "p_owner_id", "p_actor_id", "p_request_id")
+CANCEL = _transition(
+    "booking_cancel", "p_id", "p_owner_id", "p_actor_id", "p_reason", "p_request_id"
+)
+MARK_NO_SHOW = _transition("booking_mark_no_show", "p_id", "p_actor_id", "p_request_id")
+RESCHEDULE = _transition(
+    "booking_reschedule",
+    "p_id",
+    "p_new_slot_id",
+    "p_owner_id",
+    "p_actor_id",
+    "p_check_user_overlap",
+    "p_request_id",
+)
+
+EXPIRE_HOLDS = Function("booking_expire_holds", ("p_limit",))
+DELETE_SLOT = Function("booking_delete_slot", ("p_slot_id",))
+REMEMBER_FAILURE = Function("booking_remember_failure", ("p_key", "p_reason", "p_detail"))
+FORGET_REQUEST_IDS = Function("booking_forget_request_ids", ("p_retention", "p_limit"))
