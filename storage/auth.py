@@ -45,7 +45,7 @@ async def resolve_token(db: Database, token_hash: bytes) -> User | None:
             token_hash,
         )
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, single_statement=True, read_only=True)
     if row is None:
         return None
     return User(
@@ -80,7 +80,7 @@ async def lockout_remaining(db: Database, email_key: str) -> float:
         )
         return None if value is None else float(value)
 
-    remaining = await db.run(work, single_statement=True)
+    remaining = await db.run(work, single_statement=True, read_only=True)
     return max(0.0, remaining or 0.0)
 
 

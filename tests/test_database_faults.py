@@ -1,0 +1,252 @@
+"""The database going away is UNAVAILABLE, never INTERNAL or UNKNOWN.
+
+Pooled connections whose backends were terminated, and a PostgreSQL this
+module owns restarted under traffic: every answer is OK, UNAVAILABLE or a
+legitimate business refusal, the broken connections leave the pool, and the
+service works again afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import grpc
+import pytest
+
+from booking.v1 import appointment_pb2 as apb
+from booking.v1 import slot_pb2 as spb
+from service.server import BookingServer
+from storage import embedded, migrate
+from storage.models import Role
+from tests.support import Api, ServerConfig, hours_from_now, ts
+
+OK = grpc.StatusCode.OK
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def _code(outcome: object, allowed: set[grpc.StatusCode]) -> grpc.StatusCode:
+    if isinstance(outcome, grpc.aio.AioRpcError):
+        code = outcome.code()
+        assert code in allowed, f"{code}: {outcome.details()}"
+        return code
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return OK
+
+
+async def _terminate_pool_backends(admin_url: str, database_url: str) -> int:
+    name = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(admin_url)
+    try:
+        return int(
+            await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = $1 AND application_name = 'booking-service'",
+                name,
+            )
+        )
+    finally:
+        await admin.close()
+
+
+class Traffic:
+    """Concurrent reads and holds until stopped, counting answers by code."""
+
+    def __init__(self, api: Api, specialist_id: str, slot_ids: list[str], user_id: str) -> None:
+        self.api = api
+        self.specialist_id = specialist_id
+        self.slot_ids = iter(slot_ids)
+        self.read_slot = slot_ids[0]
+        self.user_id = user_id
+        self.codes: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, workers: int) -> None:
+        self._tasks = [asyncio.create_task(self._run(i)) for i in range(workers)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _run(self, worker: int) -> None:
+        api, md = self.api, self.api.md
+        reads = {OK, UNAVAILABLE}
+        # A hold answered UNAVAILABLE may have committed; a later hold of the
+        # same slot is never made, so only OK and UNAVAILABLE are expected.
+        holds = {OK, UNAVAILABLE}
+        for n in itertools.count():
+            if self._stop.is_set():
+                return
+            calls: list[tuple[str, Awaitable[object], set[grpc.StatusCode]]] = [
+                (
+                    "GetSlot",
+                    api.slots.GetSlot(
+                        spb.GetSlotRequest(id=self.read_slot), metadata=md, timeout=10
+                    ),
+                    reads,
+                ),
+                (
+                    "ListSlots",
+                    api.slots.ListSlots(
+                        spb.ListSlotsRequest(specialist_id=self.specialist_id),
+                        metadata=md,
+                        timeout=10,
+                    ),
+                    reads,
+                ),
+            ]
+            slot_id = next(self.slot_ids, None) if worker % 2 == 0 and n % 2 == 0 else None
+            if slot_id is not None:
+                request = apb.HoldSlotRequest(slot_id=slot_id, user_id=self.user_id)
+                calls.append(
+                    ("HoldSlot", api.appointments.HoldSlot(request, metadata=md, timeout=10), holds)
+                )
+            outcomes = await asyncio.gather(*(c for _, c, _ in calls), return_exceptions=True)
+            for (name, _, allowed), outcome in zip(calls, outcomes, strict=True):
+                self.codes[f"{name} {_code(outcome, allowed).name}"] += 1
+
+
+async def _traffic(api: Api, slots: int) -> Traffic:
+    specialist = await api.specialist()
+    start = hours_from_now(48)
+    request = spb.BatchCreateSlotsRequest(
+        requests=[
+            spb.CreateSlotRequest(
+                specialist_id=specialist.id,
+                start_time=ts(start + timedelta(minutes=30 * i)),
+                end_time=ts(start + timedelta(minutes=30 * i + 30)),
+            )
+            for i in range(slots)
+        ]
+    )
+    reply = await api.slots.BatchCreateSlots(request, metadata=api.md)
+    user_id, _ = await api.make_user(Role.CLIENT)
+    return Traffic(api, specialist.id, [s.id for s in reply.slots], user_id)
+
+
+async def test_terminated_pool_connections_answer_unavailable_then_recover(
+    api: Api, pg_admin_url: str, database_url: str
+) -> None:
+    traffic = await _traffic(api, slots=400)
+    traffic.start(workers=12)
+    killed = 0
+    try:
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            killed += await _terminate_pool_backends(pg_admin_url, database_url)
+    finally:
+        await traffic.stop()
+    assert killed > 0 and traffic.codes["GetSlot OK"] > 0
+    # The broken connections left the pool: everything works again.
+    for _ in range(30):
+        await api.slots.GetSlot(spb.GetSlotRequest(id=traffic.read_slot), metadata=api.md)
+
+
+# --- a PostgreSQL of our own, restarted under traffic -------------------------
+
+
+class OwnPostgres:
+    """A durable PostgreSQL in a temp dir that tests may restart or stop."""
+
+    def __init__(self, server: embedded.EmbeddedPostgres) -> None:
+        self.server = server
+
+    def url(self, database: str = "postgres") -> str:
+        return self.server.url(database)
+
+    def pg_ctl(self, *args: str) -> None:
+        command = [str(embedded.bin_dir() / "pg_ctl"), "-D", str(self.server.pgdata), *args]
+        if os.geteuid() == 0:
+            # Not subprocess's user=: that forks (no vfork), and a fork of this
+            # gRPC-threaded process intermittently died of SIGSEGV before exec.
+            command = ["runuser", "-u", embedded.SERVICE_USER, "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120, cwd="/")
+
+    def restart(self, mode: str) -> None:
+        # restart reuses the recorded command line, so the port stays the same.
+        self.pg_ctl("-m", mode, "-w", "-t", "60", "restart", "-l", str(self.log))
+
+    def stop(self) -> None:
+        self.pg_ctl("-m", "fast", "-w", "stop")
+
+    def start(self) -> None:
+        options = f"-p {self.server.port} -h 127.0.0.1 -k {self.server.pgdata}"
+        self.pg_ctl("-o", options, "-l", str(self.log), "-w", "-t", "60", "start")
+
+    @property
+    def log(self) -> Path:
+        return self.server.pgdata / "server.log"
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[OwnPostgres]:
+    data_dir = Path(tempfile.mkdtemp(prefix="booking-fault-pg-"))
+    pg = OwnPostgres(embedded.start(data_dir, max_connections=100))
+    try:
+        yield pg
+    finally:
+        try:
+            pg.stop()
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def own_database(own_pg: OwnPostgres) -> AsyncIterator[str]:
+    name = f"booking_fault_{next(_databases)}"
+    conn = await asyncpg.connect(own_pg.url())
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    url = own_pg.url(name)
+    await asyncio.to_thread(migrate.apply, url)
+    yield url
+
+
+_databases = itertools.count()
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_postgres_restarts_under_traffic_answer_unavailable_then_recover(
+    own_pg: OwnPostgres, own_database: str, mode: str
+) -> None:
+    server = BookingServer(ServerConfig.for_tests(own_database))
+    await server.start()
+    try:
+        async with Api.connect(server) as api:
+            traffic = await _traffic(api, slots=600)
+            traffic.start(workers=8)
+            try:
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(own_pg.restart, mode)
+                await asyncio.sleep(0.5)
+            finally:
+                await traffic.stop()
+            assert traffic.codes["GetSlot OK"] > 0
+            # Back to normal without a restart of the service.
+            request = spb.GetSlotRequest(id=traffic.read_slot)
+            for _ in range(100):
+                try:
+                    await api.slots.GetSlot(request, metadata=api.md, timeout=5)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == UNAVAILABLE, err.details()
+                    await asyncio.sleep(0.1)
+            for _ in range(20):
+                await api.slots.GetSlot(request, metadata=api.md, timeout=5)
+            assert await api.hold(traffic.slot_ids.__next__(), user_id=traffic.user_id)
+    finally:
+        await server.stop(grace=1)
