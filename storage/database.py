@@ -196,6 +196,10 @@ class Database:
         self.pool = pool
         self.retry = retry
         self.dsn = dsn
+        # While False (a server waiting for its database to come up, or for
+        # migrations), every run() is DatabaseUnavailable without touching
+        # the database: no query meets a schema that is not there yet.
+        self.accepting = True
         self._probe: Connection | None = None
 
     @classmethod
@@ -257,6 +261,8 @@ class Database:
         """
         if single_statement and isolation is not DEFAULT_ISOLATION:
             raise ValueError("single statements run at the session default isolation")
+        if not self.accepting:
+            raise errors.DatabaseUnavailable()
         attempt = 0
         # One retry per pooled connection (each may be a dead one) plus one.
         lost_budget = self.pool.get_max_size() + 1
@@ -326,6 +332,19 @@ class Database:
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
             with contextlib.suppress(asyncpg.InterfaceError):
+                await self.pool.release(conn)
+
+    async def warm(self, count: int) -> None:
+        """Open up to `count` pool connections ahead of the first calls
+        (best effort: a pool created with min_size 0 connects lazily)."""
+        held: list[Connection] = []
+        try:
+            for _ in range(count):
+                held.append(await self.pool.acquire(timeout=5))
+        except Exception:  # noqa: BLE001 - the calls will connect on demand
+            pass
+        finally:
+            for conn in held:
                 await self.pool.release(conn)
 
     async def ping(self, within: float = 2.0) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections import Counter
@@ -23,9 +24,12 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import slot_pb2 as spb
+from booking.v1 import slot_pb2_grpc
+from service import server as server_module
 from service.server import BookingServer
 from storage import embedded, migrate
 from storage.models import Role
@@ -33,6 +37,8 @@ from tests.support import Api, ServerConfig, hours_from_now, ts
 
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _code(outcome: object, allowed: set[grpc.StatusCode]) -> grpc.StatusCode:
@@ -250,3 +256,95 @@ async def test_postgres_restarts_under_traffic_answer_unavailable_then_recover(
             assert await api.hold(traffic.slot_ids.__next__(), user_id=traffic.user_id)
     finally:
         await server.stop(grace=1)
+
+
+# --- health follows a stalled database; start-up waits for a missing one -----
+
+
+def _cluster_pids(pg: OwnPostgres) -> list[int]:
+    """The postmaster of `pg` and its children (only processes we started)."""
+    postmaster = int((pg.server.pgdata / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may contain spaces, so split after ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+            pids.append(int(entry.name))
+    return pids
+
+
+async def _health(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        return int(reply.status)
+
+
+async def _wait_for_health(port: int, want: int, seconds: float) -> float:
+    started = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - started < seconds:
+        if await _health(port) == want:
+            return asyncio.get_running_loop().time() - started
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health did not become {want} within {seconds} s")
+
+
+async def test_health_is_not_serving_while_the_database_is_stopped_with_sigstop(
+    own_pg: OwnPostgres, own_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "HEALTH_CHECK_SECONDS", 0.2)
+    server = BookingServer(ServerConfig.for_tests(own_database))
+    await server.start()
+    assert server.port is not None
+    stopped: list[int] = []
+    try:
+        assert await _health(server.port) == SERVING
+        for pid in _cluster_pids(own_pg):
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        # The probe times out (2 s) instead of waiting forever.
+        await _wait_for_health(server.port, NOT_SERVING, seconds=8)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped.clear()
+        await _wait_for_health(server.port, SERVING, seconds=10)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        await server.stop(grace=1)
+
+
+async def test_a_server_started_while_the_database_is_down_waits_for_it(
+    own_pg: OwnPostgres, own_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "START_RETRY_MAX_SECONDS", 0.5)
+    await asyncio.to_thread(own_pg.stop)
+    server = BookingServer(ServerConfig.for_tests(own_database, migrate_on_start=True))
+    try:
+        await server.start()
+        assert server.port is not None
+        assert await _health(server.port) == NOT_SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await slot_pb2_grpc.SlotServiceStub(channel).GetSlot(
+                    spb.GetSlotRequest(id="00000000-0000-4000-8000-000000000000"),
+                    metadata=[("authorization", "Bearer bk_whatever")],
+                    timeout=5,
+                )
+        assert refused.value.code() == UNAVAILABLE
+        await asyncio.to_thread(own_pg.start)
+        await _wait_for_health(server.port, SERVING, seconds=20)
+        async with Api.connect(server) as api:
+            specialist = await api.specialist()
+            slot = await api.slot(specialist.id, hours_from_now(10))
+            assert (await api.hold(slot.id, user_id=(await api.make_user(Role.CLIENT))[0])).id
+    finally:
+        await server.stop(grace=1)
+        if not (own_pg.server.pgdata / "postmaster.pid").exists():
+            await asyncio.to_thread(own_pg.start)
