@@ -189,6 +189,31 @@ async def _reset(conn: Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+async def _connect_to_completion(*args: Any, **kwargs: Any) -> Connection:
+    """asyncpg.connect, not interrupted by the cancellation of the call that
+    needed it.
+
+    A client that gives up (deadline, disconnect) cancels its handler, and
+    with it any pool connect in progress. Cancelled during the TLS probe of
+    sslmode=prefer (the default), asyncpg leaves a failed future nobody
+    awaits, and asyncio logs it with a traceback, once per cancelled call.
+    Finished in the background instead, the connection is closed if no
+    caller is left for it; the pool makes a new one when needed.
+    """
+    task = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_close_orphan)
+        raise
+
+
+def _close_orphan(task: asyncio.Future[Connection]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return  # retrieved, so not logged
+    task.result().terminate()
+
+
 class Database:
     """An asyncpg pool whose sessions default to REPEATABLE READ."""
 
@@ -218,6 +243,7 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             reset=_reset,
+            connect=_connect_to_completion,
             # Bounds every (re)connect the pool makes, so a stalled server
             # turns into UNAVAILABLE instead of a call hanging for a minute.
             timeout=connect_timeout,

@@ -1,0 +1,76 @@
+"""Calls around a shutdown, and calls their clients gave up on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+import grpc
+import pytest
+
+from booking.v1 import slot_pb2 as spb
+from service.server import BookingServer
+from tests.support import Api, ServerConfig, hours_from_now
+
+
+async def test_calls_sent_just_before_shutdown_are_served_not_cancelled(
+    database_url: str,
+) -> None:
+    codes: Counter[str] = Counter()
+    for _round in range(3):
+        server = BookingServer(ServerConfig.for_tests(database_url))
+        await server.start()
+        try:
+            async with Api.connect(server) as api:
+                specialist = await api.specialist()
+                request = spb.ListSlotsRequest(specialist_id=specialist.id)
+                calls = [
+                    asyncio.ensure_future(api.slots.ListSlots(request, metadata=api.md, timeout=10))
+                    for _ in range(20)
+                ]
+                await asyncio.sleep(0.01)
+                stopping = server.stop(grace=5)
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+                await stopping
+        finally:
+            await server.stop(grace=1)
+        for outcome in outcomes:
+            if isinstance(outcome, grpc.aio.AioRpcError):
+                codes[outcome.code().name] += 1
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                codes["OK"] += 1
+    # Refused before being accepted (UNAVAILABLE) is fine; cancelled after
+    # being accepted is not.
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+
+
+async def test_calls_given_up_by_their_clients_log_one_line_and_no_traceback(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    specialist = await api.specialist()
+    for i in range(20):
+        await api.slot(specialist.id, hours_from_now(10 + i))
+    request = spb.ListSlotsRequest(specialist_id=specialist.id)
+    calls = 300
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    codes: Counter[str] = Counter()
+    for batch in range(calls // 30):
+        outcomes = await asyncio.gather(
+            *(
+                api.slots.ListSlots(request, metadata=api.md, timeout=(1 + (batch + i) % 30) / 1000)
+                for i in range(30)
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            codes[outcome.code().name if isinstance(outcome, grpc.aio.AioRpcError) else "OK"] += 1
+    await asyncio.sleep(0.5)  # let handlers that outlived their deadline finish
+    assert codes["DEADLINE_EXCEEDED"] > 0, codes
+    tracebacks = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert not tracebacks, [r.getMessage() for r in tracebacks[:3]]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(caplog.records) <= calls + 5, Counter(r.name for r in caplog.records)
