@@ -171,7 +171,7 @@ def to_status(exc: e.BookingError) -> grpc.Status:
 
     def build(kept: list[error_details_pb2.BadRequest.FieldViolation]) -> status_pb2.Status:
         info_metadata = dict(metadata)
-        text = message
+        text, suffix = message, ""
         if violations:
             omitted = len(violations) - len(kept)
             info_metadata["violations"] = str(len(violations))
@@ -180,7 +180,7 @@ def to_status(exc: e.BookingError) -> grpc.Status:
                 text = "; ".join(f"{v.field}: {v.description}" for v in kept)
             if omitted:
                 info_metadata["violations_omitted"] = str(omitted)
-                text = f"{text} (and {omitted} more)"
+                suffix = f" (and {omitted} more)"
         details = [
             _pack(
                 error_details_pb2.ErrorInfo(
@@ -191,7 +191,9 @@ def to_status(exc: e.BookingError) -> grpc.Status:
         if kept:
             details.append(_pack(error_details_pb2.BadRequest(field_violations=kept)))
         return status_pb2.Status(
-            code=code.value[0], message=_clip_bytes(text), details=[*details, *extra]
+            code=code.value[0],
+            message=_clip_bytes(text, MAX_MESSAGE_BYTES - len(suffix)) + suffix,
+            details=[*details, *extra],
         )
 
     # Greedy by size (each violation costs its bytes plus a tag and a
