@@ -54,6 +54,8 @@ class _Call:
         await self.context.abort_with_status(internal_status())  # type: ignore[attr-defined]
 
     def finish(self, items: int | None = None) -> None:
+        if self.quiet and self.code is grpc.StatusCode.OK and not log.isEnabledFor(logging.DEBUG):
+            return  # a health check's success, not logged: skip the work
         elapsed_ms = (time.perf_counter() - self.start) * 1000
         extra: dict[str, Any] = {
             "rpc_method": self.method,

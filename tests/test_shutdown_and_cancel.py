@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 
@@ -11,6 +12,8 @@ import pytest
 
 from booking.v1 import slot_pb2 as spb
 from service.server import BookingServer
+from service.sweeper import sweep_forever
+from storage.database import Database
 from tests.support import Api, ServerConfig, hours_from_now
 
 
@@ -74,3 +77,23 @@ async def test_calls_given_up_by_their_clients_log_one_line_and_no_traceback(
     assert not tracebacks, [r.getMessage() for r in tracebacks[:3]]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(caplog.records) <= calls + 5, Counter(r.name for r in caplog.records)
+
+
+async def test_the_hold_sweeper_reports_a_database_outage_in_one_line(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = await Database.connect(database_url, min_size=0, max_size=1)
+    db.accepting = False  # every run() is DatabaseUnavailable, as in an outage
+    caplog.set_level(logging.INFO)
+    sweeper = asyncio.create_task(
+        sweep_forever(db, interval=0.05, batch_size=10, on_release=lambda: None)
+    )
+    try:
+        await asyncio.sleep(0.3)
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await db.close()
+    lines = [r for r in caplog.records if r.name == "service.sweeper"]
+    assert lines and all(not r.exc_info and r.levelno == logging.WARNING for r in lines)
