@@ -385,7 +385,7 @@ class Database:
         try:
             async with asyncio.timeout(within):
                 if self._probe is None or self._probe.is_closed():
-                    self._probe = await asyncpg.connect(
+                    self._probe = await _connect_to_completion(
                         self.dsn,
                         timeout=within,
                         server_settings={"application_name": "booking-health"},
