@@ -14,7 +14,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -356,3 +358,46 @@ async def test_a_server_started_while_the_database_is_down_waits_for_it(
         await server.stop(grace=1)
         if not (own_pg.server.pgdata / "postmaster.pid").exists():
             await asyncio.to_thread(own_pg.start)
+
+
+def test_serve_with_workers_waits_for_a_database_that_is_down(
+    own_pg: OwnPostgres, own_database: str
+) -> None:
+    own_pg.stop()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = {**os.environ, "DATABASE_URL": own_database, "BOOKING_PORT": str(port)}
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--workers", "2"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert asyncio.run(_poll_health(port, NOT_SERVING, parent)) == NOT_SERVING
+        own_pg.start()
+        assert asyncio.run(_poll_health(port, SERVING, parent)) == SERVING
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        code = parent.wait(timeout=30)
+        stderr = parent.stderr.read().decode() if parent.stderr else ""
+        if not (own_pg.server.pgdata / "postmaster.pid").exists():
+            own_pg.start()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+async def _poll_health(port: int, want: int, proc: subprocess.Popen[bytes]) -> int:
+    status = -1
+    for _ in range(300):
+        assert proc.poll() is None, "serve exited while the database was down"
+        try:
+            status = await _health(port)
+        except grpc.aio.AioRpcError:
+            status = -1  # not listening yet
+        if status == want:
+            return status
+        await asyncio.sleep(0.1)
+    return status
