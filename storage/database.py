@@ -99,10 +99,10 @@ def _nothing_sent(exc: BaseException) -> bool:
     """Whether asyncpg refused the operation before sending it: the
     connection was already broken, so no statement ran and even a write can
     be retried on another connection."""
-    if isinstance(exc, asyncpg.exceptions.OutdatedSchemaCacheError):
-        return False
     if isinstance(exc, asyncpg.InternalClientError):
-        return True
+        # Raised by the protocol's state check before it writes; its
+        # subclasses (ProtocolError...) can come after a statement was sent.
+        return type(exc) is asyncpg.InternalClientError and "cannot switch to state" in str(exc)
     return (
         isinstance(exc, asyncpg.InterfaceError)
         and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)

@@ -401,3 +401,30 @@ async def _poll_health(port: int, want: int, proc: subprocess.Popen[bytes]) -> i
             return status
         await asyncio.sleep(0.1)
     return status
+
+
+@pytest.mark.parametrize(
+    ("exc", "gone", "unsent"),
+    [
+        (asyncpg.InternalClientError("cannot switch to state 12; another operation"), True, True),
+        (asyncpg.exceptions.ProtocolError("unexpected message"), True, False),
+        (asyncpg.ConnectionDoesNotExistError("closed in the middle of operation"), True, False),
+        (asyncpg.InterfaceError("cannot perform operation: connection is closed"), True, True),
+        (ConnectionResetError(), True, False),
+        (TimeoutError(), True, False),
+        (asyncpg.AdminShutdownError("terminating connection"), True, False),
+        (asyncpg.CannotConnectNowError("the database system is starting up"), True, False),
+        (asyncpg.TooManyConnectionsError("too many clients"), True, False),
+        (asyncpg.UniqueViolationError("duplicate key"), False, False),
+        (asyncpg.SerializationError("could not serialize"), False, False),
+        (asyncpg.exceptions.OutdatedSchemaCacheError("cached plan"), False, False),
+        (ValueError("a bug"), False, False),
+    ],
+)
+def test_what_counts_as_the_database_going_away(
+    exc: BaseException, gone: bool, unsent: bool
+) -> None:
+    from storage.database import _nothing_sent, went_away
+
+    assert went_away(exc) is gone
+    assert _nothing_sent(exc) is unsent
