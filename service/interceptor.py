@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -42,8 +42,9 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.reason = ""
 
-    async def fail(self, exc: BaseException) -> None:
+    async def fail(self, exc: BaseException) -> NoReturn:
         """Answer the client for `exc`; always raises."""
+        self.give_up_if_expired()
         if isinstance(exc, BookingError):
             self.code = code_for(exc)
             self.reason = exc.reason
@@ -52,6 +53,20 @@ class _Call:
         log.error("unhandled error in %s", self.method, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
         await self.context.abort_with_status(internal_status())  # type: ignore[attr-defined]
+        raise AssertionError("abort_with_status returned")  # it raises AbortError
+
+    def give_up_if_expired(self) -> None:
+        """Raise CancelledError, not answer, once the deadline has passed.
+
+        grpc has already ended such a call (DEADLINE_EXCEEDED) in its core,
+        but may not have told this handler yet: an answer sent now fails in
+        grpc with ExecuteBatchError, logged with a traceback. Within a
+        millisecond of the deadline an answer could not arrive in time.
+        """
+        remaining = self.context.time_remaining()
+        if remaining is not None and remaining < 0.001:
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise asyncio.CancelledError()
 
     def finish(self, items: int | None = None) -> None:
         if self.quiet and self.code is grpc.StatusCode.OK and not log.isEnabledFor(logging.DEBUG):
@@ -193,16 +208,19 @@ class ServiceInterceptor(ServerInterceptor):
         async def behavior(request: Any, context: Context) -> Any:
             call = _Call(method, context, quiet=open_)
             try:
-                if not open_:
-                    await self._authorize(method, context)
-                return await inner(prepare(request), context)
-            except asyncio.CancelledError:
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
-                await call.fail(exc)
+                try:
+                    if not open_:
+                        await self._authorize(method, context)
+                    response = await inner(prepare(request), context)
+                except asyncio.CancelledError:
+                    call.code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
+                    await call.fail(exc)
+                call.give_up_if_expired()
+                return response
             finally:
                 call.finish()
 
@@ -216,11 +234,13 @@ class ServiceInterceptor(ServerInterceptor):
                 if not open_:
                     await self._authorize(method, context)
                 async for message in inner(prepare(request), context):
+                    call.give_up_if_expired()
                     yield message
                     sent += 1
             except asyncio.CancelledError:
                 # Re-raised: swallowing it leaks the stream (grpc/grpc#43360).
-                call.code = grpc.StatusCode.CANCELLED
+                if call.code is grpc.StatusCode.OK:
+                    call.code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 raise
