@@ -174,7 +174,7 @@ class BookingServer:
         self.db.accepting = True
         self._set_health(serving=True)
         if attempt > 1:
-            log.warning("database ready after %d attempts", attempt)
+            log.info("database ready after %d attempts", attempt)
         return True
 
     def _bind(self, server: grpc.aio.Server) -> int:
