@@ -99,10 +99,14 @@ class BookingServer:
         """Listen, and be SERVING if the database answers; if it does not,
         return anyway (NOT_SERVING) and keep trying in the background."""
         dsn, self._embedded = await resolve_database(self.config)
-        # min_size 0: creating the pool opens no connection, so it cannot
-        # fail while the database is down; warm() fills it once it is up.
-        self.db = db = await Database.connect(dsn, min_size=0, max_size=self.config.pool_max_size)
-        db.accepting = False
+        # Deferred: it cannot fail while the database is down, and refuses
+        # work (UNAVAILABLE) until _open_database has connected it.
+        self.db = db = await Database.connect(
+            dsn,
+            min_size=self.config.pool_min_size,
+            max_size=self.config.pool_max_size,
+            deferred=True,
+        )
         self._hub = hub = EventHub(
             db, poll_interval=self.config.event_poll_seconds, max_streams=self.config.max_streams
         )
@@ -156,13 +160,14 @@ class BookingServer:
 
     async def _open_database(self, attempt: int) -> bool:
         """One try at readiness: the database answers, migrations are
-        applied (when configured), the pool is warm. Then SERVING."""
+        applied (when configured), the pool is connected. Then SERVING."""
         assert self.db is not None
         try:
             if not await self.db.ping(HEALTH_PROBE_TIMEOUT_SECONDS):
                 raise ConnectionError("no answer to SELECT 1")
             if self.config.migrate_on_start:
                 await asyncio.to_thread(migrate.apply, self.db.dsn)
+            await self.db.open()
         except Exception as exc:  # noqa: BLE001 - retried; one line per attempt
             log.warning(
                 "database not ready (attempt %d): %s",
@@ -170,8 +175,6 @@ class BookingServer:
                 (str(exc).strip().splitlines() or [type(exc).__name__])[0],
             )
             return False
-        await self.db.warm(self.config.pool_min_size)
-        self.db.accepting = True
         self._set_health(serving=True)
         if attempt > 1:
             log.info("database ready after %d attempts", attempt)

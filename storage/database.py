@@ -214,13 +214,42 @@ def _close_orphan(task: asyncio.Future[Connection]) -> None:
     task.result().terminate()
 
 
+async def _create_pool(
+    dsn: str, *, min_size: int, max_size: int, statement_timeout_ms: int, connect_timeout: float
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        reset=_reset,
+        connect=_connect_to_completion,
+        # Bounds every (re)connect the pool makes, so a stalled server
+        # turns into UNAVAILABLE instead of a call hanging for a minute.
+        timeout=connect_timeout,
+        server_settings={
+            "application_name": "booking-service",
+            "default_transaction_isolation": DEFAULT_ISOLATION.sql_name,
+            "timezone": "UTC",
+            "statement_timeout": str(statement_timeout_ms),
+            "idle_in_transaction_session_timeout": "60000",
+            # Plans here are tiny; JIT compilation would only add latency.
+            "jit": "off",
+        },
+    )
+    assert pool is not None
+    return pool
+
+
 class Database:
     """An asyncpg pool whose sessions default to REPEATABLE READ."""
 
-    def __init__(self, pool: asyncpg.Pool, retry: RetryPolicy, dsn: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, retry: RetryPolicy, dsn: str, pool_args: dict[str, Any]
+    ) -> None:
         self.pool = pool
         self.retry = retry
         self.dsn = dsn
+        self._pool_args = pool_args
         # While False (a server waiting for its database to come up, or for
         # migrations), every run() is DatabaseUnavailable without touching
         # the database: no query meets a schema that is not there yet.
@@ -237,28 +266,32 @@ class Database:
         statement_timeout_ms: int = 30_000,
         connect_timeout: float = 5.0,
         retry: RetryPolicy | None = None,
+        deferred: bool = False,
     ) -> Database:
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            reset=_reset,
-            connect=_connect_to_completion,
-            # Bounds every (re)connect the pool makes, so a stalled server
-            # turns into UNAVAILABLE instead of a call hanging for a minute.
-            timeout=connect_timeout,
-            server_settings={
-                "application_name": "booking-service",
-                "default_transaction_isolation": DEFAULT_ISOLATION.sql_name,
-                "timezone": "UTC",
-                "statement_timeout": str(statement_timeout_ms),
-                "idle_in_transaction_session_timeout": "60000",
-                # Plans here are tiny; JIT compilation would only add latency.
-                "jit": "off",
-            },
-        )
-        assert pool is not None
-        return cls(pool, retry or RetryPolicy(), dsn)
+        """A connected pool; with ``deferred``, one that has not connected
+        yet (so it cannot fail) and refuses work until :meth:`open`."""
+        args: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "statement_timeout_ms": statement_timeout_ms,
+            "connect_timeout": connect_timeout,
+        }
+        pool = await _create_pool(dsn, **(args | {"min_size": 0} if deferred else args))
+        db = cls(pool, retry or RetryPolicy(), dsn, args)
+        db.accepting = not deferred
+        return db
+
+    async def open(self) -> None:
+        """Connect the pool of a deferred Database (min_size connections;
+        raises if the database cannot be reached) and accept work."""
+        if self.accepting:
+            return
+        # The placeholder (min_size 0, never used while not accepting) is
+        # replaced, so min_size keeps its floor of idle connections.
+        pool = await _create_pool(self.dsn, **self._pool_args)
+        placeholder, self.pool = self.pool, pool
+        await placeholder.close()
+        self.accepting = True
 
     async def close(self) -> None:
         self._drop_probe()
@@ -358,19 +391,6 @@ class Database:
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
             with contextlib.suppress(asyncpg.InterfaceError):
-                await self.pool.release(conn)
-
-    async def warm(self, count: int) -> None:
-        """Open up to `count` pool connections ahead of the first calls
-        (best effort: a pool created with min_size 0 connects lazily)."""
-        held: list[Connection] = []
-        try:
-            for _ in range(count):
-                held.append(await self.pool.acquire(timeout=5))
-        except Exception:  # noqa: BLE001 - the calls will connect on demand
-            pass
-        finally:
-            for conn in held:
                 await self.pool.release(conn)
 
     async def ping(self, within: float = 2.0) -> bool:

@@ -87,8 +87,8 @@ async def test_calls_given_up_by_their_clients_log_one_line_and_no_traceback(
 async def test_the_hold_sweeper_reports_a_database_outage_in_one_line(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db = await Database.connect(database_url, min_size=0, max_size=1)
-    db.accepting = False  # every run() is DatabaseUnavailable, as in an outage
+    # Not opened: every run() is DatabaseUnavailable, as in an outage.
+    db = await Database.connect(database_url, min_size=1, max_size=1, deferred=True)
     caplog.set_level(logging.INFO)
     sweeper = asyncio.create_task(
         sweep_forever(db, interval=0.05, batch_size=10, on_release=lambda: None)
