@@ -66,12 +66,22 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
     is the first non-zero one of the workers."""
     dsn, pg = await resolve_database(config)
     try:
+        workers_migrate = False
         if config.migrate_on_start:
-            await asyncio.to_thread(migrate.apply, dsn)
+            try:
+                await asyncio.to_thread(migrate.apply, dsn)
+            except Exception as exc:  # noqa: BLE001 - the workers wait for the database
+                # Each worker retries until the database answers, then
+                # migrates (yoyo takes a lock, so they do not collide).
+                log.warning(
+                    "database not ready, migrations left to the workers: %s",
+                    (str(exc).strip().splitlines() or [type(exc).__name__])[0],
+                )
+                workers_migrate = True
         env = {
             **os.environ,
             "DATABASE_URL": dsn,
-            "BOOKING_MIGRATE_ON_START": "false",
+            "BOOKING_MIGRATE_ON_START": "true" if workers_migrate else "false",
             "BOOKING_WORKERS": str(config.workers),
         }
         command = [sys.executable, "-m", "service.cli", *argv, "--worker-process"]

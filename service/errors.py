@@ -115,38 +115,100 @@ def _pack(message: Message) -> any_pb2.Any:
     return packed
 
 
-def to_status(exc: e.BookingError) -> grpc.Status:
-    code = code_for(exc)
-    details = [
-        _pack(
-            error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata())
-        )
-    ]
-    violations: list[FieldViolation] = []
+# Every status must fit a client's default limit for received metadata
+# (16 KiB, trailers included). grpc-status-details-bin travels base64-encoded
+# (4/3 of its size) and grpc-message percent-encoded (up to 3x), so the
+# serialized google.rpc.Status is kept under 8 KiB and the message under
+# 512 UTF-8 bytes: about 12.5 KiB in the worst case.
+MAX_DETAILS_BYTES = 8 * 1024
+MAX_MESSAGE_BYTES = 512
+MAX_TEXT_CHARS = 256  # one field name, description or metadata value
+MAX_METADATA_ENTRIES = 16
+
+
+def _clip(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _clip_bytes(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode(errors="ignore") + "\u2026"
+
+
+def _violations(exc: e.BookingError) -> list[FieldViolation]:
     if isinstance(exc, InvalidArgument):
-        violations = exc.violations
-    elif isinstance(exc, e.InvalidValue):
-        violations = [FieldViolation(exc.field, exc.description)]
-    elif isinstance(exc, e.RequestIdReused):
-        violations = [FieldViolation("request_id", str(exc))]
-    if violations:
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in violations
-                    ]
-                )
-            )
+        return exc.violations
+    if isinstance(exc, e.InvalidValue):
+        return [FieldViolation(exc.field, exc.description)]
+    if isinstance(exc, e.RequestIdReused):
+        return [FieldViolation("request_id", str(exc))]
+    return []
+
+
+def to_status(exc: e.BookingError) -> grpc.Status:
+    """The status for `exc`, bounded to fit default client limits: the
+    first violations that fit, with the total and the number left out in
+    ErrorInfo metadata (``violations``, ``violations_omitted``)."""
+    code = code_for(exc)
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=_clip(v.field), description=_clip(v.description)
         )
+        for v in _violations(exc)
+    ]
+    metadata = {
+        _clip(key, 63): _clip(value)
+        for key, value in list(exc.metadata().items())[:MAX_METADATA_ENTRIES]
+    }
+    message = str(exc)
+    extra: list[any_pb2.Any] = []
     if isinstance(exc, e.LoginThrottled):
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.seconds = exc.retry_after_seconds
-        details.append(_pack(retry))
-    status = status_pb2.Status(code=code.value[0], message=str(exc), details=details)
+        extra.append(_pack(retry))
+
+    def build(kept: list[error_details_pb2.BadRequest.FieldViolation]) -> status_pb2.Status:
+        info_metadata = dict(metadata)
+        text, suffix = message, ""
+        if violations:
+            omitted = len(violations) - len(kept)
+            info_metadata["violations"] = str(len(violations))
+            if isinstance(exc, InvalidArgument):
+                info_metadata["fields"] = _clip(",".join(v.field for v in kept), 1024)
+                text = "; ".join(f"{v.field}: {v.description}" for v in kept)
+            if omitted:
+                info_metadata["violations_omitted"] = str(omitted)
+                suffix = f" (and {omitted} more)"
+        details = [
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=exc.reason, domain=DOMAIN, metadata=info_metadata
+                )
+            )
+        ]
+        if kept:
+            details.append(_pack(error_details_pb2.BadRequest(field_violations=kept)))
+        return status_pb2.Status(
+            code=code.value[0],
+            message=_clip_bytes(text, MAX_MESSAGE_BYTES - len(suffix)) + suffix,
+            details=[*details, *extra],
+        )
+
+    # Greedy by size (each violation costs its bytes plus a tag and a
+    # length), then trimmed until the real encoding fits.
+    kept: list[error_details_pb2.BadRequest.FieldViolation] = []
+    used = build([]).ByteSize() + 64
+    for violation in violations:
+        used += violation.ByteSize() + 4
+        if used > MAX_DETAILS_BYTES:
+            break
+        kept.append(violation)
+    status = build(kept)
+    while kept and status.ByteSize() > MAX_DETAILS_BYTES:
+        kept.pop()
+        status = build(kept)
     return rpc_status.to_status(status)
 
 

@@ -1,5 +1,7 @@
-"""Wraps every handler: authentication and function-level authorization,
-error mapping, and one log line per RPC (method, code, duration).
+"""Wraps every handler of every service (booking.v1, health, reflection):
+request decoding, authentication and function-level authorization (not for
+the open infrastructure services), error mapping, and one log line per RPC
+(method, code, duration).
 
 grpc.aio's ServerInterceptor only sees the method name and metadata, so the
 work happens in a wrapper around the handler it returns.
@@ -11,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -30,15 +32,19 @@ Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 class _Call:
     """Book-keeping for one RPC: the code it ended with, and the log line."""
 
-    def __init__(self, method: str, context: Context) -> None:
+    def __init__(self, method: str, context: Context, *, quiet: bool = False) -> None:
         self.method = method
         self.context = context
+        # Health probes and reflection arrive often and matter only when
+        # they fail: their successes log at DEBUG.
+        self.quiet = quiet
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.reason = ""
 
-    async def fail(self, exc: BaseException) -> None:
+    async def fail(self, exc: BaseException) -> NoReturn:
         """Answer the client for `exc`; always raises."""
+        self.give_up_if_expired()
         if isinstance(exc, BookingError):
             self.code = code_for(exc)
             self.reason = exc.reason
@@ -47,8 +53,24 @@ class _Call:
         log.error("unhandled error in %s", self.method, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
         await self.context.abort_with_status(internal_status())  # type: ignore[attr-defined]
+        raise AssertionError("abort_with_status returned")  # it raises AbortError
+
+    def give_up_if_expired(self) -> None:
+        """Raise CancelledError, not answer, once the deadline has passed.
+
+        grpc has already ended such a call (DEADLINE_EXCEEDED) in its core,
+        but may not have told this handler yet: an answer sent now fails in
+        grpc with ExecuteBatchError, logged with a traceback. Within a
+        millisecond of the deadline an answer could not arrive in time.
+        """
+        remaining = self.context.time_remaining()
+        if remaining is not None and remaining < 0.001:
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise asyncio.CancelledError()
 
     def finish(self, items: int | None = None) -> None:
+        if self.quiet and self.code is grpc.StatusCode.OK and not log.isEnabledFor(logging.DEBUG):
+            return  # a health check's success, not logged: skip the work
         elapsed_ms = (time.perf_counter() - self.start) * 1000
         extra: dict[str, Any] = {
             "rpc_method": self.method,
@@ -62,7 +84,12 @@ class _Call:
         caller = auth.current()
         if caller.user is not None:
             extra["user_id"] = str(caller.user.id)
-        level = logging.ERROR if self.code is grpc.StatusCode.INTERNAL else logging.INFO
+        if self.code is grpc.StatusCode.INTERNAL:
+            level = logging.ERROR
+        elif self.quiet and self.code is grpc.StatusCode.OK:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
         log.log(
             level,
             "%s %s %.1fms%s",
@@ -75,6 +102,7 @@ class _Call:
 
 
 Parser = Callable[[bytes], Any]
+Prepare = Callable[[Any], Any]
 
 
 def _parse(parse: Parser | None, request: Any) -> Any:
@@ -88,11 +116,29 @@ def _parse(parse: Parser | None, request: Any) -> Any:
         ) from None
 
 
+def _parser(parse: Parser | None) -> Prepare:
+    return lambda request: _parse(parse, request)
+
+
+def _stream_parser(parse: Parser | None) -> Prepare:
+    """Decodes each message of a request stream as the handler reads it, so
+    a corrupt one ends the call with INVALID_ARGUMENT, not UNKNOWN."""
+
+    async def each(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield _parse(parse, request)
+
+    return each
+
+
 class ServiceInterceptor(ServerInterceptor):
     def __init__(self, authenticator: auth.Authenticator) -> None:
         self.authenticator = authenticator
         # Wrapped handlers are built once per method, not once per call.
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        # When the last call reached a handler; shutdown waits for a quiet
+        # moment so calls already received are served, not cancelled.
+        self.last_call_started = 0.0
 
     async def intercept_service(
         self,
@@ -102,12 +148,15 @@ class ServiceInterceptor(ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         method = details.method
+        self.last_call_started = time.monotonic()
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
             return wrapped
-        handler = await continuation(details)
-        if handler is None or self.authenticator.is_open(method):
-            return handler
+        # None for an unknown method (grpc-stubs says otherwise): grpc then
+        # answers UNIMPLEMENTED itself.
+        handler = cast("grpc.RpcMethodHandler[Any, Any] | None", await continuation(details))
+        if handler is None:
+            return None  # type: ignore[return-value]
         wrapped = self._wrap(method, handler)
         self._wrapped[method] = wrapped
         return wrapped
@@ -117,67 +166,81 @@ class ServiceInterceptor(ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         # grpc-stubs types handler behaviours as sync ones; under grpc.aio they
         # are coroutine functions and async generators taking an aio context.
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        # Single requests are parsed inside the wrapper, so undecodable bytes
-        # become INVALID_ARGUMENT instead of grpc's UNKNOWN with the parser's
-        # exception text.
+        # Requests are decoded inside the wrapper, so undecodable bytes become
+        # INVALID_ARGUMENT instead of grpc's UNKNOWN with the parser's
+        # exception text (and a traceback in the log).
         raw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
         parse = handler.request_deserializer
+        open_ = self.authenticator.is_open(method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, cast(Unary, handler.unary_unary), parse), **raw
+                self._unary(method, cast(Unary, handler.unary_unary), _parser(parse), open_),
+                **raw,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, cast(Streaming, handler.unary_stream), parse), **raw
+                self._streaming(
+                    method, cast(Streaming, handler.unary_stream), _parser(parse), open_
+                ),
+                **raw,
             )
         # Client-streaming shapes get the same wrappers (the request is an
         # iterator instead of a message), so no RPC escapes authorization.
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, cast(Unary, handler.stream_unary)), **codec
+                self._unary(
+                    method, cast(Unary, handler.stream_unary), _stream_parser(parse), open_
+                ),
+                **raw,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, cast(Streaming, handler.stream_stream)), **codec
+            self._streaming(
+                method, cast(Streaming, handler.stream_stream), _stream_parser(parse), open_
+            ),
+            **raw,
         )
 
     async def _authorize(self, method: str, context: Context) -> None:
         metadata = cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
         auth.set_current(await self.authenticator.authorize(method, metadata))
 
-    def _unary(self, method: str, inner: Unary, parse: Parser | None = None) -> Unary:
+    def _unary(self, method: str, inner: Unary, prepare: Prepare, open_: bool) -> Unary:
         async def behavior(request: Any, context: Context) -> Any:
-            call = _Call(method, context)
+            call = _Call(method, context, quiet=open_)
             try:
-                await self._authorize(method, context)
-                return await inner(_parse(parse, request), context)
-            except asyncio.CancelledError:
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
-                await call.fail(exc)
+                try:
+                    if not open_:
+                        await self._authorize(method, context)
+                    response = await inner(prepare(request), context)
+                except asyncio.CancelledError:
+                    call.code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
+                    await call.fail(exc)
+                call.give_up_if_expired()
+                return response
             finally:
                 call.finish()
 
         return behavior
 
-    def _streaming(self, method: str, inner: Streaming, parse: Parser | None = None) -> Streaming:
+    def _streaming(self, method: str, inner: Streaming, prepare: Prepare, open_: bool) -> Streaming:
         async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = _Call(method, context)
+            call = _Call(method, context, quiet=open_)
             sent = 0
             try:
-                await self._authorize(method, context)
-                async for message in inner(_parse(parse, request), context):
+                if not open_:
+                    await self._authorize(method, context)
+                async for message in inner(prepare(request), context):
+                    call.give_up_if_expired()
                     yield message
                     sent += 1
             except asyncio.CancelledError:
                 # Re-raised: swallowing it leaks the stream (grpc/grpc#43360).
-                call.code = grpc.StatusCode.CANCELLED
+                if call.code is grpc.StatusCode.OK:
+                    call.code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 raise

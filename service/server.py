@@ -1,8 +1,14 @@
 """The gRPC server and its lifecycle.
 
-Start: database (embedded unless DATABASE_URL), migrations, pool, event
-hub, gRPC server, health SERVING. Stop (SIGTERM/SIGINT, safe to call twice):
-health NOT_SERVING, open streams told to end, server.stop(grace) drains
+Start: database (embedded unless DATABASE_URL), pool, event hub, gRPC
+server, then migrations and health SERVING as soon as the database answers.
+A server whose database is down at start-up keeps serving health
+NOT_SERVING (booking calls answer UNAVAILABLE) and retries with backoff.
+Afterwards a monitor probes the database with a bounded ``SELECT 1`` and
+flips health as it comes and goes.
+
+Stop (SIGTERM/SIGINT, safe to call twice): health NOT_SERVING, open streams
+told to end, calls already received are let in, server.stop(grace) drains
 in-flight calls, background tasks stop, then the pool closes.
 """
 
@@ -11,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
-from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from booking.v1 import (
@@ -33,6 +39,7 @@ from booking.v1 import (
 from service.auth import Authenticator
 from service.config import Config
 from service.event_hub import EventHub
+from service.health import NOT_SERVING, SERVING, HealthService
 from service.interceptor import ServiceInterceptor
 from service.servicers.appointments import AppointmentService
 from service.servicers.slots import SlotService
@@ -54,6 +61,16 @@ SERVICE_NAMES = [
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 HEALTH_CHECK_SECONDS = 2.0
+# A probe that gets no answer within this long means a stalled database.
+HEALTH_PROBE_TIMEOUT_SECONDS = 2.0
+# Start-up retries while the database is down: 0.25 s doubling up to 5 s.
+START_RETRY_FIRST_SECONDS = 0.25
+START_RETRY_MAX_SECONDS = 5.0
+# On shutdown, calls the transport already received are let in until no new
+# one has started for QUIET seconds (at most DRAIN_MAX): grpc's stop() would
+# cancel those that no handler has picked up yet.
+SHUTDOWN_QUIET_SECONDS = 0.05
+SHUTDOWN_DRAIN_MAX_SECONDS = 1.0
 
 
 async def resolve_database(config: Config) -> tuple[str, embedded.EmbeddedPostgres | None]:
@@ -71,19 +88,24 @@ class BookingServer:
         self.db: Database | None = None
         self._embedded: embedded.EmbeddedPostgres | None = None
         self._server: grpc.aio.Server | None = None
-        # grpc-stubs has no grpc_health.v1.health.aio (the asyncio servicer).
-        self._health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = HealthService()
+        self._interceptor: ServiceInterceptor | None = None
         self._hub: EventHub | None = None
         self._authenticator: Authenticator | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
+        """Listen, and be SERVING if the database answers; if it does not,
+        return anyway (NOT_SERVING) and keep trying in the background."""
         dsn, self._embedded = await resolve_database(self.config)
-        if self.config.migrate_on_start:
-            await asyncio.to_thread(migrate.apply, dsn)
+        # Deferred: it cannot fail while the database is down, and refuses
+        # work (UNAVAILABLE) until _open_database has connected it.
         self.db = db = await Database.connect(
-            dsn, min_size=self.config.pool_min_size, max_size=self.config.pool_max_size
+            dsn,
+            min_size=self.config.pool_min_size,
+            max_size=self.config.pool_max_size,
+            deferred=True,
         )
         self._hub = hub = EventHub(
             db, poll_interval=self.config.event_poll_seconds, max_streams=self.config.max_streams
@@ -92,8 +114,9 @@ class BookingServer:
         self._authenticator = authenticator = Authenticator(db, self.config)
         await authenticator.start()
 
+        self._interceptor = ServiceInterceptor(authenticator)
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(authenticator)],
+            interceptors=[self._interceptor],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -115,10 +138,11 @@ class BookingServer:
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
+        self._set_health(serving=False)
         self.port = self._bind(server)
         await server.start()
         self._server = server
-        await self._set_health(serving=True)
+        ready = await self._open_database(attempt=1)
         self._tasks = [
             asyncio.create_task(
                 sweep_forever(
@@ -130,10 +154,32 @@ class BookingServer:
                 ),
                 name="hold-sweeper",
             ),
-            asyncio.create_task(self._watch_database(), name="health-monitor"),
+            asyncio.create_task(self._watch_database(ready), name="health-monitor"),
         ]
         log.info("booking-service listening on %s:%d", self.config.host, self.port)
         return self.port
+
+    async def _open_database(self, attempt: int) -> bool:
+        """One try at readiness: the database answers, migrations are
+        applied (when configured), the pool is connected. Then SERVING."""
+        assert self.db is not None
+        try:
+            if not await self.db.ping(HEALTH_PROBE_TIMEOUT_SECONDS):
+                raise ConnectionError("no answer to SELECT 1")
+            if self.config.migrate_on_start:
+                await asyncio.to_thread(migrate.apply, self.db.dsn)
+            await self.db.open()
+        except Exception as exc:  # noqa: BLE001 - retried; one line per attempt
+            log.warning(
+                "database not ready (attempt %d): %s",
+                attempt,
+                (str(exc).strip().splitlines() or [type(exc).__name__])[0],
+            )
+            return False
+        self._set_health(serving=True)
+        if attempt > 1:
+            log.info("database ready after %d attempts", attempt)
+        return True
 
     def _bind(self, server: grpc.aio.Server) -> int:
         address = self.config.address
@@ -153,26 +199,41 @@ class BookingServer:
             raise RuntimeError(f"cannot listen on {address}")
         return port
 
-    async def _set_health(self, *, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+    def _set_health(self, *, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
         for name in ["", *SERVICE_NAMES]:
-            await self._health.set(name, status)
+            self._health.set(name, status)
 
-    async def _watch_database(self) -> None:
-        """NOT_SERVING while the database is unreachable, SERVING again after."""
+    async def _watch_database(self, ready: bool) -> None:
+        """Until ready, retry start-up with backoff; then NOT_SERVING while
+        the database is unreachable or stalled, SERVING again after."""
         assert self.db is not None
+        attempt, delay = 1, START_RETRY_FIRST_SECONDS
+        while not ready:
+            await asyncio.sleep(delay)
+            attempt += 1
+            delay = min(delay * 2, START_RETRY_MAX_SECONDS)
+            ready = await self._open_database(attempt)
         serving = True
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
-            ok = await self.db.ping()
+            ok = await self.db.ping(HEALTH_PROBE_TIMEOUT_SECONDS)
             if ok != serving:
                 serving = ok
                 log.warning("database %s", "reachable again" if ok else "unreachable")
-                await self._set_health(serving=ok)
+                self._set_health(serving=ok)
+
+    async def _let_in_received_calls(self, limit: float) -> None:
+        """Wait until no call has started for SHUTDOWN_QUIET_SECONDS (at
+        most `limit`): calls sent just before the signal, already received
+        but not yet handed to a handler, are served instead of cancelled."""
+        deadline = time.monotonic() + limit
+        while self._interceptor is not None:
+            now = time.monotonic()
+            quiet_at = self._interceptor.last_call_started + SHUTDOWN_QUIET_SECONDS
+            if quiet_at <= now or now >= deadline:
+                return
+            await asyncio.sleep(min(quiet_at, deadline) - now)
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None
@@ -189,10 +250,11 @@ class BookingServer:
     async def _stop(self, grace: float) -> None:
         for task in self._tasks:
             task.cancel()
-        await self._health.enter_graceful_shutdown()
+        self._health.enter_graceful_shutdown()
         if self._hub is not None:
             self._hub.close_streams()
         if self._server is not None:
+            await self._let_in_received_calls(min(grace, SHUTDOWN_DRAIN_MAX_SECONDS))
             await self._server.stop(grace)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from storage import appointments as store
 from storage.database import Database
+from storage.errors import DatabaseTimeout, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ async def sweep_forever(
             released = await store.expire_holds(db, batch_size)
         except asyncio.CancelledError:
             raise
+        except (DatabaseUnavailable, DatabaseTimeout) as exc:
+            # An outage, reported by health: one line, no traceback.
+            log.warning("expiring holds skipped: %s", exc)
+            released = 0
         except Exception:  # noqa: BLE001 - try again next round
             log.exception("expiring holds failed")
             released = 0

@@ -48,7 +48,7 @@ async def resolve_token(db: Database, token_hash: bytes) -> tuple[User, float] |
             token_hash,
         )
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, single_statement=True, read_only=True)
     if row is None:
         return None
     user = User(

@@ -9,6 +9,7 @@ domain errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -63,7 +64,61 @@ _RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey"})
 # Class 08 (connection), 53300 (too many connections) and 57P0x (shutdown):
 # the database, not the request, is the problem.
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P")
-_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)
+
+
+def went_away(exc: BaseException, conn: Connection | None = None) -> bool:
+    """Whether `exc` means the database or the connection to it is gone.
+
+    asyncpg reports a connection lost under an operation in several ways:
+    ConnectionDoesNotExistError, InterfaceError on a closed connection,
+    OSError from the socket, and (when the server ended the session between
+    two operations) InternalClientError "cannot switch to state ...". Other
+    InterfaceErrors (wrong argument count, unencodable values) are bugs here,
+    not outages, unless the connection turned out closed.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "").startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
+    if isinstance(exc, OSError):  # TimeoutError included
+        return True
+    if isinstance(exc, asyncpg.exceptions.OutdatedSchemaCacheError):
+        return False
+    if isinstance(exc, (asyncpg.InternalClientError, asyncpg.ConnectionDoesNotExistError)):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        return conn is None or _closed(conn) or "connection is closed" in str(exc)
+    return False
+
+
+def _closed(conn: Connection) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        # asyncpg returned a connection it saw close to the pool already and
+        # detached it from our proxy.
+        return True
+
+
+def _nothing_sent(exc: BaseException) -> bool:
+    """Whether asyncpg refused the operation before sending it: the
+    connection was already broken, so no statement ran and even a write can
+    be retried on another connection."""
+    if isinstance(exc, asyncpg.InternalClientError):
+        # Raised by the protocol's state check before it writes; its
+        # subclasses (ProtocolError...) can come after a statement was sent.
+        return type(exc) is asyncpg.InternalClientError and "cannot switch to state" in str(exc)
+    return (
+        isinstance(exc, asyncpg.InterfaceError)
+        and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)
+        and "connection is closed" in str(exc)
+    )
+
+
+class _Broken(Exception):
+    """A pooled connection broke under `work` (the cause is chained)."""
+
+    def __init__(self, retry_safe: bool) -> None:
+        super().__init__("database connection lost")
+        self.retry_safe = retry_safe
 
 
 def translate(exc: asyncpg.PostgresError) -> errors.BookingError | None:
@@ -94,6 +149,10 @@ def translate(exc: asyncpg.PostgresError) -> errors.BookingError | None:
             description="timestamp out of range",
         )
     return None
+
+
+def _describe(exc: BaseException | None) -> str:
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
 
 
 def _detail_value(exc: asyncpg.PostgresError) -> str | None:
@@ -144,13 +203,73 @@ async def _durable_commits(conn: Connection) -> None:
     )
 
 
+async def _connect_to_completion(*args: Any, **kwargs: Any) -> Connection:
+    """asyncpg.connect, not interrupted by the cancellation of the call that
+    needed it.
+
+    A client that gives up (deadline, disconnect) cancels its handler, and
+    with it any pool connect in progress. Cancelled during the TLS probe of
+    sslmode=prefer (the default), asyncpg leaves a failed future nobody
+    awaits, and asyncio logs it with a traceback, once per cancelled call.
+    Finished in the background instead, the connection is closed if no
+    caller is left for it; the pool makes a new one when needed.
+    """
+    task = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_close_orphan)
+        raise
+
+
+def _close_orphan(task: asyncio.Future[Connection]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return  # retrieved, so not logged
+    task.result().terminate()
+
+
+async def _create_pool(
+    dsn: str, *, min_size: int, max_size: int, statement_timeout_ms: int, connect_timeout: float
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        reset=_reset,
+        init=_durable_commits,
+        connect=_connect_to_completion,
+        # Bounds every (re)connect the pool makes, so a stalled server
+        # turns into UNAVAILABLE instead of a call hanging for a minute.
+        timeout=connect_timeout,
+        server_settings={
+            "application_name": "booking-service",
+            "default_transaction_isolation": DEFAULT_ISOLATION.sql_name,
+            "timezone": "UTC",
+            "statement_timeout": str(statement_timeout_ms),
+            "idle_in_transaction_session_timeout": "60000",
+            # Plans here are tiny; JIT compilation would only add latency.
+            "jit": "off",
+        },
+    )
+    assert pool is not None
+    return pool
+
+
 class Database:
     """An asyncpg pool whose sessions default to REPEATABLE READ."""
 
-    def __init__(self, pool: asyncpg.Pool, retry: RetryPolicy, dsn: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, retry: RetryPolicy, dsn: str, pool_args: dict[str, Any]
+    ) -> None:
         self.pool = pool
         self.retry = retry
         self.dsn = dsn
+        self._pool_args = pool_args
+        # While False (a server waiting for its database to come up, or for
+        # migrations), every run() is DatabaseUnavailable without touching
+        # the database: no query meets a schema that is not there yet.
+        self.accepting = True
+        self._probe: Connection | None = None
 
     @classmethod
     async def connect(
@@ -160,28 +279,37 @@ class Database:
         min_size: int = 2,
         max_size: int = 10,
         statement_timeout_ms: int = 30_000,
+        connect_timeout: float = 5.0,
         retry: RetryPolicy | None = None,
+        deferred: bool = False,
     ) -> Database:
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            reset=_reset,
-            init=_durable_commits,
-            server_settings={
-                "application_name": "booking-service",
-                "default_transaction_isolation": DEFAULT_ISOLATION.sql_name,
-                "timezone": "UTC",
-                "statement_timeout": str(statement_timeout_ms),
-                "idle_in_transaction_session_timeout": "60000",
-                # Plans here are tiny; JIT compilation would only add latency.
-                "jit": "off",
-            },
-        )
-        assert pool is not None
-        return cls(pool, retry or RetryPolicy(), dsn)
+        """A connected pool; with ``deferred``, one that has not connected
+        yet (so it cannot fail) and refuses work until :meth:`open`."""
+        args: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "statement_timeout_ms": statement_timeout_ms,
+            "connect_timeout": connect_timeout,
+        }
+        pool = await _create_pool(dsn, **(args | {"min_size": 0} if deferred else args))
+        db = cls(pool, retry or RetryPolicy(), dsn, args)
+        db.accepting = not deferred
+        return db
+
+    async def open(self) -> None:
+        """Connect the pool of a deferred Database (min_size connections;
+        raises if the database cannot be reached) and accept work."""
+        if self.accepting:
+            return
+        # The placeholder (min_size 0, never used while not accepting) is
+        # replaced, so min_size keeps its floor of idle connections.
+        pool = await _create_pool(self.dsn, **self._pool_args)
+        placeholder, self.pool = self.pool, pool
+        await placeholder.close()
+        self.accepting = True
 
     async def close(self) -> None:
+        self._drop_probe()
         await self.pool.close()
 
     async def run(
@@ -190,6 +318,7 @@ class Database:
         *,
         isolation: Isolation = DEFAULT_ISOLATION,
         single_statement: bool = False,
+        read_only: bool = False,
     ) -> T:
         """Run `work` in a transaction at `isolation`, retrying conflicts.
 
@@ -197,19 +326,35 @@ class Database:
         own implicit transaction at the session default (REPEATABLE READ):
         one round trip instead of three. `work` must not await anything but
         the database: no transaction stays open across a network call.
+
+        A connection that broke under `work` is terminated, so it leaves the
+        pool, and the error is DatabaseUnavailable. The work is tried again
+        on another connection when that cannot apply a change twice: when
+        asyncpg refused it before sending anything (a pooled session the
+        server had already ended), or when the work is ``read_only``.
         """
         if single_statement and isolation is not DEFAULT_ISOLATION:
             raise ValueError("single statements run at the session default isolation")
+        if not self.accepting:
+            raise errors.DatabaseUnavailable()
         attempt = 0
+        # One retry per pooled connection (each may be a dead one) plus one.
+        lost_budget = self.pool.get_max_size() + 1
         while True:
             try:
-                async with self.pool.acquire() as conn:
-                    if single_statement:
-                        return await work(conn)
-                    async with conn.transaction(isolation=isolation.value):
-                        return await work(conn)
+                return await self._once(work, isolation, single_statement)
+            except _Broken as broken:
+                cause = broken.__cause__
+                lost_budget -= 1
+                if lost_budget > 0 and (broken.retry_safe or read_only):
+                    continue
+                # Not a warning per call: during an outage every call fails so,
+                # the RPC log line names DATABASE_UNAVAILABLE and the health
+                # monitor reports the outage once.
+                log.debug("database connection lost: %s", _describe(cause))
+                raise errors.DatabaseUnavailable() from cause
             except asyncpg.PostgresError as exc:
-                if (exc.sqlstate or "").startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+                if went_away(exc):
                     raise errors.DatabaseUnavailable() from exc
                 if isinstance(exc, asyncpg.QueryCanceledError):
                     # statement_timeout: the database is overloaded or a lock
@@ -228,13 +373,65 @@ class Database:
                 if attempt >= self.retry.attempts:
                     raise errors.TransactionConflict(attempts=attempt) from exc
                 await asyncio.sleep(self.retry.delay(attempt))
-            except _UNAVAILABLE as exc:
-                raise errors.DatabaseUnavailable() from exc
 
-    async def ping(self) -> bool:
+    async def _once(
+        self,
+        work: Callable[[Connection], Awaitable[T]],
+        isolation: Isolation,
+        single_statement: bool,
+    ) -> T:
         try:
-            async with self.pool.acquire(timeout=2) as conn:
-                await conn.fetchval("SELECT 1")
+            conn = await self.pool.acquire()
+        except asyncpg.PostgresError:
+            raise  # 08xxx, 57P03 (starting up), 53300: run() maps them
+        except Exception as exc:
+            # Refused, timed out or reset while (re)connecting.
+            if went_away(exc):
+                raise errors.DatabaseUnavailable() from exc
+            raise
+        try:
+            if single_statement:
+                return await work(conn)
+            async with conn.transaction(isolation=isolation.value):
+                return await work(conn)
+        except Exception as exc:
+            if not went_away(exc, conn):
+                raise
+            # Terminated here, the pool replaces it on the next acquire
+            # instead of handing the broken session to another call. (A
+            # connection asyncpg saw close is already back in the pool,
+            # detached from this proxy.)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+            raise _Broken(retry_safe=_nothing_sent(exc)) from exc
+        finally:
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await self.pool.release(conn)
+
+    async def ping(self, within: float = 2.0) -> bool:
+        """Whether the database answers ``SELECT 1`` within `within` seconds.
+
+        The probe has its own connection, so a busy pool does not read as a
+        dead database, and a stalled server (one that accepts connections or
+        holds them open but never answers) reads as unreachable after
+        `within` seconds instead of never. A probe connection that failed or
+        timed out is terminated and made afresh next time.
+        """
+        try:
+            async with asyncio.timeout(within):
+                if self._probe is None or self._probe.is_closed():
+                    self._probe = await _connect_to_completion(
+                        self.dsn,
+                        timeout=within,
+                        server_settings={"application_name": "booking-health"},
+                    )
+                await self._probe.fetchval("SELECT 1")
             return True
         except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            self._drop_probe()
             return False
+
+    def _drop_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.terminate()
+            self._probe = None

@@ -74,7 +74,7 @@ async def get(db: Database, slot_id: UUID) -> Slot:
             f"SELECT {_COLUMNS} FROM time_slots WHERE id = $1 AND deleted_at IS NULL", slot_id
         )
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, single_statement=True, read_only=True)
     if row is None:
         raise SlotNotFound(id=str(slot_id))
     return _slot(row)
@@ -109,7 +109,7 @@ async def list_(
         rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
-    rows = await db.run(work, single_statement=True)
+    rows = await db.run(work, single_statement=True, read_only=True)
     return Page([_slot(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 

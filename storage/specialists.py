@@ -45,7 +45,7 @@ async def get(db: Database, specialist_id: UUID) -> Specialist:
             f"SELECT {_COLUMNS} FROM specialists WHERE id = $1", specialist_id
         )
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, single_statement=True, read_only=True)
     if row is None:
         raise SpecialistNotFound(id=str(specialist_id))
     return _specialist(row)
@@ -73,7 +73,7 @@ async def list_(
         rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
-    rows = await db.run(work, single_statement=True)
+    rows = await db.run(work, single_statement=True, read_only=True)
     return Page([_specialist(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 

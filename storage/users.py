@@ -53,7 +53,7 @@ async def get(db: Database, user_id: UUID) -> User:
     async def work(conn: Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(f"SELECT {_COLUMNS} FROM users WHERE id = $1", user_id)
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, single_statement=True, read_only=True)
     if row is None:
         raise UserNotFound(id=str(user_id))
     return _user(row)
@@ -69,7 +69,7 @@ async def credentials(db: Database, email: str) -> tuple[User, str] | None:
             email,
         )
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, single_statement=True, read_only=True)
     return None if row is None else (_user(row), row["password_hash"])
 
 
@@ -109,7 +109,7 @@ async def list_(
         rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
-    rows = await db.run(work, single_statement=True)
+    rows = await db.run(work, single_statement=True, read_only=True)
     return Page([_user(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 

@@ -195,14 +195,17 @@ async def test_shutdown_ends_open_streams_with_unavailable_so_clients_resume(
 
 
 def test_serve_says_plainly_when_it_cannot_start(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, database_url: str
 ) -> None:
     from service import cli, logs
 
     monkeypatch.setattr(logs, "configure", lambda level, as_json: None)
-    with socket_on_free_port() as closed_port:
-        monkeypatch.setenv("DATABASE_URL", f"postgresql://nobody@127.0.0.1:{closed_port}/none")
-    assert cli.main(["serve", "--port", "0", "--no-migrate-on-start"]) == 1
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert cli.main(["serve", "--port", port, "--no-migrate-on-start"]) == 1
     err = capsys.readouterr().err
     assert "cannot start" in err and "Traceback" not in err
 
