@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from storage import appointments as store
@@ -14,6 +14,19 @@ from storage.database import Database
 from storage.errors import DatabaseTimeout, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+
+
+async def _count(what: str, work: Awaitable[int]) -> int:
+    """Run one batch; a failure is logged and counts as nothing done, so the
+    next round tries again."""
+    try:
+        return await work
+    except (DatabaseUnavailable, DatabaseTimeout) as exc:
+        # An outage, reported by health: one line, no traceback.
+        log.warning("%s skipped: %s", what, exc)
+    except Exception:  # noqa: BLE001 - try again next round
+        log.exception("%s failed", what)
+    return 0
 
 
 async def sweep_forever(
@@ -25,27 +38,14 @@ async def sweep_forever(
     request_id_retention: timedelta,
 ) -> None:
     while True:
-        try:
-            released = await store.expire_holds(db, batch_size)
-        except asyncio.CancelledError:
-            raise
-        except (DatabaseUnavailable, DatabaseTimeout) as exc:
-            # An outage, reported by health: one line, no traceback.
-            log.warning("expiring holds skipped: %s", exc)
-            released = 0
-        except Exception:  # noqa: BLE001 - try again next round
-            log.exception("expiring holds failed")
-            released = 0
+        released = await _count("expiring holds", store.expire_holds(db, batch_size))
         if released:
             log.info("released %d expired holds", released)
             on_release()
-        try:
-            forgotten = await store.forget_request_ids(db, request_id_retention, batch_size)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - try again next round
-            log.exception("forgetting expired request ids failed")
-            forgotten = 0
+        forgotten = await _count(
+            "forgetting expired request ids",
+            store.forget_request_ids(db, request_id_retention, batch_size),
+        )
         # A full batch means more may be waiting: go again at once.
         if released < batch_size and forgotten < batch_size:
             await asyncio.sleep(interval)

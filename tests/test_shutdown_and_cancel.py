@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections import Counter
+from datetime import timedelta
 from typing import Any, cast
 
 import grpc
@@ -91,7 +92,13 @@ async def test_the_hold_sweeper_reports_a_database_outage_in_one_line(
     db = await Database.connect(database_url, min_size=1, max_size=1, deferred=True)
     caplog.set_level(logging.INFO)
     sweeper = asyncio.create_task(
-        sweep_forever(db, interval=0.05, batch_size=10, on_release=lambda: None)
+        sweep_forever(
+            db,
+            interval=0.05,
+            batch_size=10,
+            on_release=lambda: None,
+            request_id_retention=timedelta(hours=24),
+        )
     )
     try:
         await asyncio.sleep(0.3)
