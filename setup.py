@@ -2,10 +2,9 @@
 
 - ``booking`` (generated gRPC/protobuf code) lives in ``gen/booking`` and is mapped
   with package_dir, so ``import booking.v1.x_pb2`` works in editable and regular installs.
-- ``service``, ``storage`` and ``bench`` (the benchmark harness behind
-  ``booking-service bench``), ``chaos`` (the fault-injection suite behind
-  ``booking-service chaos``; and any subpackages with an ``__init__.py``) are found
-  automatically at the repository root.
+- ``service`` and ``storage`` (and their subpackages) are found at the repository
+  root. The benchmark and the fault-injection suite are not part of this wheel: they
+  are the separate ``booking-service-tools`` distribution in ``tools/``.
 - ``migrations/*.sql`` is shipped inside the wheel as ``storage/migrations/*.sql``
   (virtual package ``storage.migrations`` mapped to ``migrations/``). In a checkout /
   editable install the files stay at ``<repo>/migrations``.
@@ -22,10 +21,6 @@ packages = (
             "service.*",
             "storage",
             "storage.*",
-            "bench",
-            "bench.*",
-            "chaos",
-            "chaos.*",
         ],
     )
     + ["storage.migrations"]

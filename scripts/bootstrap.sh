@@ -59,10 +59,11 @@ bootstrap_venv() {
 import hashlib, pathlib, sys
 root = pathlib.Path(sys.argv[1])
 h = hashlib.sha256()
-for name in ("pyproject.toml", "setup.py"):
+for name in ("pyproject.toml", "setup.py", "tools/pyproject.toml"):
     h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
 # The editable install maps top-level packages when it is made: redo it when one appears.
-for init in sorted([*root.glob("*/__init__.py"), *root.glob("gen/*/__init__.py")]):
+for init in sorted([*root.glob("*/__init__.py"), *root.glob("gen/*/__init__.py"),
+                    *root.glob("tools/*/__init__.py")]):
     h.update(init.relative_to(root).as_posix().encode() + b"\0")
 print(h.hexdigest())
 PY
@@ -74,8 +75,12 @@ PY
 
     echo "bootstrap: installing booking-service ($mode) into .venv (log: $log) ..." >&2
     rm -f "$stamp"
+    # The dev setup also installs the benchmark and fault-injection tools
+    # (tools/, a distribution of their own, not part of the service's wheel).
+    local extra=()
+    [[ "$mode" == dev ]] && extra=(-e ./tools)
     if ! (cd "$root" && "$venv/bin/python" -m pip install --disable-pip-version-check \
-            --progress-bar off -e "$spec") >"$log" 2>&1; then
+            --progress-bar off -e "$spec" "${extra[@]}") >"$log" 2>&1; then
         echo "bootstrap: pip install -e '$spec' FAILED; last lines of $log:" >&2
         tail -n 40 "$log" >&2
         return 1

@@ -190,16 +190,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tools_missing(command: str) -> int:
+    print(
+        f"booking-service {command}: the tools are not installed;"
+        " from a checkout: pip install ./tools (./scripts/test installs them)",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         # The harness parses its own flags (booking-service bench --help).
-        from bench.harness import main as bench_main
+        try:
+            from bench.harness import main as bench_main
+        except ModuleNotFoundError as exc:
+            if exc.name != "bench":
+                raise
+            return _tools_missing("bench")
 
         return int(bench_main(argv[1:]))
     if argv[:1] == ["chaos"]:
         # Imported only when asked for, like the benchmark harness.
-        from chaos.__main__ import main as chaos_main
+        try:
+            from chaos.__main__ import main as chaos_main
+        except ModuleNotFoundError as exc:
+            if exc.name != "chaos":
+                raise
+            return _tools_missing("chaos")
 
         return int(chaos_main(argv[1:]))
     args = build_parser().parse_args(argv)

@@ -99,8 +99,23 @@ def test_runtime_install_has_no_benchmark_or_embedded_postgres(runtime_venv: Pat
     outside = runtime_venv.parent.parent
     for module in ("booking.v1.appointment_pb2_grpc", "service.server", "storage.database"):
         assert importable(runtime_venv, module, outside), module
-    for module in ("bench", "pgserver", "pytest"):
+    for module in ("bench", "chaos", "pgserver", "pytest"):
         assert not importable(runtime_venv, module, outside), module
+
+
+def test_runtime_install_says_where_the_tools_are(runtime_venv: Path) -> None:
+    for command in ("bench", "chaos"):
+        done = subprocess.run(
+            [str(runtime_venv), "-m", "service.cli", command, "--help"],
+            cwd=runtime_venv.parent.parent,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "pip install ./tools" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 async def _run_probe(python: Path, probe: str, port: int) -> int:

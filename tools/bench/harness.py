@@ -1,5 +1,5 @@
 """``booking-service bench``: runs the scenarios, prints a table, writes
-JSON and markdown under bench/results/. docs/performance.md explains the
+JSON and markdown under tools/bench/results/. docs/performance.md explains the
 figures.
 
 It starts everything itself: an embedded PostgreSQL (or a scratch database
@@ -32,7 +32,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _default_dir(name: str, fallback: str) -> Path:
-    """bench/<name> in a source checkout; ./<fallback> for an installed package."""
+    """tools/bench/<name> in a source checkout; ./<fallback> for an installed package."""
     if (PACKAGE_DIR.parent / "pyproject.toml").exists():
         return PACKAGE_DIR / name
     return Path.cwd() / fallback
