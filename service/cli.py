@@ -14,7 +14,7 @@ from typing import Any
 
 from service import logs, passwords
 from service.config import Config, ConfigError, add_arguments, from_sources
-from service.server import BookingServer, resolve_database
+from service.server import BookingServer, database
 from storage import migrate
 from storage import users as user_store
 from storage.database import Database
@@ -64,8 +64,7 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
     This process owns the embedded database (if any) and the migrations;
     the workers share them. SIGTERM/SIGINT are passed on, and the exit code
     is the first non-zero one of the workers."""
-    dsn, pg = await resolve_database(config)
-    try:
+    async with database(config) as dsn:
         workers_migrate = False
         if config.migrate_on_start:
             try:
@@ -98,15 +97,11 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, forward, sig)
         codes = [await w.wait() for w in workers]
-    finally:
-        if pg is not None and pg.started_here:
-            await asyncio.to_thread(pg.stop)
     return next((c for c in codes if c != 0), 0)
 
 
 async def _migrate(config: Config, action: str, count: int) -> int:
-    dsn, pg = await resolve_database(config)
-    try:
+    async with database(config) as dsn:
         if action == "apply":
             applied = await asyncio.to_thread(migrate.apply, dsn)
             print("applied: " + (", ".join(applied) or "nothing to apply"))
@@ -116,9 +111,6 @@ async def _migrate(config: Config, action: str, count: int) -> int:
         else:
             for name in await asyncio.to_thread(migrate.applied, dsn):
                 print(name)
-    finally:
-        if pg is not None and pg.started_here:
-            await asyncio.to_thread(pg.stop)
     return 0
 
 
@@ -136,8 +128,7 @@ async def _create_admin(config: Config, email: str, password: str) -> int:
     if problem:
         print(f"password {problem}", file=sys.stderr)
         return 2
-    dsn, pg = await resolve_database(config)
-    try:
+    async with database(config) as dsn:
         await asyncio.to_thread(migrate.apply, dsn)
         db = await Database.connect(dsn, min_size=1, max_size=1)
         try:
@@ -152,9 +143,6 @@ async def _create_admin(config: Config, email: str, password: str) -> int:
             return 1
         finally:
             await db.close()
-    finally:
-        if pg is not None and pg.started_here:
-            await asyncio.to_thread(pg.stop)
     print(f"created ADMIN {user.email} ({user.id})")
     return 0
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -73,47 +74,101 @@ SHUTDOWN_QUIET_SECONDS = 0.05
 SHUTDOWN_DRAIN_MAX_SECONDS = 1.0
 
 
-async def resolve_database(config: Config) -> tuple[str, embedded.EmbeddedPostgres | None]:
-    """The DSN to use, starting the embedded server when none is configured."""
+@contextlib.asynccontextmanager
+async def database(config: Config) -> AsyncIterator[str]:
+    """The DSN to use: the configured one, or an embedded PostgreSQL's,
+    started for the block and stopped after it if it was started here."""
     if config.database_url:
-        return config.database_url, None
+        yield config.database_url
+        return
     pg = await asyncio.to_thread(embedded.start, Path(config.data_dir) / "postgres")
-    return pg.url("postgres"), pg
+    try:
+        yield pg.url("postgres")
+    finally:
+        if pg.started_here:
+            await asyncio.to_thread(pg.stop)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class BookingServer:
+    """Start and stop are composed from one AsyncExitStack: each part is
+    entered in order and undone in reverse, on a failed start as on stop."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.port: int | None = None
         self.db: Database | None = None
-        self._embedded: embedded.EmbeddedPostgres | None = None
-        self._server: grpc.aio.Server | None = None
         self._health = HealthService()
         self._interceptor: ServiceInterceptor | None = None
         self._hub: EventHub | None = None
         self._authenticator: Authenticator | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._server: grpc.aio.Server | None = None
+        self._resources: contextlib.AsyncExitStack | None = None
+        self._grace = config.grace_seconds
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Listen, and be SERVING if the database answers; if it does not,
         return anyway (NOT_SERVING) and keep trying in the background."""
-        dsn, self._embedded = await resolve_database(self.config)
-        # Deferred: it cannot fail while the database is down, and refuses
-        # work (UNAVAILABLE) until _open_database has connected it.
-        self.db = db = await Database.connect(
-            dsn,
-            min_size=self.config.pool_min_size,
-            max_size=self.config.pool_max_size,
-            deferred=True,
-        )
-        self._hub = hub = EventHub(
-            db, poll_interval=self.config.event_poll_seconds, max_streams=self.config.max_streams
-        )
-        await hub.start()
-        self._authenticator = authenticator = Authenticator(db, self.config)
-        await authenticator.start()
+        async with contextlib.AsyncExitStack() as stack:
+            dsn = await stack.enter_async_context(database(self.config))
+            # Deferred: it cannot fail while the database is down, and refuses
+            # work (UNAVAILABLE) until _open_database has connected it.
+            self.db = db = await Database.connect(
+                dsn,
+                min_size=self.config.pool_min_size,
+                max_size=self.config.pool_max_size,
+                deferred=True,
+            )
+            stack.push_async_callback(db.close)
+            self._hub = hub = EventHub(
+                db,
+                poll_interval=self.config.event_poll_seconds,
+                max_streams=self.config.max_streams,
+            )
+            await hub.start()
+            stack.push_async_callback(hub.stop)
+            self._authenticator = authenticator = Authenticator(db, self.config)
+            await authenticator.start()
+            stack.push_async_callback(authenticator.stop)
 
+            server = self._build(db, hub, authenticator)
+            self._set_health(serving=False)
+            self.port = self._bind(server)
+            await server.start()
+            self._server = server
+            stack.push_async_callback(self._drain, server)
+
+            ready = await self._open_database(attempt=1)
+            tasks = [
+                asyncio.create_task(
+                    sweep_forever(
+                        db,
+                        interval=self.config.sweep_interval_seconds,
+                        batch_size=self.config.sweep_batch_size,
+                        on_release=hub.committed,
+                        request_id_retention=self.config.request_id_retention,
+                    ),
+                    name="hold-sweeper",
+                ),
+                asyncio.create_task(self._watch_database(ready), name="health-monitor"),
+            ]
+            stack.push_async_callback(_cancel_all, tasks)
+            # Undone first: stop advertising, and ask open streams to end.
+            stack.callback(hub.close_streams)
+            stack.callback(self._health.enter_graceful_shutdown)
+            self._resources = stack.pop_all()
+        log.info("booking-service listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    def _build(self, db: Database, hub: EventHub, authenticator: Authenticator) -> grpc.aio.Server:
         self._interceptor = ServiceInterceptor(authenticator)
         server = grpc.aio.server(
             interceptors=[self._interceptor],
@@ -138,26 +193,7 @@ class BookingServer:
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self._set_health(serving=False)
-        self.port = self._bind(server)
-        await server.start()
-        self._server = server
-        ready = await self._open_database(attempt=1)
-        self._tasks = [
-            asyncio.create_task(
-                sweep_forever(
-                    db,
-                    interval=self.config.sweep_interval_seconds,
-                    batch_size=self.config.sweep_batch_size,
-                    on_release=hub.committed,
-                    request_id_retention=self.config.request_id_retention,
-                ),
-                name="hold-sweeper",
-            ),
-            asyncio.create_task(self._watch_database(ready), name="health-monitor"),
-        ]
-        log.info("booking-service listening on %s:%d", self.config.host, self.port)
-        return self.port
+        return server
 
     async def _open_database(self, attempt: int) -> bool:
         """One try at readiness: the database answers, migrations are
@@ -242,29 +278,17 @@ class BookingServer:
     def stop(self, grace: float | None = None) -> asyncio.Task[None]:
         """Shut down; every call returns the same task, so calling twice is safe."""
         if self._stopping is None:
-            self._stopping = asyncio.create_task(
-                self._stop(self.config.grace_seconds if grace is None else grace)
-            )
+            if grace is not None:
+                self._grace = grace
+            self._stopping = asyncio.create_task(self._stop())
         return self._stopping
 
-    async def _stop(self, grace: float) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._health.enter_graceful_shutdown()
-        if self._hub is not None:
-            self._hub.close_streams()
-        if self._server is not None:
-            await self._let_in_received_calls(min(grace, SHUTDOWN_DRAIN_MAX_SECONDS))
-            await self._server.stop(grace)
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._hub is not None:
-            await self._hub.stop()
-        if self._authenticator is not None:
-            await self._authenticator.stop()
-        if self.db is not None:
-            await self.db.close()
-        if self._embedded is not None and self._embedded.started_here:
-            await asyncio.to_thread(self._embedded.stop)
+    async def _drain(self, server: grpc.aio.Server) -> None:
+        await self._let_in_received_calls(min(self._grace, SHUTDOWN_DRAIN_MAX_SECONDS))
+        await server.stop(self._grace)
+
+    async def _stop(self) -> None:
+        resources, self._resources = self._resources, None
+        if resources is not None:
+            await resources.aclose()
         log.info("booking-service stopped")
