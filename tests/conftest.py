@@ -18,10 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from service.config import Config
 from service.server import BookingServer
 from storage import embedded, migrate
-from tests.support import Api, ServerConfig
+from tests.support import Api, running_server
 
 TEMPLATE = "booking_test_template"
 _counter = itertools.count()
@@ -77,18 +76,11 @@ async def database_url(pg_admin_url: str, template_url: str) -> AsyncIterator[st
 
 
 @pytest.fixture
-def server_config(database_url: str) -> Config:
-    return ServerConfig.for_tests(database_url)
-
-
-@pytest.fixture
-async def server(server_config: Config) -> AsyncIterator[BookingServer]:
-    srv = BookingServer(server_config)
-    await srv.start()
-    try:
+async def server(database_url: str) -> AsyncIterator[BookingServer]:
+    """A started server on this test's database (tests.support.running_server
+    starts one with overrides)."""
+    async with running_server(database_url) as srv:
         yield srv
-    finally:
-        await srv.stop(grace=1)
 
 
 @pytest.fixture

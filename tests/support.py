@@ -212,3 +212,15 @@ def rollback_through(database_url: str, migration_id: str) -> list[str]:
 
     applied = migrate.applied(database_url)
     return migrate.rollback(database_url, count=len(applied) - applied.index(migration_id))
+
+
+@asynccontextmanager
+async def running_server(database_url: str, **overrides: Any) -> AsyncIterator[BookingServer]:
+    """A started server with the test configuration and `overrides`; stopped
+    after the block."""
+    server = BookingServer(ServerConfig.for_tests(database_url, **overrides))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1)

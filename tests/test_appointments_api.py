@@ -23,9 +23,8 @@ from booking.v1 import appointment_pb2 as apb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking.v1 import user_pb2 as upb
-from service.server import BookingServer
 from storage.models import Role
-from tests.support import Api, ServerConfig, expect_failure, hours_from_now, ts
+from tests.support import Api, expect_failure, hours_from_now, running_server, ts
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -37,13 +36,9 @@ SHORT_TTL = 0.2
 @pytest.fixture
 async def short_hold_api(database_url: str) -> AsyncIterator[Api]:
     """An ADMIN Api on a server whose holds lapse after SHORT_TTL seconds."""
-    server = BookingServer(ServerConfig.for_tests(database_url, hold_ttl_seconds=SHORT_TTL))
-    await server.start()
-    try:
+    async with running_server(database_url, hold_ttl_seconds=SHORT_TTL) as server:
         async with Api.connect(server) as api:
             yield api
-    finally:
-        await server.stop(grace=1)
 
 
 def _when(t: Timestamp) -> datetime:

@@ -26,7 +26,15 @@ from service.logs import JsonFormatter
 from service.server import BookingServer
 from storage import users as user_store
 from storage.models import Role
-from tests.support import PASSWORD, Api, RpcFailure, ServerConfig, expect_failure, failure
+from tests.support import (
+    PASSWORD,
+    Api,
+    RpcFailure,
+    ServerConfig,
+    expect_failure,
+    failure,
+    running_server,
+)
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
@@ -400,12 +408,8 @@ async def test_self_sign_up_cannot_create_staff(api: Api) -> None:
 
 @pytest.fixture
 async def no_signup_server(database_url: str) -> AsyncIterator[BookingServer]:
-    srv = BookingServer(ServerConfig.for_tests(database_url, allow_self_signup=False))
-    await srv.start()
-    try:
+    async with running_server(database_url, allow_self_signup=False) as srv:
         yield srv
-    finally:
-        await srv.stop(grace=1)
 
 
 async def test_self_sign_up_can_be_disabled(no_signup_server: BookingServer) -> None:
@@ -431,9 +435,7 @@ async def test_self_sign_up_can_be_disabled(no_signup_server: BookingServer) -> 
 async def test_anonymous_sign_ups_are_rate_limited_per_address(database_url: str) -> None:
     # Each sign-up tells whether an email is registered and costs an argon2
     # hash: one address gets a few per minute.
-    srv = BookingServer(ServerConfig.for_tests(database_url, signups_per_minute=3))
-    await srv.start()
-    try:
+    async with running_server(database_url, signups_per_minute=3) as srv:
         async with Api.connect(srv) as admin:
             anon = admin.as_(None)
             taken = _email("taken")
@@ -454,8 +456,6 @@ async def test_anonymous_sign_ups_are_rate_limited_per_address(database_url: str
                     metadata=admin.md,
                 )
                 assert created.user.id
-    finally:
-        await srv.stop(grace=1)
 
 
 async def test_deactivation_through_one_replica_stops_the_token_on_another_at_once(

@@ -13,10 +13,9 @@ import grpc
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import appointment_pb2_grpc, slot_pb2, slot_pb2_grpc
-from service.server import BookingServer
 from storage.models import Role
 from tests.population import fetch, insert_clients
-from tests.support import Api, ServerConfig, hours_from_now, ts
+from tests.support import Api, hours_from_now, running_server, ts
 
 
 async def _race(
@@ -217,9 +216,7 @@ async def test_racing_request_id_retries_agree_even_without_the_user_lock(
     # With the overlap check off nothing serialises the retries before the
     # slot lock, so they meet it held and must wait for the first copy's
     # outcome, not fail.
-    server = BookingServer(ServerConfig.for_tests(database_url, check_user_overlap=False))
-    await server.start()
-    try:
+    async with running_server(database_url, check_user_overlap=False) as server:
         async with Api.connect(server) as api:
             client, _ = await api.client()
             spec = await api.specialist()
@@ -236,8 +233,6 @@ async def test_racing_request_id_retries_agree_even_without_the_user_lock(
                 seen.append(reply.appointment.id)
 
             codes = Counter(await _race(api, 12, hold, channels=12))
-    finally:
-        await server.stop(grace=1)
 
     assert codes == {grpc.StatusCode.OK: 12}
     assert len(set(seen)) == 1

@@ -36,7 +36,7 @@ from service import server as server_module
 from service.server import BookingServer
 from storage import embedded, migrate
 from storage.models import Role
-from tests.support import Api, ServerConfig, hours_from_now, ts
+from tests.support import Api, ServerConfig, hours_from_now, running_server, ts
 
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -232,9 +232,7 @@ _databases = itertools.count()
 async def test_postgres_restarts_under_traffic_answer_unavailable_then_recover(
     own_pg: OwnPostgres, own_database: str, mode: str
 ) -> None:
-    server = BookingServer(ServerConfig.for_tests(own_database))
-    await server.start()
-    try:
+    async with running_server(own_database) as server:
         async with Api.connect(server) as api:
             traffic = await _traffic(api, slots=600)
             traffic.start(workers=8)
@@ -257,8 +255,6 @@ async def test_postgres_restarts_under_traffic_answer_unavailable_then_recover(
             for _ in range(20):
                 await api.slots.GetSlot(request, metadata=api.md, timeout=5)
             assert await api.hold(traffic.slot_ids.__next__(), user_id=traffic.user_id)
-    finally:
-        await server.stop(grace=1)
 
 
 # --- health follows a stalled database; start-up waits for a missing one -----

@@ -76,3 +76,33 @@ def test_a_failure_from_the_database_becomes_its_domain_error(
     domain = translate(exc)
     assert type(domain) is errors.SQL_REASONS[reason]
     assert domain.metadata() == {key: f"value-{key}" for key in keys}
+
+
+def _domain_errors() -> set[type[errors.BookingError]]:
+    # Importing the service layer registers its errors (InvalidArgument, …).
+    import service.errors  # noqa: F401
+
+    found: set[type[errors.BookingError]] = set()
+    todo = [errors.BookingError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.add(sub)
+            todo.append(sub)
+    return found
+
+
+def test_every_domain_error_has_exactly_one_grpc_code() -> None:
+    from service.errors import CODES
+
+    for cls in _domain_errors():
+        entries = [base for base in cls.__mro__ if base in CODES]
+        assert len(entries) == 1, f"{cls.__name__}: codes from {entries}"
+
+
+def test_error_reasons_are_unique_and_well_formed() -> None:
+    # Abstract bases (NotFound) name no reason of their own.
+    named = [cls for cls in _domain_errors() if "reason" in vars(cls)]
+    reasons = [cls.reason for cls in named]
+    assert len(reasons) == len(set(reasons)), sorted(reasons)
+    for reason in reasons:
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]{0,62}", reason), reason

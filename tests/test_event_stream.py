@@ -19,7 +19,7 @@ from service.server import BookingServer
 from storage.models import Role
 from storage.transitions import HOLD_SLOT
 from tests.population import fetch, insert_clients
-from tests.support import Api, ServerConfig, expect_failure, hours_from_now
+from tests.support import Api, ServerConfig, expect_failure, hours_from_now, running_server
 
 BEGINNING = apb.WatchAppointmentEventsRequest(start_position=apb.WATCH_START_POSITION_BEGINNING)
 
@@ -406,13 +406,9 @@ async def test_the_first_stream_on_a_server_gets_its_backlog_without_waiting_for
 ) -> None:
     # Heartbeats every 60 s: nothing but the hub's own wake-up can deliver
     # the history within the read's 5 s limit.
-    server = BookingServer(ServerConfig.for_tests(database_url, heartbeat_seconds=60))
-    await server.start()
-    try:
+    async with running_server(database_url, heartbeat_seconds=60) as server:
         async with Api.connect(server) as api:
             booked = await _booking(api, 10)
             async with watching(api, BEGINNING) as watch:
                 (event,) = await watch.events(1, wait=5)
         assert event.appointment.id == booked.id
-    finally:
-        await server.stop(grace=1)

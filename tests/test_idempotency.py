@@ -18,7 +18,7 @@ from booking.v1 import appointment_pb2_grpc
 from service.config import ConfigError, from_sources
 from service.server import BookingServer
 from tests.population import fetch
-from tests.support import Api, RpcFailure, ServerConfig, failure, hours_from_now
+from tests.support import Api, RpcFailure, ServerConfig, failure, hours_from_now, running_server
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -236,13 +236,9 @@ async def test_copies_of_one_request_racing_a_cancel_all_get_one_answer(api: Api
 
 
 async def test_copies_sent_to_two_replicas_get_one_answer(api: Api, database_url: str) -> None:
-    second = BookingServer(ServerConfig.for_tests(database_url))
-    await second.start()
-    try:
+    async with running_server(database_url) as second:
         targets = [f"127.0.0.1:{api.server.port}", f"127.0.0.1:{second.port}"]
         assert await _copies_racing_a_cancel(api, targets) == []
-    finally:
-        await second.stop(grace=1)
 
 
 async def test_another_callers_request_id_is_theirs_alone(api: Api) -> None:

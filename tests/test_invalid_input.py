@@ -31,8 +31,15 @@ from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking.v1 import user_pb2 as upb
 from service import pagination
-from service.server import BookingServer
-from tests.support import PASSWORD, Api, ServerConfig, expect_failure, failure, hours_from_now, ts
+from tests.support import (
+    PASSWORD,
+    Api,
+    expect_failure,
+    failure,
+    hours_from_now,
+    running_server,
+    ts,
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
@@ -53,13 +60,9 @@ async def shared(pg_admin_url: str, template_url: str) -> AsyncIterator[Api]:
     finally:
         await conn.close()
     url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
-    server = BookingServer(ServerConfig.for_tests(url))
-    await server.start()
-    try:
+    async with running_server(url) as server:
         async with Api.connect(server) as api:
             yield api
-    finally:
-        await server.stop(grace=1)
         conn = await asyncpg.connect(pg_admin_url)
         try:
             await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

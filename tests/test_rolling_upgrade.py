@@ -34,10 +34,9 @@ from booking.v1 import (
     specialist_pb2,
     specialist_pb2_grpc,
 )
-from service.server import BookingServer
 from storage import migrate
 from tests.conftest import _with_database
-from tests.support import ServerConfig, hours_from_now, ts
+from tests.support import hours_from_now, running_server, ts
 
 ROOT = Path(__file__).resolve().parent.parent
 # The release this one must upgrade from without downtime. Its tag is used
@@ -253,16 +252,12 @@ async def test_previous_release_keeps_serving_while_migrations_apply(
         assert isinstance(results[0], list)
 
         # Both releases now serve the same database side by side.
-        new = BookingServer(ServerConfig.for_tests(empty_database_url))
-        await new.start()
-        try:
+        async with running_server(empty_database_url) as new:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{new.port}") as new_channel:
                 current = _Client(new_channel)
                 current.metadata = old.metadata
                 await current.book_and_cancel(slots[0])
             await old.book_and_cancel(slots[1])
-        finally:
-            await new.stop(grace=1)
 
     # A previous-release replica restarting now (migrating at start-up, as
     # by default) meets migrations it does not know, and still serves.

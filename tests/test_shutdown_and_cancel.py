@@ -17,10 +17,9 @@ from booking.v1 import slot_pb2 as spb
 from service.auth import Authenticator
 from service.errors import FieldViolation, InvalidArgument
 from service.interceptor import ServiceInterceptor
-from service.server import BookingServer
 from service.sweeper import sweep_forever
 from storage.database import Database
-from tests.support import Api, ServerConfig, hours_from_now
+from tests.support import Api, hours_from_now, running_server
 
 
 async def test_calls_sent_just_before_shutdown_are_served_not_cancelled(
@@ -28,9 +27,7 @@ async def test_calls_sent_just_before_shutdown_are_served_not_cancelled(
 ) -> None:
     codes: Counter[str] = Counter()
     for _round in range(3):
-        server = BookingServer(ServerConfig.for_tests(database_url))
-        await server.start()
-        try:
+        async with running_server(database_url) as server:
             async with Api.connect(server) as api:
                 specialist = await api.specialist()
                 request = spb.ListSlotsRequest(specialist_id=specialist.id)
@@ -42,8 +39,6 @@ async def test_calls_sent_just_before_shutdown_are_served_not_cancelled(
                 stopping = server.stop(grace=5)
                 outcomes = await asyncio.gather(*calls, return_exceptions=True)
                 await stopping
-        finally:
-            await server.stop(grace=1)
         for outcome in outcomes:
             if isinstance(outcome, grpc.aio.AioRpcError):
                 codes[outcome.code().name] += 1
