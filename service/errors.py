@@ -43,6 +43,9 @@ class InvalidArgument(e.BookingError):
     def metadata(self) -> dict[str, str]:
         return {"fields": ",".join(v.field for v in self.violations)}
 
+    def field_violations(self) -> list[tuple[str, str]]:
+        return [(v.field, v.description) for v in self.violations]
+
 
 @dataclass(eq=False)
 class Unauthenticated(e.BookingError):
@@ -72,8 +75,18 @@ class TooManyStreams(e.BookingError):
         return f"the server already serves its limit of {self.limit} event streams"
 
 
-# The one table. Subclasses inherit their base's code (NotFound covers all
-# missing resources).
+@dataclass(eq=False)
+class ShuttingDown(e.BookingError):
+    reason = "SHUTTING_DOWN"
+
+    def __str__(self) -> str:
+        return "the server is shutting down; reconnect and resume from your last cursor"
+
+
+# The one table from domain error to gRPC code (storage.errors.SQL_REASONS
+# is the one from SQL failure reason to domain error). A subclass takes its
+# base's code (NotFound covers every missing resource); a test requires
+# exactly one entry on every error's MRO.
 CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     e.InvalidValue: grpc.StatusCode.INVALID_ARGUMENT,
@@ -82,7 +95,7 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.EmailTaken: grpc.StatusCode.ALREADY_EXISTS,
     e.SlotOverlap: grpc.StatusCode.ALREADY_EXISTS,
     e.SlotUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
-    e.SlotBusy: grpc.StatusCode.FAILED_PRECONDITION,
+    e.SlotInUse: grpc.StatusCode.FAILED_PRECONDITION,
     e.WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.HoldExpired: grpc.StatusCode.FAILED_PRECONDITION,
     e.UserOverlap: grpc.StatusCode.FAILED_PRECONDITION,
@@ -99,6 +112,7 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.TransactionConflict: grpc.StatusCode.ABORTED,
     e.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
     e.DatabaseTimeout: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -137,16 +151,6 @@ def _clip_bytes(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
     return raw[: limit - 3].decode(errors="ignore") + "\u2026"
 
 
-def _violations(exc: e.BookingError) -> list[FieldViolation]:
-    if isinstance(exc, InvalidArgument):
-        return exc.violations
-    if isinstance(exc, e.InvalidValue):
-        return [FieldViolation(exc.field, exc.description)]
-    if isinstance(exc, e.RequestIdReused):
-        return [FieldViolation("request_id", str(exc))]
-    return []
-
-
 def to_status(exc: e.BookingError) -> grpc.Status:
     """The status for `exc`, bounded to fit default client limits: the
     first violations that fit, with the total and the number left out in
@@ -154,9 +158,9 @@ def to_status(exc: e.BookingError) -> grpc.Status:
     code = code_for(exc)
     violations = [
         error_details_pb2.BadRequest.FieldViolation(
-            field=_clip(v.field), description=_clip(v.description)
+            field=_clip(field), description=_clip(description)
         )
-        for v in _violations(exc)
+        for field, description in exc.field_violations()
     ]
     metadata = {
         _clip(key, 63): _clip(value)
@@ -164,9 +168,10 @@ def to_status(exc: e.BookingError) -> grpc.Status:
     }
     message = str(exc)
     extra: list[any_pb2.Any] = []
-    if isinstance(exc, e.LoginThrottled):
+    retry_after = exc.retry_after()
+    if retry_after is not None:
         retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.seconds = exc.retry_after_seconds
+        retry.retry_delay.seconds = retry_after
         extra.append(_pack(retry))
 
     def build(kept: list[error_details_pb2.BadRequest.FieldViolation]) -> status_pb2.Status:
@@ -220,14 +225,3 @@ def internal_status() -> grpc.Status:
             details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
         )
     )
-
-
-@dataclass(eq=False)
-class ShuttingDown(e.BookingError):
-    reason = "SHUTTING_DOWN"
-
-    def __str__(self) -> str:
-        return "the server is shutting down; reconnect and resume from your last cursor"
-
-
-CODES[ShuttingDown] = grpc.StatusCode.UNAVAILABLE

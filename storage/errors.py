@@ -16,6 +16,14 @@ class BookingError(Exception):
 
     reason: ClassVar[str] = "BOOKING_ERROR"
 
+    def field_violations(self) -> list[tuple[str, str]]:
+        """(field, description) pairs when the request itself was at fault."""
+        return []
+
+    def retry_after(self) -> int | None:
+        """Seconds after which a retry may succeed, when that is known."""
+        return None
+
     def metadata(self) -> dict[str, str]:
         """The error's fields as strings, for google.rpc.ErrorInfo.metadata."""
         out: dict[str, str] = {}
@@ -169,8 +177,9 @@ class SameSlot(BookingError):
 
 
 @dataclass(eq=False)
-class SlotBusy(BookingError):
-    """DeleteSlot on a slot that is held or booked."""
+class SlotInUse(BookingError):
+    """DeleteSlot on a slot that is held or booked. (HoldSlot on such a slot
+    is SlotUnavailable; the wire reasons differ, and clients rely on both.)"""
 
     reason = "SLOT_NOT_AVAILABLE"
     slot_id: str
@@ -192,6 +201,9 @@ class RequestIdReused(BookingError):
             f"{self.operation} request"
         )
 
+    def field_violations(self) -> list[tuple[str, str]]:
+        return [("request_id", str(self))]
+
 
 @dataclass(eq=False)
 class InvalidValue(BookingError):
@@ -203,6 +215,9 @@ class InvalidValue(BookingError):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.description}"
+
+    def field_violations(self) -> list[tuple[str, str]]:
+        return [(self.field, self.description)]
 
 
 @dataclass(eq=False)
@@ -220,6 +235,9 @@ class LoginThrottled(BookingError):
 
     def __str__(self) -> str:
         return f"too many failed logins; try again in {self.retry_after_seconds} s"
+
+    def retry_after(self) -> int | None:
+        return self.retry_after_seconds
 
 
 @dataclass(eq=False)
@@ -276,7 +294,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SlotNotStarted,
         SpecialistMismatch,
         SameSlot,
-        SlotBusy,
+        SlotInUse,
         RequestIdReused,
     )
 }
