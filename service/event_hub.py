@@ -24,6 +24,7 @@ from typing import Protocol
 from service.errors import ShuttingDown, TooManyStreams
 from storage import events as store
 from storage.database import Database
+from storage.errors import DatabaseTimeout, DatabaseUnavailable
 from storage.models import AppointmentEvent, EventFilter, Position
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,29 @@ class StreamGuard(Protocol):
 
     async def check(self) -> None:
         """Return to go on; raise to end the stream with that error."""
+
+
+# A listener that cannot connect within this long is given up for this round.
+LISTEN_CONNECT_SECONDS = 5.0
+
+
+class _Outage:
+    """Logs the first failure of an outage, and its end, but not every
+    retry in between."""
+
+    def __init__(self, recovered: str) -> None:
+        self.ongoing = False
+        self.recovered = recovered
+
+    def report(self, message: str, *args: object) -> None:
+        if not self.ongoing:
+            self.ongoing = True
+            log.warning(message, *args)
+
+    def over(self) -> None:
+        if self.ongoing:
+            self.ongoing = False
+            log.info(self.recovered)
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,8 @@ class EventHub:
         self._task: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
         self._listener: store.Listener | None = None
+        self._read_outage = _Outage("reading appointment events again")
+        self._listen_outage = _Outage("listening for events again")
 
     async def start(self) -> None:
         # The ring starts (from the newest stable event) when the first stream opens.
@@ -145,10 +171,16 @@ class EventHub:
         if self._listener is not None and self._listener.alive:
             return
         try:
-            self._listener = await store.Listener.open(self.db.dsn, lambda _: self._poke.set())
+            # Bounded: a stalled database must not stall the tail loop too.
+            self._listener = await store.Listener.open(
+                self.db.dsn, lambda _: self._poke.set(), connect_within=LISTEN_CONNECT_SECONDS
+            )
+            self._listen_outage.over()
         except Exception:  # noqa: BLE001 - polling covers for a missing listener
             self._listener = None
-            log.warning("cannot LISTEN for events; polling every %.1fs", self.poll_interval)
+            self._listen_outage.report(
+                "cannot LISTEN for events; polling every %.1fs", self.poll_interval
+            )
 
     async def _tail(self) -> None:
         # After a wake-up whose events are not stable yet (an older
@@ -169,10 +201,16 @@ class EventHub:
                 if self._idle:
                     await self._restart_ring()
                 pending = await self._catch_up()
+            except (DatabaseUnavailable, DatabaseTimeout) as exc:
+                # An outage, reported by health: one line, not one per poll.
+                self._read_outage.report("reading appointment events: %s", exc)
+                retry = self.poll_interval
+                continue
             except Exception:  # noqa: BLE001 - keep tailing; the table is the truth
                 log.exception("reading appointment events failed")
                 retry = self.poll_interval
                 continue
+            self._read_outage.over()
             retry = min(max(retry * 2, 0.002), self.poll_interval) if pending else 0.0
 
     async def _restart_ring(self) -> None:

@@ -16,6 +16,7 @@ import pytest
 from booking.v1 import slot_pb2 as spb
 from service.auth import Authenticator
 from service.errors import FieldViolation, InvalidArgument
+from service.event_hub import EventHub
 from service.interceptor import ServiceInterceptor
 from service.sweeper import sweep_forever
 from storage.database import Database
@@ -104,6 +105,26 @@ async def test_the_hold_sweeper_reports_a_database_outage_in_one_line(
         await db.close()
     lines = [r for r in caplog.records if r.name == "service.sweeper"]
     assert lines and all(not r.exc_info and r.levelno == logging.WARNING for r in lines)
+
+
+async def test_the_event_reader_reports_a_database_outage_once(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not opened: every read is DatabaseUnavailable, as in an outage, while
+    # a stream is open and the reader polls every 20 ms.
+    db = await Database.connect(database_url, min_size=1, max_size=1, deferred=True)
+    hub = EventHub(db, poll_interval=0.02, max_streams=1)
+    caplog.set_level(logging.INFO)
+    await hub.start()
+    try:
+        with hub.stream_slot():
+            await asyncio.sleep(0.5)
+    finally:
+        await hub.stop()
+        await db.close()
+    lines = [r for r in caplog.records if r.name == "service.event_hub"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.WARNING and not lines[0].exc_info
 
 
 class _ExpiredContext:
