@@ -129,13 +129,15 @@ def _pack(message: Message) -> any_pb2.Any:
     return packed
 
 
-# Every status must fit a client's default limit for received metadata
-# (16 KiB, trailers included). grpc-status-details-bin travels base64-encoded
-# (4/3 of its size) and grpc-message percent-encoded (up to 3x), so the
-# serialized google.rpc.Status is kept under 8 KiB and the message under
-# 512 UTF-8 bytes: about 12.5 KiB in the worst case.
-MAX_DETAILS_BYTES = 8 * 1024
-MAX_MESSAGE_BYTES = 512
+# Every status must fit a client's default limits for received metadata,
+# trailers included: a hard limit of 16 KiB, and a soft limit of 8 KiB above
+# which grpc refuses a growing share of calls at random (RESOURCE_EXHAUSTED).
+# grpc-status-details-bin travels base64-encoded (4/3 of its size) and
+# grpc-message percent-encoded (up to 3x), so the serialized
+# google.rpc.Status is kept under 4 KiB and the message under 256 UTF-8
+# bytes: about 6.3 KiB in the worst case, under the soft limit.
+MAX_DETAILS_BYTES = 4 * 1024
+MAX_MESSAGE_BYTES = 256
 MAX_TEXT_CHARS = 256  # one field name, description or metadata value
 MAX_METADATA_ENTRIES = 16
 
