@@ -95,15 +95,33 @@ def _ensure_service_user() -> None:
         )
 
 
+def _as_server_user(cmd: list[str]) -> list[str]:
+    """`cmd`, run as the unprivileged server user when we are root.
+
+    setpriv switches user after the exec. subprocess's own ``user=`` would
+    make Python fork() instead of vfork(), and a fork of a process with gRPC
+    threads runs gRPC's fork handlers, which now and then crashed the child
+    (pg_ctl died of SIGSEGV)."""
+    user = _run_as()
+    if user is None:
+        return cmd
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *cmd]
+
+
 def _run(cmd: list[str], timeout: float = 120) -> str:
     result = subprocess.run(
-        cmd, user=_run_as(), capture_output=True, text=True, timeout=timeout, cwd="/"
+        _as_server_user(cmd), capture_output=True, text=True, timeout=timeout, cwd="/"
     )
     if result.returncode != 0:
         raise EmbeddedPostgresError(
             f"{Path(cmd[0]).name} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
         )
     return result.stdout
+
+
+def pg_ctl(pgdata: Path, *args: str, timeout: float = 120) -> str:
+    """Run pg_ctl on the cluster in `pgdata` as its owner (restart, stop, …)."""
+    return _run([str(bin_dir() / "pg_ctl"), "-D", str(pgdata), *args], timeout=timeout)
 
 
 def _chown_for_server(path: Path) -> None:

@@ -176,12 +176,7 @@ class OwnPostgres:
         return self.server.url(database)
 
     def pg_ctl(self, *args: str) -> None:
-        command = [str(embedded.bin_dir() / "pg_ctl"), "-D", str(self.server.pgdata), *args]
-        if os.geteuid() == 0:
-            # Not subprocess's user=: that forks (no vfork), and a fork of this
-            # gRPC-threaded process intermittently died of SIGSEGV before exec.
-            command = ["runuser", "-u", embedded.SERVICE_USER, "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=120, cwd="/")
+        embedded.pg_ctl(self.server.pgdata, *args)
 
     def restart(self, mode: str) -> None:
         # restart reuses the recorded command line, so the port stays the same.

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,17 +44,8 @@ CRASH_SETTINGS = {"wal_writer_delay": "10s", "autovacuum": "off", "synchronous_c
 
 
 def pg_ctl(pg: embedded.EmbeddedPostgres, *args: str) -> None:
-    """Run pg_ctl on `pg` as the server's user.
-
-    Not through embedded's helper: it switches user with subprocess's
-    `user=`, which forks instead of vforking, and a fork while gRPC threads
-    run can crash the child. runuser switches user after the exec instead."""
-    command = [str(embedded.bin_dir() / "pg_ctl"), "-D", str(pg.pgdata), *args]
-    as_user = ["runuser", "-u", embedded.SERVICE_USER, "--"] if os.geteuid() == 0 else []
-    result = subprocess.run(
-        [*as_user, *command], capture_output=True, text=True, timeout=90, cwd="/"
-    )
-    assert result.returncode == 0, f"pg_ctl {args[-1]} failed: {result.stdout}{result.stderr}"
+    """Run pg_ctl on `pg` as the server's user."""
+    embedded.pg_ctl(pg.pgdata, *args, timeout=90)
 
 
 def crash_and_recover(pg: embedded.EmbeddedPostgres) -> None:

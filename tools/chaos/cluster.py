@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -208,22 +207,13 @@ class Cluster:
     def pg_restart(self, mode: str) -> None:
         """`pg_ctl restart -m fast|immediate`; returns once it accepts connections.
         The restart reuses the options recorded in postmaster.opts (same port)."""
-        pg_ctl = str(embedded.bin_dir() / "pg_ctl")
-        cmd = [pg_ctl, "-D", str(self.pg.pgdata), "-l", str(self.pg.pgdata / "server.log")]
-        cmd += ["-m", mode, "-w", "-t", "120", "restart"]
-        user = embedded._run_as()
-        if user is not None:
-            # Not subprocess's user= (embedded._run): that makes it fork()
-            # instead of vfork(), and a fork() in this process, busy with gRPC
-            # threads, runs gRPC's fork handlers, which crashed pg_ctl with
-            # SIGSEGV now and then. setpriv changes user after the exec.
-            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *cmd]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd="/")
-        if result.returncode != 0:
-            raise embedded.EmbeddedPostgresError(
-                f"pg_ctl restart -m {mode} failed ({result.returncode}):"
-                f" {result.stdout}{result.stderr}".strip()
-            )
+        embedded.pg_ctl(
+            self.pg.pgdata,
+            "-l",
+            str(self.pg.pgdata / "server.log"),
+            *("-m", mode, "-w", "-t", "120", "restart"),
+            timeout=180,
+        )
 
     def pg_freeze(self, seconds: float) -> int:
         """SIGSTOP every PostgreSQL process for `seconds`, then SIGCONT.
