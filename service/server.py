@@ -4,7 +4,7 @@ Start: database (embedded unless DATABASE_URL), pool, event hub, gRPC
 server, then migrations and health SERVING as soon as the database answers.
 A server whose database is down at start-up keeps serving health
 NOT_SERVING (booking calls answer UNAVAILABLE) and retries with backoff.
-Afterwards a monitor probes the database with a bounded ``SELECT 1`` and
+Afterwards a monitor probes the database with a bounded one-row query and
 flips health as it comes and goes.
 
 Stop (SIGTERM/SIGINT, safe to call twice): health NOT_SERVING, open streams
@@ -201,7 +201,7 @@ class BookingServer:
         assert self.db is not None
         try:
             if not await self.db.ping(HEALTH_PROBE_TIMEOUT_SECONDS):
-                raise ConnectionError("no answer to SELECT 1")
+                raise ConnectionError("no answer to the probe query")
             if self.config.migrate_on_start:
                 await asyncio.to_thread(migrate.apply, self.db.dsn)
             await self.db.open()
