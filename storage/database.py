@@ -57,8 +57,10 @@ class RetryPolicy:
 
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 
-# A concurrent request with the same request_id but other parameters can
-# collide on the key itself; a retry then reports REQUEST_ID_REUSED.
+# Two copies of one request racing can collide on their key itself: the
+# retry then replays whatever the other copy stored (its success, or its
+# remembered failure), or reports REQUEST_ID_REUSED when the parameters
+# differ.
 _RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey"})
 
 # Class 08 (connection), 53300 (too many connections) and 57P0x (shutdown):
