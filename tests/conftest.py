@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -59,20 +60,37 @@ async def template_url(pg_admin_url: str) -> str:
     return url
 
 
+@asynccontextmanager
+async def scratch_database(admin_url: str, template: str) -> AsyncIterator[str]:
+    """A new database copied from `template` for the block; dropped after."""
+    name = f"booking_test_{os.getpid()}_{next(_counter)}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    finally:
+        await conn.close()
+    try:
+        yield _with_database(admin_url, name)
+    finally:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+
 @pytest.fixture
 async def database_url(pg_admin_url: str, template_url: str) -> AsyncIterator[str]:
-    name = f"booking_test_{os.getpid()}_{next(_counter)}"
-    conn = await asyncpg.connect(pg_admin_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    finally:
-        await conn.close()
-    yield _with_database(pg_admin_url, name)
-    conn = await asyncpg.connect(pg_admin_url)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+    """A fresh copy of the migrated template for each test."""
+    async with scratch_database(pg_admin_url, TEMPLATE) as url:
+        yield url
+
+
+@pytest.fixture
+async def empty_database_url(pg_admin_url: str) -> AsyncIterator[str]:
+    """A database with no schema at all."""
+    async with scratch_database(pg_admin_url, "template0") as url:
+        yield url
 
 
 @pytest.fixture

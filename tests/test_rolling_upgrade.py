@@ -15,12 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 
@@ -35,7 +34,6 @@ from booking.v1 import (
     specialist_pb2_grpc,
 )
 from storage import migrate
-from tests.conftest import _with_database
 from tests.support import hours_from_now, running_server, ts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,23 +77,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-async def empty_database_url(pg_admin_url: str) -> AsyncIterator[str]:
-    name = f"booking_upgrade_{os.getpid()}"
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
-    finally:
-        await admin.close()
-    yield _with_database(pg_admin_url, name)
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
 
 
 @contextmanager

@@ -8,15 +8,12 @@ change made in one place only fails here, naming what differs.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from storage import schema
-from tests.conftest import _with_database
 
 # Each query yields (kind, name, definition) rows for one kind of object.
 _CATALOG = {
@@ -81,26 +78,13 @@ async def _catalog(url: str) -> dict[tuple[str, str], str]:
 
 
 @pytest.fixture
-async def source_database_url(pg_admin_url: str) -> AsyncIterator[str]:
-    name = f"booking_source_{os.getpid()}"
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0")
-    finally:
-        await admin.close()
-    url = _with_database(pg_admin_url, name)
-    conn = await asyncpg.connect(url)
+async def source_database_url(empty_database_url: str) -> str:
+    conn = await asyncpg.connect(empty_database_url)
     try:
         await conn.execute(schema.source_sql())
     finally:
         await conn.close()
-    yield url
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    return empty_database_url
 
 
 async def test_migrations_build_exactly_the_sql_source(
