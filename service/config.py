@@ -59,6 +59,28 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Connections (docs in README "Operating it"): grpc's own default refuses
+    # client pings more often than every 5 minutes with GOAWAY too_many_pings.
+    keepalive_min_ping_seconds: float = field(
+        default=10.0,
+        metadata={"help": "shortest interval between client keepalive pings the server accepts"},
+    )
+    keepalive_permit_without_calls: bool = field(
+        default=True,
+        metadata={"help": "accept keepalive pings on a connection with no call in flight"},
+    )
+    max_connection_age_seconds: float = field(
+        default=1800.0,
+        metadata={
+            "help": "close connections (GOAWAY) after this long so clients rebalance; 0 = never"
+        },
+    )
+    max_connection_age_grace_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "how long calls may finish on a connection past its age; unset = grace-seconds"
+        },
+    )
 
     @cached_property  # read on every HoldSlot
     def hold_ttl(self) -> timedelta:
@@ -101,6 +123,11 @@ class Config:
             problems.append("token_cache_seconds must not be negative")
         if self.grace_seconds < 0:
             problems.append("grace_seconds must not be negative")
+        for name in ("max_connection_age_seconds", "max_connection_age_grace_seconds"):
+            if (getattr(self, name) or 0) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.keepalive_min_ping_seconds <= 0:
+            problems.append("keepalive_min_ping_seconds must be positive")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level}"
@@ -136,6 +163,8 @@ def _parse(field_type: Any, raw: str, name: str) -> Any:
             return int(text)
         if field_type in (float, "float"):
             return float(text)
+        if field_type == "float | None":
+            return float(text) if text else None
         if "Path" in str(field_type):
             return Path(text) if text else None
         if text == "" and "None" in str(field_type):

@@ -36,7 +36,7 @@ from booking.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
-from service import reflection
+from service import connections, reflection
 from service.auth import Authenticator
 from service.config import Config
 from service.event_hub import EventHub
@@ -178,6 +178,7 @@ class BookingServer:
                 # Only worker processes share a port; otherwise a second
                 # server on the same port must fail, not split the traffic.
                 ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
+                *connections.server_options(self.config),
             ],
         )
         user_pb2_grpc.add_UserServiceServicer_to_server(
