@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._base import BaseReflectionServicer
@@ -61,17 +62,44 @@ def _v1_file() -> descriptor_pb2.FileDescriptorProto:
 V1_FILE = _v1_file()
 
 
+def _drop_json_names(message: descriptor_pb2.DescriptorProto) -> None:
+    """protoc records every field's default JSON name; the runtime's
+    descriptors, served before, carry none, and grpcurl then prints the
+    proto field names (access_token, not accessToken). Kept that way for
+    scripts that read its output; the names are the default ones anyway."""
+    for f in message.field:
+        f.ClearField("json_name")
+    for nested in message.nested_type:
+        _drop_json_names(nested)
+
+
 def build_pool() -> tuple[descriptor_pool.DescriptorPool, dict[str, bytes]]:
     """A pool of every file the server exposes, and the bytes to answer
     for each file: the commented ones from the descriptor set where there
     are some, the runtime's copy for health and reflection."""
     raw: dict[str, bytes] = {}
     for proto in load_descriptor_set().file:
+        for message in proto.message_type:
+            _drop_json_names(message)
         raw[proto.name] = proto.SerializeToString()
-    for module_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+
+    def add_runtime(file: descriptor.FileDescriptor) -> None:
+        if file.name in raw:
+            return
+        for dependency in file.dependencies:
+            add_runtime(dependency)
         proto = descriptor_pb2.FileDescriptorProto()
-        module_descriptor.CopyToProto(proto)
-        raw.setdefault(proto.name, proto.SerializeToString())
+        file.CopyToProto(proto)
+        raw[file.name] = proto.SerializeToString()
+
+    # Error details too: grpcurl looks up the types in a status's details.
+    for runtime in (
+        health_pb2.DESCRIPTOR,
+        reflection_pb2.DESCRIPTOR,
+        error_details_pb2.DESCRIPTOR,
+        status_pb2.DESCRIPTOR,
+    ):
+        add_runtime(runtime)
     raw[V1_FILE.name] = V1_FILE.SerializeToString()
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()

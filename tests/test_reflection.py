@@ -97,17 +97,36 @@ async def test_corrupt_bytes_on_the_v1_service_are_invalid_argument(
     assert not [r for r in caplog.records if r.exc_info]
 
 
-async def test_grpcurl_describe_shows_the_comments(server: BookingServer) -> None:
+async def _grpcurl(port: int | None, options: list[str], *args: str) -> tuple[int, str]:
     grpcurl = Path(sys.executable).parent / "grpcurl"
     process = await asyncio.create_subprocess_exec(
         str(grpcurl),
         "-plaintext",
-        f"127.0.0.1:{server.port}",
-        "describe",
-        "booking.v1.Slot",
+        *options,
+        f"127.0.0.1:{port}",
+        *args,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    assert "// Output only." in out.decode(), out.decode()
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_grpcurl_describe_shows_the_comments(server: BookingServer) -> None:
+    code, out = await _grpcurl(server.port, [], "describe", "booking.v1.Slot")
+    assert code == 0, out
+    assert "// Output only." in out, out
+
+
+async def test_grpcurl_decodes_error_details_and_prints_proto_field_names(
+    server: BookingServer,
+) -> None:
+    body = '{"email": "nobody@example.com", "password": "wrong-password-1"}'
+    code, out = await _grpcurl(server.port, ["-d", body], "booking.v1.AuthService/Login")
+    assert code != 0
+    assert '"reason":"INVALID_CREDENTIALS"' in out and "not recognized" not in out, out
+    body = '{"email": "somebody@example.com", "password": "a-long-password-1"}'
+    code, out = await _grpcurl(server.port, ["-d", body], "booking.v1.UserService/CreateUser")
+    assert code == 0, out
+    assert '"create_time"' in out, out
