@@ -34,6 +34,7 @@ setup(
     },
     package_data={
         "": ["py.typed", "*.pyi"],
+        "booking.v1": ["descriptor_set.binpb"],
         "storage": ["sql/*.sql"],
         "storage.migrations": ["*.sql"],
     },

@@ -8,6 +8,9 @@ Usage:
 For every ``protos/booking/v1/x.proto`` this writes, under ``OUT_DIR/booking/v1/``:
     x_pb2.py, x_pb2.pyi            (grpcio-tools --python_out, mypy-protobuf --mypy_out)
     x_pb2_grpc.py, x_pb2_grpc.pyi  (grpcio-tools --grpc_python_out, mypy-protobuf --mypy_grpc_out)
+and one ``OUT_DIR/booking/v1/descriptor_set.binpb``: a FileDescriptorSet of every proto
+and its imports WITH source info (comments), which server reflection answers from so
+that ``grpcurl describe`` shows the proto comments;
 plus ``__init__.py`` in every generated package and a ``py.typed`` marker in the top
 level package(s), so the code imports as ``booking.v1.x_pb2`` once ``OUT_DIR`` is on
 the import path (pyproject maps the ``booking`` package to ``gen/booking``).
@@ -55,6 +58,9 @@ def _proto_files() -> list[str]:
     return files
 
 
+DESCRIPTOR_SET = Path("booking") / "v1" / "descriptor_set.binpb"
+
+
 def _run_protoc(out_dir: Path, files: list[str]) -> None:
     try:
         import grpc_tools
@@ -74,6 +80,9 @@ def _run_protoc(out_dir: Path, files: list[str]) -> None:
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET.name}",
+        "--include_source_info",
+        "--include_imports",
         *files,
     ]
     # protoc resolves the .proto paths relative to --proto_path; run from PROTO_ROOT.
@@ -82,6 +91,9 @@ def _run_protoc(out_dir: Path, files: list[str]) -> None:
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         sys.exit(f"gen_protos: protoc failed with exit code {result.returncode}")
+    # Written beside the generated package, then moved in: protoc writes it
+    # before it is known whether the package directory exists yet.
+    (out_dir / DESCRIPTOR_SET.name).replace(out_dir / DESCRIPTOR_SET)
 
 
 def _add_package_markers(out_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib.metadata
 import logging
 import os
 import signal
@@ -13,7 +14,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from service import logs, passwords
-from service.config import Config, ConfigError, add_arguments, from_sources
+from service.config import (
+    DATABASE_FIELDS,
+    Config,
+    ConfigError,
+    add_arguments,
+    from_sources,
+)
 from service.server import BookingServer, database
 from storage import migrate
 from storage import users as user_store
@@ -109,8 +116,8 @@ async def _migrate(config: Config, action: str, count: int) -> int:
             rolled = await asyncio.to_thread(migrate.rollback, dsn, count)
             print("rolled back: " + (", ".join(rolled) or "nothing"))
         else:
-            for name in await asyncio.to_thread(migrate.applied, dsn):
-                print(name)
+            for name, done in await asyncio.to_thread(migrate.status, dsn):
+                print(f"{'applied' if done else 'pending'}  {name}")
     return 0
 
 
@@ -147,11 +154,19 @@ async def _create_admin(config: Config, email: str, password: str) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("booking-service")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="booking-service",
         description="Books appointments with specialists; double booking is impossible.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server")
@@ -159,18 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
 
     mig = sub.add_parser("migrate", help="apply, roll back or list schema migrations")
-    mig.add_argument("action", nargs="?", choices=["apply", "rollback", "list"], default="apply")
+    mig.add_argument(
+        "action",
+        nargs="?",
+        choices=["apply", "rollback", "list"],
+        default="apply",
+        help="apply pending migrations (default), roll back the newest, or list each"
+        " migration as applied or pending",
+    )
     mig.add_argument("--count", type=int, default=1, help="migrations to roll back (default 1)")
-    add_arguments(mig)
+    add_arguments(mig, only=DATABASE_FIELDS)
 
     admin = sub.add_parser("create-admin", help="create an ADMIN user")
-    admin.add_argument("--email", required=True)
+    admin.add_argument("--email", required=True, help="the new administrator's email address")
     admin.add_argument(
         "--password-stdin",
         action="store_true",
         help="read the password from standard input instead of prompting",
     )
-    add_arguments(admin)
+    add_arguments(admin, only=DATABASE_FIELDS)
 
     # Listed for --help only; main() hands `bench ...` to the harness.
     sub.add_parser("bench", help="run the benchmark harness (booking-service bench --help)")

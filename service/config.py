@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from functools import cached_property
@@ -59,6 +59,28 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Connections (docs in README "Operating it"): grpc's own default refuses
+    # client pings more often than every 5 minutes with GOAWAY too_many_pings.
+    keepalive_min_ping_seconds: float = field(
+        default=10.0,
+        metadata={"help": "shortest interval between client keepalive pings the server accepts"},
+    )
+    keepalive_permit_without_calls: bool = field(
+        default=True,
+        metadata={"help": "accept keepalive pings on a connection with no call in flight"},
+    )
+    max_connection_age_seconds: float = field(
+        default=1800.0,
+        metadata={
+            "help": "close connections (GOAWAY) after this long so clients rebalance; 0 = never"
+        },
+    )
+    max_connection_age_grace_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "how long calls may finish on a connection past its age; unset = grace-seconds"
+        },
+    )
 
     @cached_property  # read on every HoldSlot
     def hold_ttl(self) -> timedelta:
@@ -101,6 +123,11 @@ class Config:
             problems.append("token_cache_seconds must not be negative")
         if self.grace_seconds < 0:
             problems.append("grace_seconds must not be negative")
+        for name in ("max_connection_age_seconds", "max_connection_age_grace_seconds"):
+            if (getattr(self, name) or 0) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.keepalive_min_ping_seconds <= 0:
+            problems.append("keepalive_min_ping_seconds must be positive")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level}"
@@ -136,6 +163,8 @@ def _parse(field_type: Any, raw: str, name: str) -> Any:
             return int(text)
         if field_type in (float, "float"):
             return float(text)
+        if field_type == "float | None":
+            return float(text) if text else None
         if "Path" in str(field_type):
             return Path(text) if text else None
         if text == "" and "None" in str(field_type):
@@ -145,14 +174,53 @@ def _parse(field_type: Any, raw: str, name: str) -> Any:
         raise ConfigError(f"{name}: cannot parse {raw!r} as {field_type}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field, e.g. --hold-ttl-seconds; unset flags fall back to
-    the environment, then to the default."""
+# What each field without its own "help" metadata means, for --help.
+HELP: dict[str, str] = {
+    "host": "address to listen on (:: or 0.0.0.0 for every interface)",
+    "port": "port to listen on; 0 picks a free one",
+    "database_url": "PostgreSQL URL; unset starts an embedded PostgreSQL under --data-dir",
+    "data_dir": "where the embedded PostgreSQL keeps its data",
+    "migrate_on_start": "apply pending schema migrations at start-up",
+    "pool_min_size": "database connections kept open",
+    "pool_max_size": "most database connections at once",
+    "hold_ttl_seconds": "how long a HELD slot stays held before the sweeper releases it",
+    "sweep_interval_seconds": "how often lapsed holds are released",
+    "sweep_batch_size": "most holds released per sweep transaction",
+    "check_user_overlap": "refuse a user two appointments that overlap in time",
+    "allow_self_signup": "let anonymous callers create CLIENT users",
+    "signups_per_minute": "anonymous sign-ups one client address may make per minute",
+    "token_ttl_seconds": "lifetime of an access token",
+    "token_cache_seconds": "how long a token lookup may be reused; 0 looks up every call",
+    "login_max_failures": "failed logins before an account is locked out",
+    "login_lockout_seconds": "how long a lockout lasts",
+    "max_streams": "most event streams open at once per server",
+    "heartbeat_seconds": "interval of heartbeats on an idle event stream",
+    "event_poll_seconds": "how often the event reader polls when no NOTIFY arrives",
+    "grace_seconds": "on SIGTERM, how long in-flight calls get to finish",
+    "workers": "server processes sharing the port (SO_REUSEPORT, Linux)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_json": "log one JSON object per line",
+    "tls_cert": "PEM certificate chain; with --tls-key serves TLS",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
+}
+
+# What the commands other than serve read of the configuration.
+DATABASE_FIELDS = ("database_url", "data_dir", "log_level", "log_json")
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | None = None) -> None:
+    """One flag per field (or per field in `only`), e.g. --hold-ttl-seconds;
+    unset flags fall back to the environment, then to the default."""
+    wanted = None if only is None else set(only)
     for f in fields(Config):
+        if wanted is not None and f.name not in wanted:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"env {env_name(f.name)} (default: {f.default})"
-        if "help" in f.metadata:
-            help_text = f"{f.metadata['help']}; {help_text}"
+        description = f.metadata.get("help") or HELP.get(f.name)
+        if description:
+            help_text = f"{description}; {help_text}"
         if f.type in (bool, "bool"):
             parser.add_argument(
                 flag,

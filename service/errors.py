@@ -112,6 +112,7 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.TransactionConflict: grpc.StatusCode.ABORTED,
     e.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
     e.DatabaseTimeout: grpc.StatusCode.UNAVAILABLE,
+    e.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -21,9 +21,13 @@ from google.protobuf.message import DecodeError
 from service import auth
 from service.errors import FieldViolation, InvalidArgument, code_for, internal_status, to_status
 from service.grpc_types import Context, ServerInterceptor
-from storage.errors import BookingError
+from storage import deadline
+from storage.errors import BookingError, DeadlineExceeded
 
 log = logging.getLogger("booking.rpc")
+
+# How far storage's reading of a call's deadline may be ahead of grpc's.
+DEADLINE_SLACK_SECONDS = 0.01
 
 Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
@@ -45,6 +49,11 @@ class _Call:
     async def fail(self, exc: BaseException) -> NoReturn:
         """Answer the client for `exc`; always raises."""
         self.give_up_if_expired()
+        if isinstance(exc, DeadlineExceeded) and self._expiring():
+            # Storage gave up at the call's own deadline, by its own clock a
+            # moment before grpc's: grpc is about to end the call itself.
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise asyncio.CancelledError()
         if isinstance(exc, BookingError):
             self.code = code_for(exc)
             self.reason = exc.reason
@@ -67,6 +76,18 @@ class _Call:
         if remaining is not None and remaining < 0.001:
             self.code = grpc.StatusCode.DEADLINE_EXCEEDED
             raise asyncio.CancelledError()
+
+    def _expiring(self) -> bool:
+        remaining = self.context.time_remaining()
+        return remaining is not None and remaining < DEADLINE_SLACK_SECONDS
+
+    def cancelled(self) -> None:
+        """The handler was cancelled: by grpc at the deadline (logged as
+        DEADLINE_EXCEEDED, which the client saw), or because the client
+        went away (CANCELLED)."""
+        remaining = self.context.time_remaining()
+        expired = remaining is not None and remaining < 0.001
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     def finish(self, items: int | None = None) -> None:
         if self.quiet and self.code is grpc.StatusCode.OK and not log.isEnabledFor(logging.DEBUG):
@@ -207,13 +228,14 @@ class ServiceInterceptor(ServerInterceptor):
     def _unary(self, method: str, inner: Unary, prepare: Prepare, open_: bool) -> Unary:
         async def behavior(request: Any, context: Context) -> Any:
             call = _Call(method, context, quiet=open_)
+            deadline.set_remaining(context.time_remaining())
             try:
                 try:
                     if not open_:
                         await self._authorize(method, context)
                     response = await inner(prepare(request), context)
                 except asyncio.CancelledError:
-                    call.code = grpc.StatusCode.CANCELLED
+                    call.cancelled()
                     raise
                 except grpc.aio.AbortError:
                     raise
@@ -229,6 +251,7 @@ class ServiceInterceptor(ServerInterceptor):
     def _streaming(self, method: str, inner: Streaming, prepare: Prepare, open_: bool) -> Streaming:
         async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             call = _Call(method, context, quiet=open_)
+            deadline.set_remaining(context.time_remaining())
             sent = 0
             try:
                 if not open_:
@@ -240,7 +263,7 @@ class ServiceInterceptor(ServerInterceptor):
             except asyncio.CancelledError:
                 # Re-raised: swallowing it leaks the stream (grpc/grpc#43360).
                 if call.code is grpc.StatusCode.OK:
-                    call.code = grpc.StatusCode.CANCELLED
+                    call.cancelled()
                 raise
             except grpc.aio.AbortError:
                 raise

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from booking.v1 import (
     appointment_pb2,
@@ -37,6 +36,7 @@ from booking.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
+from service import connections, reflection
 from service.auth import Authenticator
 from service.config import Config
 from service.event_hub import EventHub
@@ -178,6 +178,7 @@ class BookingServer:
                 # Only worker processes share a port; otherwise a second
                 # server on the same port must fail, not split the traffic.
                 ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
+                *connections.server_options(self.config),
             ],
         )
         user_pb2_grpc.add_UserServiceServicer_to_server(
@@ -190,9 +191,7 @@ class BookingServer:
             AppointmentService(db, self.config, hub, authenticator), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable(server, [*SERVICE_NAMES, health.SERVICE_NAME])
         return server
 
     async def _open_database(self, attempt: int) -> bool:

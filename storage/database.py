@@ -20,7 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from storage import errors
+from storage import deadline, errors
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,16 @@ class Database:
         isolation: Isolation = DEFAULT_ISOLATION,
         single_statement: bool = False,
         read_only: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - also cancels on the server
     ) -> T:
         """Run `work` in a transaction at `isolation`, retrying conflicts.
+
+        It gets `timeout` seconds, by default the time left to the current
+        request's deadline (storage.deadline), retries and waiting for a
+        connection included. When they run out the statement is cancelled
+        on the server, the transaction rolled back, and the error is
+        DeadlineExceeded. Without either, only the session's
+        statement_timeout applies.
 
         With ``single_statement`` the work is one statement that runs as its
         own implicit transaction at the session default (REPEATABLE READ):
@@ -339,6 +347,29 @@ class Database:
             raise ValueError("single statements run at the session default isolation")
         if not self.accepting:
             raise errors.DatabaseUnavailable()
+        limit = deadline.remaining() if timeout is None else timeout
+        if limit is None:
+            return await self._run(work, isolation, single_statement, read_only)
+        if limit <= 0:
+            raise errors.DeadlineExceeded()
+        # Cancelling the task cancels the statement: asyncpg sends the server
+        # a cancel request, and the pool's reset rolls the transaction back.
+        bounded = asyncio.timeout(limit)
+        try:
+            async with bounded:
+                return await self._run(work, isolation, single_statement, read_only)
+        except TimeoutError as exc:
+            if bounded.expired():
+                raise errors.DeadlineExceeded() from exc
+            raise
+
+    async def _run(
+        self,
+        work: Callable[[Connection], Awaitable[T]],
+        isolation: Isolation,
+        single_statement: bool,
+        read_only: bool,
+    ) -> T:
         attempt = 0
         # One retry per pooled connection (each may be a dead one) plus one.
         lost_budget = self.pool.get_max_size() + 1

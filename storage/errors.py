@@ -277,6 +277,17 @@ class DatabaseTimeout(BookingError):
         return "the database took too long to answer; retry"
 
 
+@dataclass(eq=False)
+class DeadlineExceeded(BookingError):
+    """The caller's deadline passed before the database work finished; the
+    work was cancelled (and rolled back)."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+    def __str__(self) -> str:
+        return "the deadline passed before the database answered"
+
+
 # Reasons raised by the SQL functions (SQLSTATE BK001), with the detail keys
 # each constructor takes.
 SQL_REASONS: dict[str, type[BookingError]] = {

@@ -64,6 +64,13 @@ def rollback(dsn: str, count: int = 1) -> list[str]:
     return ids
 
 
+def status(dsn: str) -> list[tuple[str, bool]]:
+    """Every migration in order, and whether it is applied."""
+    migrations = read_migrations(str(migrations_dir()))
+    with _backend(dsn) as backend:
+        return [(m.id, bool(backend.is_applied(m))) for m in migrations]
+
+
 def applied(dsn: str) -> list[str]:
     migrations = read_migrations(str(migrations_dir()))
     with _backend(dsn) as backend:

@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from booking.v1 import appointment_pb2, auth_pb2, slot_pb2, specialist_pb2, user_pb2
 from service.errors import FieldViolation, InvalidArgument, to_status
+from service.reflection import v1_service_descriptor
 from service.server import BookingServer
 from storage.errors import EmailTaken, InvalidValue
 from tests.support import Api, failure
@@ -53,6 +54,8 @@ SERVICES: list[descriptor.ServiceDescriptor] = [
     ),
     health_pb2.DESCRIPTOR.services_by_name["Health"],
     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    # grpcio-reflection has no v1 module; the server's own descriptor of it.
+    v1_service_descriptor(),
 ]
 
 
@@ -218,6 +221,7 @@ async def test_fuzzing_every_rpc_gets_no_unknown_internal_leak_or_traceback(
     assert {m.path.split("/")[1] for m in METHODS} >= {
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
         "booking.v1.SlotService",
     }
     assert "/grpc.health.v1.Health/List" in {m.path for m in METHODS}

@@ -31,7 +31,7 @@ setup(
     package_dir={"booking": "_stubs/booking", "booking_client": "src/booking_client"},
     package_data={
         "booking": ["py.typed", "*.pyi"],
-        "booking.v1": ["*.pyi"],
+        "booking.v1": ["*.pyi", "descriptor_set.binpb"],
         "booking_client": ["py.typed", "service_config.json"],
     },
 )

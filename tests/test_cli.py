@@ -1,0 +1,94 @@
+"""The booking-service command line: help for every flag, per-command flags,
+--version, and `migrate list`."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from dataclasses import fields
+
+import pytest
+
+from service import cli, logs
+from service.config import Config
+from storage import migrate
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*argv, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """Each long option of an argparse help page, and its description."""
+    body = help_text.split("options:", 1)[1]
+    out: dict[str, str] = {}
+    current = None
+    for line in body.splitlines():
+        match = re.match(r"^  (-\S.*?)(?:  +(\S.*))?$", line)
+        if match:
+            flags = re.findall(r"--[a-z][a-z0-9-]*", match.group(1))
+            current = flags[0] if flags else match.group(1)
+            out[current] = match.group(2) or ""
+        elif current is not None and line.startswith("   "):
+            out[current] += " " + line.strip()
+    return out
+
+
+def test_every_serve_flag_has_a_description(capsys: pytest.CaptureFixture[str]) -> None:
+    options = _options(_help(capsys, "serve"))
+    expected = {"--" + f.name.replace("_", "-") for f in fields(Config)}
+    assert expected <= set(options)
+    for flag, text in options.items():
+        description = text.split("; env ")[0]
+        # More than the environment variable and the default.
+        assert len(description.split()) >= 2 and not description.startswith("env "), (
+            flag,
+            text,
+        )
+    assert "GOAWAY" in options["--max-connection-age-seconds"]
+
+
+@pytest.mark.parametrize(
+    ("command", "own"),
+    [
+        ("migrate", {"--count"}),
+        ("create-admin", {"--email", "--password-stdin"}),
+    ],
+)
+def test_other_commands_list_only_their_own_flags(
+    capsys: pytest.CaptureFixture[str], command: str, own: set[str]
+) -> None:
+    options = _options(_help(capsys, command))
+    assert set(options) == {
+        "--help",
+        *own,
+        "--database-url",
+        "--data-dir",
+        "--log-level",
+        "--log-json",
+    }
+    assert all(text for text in options.values()), options
+
+
+def test_version_comes_from_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"booking-service {importlib.metadata.version('booking-service')}"
+
+
+def test_migrate_list_shows_applied_and_pending(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    monkeypatch.setattr(logs, "configure", lambda level, as_json: None)
+    every = [name for name, _ in migrate.status(database_url)]
+    [rolled] = migrate.rollback(database_url, 1)
+    assert rolled == every[-1]
+    assert cli.main(["migrate", "list", "--database-url", database_url]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    listed = [line.split() for line in lines if line.strip()]
+    assert listed == [["applied" if name != rolled else "pending", name] for name in every], lines
