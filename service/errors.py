@@ -171,7 +171,7 @@ def to_status(exc: e.BookingError, extra_metadata: Mapping[str, str] | None = No
         for key, value in list(exc.metadata().items())[:MAX_METADATA_ENTRIES]
     }
     for key, value in (extra_metadata or {}).items():
-        metadata[key] = _clip(value)
+        metadata.setdefault(key, _clip(value))  # the error's own fields win
     message = str(exc)
     extra: list[any_pb2.Any] = []
     retry_after = exc.retry_after()

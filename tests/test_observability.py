@@ -180,7 +180,7 @@ async def test_hold_is_traced_under_the_callers_traceparent(database_url: str) -
                 await api.appointments.HoldSlot(apb.HoldSlotRequest(slot_id=slot_id), metadata=md)
         spans = exporter.get_finished_spans()
 
-    assert box[0].metadata["trace_id"] == trace_id
+    assert box[0].call_ids["trace_id"] == trace_id
     holds = [s for s in spans if s.name == HOLD]
     assert len(holds) == 2
     for span in holds:
@@ -224,7 +224,7 @@ async def test_request_id_in_log_lines_error_details_and_response(
     )
     async with expect_failure(grpc.StatusCode.NOT_FOUND) as box:
         await call
-    assert box[0].metadata["request_id"] == "req-abc-123"
+    assert box[0].call_ids["x_request_id"] == "req-abc-123"
     assert ("x-request-id", "req-abc-123") in list(await call.trailing_metadata() or ())
     lines = [r for r in caplog.records if getattr(r, "request_id", None) == "req-abc-123"]
     assert lines and "GetAppointment NOT_FOUND" in lines[0].getMessage()
@@ -234,7 +234,7 @@ async def test_request_id_in_log_lines_error_details_and_response(
     ok = api.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=api.md)
     await ok
     sent = dict(list(await ok.trailing_metadata() or ()))["x-request-id"]
-    assert uuid.UUID(sent).version == 4
+    assert uuid.UUID(sent).version == 4 and uuid.UUID(sent).variant == uuid.RFC_4122
     assert [r for r in caplog.records if getattr(r, "request_id", None) == sent]
 
 
