@@ -123,7 +123,8 @@ def serve_metrics(
 
     # A registry of our own: a process may start more than one server (tests).
     registry = CollectorRegistry()
-    reader = PrometheusMetricReader(registry=registry)
+    # Without otel_scope_* labels: every metric here has the one scope.
+    reader = PrometheusMetricReader(registry=registry, scope_info_enabled=False)
     provider = MeterProvider(
         metric_readers=[reader], resource=Resource.create({"service.name": NAME})
     )
@@ -289,7 +290,9 @@ def _db_span(tracer_: Tracer, work: Callable[..., Any], attempt: int) -> Iterato
 
 
 def db_span(work: Callable[..., Any], attempt: int) -> contextlib.AbstractContextManager[None]:
-    """A client span around one attempt of a transaction (Database.run)."""
-    if _tracer is None:
+    """A client span around one attempt of a transaction (Database.run),
+    inside a call's span only: the background loops (sweeper, event tail)
+    would otherwise start a trace of their own every few seconds."""
+    if _tracer is None or not trace.get_current_span().is_recording():
         return contextlib.nullcontext()
     return _db_span(_tracer, work, attempt)
