@@ -201,6 +201,11 @@ def tracing_from_env(environ: Mapping[str, str] | None = None) -> Callable[[], N
     names = _exporters(environ)
     if not names:
         return None
+    unsupported = [n for n in names if n not in ("otlp", "console")]
+    if unsupported:
+        raise RuntimeError(
+            f"OTEL_TRACES_EXPORTER {unsupported[0]!r} is not supported (otlp, console)"
+        )
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
@@ -230,8 +235,6 @@ def tracing_from_env(environ: Mapping[str, str] | None = None) -> Callable[[], N
                     " (pip install 'booking-service[otlp]')"
                 ) from exc
             provider.add_span_processor(BatchSpanProcessor(module.OTLPSpanExporter()))
-        else:
-            raise RuntimeError(f"OTEL_TRACES_EXPORTER {name!r} is not supported (otlp, console)")
     use_tracer_provider(provider)
     log.info("tracing on: %s", ", ".join(names))
 

@@ -214,6 +214,24 @@ async def test_tracing_is_off_by_default(api: Api) -> None:
     assert telemetry.tracing_from_env({}) is None
 
 
+def test_tracing_follows_the_standard_otel_variables() -> None:
+    assert telemetry.tracing_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
+    assert (
+        telemetry.tracing_from_env(
+            {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+        )
+        is None
+    )
+    # An endpoint alone means OTLP (http/protobuf); nothing is sent until a span ends.
+    remove = telemetry.tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    assert remove is not None and telemetry.tracer() is not None
+    remove()
+    assert telemetry.tracer() is None
+    with pytest.raises(RuntimeError, match="not supported"):
+        telemetry.tracing_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+    assert telemetry.tracer() is None
+
+
 async def test_request_id_in_log_lines_error_details_and_response(
     api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:
