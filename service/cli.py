@@ -92,8 +92,17 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
             "BOOKING_WORKERS": str(config.workers),
         }
         command = [sys.executable, "-m", "service.cli", *argv, "--worker-process"]
+
+        def metrics_port(index: int) -> list[str]:
+            # Metrics are per process: worker i serves them on the configured
+            # port + i (the last flag wins); with 0 each picks a free one.
+            if not config.metrics_port:
+                return []
+            return ["--metrics-port", str(config.metrics_port + index)]
+
         workers = [
-            await asyncio.create_subprocess_exec(*command, env=env) for _ in range(config.workers)
+            await asyncio.create_subprocess_exec(*command, *metrics_port(i), env=env)
+            for i in range(config.workers)
         ]
 
         def forward(sig: signal.Signals) -> None:

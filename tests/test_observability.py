@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -324,3 +325,49 @@ async def test_json_mode_logs_only_json(empty_database_url: str) -> None:
     assert [r for r in records if r["message"].startswith("applied migrations")]
     login = [r for r in records if r.get("rpc_method") == "/booking.v1.AuthService/Login"]
     assert login and login[0]["request_id"] == "json-req-1"
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no two free ports in a row")
+
+
+def test_each_worker_serves_its_own_metrics(database_url: str) -> None:
+    metrics = _free_port_pair()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        grpc_port = int(sock.getsockname()[1])
+    env = {**os.environ, "DATABASE_URL": database_url}
+    argv = ["serve", "--workers", "2", "--port", str(grpc_port), "--metrics-port", str(metrics)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        scraped: dict[int, Samples] = {}
+        while len(scraped) < 2:
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the workers' metrics never answered"
+            for port in (metrics, metrics + 1):
+                try:
+                    scraped[port] = _scrape_sync(port)
+                except OSError:
+                    time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()
+    assert all(value(s, "booking_database_up") == 1 for s in scraped.values())
