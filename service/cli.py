@@ -52,13 +52,21 @@ async def _serve(config: Config) -> int:
         # Unreachable database, port in use, unreadable certificate: one
         # clear line, the traceback only at DEBUG.
         log.debug("start-up failed", exc_info=True)
-        print(f"booking-service: cannot start: {exc or type(exc).__name__}", file=sys.stderr)
+        if config.log_json:
+            log.error("cannot start: %s", exc or type(exc).__name__)
+        else:
+            print(f"booking-service: cannot start: {exc or type(exc).__name__}", file=sys.stderr)
         await server.stop(0)
         return 1
     except BaseException:
         await server.stop(0)
         raise
-    print(f"booking-service listening on {config.host}:{server.port}", file=sys.stderr, flush=True)
+    if not config.log_json:
+        # Scripts wait for this line; in JSON mode the server's own log
+        # record says the same (with host and port fields).
+        print(
+            f"booking-service listening on {config.host}:{server.port}", file=sys.stderr, flush=True
+        )
     await stop.wait()
     log.info("signal received; draining for up to %.0fs", config.grace_seconds)
     await server.stop()
@@ -91,8 +99,17 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
             "BOOKING_WORKERS": str(config.workers),
         }
         command = [sys.executable, "-m", "service.cli", *argv, "--worker-process"]
+
+        def metrics_port(index: int) -> list[str]:
+            # Metrics are per process: worker i serves them on the configured
+            # port + i (the last flag wins); with 0 each picks a free one.
+            if not config.metrics_port:
+                return []
+            return ["--metrics-port", str(config.metrics_port + index)]
+
         workers = [
-            await asyncio.create_subprocess_exec(*command, env=env) for _ in range(config.workers)
+            await asyncio.create_subprocess_exec(*command, *metrics_port(i), env=env)
+            for i in range(config.workers)
         ]
 
         def forward(sig: signal.Signals) -> None:

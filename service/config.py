@@ -81,6 +81,11 @@ class Config:
             "help": "how long calls may finish on a connection past its age; unset = grace-seconds"
         },
     )
+    # Off unless set; served on `host` (loopback by default), 0 picks a port.
+    metrics_port: int | None = field(
+        default=None,
+        metadata={"help": "serve Prometheus metrics at http://HOST:PORT/metrics (off if unset)"},
+    )
 
     @cached_property  # read on every HoldSlot
     def hold_ttl(self) -> timedelta:
@@ -140,6 +145,8 @@ class Config:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 problems.append(f"{name}: no such file {path}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port must be 0-65535, not {self.metrics_port}")
         if problems:
             raise ConfigError("; ".join(problems))
         return self
@@ -161,6 +168,8 @@ def _parse(field_type: Any, raw: str, name: str) -> Any:
             raise ValueError(text)
         if field_type in (int, "int"):
             return int(text)
+        if field_type == "int | None":
+            return int(text) if text else None
         if field_type in (float, "float"):
             return float(text)
         if field_type == "float | None":

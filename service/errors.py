@@ -9,6 +9,7 @@ a generic message, so no exception text or traceback reaches a client.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -154,10 +155,11 @@ def _clip_bytes(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
     return raw[: limit - 3].decode(errors="ignore") + "\u2026"
 
 
-def to_status(exc: e.BookingError) -> grpc.Status:
+def to_status(exc: e.BookingError, extra_metadata: Mapping[str, str] | None = None) -> grpc.Status:
     """The status for `exc`, bounded to fit default client limits: the
     first violations that fit, with the total and the number left out in
-    ErrorInfo metadata (``violations``, ``violations_omitted``)."""
+    ErrorInfo metadata (``violations``, ``violations_omitted``).
+    `extra_metadata` (the call's request and trace ids) joins ErrorInfo's."""
     code = code_for(exc)
     violations = [
         error_details_pb2.BadRequest.FieldViolation(
@@ -169,6 +171,8 @@ def to_status(exc: e.BookingError) -> grpc.Status:
         _clip(key, 63): _clip(value)
         for key, value in list(exc.metadata().items())[:MAX_METADATA_ENTRIES]
     }
+    for key, value in (extra_metadata or {}).items():
+        metadata.setdefault(key, _clip(value))  # the error's own fields win
     message = str(exc)
     extra: list[any_pb2.Any] = []
     retry_after = exc.retry_after()
@@ -220,11 +224,17 @@ def to_status(exc: e.BookingError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def internal_status() -> grpc.Status:
+def internal_status(extra_metadata: Mapping[str, str] | None = None) -> grpc.Status:
     return rpc_status.to_status(
         status_pb2.Status(
             code=code_pb2.INTERNAL,
             message="internal error",
-            details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
+            details=[
+                _pack(
+                    error_details_pb2.ErrorInfo(
+                        reason="INTERNAL", domain=DOMAIN, metadata=extra_metadata
+                    )
+                )
+            ],
         )
     )

@@ -1,7 +1,8 @@
 """Wraps every handler of every service (booking.v1, health, reflection):
 request decoding, authentication and function-level authorization (not for
 the open infrastructure services), error mapping, and one log line per RPC
-(method, code, duration).
+(method, code, duration) carrying the call's request id, its metrics and
+its tracing span.
 
 grpc.aio's ServerInterceptor only sees the method name and metadata, so the
 work happens in a wrapper around the handler it returns.
@@ -10,6 +11,7 @@ work happens in a wrapper around the handler it returns.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -18,7 +20,7 @@ from typing import Any, NoReturn, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from service import auth
+from service import auth, request_context, telemetry
 from service.errors import FieldViolation, InvalidArgument, code_for, internal_status, to_status
 from service.grpc_types import Context, ServerInterceptor
 from storage import deadline
@@ -33,6 +35,18 @@ Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 
 
+class _Status(
+    collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status
+):
+    pass
+
+
+def _with_metadata(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:
+    """`status` with `extra` trailing metadata: an abort replaces what
+    set_trailing_metadata set, so the request id has to go in again."""
+    return _Status(status.code, status.details, (*status.trailing_metadata, *extra))
+
+
 class _Call:
     """Book-keeping for one RPC: the code it ended with, and the log line."""
 
@@ -45,6 +59,17 @@ class _Call:
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.reason = ""
+        metadata = cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
+        self.span = telemetry.start_rpc_span(method, metadata)
+        self.request = request_context.begin(
+            request_context.request_id_from(metadata),
+            self.span.trace_id if self.span is not None else None,
+        )
+        self.response_metadata = ((request_context.HEADER, self.request.request_id),)
+        context.set_trailing_metadata(self.response_metadata)
+        self.metrics = telemetry.metrics()
+        if self.metrics.enabled:
+            self.metrics.calls_started.add(1, {"grpc.method": method.lstrip("/")})
 
     async def fail(self, exc: BaseException) -> NoReturn:
         """Answer the client for `exc`; always raises."""
@@ -58,10 +83,16 @@ class _Call:
             self.code = code_for(exc)
             self.reason = exc.reason
             # grpc.aio has abort_with_status; grpc-stubs does not declare it.
-            await self.context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
+            status = to_status(exc, self.request.metadata())
+            await self.context.abort_with_status(  # type: ignore[attr-defined]
+                _with_metadata(status, self.response_metadata)
+            )
         log.error("unhandled error in %s", self.method, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
-        await self.context.abort_with_status(internal_status())  # type: ignore[attr-defined]
+        status = internal_status(self.request.metadata())
+        await self.context.abort_with_status(  # type: ignore[attr-defined]
+            _with_metadata(status, self.response_metadata)
+        )
         raise AssertionError("abort_with_status returned")  # it raises AbortError
 
     def give_up_if_expired(self) -> None:
@@ -90,6 +121,10 @@ class _Call:
         self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     def finish(self, items: int | None = None) -> None:
+        if self.metrics.enabled:
+            self._record()
+        if self.span is not None:
+            self.span.end(self.code.name)
         if self.quiet and self.code is grpc.StatusCode.OK and not log.isEnabledFor(logging.DEBUG):
             return  # a health check's success, not logged: skip the work
         elapsed_ms = (time.perf_counter() - self.start) * 1000
@@ -120,6 +155,18 @@ class _Call:
             f" {self.reason}" if self.reason else "",
             extra=extra,
         )
+
+    def _record(self) -> None:
+        method = self.method.lstrip("/")
+        self.metrics.call_duration.record(
+            time.perf_counter() - self.start,
+            {"grpc.method": method, "grpc.status": self.code.name},
+        )
+        transition = telemetry.TRANSITIONS.get(self.method)
+        if transition is not None:
+            self.metrics.transitions.add(
+                1, {"transition": transition, "outcome": self.reason or self.code.name}
+            )
 
 
 Parser = Callable[[bytes], Any]

@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from service.request_context import RequestIdFilter
+
 # Attributes every LogRecord has; anything else was passed as `extra`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -25,12 +27,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """One line per record; the call's request and trace ids at the end."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        if request_id is None:
+            return line
+        trace_id = getattr(record, "trace_id", None)
+        return f"{line} [request_id={request_id}{f' trace_id={trace_id}' if trace_id else ''}]"
+
+
 def configure(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if as_json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # yoyo logs every step of every migration at INFO (about 60 lines on a
+    # first start); the applied migrations are summed up by our own line.
+    logging.getLogger("yoyo").setLevel(
+        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    )

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,7 @@ from booking.v1 import (
     user_pb2,
     user_pb2_grpc,
 )
-from service import connections, reflection
+from service import connections, reflection, telemetry
 from service.auth import Authenticator
 from service.config import Config
 from service.event_hub import EventHub
@@ -113,6 +113,9 @@ class BookingServer:
         self._resources: contextlib.AsyncExitStack | None = None
         self._grace = config.grace_seconds
         self._stopping: asyncio.Task[None] | None = None
+        # Where /metrics is served (config.metrics_port, or the one picked for 0).
+        self.metrics_port: int | None = None
+        self.database_up = False
 
     async def start(self) -> int:
         """Listen, and be SERVING if the database answers; if it does not,
@@ -128,11 +131,27 @@ class BookingServer:
                 deferred=True,
             )
             stack.push_async_callback(db.close)
+            self._observe(stack, db)
             self._hub = hub = EventHub(
                 db,
                 poll_interval=self.config.event_poll_seconds,
                 max_streams=self.config.max_streams,
             )
+            if self.config.metrics_port is not None:
+                endpoint = await asyncio.to_thread(
+                    telemetry.serve_metrics,
+                    self.config.host,
+                    self.config.metrics_port,
+                    self._gauges(db, hub),
+                )
+                stack.callback(endpoint.close)
+                self.metrics_port = endpoint.port
+                log.info(
+                    "metrics at http://%s:%d/metrics",
+                    self.config.host,
+                    endpoint.port,
+                    extra={"metrics_port": endpoint.port},
+                )
             await hub.start()
             stack.push_async_callback(hub.stop)
             self._authenticator = authenticator = Authenticator(db, self.config)
@@ -165,8 +184,42 @@ class BookingServer:
             stack.callback(hub.close_streams)
             stack.callback(self._health.enter_graceful_shutdown)
             self._resources = stack.pop_all()
-        log.info("booking-service listening on %s:%d", self.config.host, self.port)
+        log.info(
+            "booking-service listening on %s:%d",
+            self.config.host,
+            self.port,
+            extra={"host": self.config.host, "port": self.port},
+        )
         return self.port
+
+    def _observe(self, stack: contextlib.AsyncExitStack, db: Database) -> None:
+        """Tracing when OTEL_* asks for it; the database's retry and span hooks."""
+        remove_tracing = telemetry.tracing_from_env()
+        if remove_tracing is not None:
+            stack.callback(remove_tracing)
+        db.span = telemetry.db_span
+        db.on_retry = lambda cause: telemetry.metrics().db_retries.add(1, {"cause": cause})
+
+    def _gauges(self, db: Database, hub: EventHub) -> dict[str, tuple[str, Callable[[], float]]]:
+        return {
+            "booking.streams.open": (
+                "Open WatchAppointmentEvents streams",
+                lambda: hub.active_streams,
+            ),
+            "booking.db.pool.size": ("Connections in the pool", lambda: db.pool.get_size()),
+            "booking.db.pool.in_use": (
+                "Pooled connections handed out",
+                lambda: db.pool.get_size() - db.pool.get_idle_size(),
+            ),
+            "booking.db.pool.waiting": (
+                "Calls waiting for a pooled connection",
+                lambda: db.acquiring,
+            ),
+            "booking.database.up": (
+                "1 while the database answers (health SERVING), else 0",
+                lambda: 1 if self.database_up else 0,
+            ),
+        }
 
     def _build(self, db: Database, hub: EventHub, authenticator: Authenticator) -> grpc.aio.Server:
         self._interceptor = ServiceInterceptor(authenticator)
@@ -235,6 +288,7 @@ class BookingServer:
         return port
 
     def _set_health(self, *, serving: bool) -> None:
+        self.database_up = serving
         status = SERVING if serving else NOT_SERVING
         for name in ["", *SERVICE_NAMES]:
             self._health.set(name, status)

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from service import telemetry
 from storage import appointments as store
 from storage.database import Database
 from storage.errors import DatabaseTimeout, DatabaseUnavailable
@@ -41,6 +42,7 @@ async def sweep_forever(
         released = await _count("expiring holds", store.expire_holds(db, batch_size))
         if released:
             log.info("released %d expired holds", released)
+            telemetry.metrics().sweeper_released.add(released)
             on_release()
         forgotten = await _count(
             "forgetting expired request ids",

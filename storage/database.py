@@ -15,6 +15,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -272,6 +273,13 @@ class Database:
         # the database: no query meets a schema that is not there yet.
         self.accepting = True
         self._probe: Connection | None = None
+        # Observability hooks, set by the server (storage knows no telemetry):
+        # called with the error's name before each retry of a conflict, and
+        # around each attempt of a transaction (a tracing span).
+        self.on_retry: Callable[[str], None] | None = None
+        self.span: Callable[[Callable[..., Any], int], AbstractContextManager[None]] | None = None
+        # Calls waiting for a pooled connection right now.
+        self.acquiring = 0
 
     @classmethod
     async def connect(
@@ -375,7 +383,8 @@ class Database:
         lost_budget = self.pool.get_max_size() + 1
         while True:
             try:
-                return await self._once(work, isolation, single_statement)
+                with self.span(work, attempt) if self.span else contextlib.nullcontext():
+                    return await self._once(work, isolation, single_statement)
             except _Broken as broken:
                 cause = broken.__cause__
                 lost_budget -= 1
@@ -405,6 +414,8 @@ class Database:
                 attempt += 1
                 if attempt >= self.retry.attempts:
                     raise errors.TransactionConflict(attempts=attempt) from exc
+                if self.on_retry is not None:
+                    self.on_retry(type(exc).__name__)
                 await asyncio.sleep(self.retry.delay(attempt))
 
     async def _once(
@@ -413,6 +424,7 @@ class Database:
         isolation: Isolation,
         single_statement: bool,
     ) -> T:
+        self.acquiring += 1
         try:
             conn = await self.pool.acquire()
         except asyncpg.PostgresError:
@@ -422,6 +434,8 @@ class Database:
             if went_away(exc):
                 raise errors.DatabaseUnavailable() from exc
             raise
+        finally:
+            self.acquiring -= 1
         try:
             if single_statement:
                 return await work(conn)

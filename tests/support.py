@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -73,6 +73,12 @@ class RpcFailure:
     reason: str
     metadata: dict[str, str]
     violations: list[str]
+    # ErrorInfo metadata naming the call (x_request_id, trace_id), kept out
+    # of `metadata`: each call has its own, whatever the answer.
+    call_ids: dict[str, str] = field(default_factory=dict)
+
+
+CALL_ID_KEYS = ("x_request_id", "trace_id")
 
 
 def failure(err: grpc.aio.AioRpcError) -> RpcFailure:
@@ -93,7 +99,8 @@ def failure(err: grpc.aio.AioRpcError) -> RpcFailure:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = [v.field for v in bad.field_violations]
-    return RpcFailure(err.code(), err.details() or "", reason, metadata, violations)
+    call_ids = {key: metadata.pop(key) for key in CALL_ID_KEYS if key in metadata}
+    return RpcFailure(err.code(), err.details() or "", reason, metadata, violations, call_ids)
 
 
 @asynccontextmanager

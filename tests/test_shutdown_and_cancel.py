@@ -139,6 +139,9 @@ class _ExpiredContext:
     def invocation_metadata(self) -> tuple[()]:
         return ()
 
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
     async def abort_with_status(self, status: object) -> None:
         self.aborted = True
         raise AssertionError("answered a call whose deadline had passed")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from uuid import UUID
 
 from booking.v1 import appointment_pb2 as pb
 from booking.v1 import appointment_pb2_grpc
-from service import auth, convert, pagination
+from service import auth, convert, pagination, telemetry
 from service.config import Config
 from service.errors import FieldViolation, InvalidArgument, PermissionDenied
 from service.event_hub import EventHub, Heartbeat
@@ -304,6 +305,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             self.hub.stream_slot(),
             self.authenticator.guard(auth.current(), wake=self.hub.wake) as guard,
         ):
+            lag = telemetry.metrics()
             async for item in self.hub.watch(after, filter_, self.config.heartbeat_seconds, guard):
                 if isinstance(item, Heartbeat):
                     yield pb.WatchAppointmentEventsResponse(
@@ -312,4 +314,8 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
                         )
                     )
                 else:
+                    if lag.enabled:
+                        lag.event_lag.record(
+                            max((datetime.now(UTC) - item.created_at).total_seconds(), 0.0)
+                        )
                     yield self._wire_event(item)
