@@ -121,6 +121,12 @@ class _Context:
     def time_remaining(self) -> float | None:
         return self.remaining
 
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
 
 async def test_the_interceptor_hands_the_calls_deadline_to_storage() -> None:
     seen: list[float | None] = []

@@ -358,13 +358,20 @@ def test_each_worker_serves_its_own_metrics(database_url: str) -> None:
     try:
         deadline = time.monotonic() + 60
         scraped: dict[int, Samples] = {}
+        # Each worker's endpoint answers as soon as it listens; its database
+        # gauge turns 1 once that worker has connected.
         while len(scraped) < 2:
             assert proc.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the workers' metrics never answered"
+            assert time.monotonic() < deadline, "the workers' metrics never showed them up"
             for port in (metrics, metrics + 1):
                 try:
-                    scraped[port] = _scrape_sync(port)
+                    samples = _scrape_sync(port)
                 except OSError:
+                    time.sleep(0.2)
+                    continue
+                if value(samples, "booking_database_up") == 1:
+                    scraped[port] = samples
+                else:
                     time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
