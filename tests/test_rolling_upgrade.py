@@ -45,6 +45,14 @@ ADMIN_EMAIL, ADMIN_PASSWORD = "upgrade-admin@example.com", "upgrade-admin-passwo
 
 def _previous_release_rev() -> str:
     tag, commit = PREVIOUS_RELEASE
+    shallow = subprocess.run(
+        ["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True
+    )
+    if shallow.stdout.strip() == "true":
+        # A shallow clone (some CI systems make one) fetches the history first.
+        subprocess.run(
+            ["git", "fetch", "--quiet", "--tags", "--unshallow"], cwd=ROOT, capture_output=True
+        )
     for rev in (f"{tag}^{{commit}}", commit):
         found = subprocess.run(
             ["git", "rev-parse", "--verify", "--quiet", rev], cwd=ROOT, capture_output=True
