@@ -13,6 +13,7 @@ import grpc
 from booking.v1 import appointment_pb2 as apb
 from service.server import BookingServer
 from storage import appointments as store
+from storage.models import Position
 from tests.support import Api, expect_failure, hours_from_now, running_server
 from tests.test_event_stream import BEGINNING, watching
 
@@ -173,3 +174,24 @@ async def test_the_sweeper_prunes_only_when_a_retention_is_set(
                 break
             await asyncio.sleep(0.05)
     assert await _event_ids(database_url) == set()
+
+
+async def test_a_tail_left_behind_the_pruned_history_restarts_instead_of_stalling(
+    api: Api, server: BookingServer, database_url: str
+) -> None:
+    old1, old2, kept = await _history(api, 3)
+    await _backdate(database_url, [old1, old2])
+    assert await _prune(server) == 2
+    async with watching(api, apb.WatchAppointmentEventsRequest(after_cursor=kept.cursor)) as w:
+        assert (await w.next()).WhichOneof("kind") == "heartbeat"
+        # As if the tail had read nothing for longer than the retention.
+        hub = server._hub  # noqa: SLF001
+        assert hub is not None
+        for _ in range(100):  # the tail wakes for the stream first
+            if not hub._idle:  # noqa: SLF001
+                break
+            await asyncio.sleep(0.05)
+        assert not hub._idle  # noqa: SLF001
+        hub._head = Position(1, 1)  # noqa: SLF001
+        fresh = await api.hold((await api.slot((await api.specialist()).id, hours_from_now(30))).id)
+        assert [e.appointment.id for e in await w.events(1)] == [fresh.id]
