@@ -37,6 +37,15 @@ class Config:
         default=24.0,
         metadata={"help": "how long a request_id's first outcome is replayed to retries"},
     )
+    # 0 keeps every event. In production about a week (168) leaves
+    # consumers time to come back from an outage (docs/events.md, "Retention").
+    event_retention_hours: float = field(
+        default=0.0,
+        metadata={
+            "help": "how long appointment events are kept before the sweeper prunes them;"
+            " 0 keeps them forever"
+        },
+    )
     allow_self_signup: bool = True
     # Anonymous CreateUser calls one client address may make per minute, per
     # server: each costs an argon2 hash, and each answers whether an email
@@ -95,6 +104,12 @@ class Config:
     def request_id_retention(self) -> timedelta:
         return timedelta(hours=self.request_id_retention_hours)
 
+    @cached_property
+    def event_retention(self) -> timedelta | None:
+        if self.event_retention_hours == 0:
+            return None
+        return timedelta(hours=self.event_retention_hours)
+
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -117,6 +132,8 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.event_retention_hours < 0:
+            problems.append("event_retention_hours must not be negative")
         for name in ("sweep_batch_size", "login_max_failures", "max_streams", "signups_per_minute"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

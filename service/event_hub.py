@@ -24,7 +24,7 @@ from typing import Protocol
 from service.errors import ShuttingDown, TooManyStreams
 from storage import events as store
 from storage.database import Database
-from storage.errors import DatabaseTimeout, DatabaseUnavailable
+from storage.errors import CursorCompacted, DatabaseTimeout, DatabaseUnavailable
 from storage.models import AppointmentEvent, EventFilter, Position
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,15 @@ class EventHub:
                 # An outage, reported by health: one line, not one per poll.
                 self._read_outage.report("reading appointment events: %s", exc)
                 retry = self.poll_interval
+                continue
+            except CursorCompacted:
+                # The tail read nothing for longer than the event retention
+                # and its position was pruned: start the ring afresh. Watchers
+                # below the new floor read the table, and get OUT_OF_RANGE
+                # themselves if their cursor was pruned.
+                log.warning("the event tail fell behind the pruned history; restarting it")
+                self._idle = True
+                retry = 0.0
                 continue
             except Exception:  # noqa: BLE001 - keep tailing; the table is the truth
                 log.exception("reading appointment events failed")

@@ -174,6 +174,7 @@ class BookingServer:
                         batch_size=self.config.sweep_batch_size,
                         on_release=hub.committed,
                         request_id_retention=self.config.request_id_retention,
+                        event_retention=self.config.event_retention,
                     ),
                     name="hold-sweeper",
                 ),

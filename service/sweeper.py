@@ -1,4 +1,5 @@
-"""Releases lapsed holds and forgets expired request ids in the background.
+"""Releases lapsed holds, forgets expired request ids and prunes old events
+in the background.
 Safe to run in every replica: the SQL skips rows another replica has
 locked."""
 
@@ -37,7 +38,9 @@ async def sweep_forever(
     batch_size: int,
     on_release: Callable[[], None],
     request_id_retention: timedelta,
+    event_retention: timedelta | None = None,
 ) -> None:
+    """`event_retention` None keeps every event."""
     while True:
         released = await _count("expiring holds", store.expire_holds(db, batch_size))
         if released:
@@ -48,6 +51,13 @@ async def sweep_forever(
             "forgetting expired request ids",
             store.forget_request_ids(db, request_id_retention, batch_size),
         )
+        pruned = 0
+        if event_retention is not None:
+            pruned = await _count(
+                "pruning old events", store.prune_events(db, event_retention, batch_size)
+            )
+            if pruned:
+                log.info("pruned %d events", pruned)
         # A full batch means more may be waiting: go again at once.
-        if released < batch_size and forgotten < batch_size:
+        if released < batch_size and forgotten < batch_size and pruned < batch_size:
             await asyncio.sleep(interval)

@@ -186,6 +186,19 @@ async def forget_request_ids(db: Database, retention: timedelta, limit: int) -> 
     return await db.run(work, single_statement=True)
 
 
+async def prune_events(db: Database, retention: timedelta, limit: int) -> int:
+    """Delete up to `limit` events older than `retention` (docs/events.md,
+    "Retention"); returns how many were deleted. Another replica pruning at
+    the same moment makes this one do nothing."""
+    sql = fn.PRUNE_EVENTS.statement()
+    args = fn.PRUNE_EVENTS.values(retention=retention, limit=limit)
+
+    async def work(conn: Connection) -> int:
+        return int(await conn.fetchval(sql, *args))
+
+    return await db.run(work, single_statement=True)
+
+
 async def get(db: Database, appointment_id: UUID, *, owner_id: UUID | None = None) -> Appointment:
     """`owner_id` restricts the lookup to one user's appointments; another
     user's appointment is reported as missing."""

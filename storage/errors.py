@@ -251,6 +251,23 @@ class SignUpThrottled(LoginThrottled):
 
 
 @dataclass(eq=False)
+class CursorCompacted(BookingError):
+    """A reader resumed from a cursor older than the event history kept:
+    events after it have been pruned. `oldest_cursor` is the oldest cursor
+    a reader may resume from (written like the cursors on the wire)."""
+
+    reason = "CURSOR_COMPACTED"
+    cursor: str
+    oldest_cursor: str
+
+    def __str__(self) -> str:
+        return (
+            f"cursor {self.cursor} is older than the event history kept;"
+            f" the oldest cursor available is {self.oldest_cursor}"
+        )
+
+
+@dataclass(eq=False)
 class TransactionConflict(BookingError):
     """Retries of a serialization failure or deadlock ran out."""
 

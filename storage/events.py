@@ -15,6 +15,7 @@ from collections.abc import Callable
 import asyncpg
 
 from storage.database import Connection, Database
+from storage.errors import CursorCompacted
 from storage.models import (
     Appointment,
     AppointmentEvent,
@@ -44,6 +45,10 @@ _STABLE_HEAD = (
     "SELECT t.xid::text::bigint AS xid, t.seq FROM appointment_events t"
     " WHERE t.xid < h.x ORDER BY t.xid DESC, t.seq DESC LIMIT 1"
 )
+
+
+# Everything at or before this position may have been pruned (at most one row).
+_PRUNED = "booking_event_horizon"
 
 
 def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
@@ -99,11 +104,15 @@ async def read_after(
     sql = (
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
         f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
-        " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq, ev.*"
-        f" FROM h LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true"
+        " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq,"
+        " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*"
+        f" FROM h LEFT JOIN {_PRUNED} c ON true"
+        f" LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true"
         " LEFT JOIN LATERAL ("
         f"  SELECT {EVENT_COLUMNS} FROM appointment_events e"
-        f"  WHERE e.xid < h.x{where.sql()}"
+        "  WHERE e.xid < h.x"
+        "   AND (c.pruned_xid IS NULL OR (e.xid, e.seq) > (c.pruned_xid, c.pruned_seq))"
+        f"{where.sql()}"
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
         " ) ev ON true ORDER BY ev.xid, ev.seq"
     )
@@ -113,12 +122,48 @@ async def read_after(
         return rows
 
     rows = await db.run(work, single_statement=True)
+    pruned = _pruned(rows[0])
+    _refuse_compacted(after, pruned)
     pending = bool(rows[0]["pending"])
     events = [event_from_row(r) for r in rows if r["id"] is not None]
     if len(events) == limit:
         return events, events[-1].position, True
     # Everything below the horizon has been read.
-    return events, max(_head(rows[0]), after), pending
+    return events, max(_head(rows[0]), after, pruned), pending
+
+
+async def resume_point(db: Database, after: Position) -> Position:
+    """Where a reader asking to resume after `after` starts: `after` itself,
+    or the pruning horizon when `after` is the start of the log and history
+    has been pruned. Raises CursorCompacted when events after `after` may
+    have been pruned."""
+
+    async def work(conn: Connection) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            f"SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq FROM {_PRUNED} c"
+        )
+        return row
+
+    row = await db.run(work, single_statement=True)
+    pruned = Position.start() if row is None else _pruned(row)
+    _refuse_compacted(after, pruned)
+    return max(after, pruned)
+
+
+def _pruned(row: asyncpg.Record) -> Position:
+    if row["pruned_xid"] is None:
+        return Position.start()
+    return Position(int(row["pruned_xid"]), int(row["pruned_seq"]))
+
+
+def _refuse_compacted(after: Position, pruned: Position) -> None:
+    # The start of the log is not a promise of any event: a reader starting
+    # there begins after the horizon. Any other cursor below the horizon
+    # would silently skip the events pruned after it.
+    if after != Position.start() and after < pruned:
+        raise CursorCompacted(
+            cursor=f"{after.xid}-{after.seq}", oldest_cursor=f"{pruned.xid}-{pruned.seq}"
+        )
 
 
 async def stable_head(db: Database) -> Position:

@@ -21,6 +21,7 @@ SOURCE_FILES = (
     "transitions.sql",
     "auth.sql",
     "contract.sql",
+    "retention.sql",
 )
 
 

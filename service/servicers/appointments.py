@@ -298,6 +298,9 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
                 after = Position.start()
             else:
                 after = await event_store.stable_head(self.db)
+        # Checked here, not only on table reads: recent events are served
+        # from memory, which may still hold some the database has pruned.
+        after = await event_store.resume_point(self.db, after)
         # The stream outlives the call's authorization: the guard ends it
         # (UNAUTHENTICATED) when its token is revoked, its user deactivated,
         # or the token expires.
