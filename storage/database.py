@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -206,6 +207,21 @@ async def _durable_commits(conn: Connection) -> None:
     )
 
 
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def tls_options(dsn: str) -> dict[str, Any]:
+    """No TLS negotiation with a database on this host, unless the DSN asks
+    for it (sslmode). The default, sslmode=prefer, first asks the server for
+    TLS: a wasted round trip over loopback, and an asyncpg path that, when a
+    connect is interrupted in it, leaves a failed future asyncio logs as an
+    error ("unexpected connection_lost() call")."""
+    parts = urlsplit(dsn)
+    if "ssl" in parse_qs(parts.query) or "sslmode" in parse_qs(parts.query):
+        return {}
+    return {"ssl": False} if parts.hostname in _LOOPBACK else {}
+
+
 async def _connect_to_completion(*args: Any, **kwargs: Any) -> Connection:
     """asyncpg.connect, not interrupted by the cancellation of the call that
     needed it.
@@ -217,6 +233,8 @@ async def _connect_to_completion(*args: Any, **kwargs: Any) -> Connection:
     Finished in the background instead, the connection is closed if no
     caller is left for it; the pool makes a new one when needed.
     """
+    if args:
+        kwargs = {**tls_options(str(args[0])), **kwargs}
     task = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
     try:
         return await asyncio.shield(task)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from storage.database import Connection, Database
+from storage.database import Connection, Database, tls_options
 from storage.errors import CursorCompacted
 from storage.models import (
     Appointment,
@@ -215,7 +215,10 @@ class Listener:
     ) -> Listener:
         """Listen on `channel`; `on_notify` gets each notification's payload."""
         conn = await asyncpg.connect(
-            dsn, server_settings={"application_name": application_name}, timeout=connect_within
+            dsn,
+            server_settings={"application_name": application_name},
+            timeout=connect_within,
+            **tls_options(dsn),
         )
         await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
         return cls(conn)

@@ -216,3 +216,13 @@ def socket_on_free_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+def test_no_tls_negotiation_with_a_loopback_database_unless_asked() -> None:
+    from storage.database import tls_options
+
+    assert tls_options("postgresql://u:p@127.0.0.1:5432/db") == {"ssl": False}
+    assert tls_options("postgresql://u:p@localhost/db") == {"ssl": False}
+    # An explicit sslmode, or a remote server, keeps asyncpg's own handling.
+    assert tls_options("postgresql://u:p@127.0.0.1/db?sslmode=require") == {}
+    assert tls_options("postgresql://u:p@db.internal:5432/db") == {}
