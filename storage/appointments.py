@@ -164,39 +164,33 @@ async def reschedule(
     )
 
 
-async def expire_holds(db: Database, limit: int) -> int:
-    """Release up to `limit` lapsed holds; returns how many were released."""
-    sql = fn.EXPIRE_HOLDS.statement()
-
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval(sql, *fn.EXPIRE_HOLDS.values(limit=limit)))
-
-    return await db.run(work, single_statement=True)
-
-
-async def forget_request_ids(db: Database, retention: timedelta, limit: int) -> int:
-    """Forget up to `limit` request ids older than `retention`; returns how
-    many were forgotten."""
-    sql = fn.FORGET_REQUEST_IDS.statement()
-    args = fn.FORGET_REQUEST_IDS.values(retention=retention, limit=limit)
+async def _count(db: Database, function: fn.Function, **values: object) -> int:
+    """Run a batch function that returns how many rows it handled."""
+    sql = function.statement()
+    args = function.values(**values)
 
     async def work(conn: Connection) -> int:
         return int(await conn.fetchval(sql, *args))
 
     return await db.run(work, single_statement=True)
+
+
+async def expire_holds(db: Database, limit: int) -> int:
+    """Release up to `limit` lapsed holds; returns how many were released."""
+    return await _count(db, fn.EXPIRE_HOLDS, limit=limit)
+
+
+async def forget_request_ids(db: Database, retention: timedelta, limit: int) -> int:
+    """Forget up to `limit` request ids older than `retention`; returns how
+    many were forgotten."""
+    return await _count(db, fn.FORGET_REQUEST_IDS, retention=retention, limit=limit)
 
 
 async def prune_events(db: Database, retention: timedelta, limit: int) -> int:
     """Delete up to `limit` events older than `retention` (docs/events.md,
     "Retention"); returns how many were deleted. Another replica pruning at
     the same moment makes this one do nothing."""
-    sql = fn.PRUNE_EVENTS.statement()
-    args = fn.PRUNE_EVENTS.values(retention=retention, limit=limit)
-
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval(sql, *args))
-
-    return await db.run(work, single_statement=True)
+    return await _count(db, fn.PRUNE_EVENTS, retention=retention, limit=limit)
 
 
 async def get(db: Database, appointment_id: UUID, *, owner_id: UUID | None = None) -> Appointment:
