@@ -46,6 +46,16 @@ class Config:
             " 0 keeps them forever"
         },
     )
+    # One MaterializeSchedule call's bound (docs/schedules.md): a longer
+    # range is INVALID_ARGUMENT, more slots RESOURCE_EXHAUSTED.
+    schedule_max_days: int = field(
+        default=92,
+        metadata={"help": "most days one MaterializeSchedule call may cover"},
+    )
+    schedule_max_slots: int = field(
+        default=5000,
+        metadata={"help": "most slots one MaterializeSchedule call may lay out"},
+    )
     allow_self_signup: bool = True
     # Anonymous CreateUser calls one client address may make per minute, per
     # server: each costs an argon2 hash, and each answers whether an email
@@ -134,7 +144,14 @@ class Config:
                 problems.append(f"{name} must be positive")
         if self.event_retention_hours < 0:
             problems.append("event_retention_hours must not be negative")
-        for name in ("sweep_batch_size", "login_max_failures", "max_streams", "signups_per_minute"):
+        for name in (
+            "sweep_batch_size",
+            "login_max_failures",
+            "max_streams",
+            "signups_per_minute",
+            "schedule_max_days",
+            "schedule_max_slots",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.workers < 1:

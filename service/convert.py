@@ -78,6 +78,15 @@ def user(u: m.User) -> upb.User:
     )
 
 
+def booking_policy(p: m.BookingPolicy) -> sppb.BookingPolicy:
+    out = sppb.BookingPolicy()
+    for name in m.POLICY_FIELDS:
+        value = getattr(p, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
 def specialist(s: m.Specialist) -> sppb.Specialist:
     return sppb.Specialist(
         id=str(s.id),
@@ -86,6 +95,8 @@ def specialist(s: m.Specialist) -> sppb.Specialist:
         active=s.active,
         create_time=timestamp(s.created_at),
         update_time=timestamp(s.updated_at),
+        time_zone=s.time_zone,
+        booking_policy=booking_policy(s.policy),
     )
 
 

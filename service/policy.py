@@ -25,6 +25,18 @@ class Policy:
     note: str = ""
 
 
+# Who is bound by the booking policies (minimum notice, maximum advance,
+# cancellation cutoff; docs/schedules.md): CLIENTs only. Staff book, cancel
+# and reschedule on a client's behalf at any time. The transitions take the
+# answer as p_policy_exempt; tests/test_authorization_matrix.py holds every
+# role to it.
+POLICY_EXEMPT_ROLES = STAFF
+
+
+def policy_exempt(role: Role) -> bool:
+    return role in POLICY_EXEMPT_ROLES
+
+
 P = "/booking.v1."
 
 POLICIES: dict[str, Policy] = {
@@ -46,17 +58,30 @@ POLICIES: dict[str, Policy] = {
     P + "SpecialistService/GetSpecialist": Policy(EVERYONE),
     P + "SpecialistService/ListSpecialists": Policy(EVERYONE),
     P + "SpecialistService/UpdateSpecialist": Policy(STAFF),
+    P + "ScheduleService/GetSchedule": Policy(STAFF),
+    P + "ScheduleService/UpdateSchedule": Policy(STAFF),
+    P + "ScheduleService/MaterializeSchedule": Policy(STAFF),
     P + "SlotService/CreateSlot": Policy(STAFF),
     P + "SlotService/BatchCreateSlots": Policy(STAFF),
     P + "SlotService/GetSlot": Policy(EVERYONE),
     P + "SlotService/ListSlots": Policy(EVERYONE),
     P + "SlotService/DeleteSlot": Policy(STAFF),
     P + "AppointmentService/HoldSlot": Policy(
-        EVERYONE, note="CLIENT: for itself, NORMAL priority only"
+        EVERYONE,
+        note="CLIENT: for itself, NORMAL priority only, inside the booking window;"
+        " staff: exempt from the window",
     ),
     P + "AppointmentService/ConfirmAppointment": Policy(EVERYONE, note="CLIENT: own only"),
-    P + "AppointmentService/CancelAppointment": Policy(EVERYONE, note="CLIENT: own only"),
-    P + "AppointmentService/RescheduleAppointment": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/CancelAppointment": Policy(
+        EVERYONE,
+        note="CLIENT: own only, a CONFIRMED one not past the cancellation cutoff;"
+        " staff: exempt from the cutoff",
+    ),
+    P + "AppointmentService/RescheduleAppointment": Policy(
+        EVERYONE,
+        note="CLIENT: own only, not past the cancellation cutoff, into the booking window;"
+        " staff: exempt from both",
+    ),
     P + "AppointmentService/MarkNoShow": Policy(STAFF),
     P + "AppointmentService/GetAppointment": Policy(EVERYONE, note="CLIENT: own only"),
     P + "AppointmentService/ListAppointments": Policy(EVERYONE, note="CLIENT: own only"),

@@ -29,6 +29,8 @@ from booking.v1 import (
     appointment_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    schedule_pb2,
+    schedule_pb2_grpc,
     slot_pb2,
     slot_pb2_grpc,
     specialist_pb2,
@@ -43,6 +45,7 @@ from service.event_hub import EventHub
 from service.health import NOT_SERVING, SERVING, HealthService
 from service.interceptor import ServiceInterceptor
 from service.servicers.appointments import AppointmentService
+from service.servicers.schedules import ScheduleService
 from service.servicers.slots import SlotService
 from service.servicers.specialists import SpecialistService
 from service.servicers.users import AuthService, UserService
@@ -56,6 +59,7 @@ SERVICE_NAMES = [
     user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
     specialist_pb2.DESCRIPTOR.services_by_name["SpecialistService"].full_name,
     slot_pb2.DESCRIPTOR.services_by_name["SlotService"].full_name,
+    schedule_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
     appointment_pb2.DESCRIPTOR.services_by_name["AppointmentService"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
 ]
@@ -241,6 +245,9 @@ class BookingServer:
         auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(authenticator), server)
         specialist_pb2_grpc.add_SpecialistServiceServicer_to_server(SpecialistService(db), server)
         slot_pb2_grpc.add_SlotServiceServicer_to_server(SlotService(db), server)
+        schedule_pb2_grpc.add_ScheduleServiceServicer_to_server(
+            ScheduleService(db, self.config), server
+        )
         appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(
             AppointmentService(db, self.config, hub, authenticator), server
         )

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from service import telemetry
 from storage import appointments as store
+from storage import schedules
 from storage.database import Database
 from storage.errors import DatabaseTimeout, DatabaseUnavailable
 
@@ -50,6 +51,11 @@ async def sweep_forever(
         forgotten = await _count(
             "forgetting expired request ids",
             store.forget_request_ids(db, request_id_retention, batch_size),
+        )
+        # Materialisation reports are replayed as long as request ids are.
+        forgotten += await _count(
+            "forgetting old schedule reports",
+            schedules.forget_runs(db, request_id_retention, batch_size),
         )
         pruned = 0
         if event_retention is not None:

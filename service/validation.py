@@ -5,7 +5,7 @@ any database work."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TypeVar
 from uuid import UUID
 
@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.errors import FieldViolation, InvalidArgument
+from storage import wallclock
 
 E = TypeVar("E")
 
@@ -99,6 +100,58 @@ class Validator:
             self.fail(field, f"unknown value {value}")
             return None
         return mapping[value]
+
+    def time_zone(self, field: str, value: str) -> str:
+        """An IANA zone name the server's tz database knows; empty is UTC."""
+        if not value:
+            return "UTC"
+        if not wallclock.valid_zone(value):
+            self.fail(
+                field,
+                f"not an IANA time zone in tz database {wallclock.tz_version()}:"
+                f" {value[:64]!r} (e.g. Europe/Berlin)",
+            )
+            return "UTC"
+        return value
+
+    def local_time(self, field: str, value: str, *, required: bool = True) -> int | None:
+        """A local "HH:MM" as minutes after midnight; "24:00" is 1440."""
+        if not value:
+            if required:
+                self.fail(field, "required")
+            return None
+        hours, sep, minutes = value.partition(":")
+        if (
+            sep
+            and len(hours) == 2
+            and len(minutes) == 2
+            and all("0" <= c <= "9" for c in hours + minutes)
+            and int(minutes) < 60
+            and (int(hours) < 24 or value == "24:00")
+        ):
+            return int(hours) * 60 + int(minutes)
+        self.fail(field, f"not a local time HH:MM (00:00 .. 24:00): {value[:32]!r}")
+        return None
+
+    def date(self, field: str, value: str, *, required: bool = True) -> date | None:
+        """A "YYYY-MM-DD" calendar date."""
+        if not value:
+            if required:
+                self.fail(field, "required")
+            return None
+        try:
+            if len(value) != 10:
+                raise ValueError(value)
+            return date.fromisoformat(value)
+        except ValueError:
+            self.fail(field, f"not a date YYYY-MM-DD: {value[:32]!r}")
+            return None
+
+    def bounded(self, field: str, value: int, low: int, high: int) -> int | None:
+        if not low <= value <= high:
+            self.fail(field, f"must be {low} to {high}, not {value}")
+            return None
+        return value
 
     def page_size(self, value: int, field: str = "page_size") -> int:
         if value < 0:

@@ -82,6 +82,7 @@ async def hold(
     hold_ttl: timedelta,
     check_user_overlap: bool,
     request_id: UUID | None,
+    policy_exempt: bool,
 ) -> AppointmentEvent:
     return await _transition(
         db,
@@ -93,6 +94,7 @@ async def hold(
         hold_ttl=hold_ttl,
         check_user_overlap=check_user_overlap,
         request_id=request_id,
+        policy_exempt=policy_exempt,
     )
 
 
@@ -122,6 +124,7 @@ async def cancel(
     actor_id: UUID | None,
     reason: str | None,
     request_id: UUID | None,
+    policy_exempt: bool,
 ) -> AppointmentEvent:
     return await _transition(
         db,
@@ -131,6 +134,7 @@ async def cancel(
         actor_id=actor_id,
         reason=reason,
         request_id=request_id,
+        policy_exempt=policy_exempt,
     )
 
 
@@ -151,6 +155,7 @@ async def reschedule(
     actor_id: UUID | None,
     check_user_overlap: bool,
     request_id: UUID | None,
+    policy_exempt: bool,
 ) -> AppointmentEvent:
     return await _transition(
         db,
@@ -161,6 +166,7 @@ async def reschedule(
         actor_id=actor_id,
         check_user_overlap=check_user_overlap,
         request_id=request_id,
+        policy_exempt=policy_exempt,
     )
 
 

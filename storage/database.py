@@ -179,8 +179,8 @@ def _from_sql_function(exc: asyncpg.PostgresError) -> errors.BookingError:
     if cls is None:
         raise RuntimeError(f"SQL function raised unknown reason {reason!r}") from exc
     # The detail's keys are the error's fields (a test pins every
-    # booking_fail call in storage/sql/ to this).
-    return cls(**{key: str(value) for key, value in fields.items()})
+    # booking_fail call in storage/sql/ to this); a JSON null stays None.
+    return cls(**{key: None if value is None else str(value) for key, value in fields.items()})
 
 
 async def _reset(conn: Connection) -> None:

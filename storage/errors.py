@@ -190,6 +190,66 @@ class SlotInUse(BookingError):
 
 
 @dataclass(eq=False)
+class OutsideBookingWindow(BookingError):
+    """A CLIENT may not hold (or move into) a slot this soon or this far
+    ahead. A bound that does not apply (limit 0) is None."""
+
+    reason = "OUTSIDE_BOOKING_WINDOW"
+    slot_id: str
+    start_time: str
+    min_notice_minutes: str
+    max_advance_days: str
+    earliest_start_time: str | None
+    latest_start_time: str | None
+
+    def __str__(self) -> str:
+        bounds = []
+        if self.earliest_start_time:
+            bounds.append(f"from {self.earliest_start_time}")
+        if self.latest_start_time:
+            bounds.append(f"until {self.latest_start_time}")
+        return (
+            f"slot {self.slot_id} starts at {self.start_time}; clients may book slots"
+            f" starting {' '.join(bounds)}"
+        )
+
+
+@dataclass(eq=False)
+class OutsideCancellationWindow(BookingError):
+    """A CLIENT may not cancel or reschedule a CONFIRMED appointment once
+    its start is less than the cancellation cutoff away."""
+
+    reason = "OUTSIDE_CANCELLATION_WINDOW"
+    appointment_id: str
+    transition: str
+    start_time: str
+    cancellation_cutoff_hours: str
+    cutoff_time: str
+
+    def __str__(self) -> str:
+        return (
+            f"cannot {self.transition} appointment {self.appointment_id}: it starts at"
+            f" {self.start_time}, and clients may {self.transition} only until"
+            f" {self.cutoff_time} ({self.cancellation_cutoff_hours} h before)"
+        )
+
+
+@dataclass(eq=False)
+class ScheduleTooLarge(BookingError):
+    """One materialisation would produce more slots than the server allows."""
+
+    reason = "SCHEDULE_TOO_LARGE"
+    slots: str
+    max_slots: str
+
+    def __str__(self) -> str:
+        return (
+            f"the schedule produces {self.slots} slots in this range, more than the"
+            f" {self.max_slots} one call may create; ask for a shorter range"
+        )
+
+
+@dataclass(eq=False)
 class RequestIdReused(BookingError):
     reason = "REQUEST_ID_REUSED"
     request_id: str
@@ -324,5 +384,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SameSlot,
         SlotInUse,
         RequestIdReused,
+        OutsideBookingWindow,
+        OutsideCancellationWindow,
     )
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 from uuid import UUID
@@ -56,6 +56,19 @@ class User:
 
 
 @dataclass(frozen=True)
+class BookingPolicy:
+    """A specialist's own limits; None follows the server-wide default,
+    0 is no limit (storage/sql/policies.sql)."""
+
+    min_notice_minutes: int | None = None
+    max_advance_days: int | None = None
+    cancellation_cutoff_hours: int | None = None
+
+
+POLICY_FIELDS = ("min_notice_minutes", "max_advance_days", "cancellation_cutoff_hours")
+
+
+@dataclass(frozen=True)
 class Specialist:
     id: UUID
     full_name: str
@@ -63,6 +76,8 @@ class Specialist:
     active: bool
     created_at: datetime
     updated_at: datetime
+    time_zone: str = "UTC"
+    policy: BookingPolicy = field(default_factory=BookingPolicy)
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,12 @@ SOURCE_FILES = (
     "support.sql",
     "requests.sql",
     "slots.sql",
+    "policies.sql",
     "transitions.sql",
     "auth.sql",
     "contract.sql",
     "retention.sql",
+    "schedules.sql",
 )
 
 

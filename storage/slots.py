@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID, uuid4
@@ -35,37 +36,57 @@ def _slot(row: asyncpg.Record) -> Slot:
     )
 
 
-async def create_many(db: Database, new: list[NewSlot]) -> list[Slot]:
-    """Create all the slots or none. Overlaps (with each other or with
-    existing slots) are refused by the exclusion constraint."""
-    specialist_ids = sorted({s.specialist_id for s in new})
+async def lock_specialists(
+    conn: Connection, specialist_ids: Sequence[UUID], *, exclusive: bool = False
+) -> dict[UUID, asyncpg.Record]:
+    """Lock the specialists slots are about to be added to, and check each
+    exists and is active. FOR SHARE (concurrent batches proceed) keeps a
+    specialist from being deactivated mid-way; ``exclusive`` (FOR NO KEY
+    UPDATE, for materialising a schedule) also waits out, and then holds
+    off, every other insertion of slots for them."""
+    ids = sorted(set(specialist_ids))
+    mode = "FOR NO KEY UPDATE" if exclusive else "FOR SHARE"
+    found = await conn.fetch(
+        "SELECT id, is_active, time_zone, now() AS now FROM specialists"
+        f" WHERE id = ANY($1::uuid[]) ORDER BY id {mode}",
+        ids,
+    )
+    rows = {r["id"]: r for r in found}
+    for sid in ids:
+        if sid not in rows:
+            raise SpecialistNotFound(id=str(sid))
+        if not rows[sid]["is_active"]:
+            raise SpecialistInactive(specialist_id=str(sid))
+    return rows
 
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        # FOR SHARE keeps a specialist from being deactivated mid-way.
-        found = await conn.fetch(
-            "SELECT id, is_active FROM specialists WHERE id = ANY($1::uuid[])"
-            " ORDER BY id FOR SHARE",
-            specialist_ids,
-        )
-        active = {r["id"]: r["is_active"] for r in found}
-        for sid in specialist_ids:
-            if sid not in active:
-                raise SpecialistNotFound(id=str(sid))
-            if not active[sid]:
-                raise SpecialistInactive(specialist_id=str(sid))
-        rows: list[asyncpg.Record] = await conn.fetch(
-            "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
-            " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[])"
-            f" RETURNING {_COLUMNS}",
-            [uuid4() for _ in new],
-            [s.specialist_id for s in new],
-            [s.start_time for s in new],
-            [s.end_time for s in new],
-        )
-        return rows
 
-    rows = await db.run(work)
+async def insert_slots(conn: Connection, new: Sequence[NewSlot]) -> list[Slot]:
+    """Insert new slots inside the caller's transaction, after
+    lock_specialists. The one place slots come into being: CreateSlot,
+    BatchCreateSlots and schedule materialisation (storage/schedules.py)
+    all insert here, so whatever must happen when a slot appears is written
+    once, here. Overlaps (with each other or with existing slots) are
+    refused by the exclusion constraint."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
+        " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[])"
+        f" RETURNING {_COLUMNS}",
+        [uuid4() for _ in new],
+        [s.specialist_id for s in new],
+        [s.start_time for s in new],
+        [s.end_time for s in new],
+    )
     return [_slot(r) for r in rows]
+
+
+async def create_many(db: Database, new: list[NewSlot]) -> list[Slot]:
+    """Create all the slots or none."""
+
+    async def work(conn: Connection) -> list[Slot]:
+        await lock_specialists(conn, [s.specialist_id for s in new])
+        return await insert_slots(conn, new)
+
+    return await db.run(work)
 
 
 async def get(db: Database, slot_id: UUID) -> Slot:

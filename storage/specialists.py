@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from uuid import UUID, uuid4
 
@@ -9,10 +10,13 @@ import asyncpg
 
 from storage.database import Connection, Database
 from storage.errors import SpecialistNotFound
-from storage.models import Page, Specialist
+from storage.models import POLICY_FIELDS, BookingPolicy, Page, Specialist
 from storage.sql import Conditions
 
-_COLUMNS = "id, full_name, service_type, is_active, created_at, updated_at"
+_COLUMNS = (
+    "id, full_name, service_type, is_active, created_at, updated_at, time_zone, "
+    + ", ".join(POLICY_FIELDS)
+)
 
 
 def _specialist(row: asyncpg.Record) -> Specialist:
@@ -23,17 +27,31 @@ def _specialist(row: asyncpg.Record) -> Specialist:
         active=row["is_active"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        time_zone=row["time_zone"],
+        policy=BookingPolicy(**{f: row[f] for f in POLICY_FIELDS}),
     )
 
 
-async def create(db: Database, *, full_name: str, service_type: str) -> Specialist:
+async def create(
+    db: Database,
+    *,
+    full_name: str,
+    service_type: str,
+    time_zone: str = "UTC",
+    policy: BookingPolicy | None = None,
+) -> Specialist:
+    policy = policy or BookingPolicy()
+
     async def work(conn: Connection) -> asyncpg.Record:
         return await conn.fetchrow(
-            "INSERT INTO specialists (id, full_name, service_type) VALUES ($1, $2, $3)"
-            f" RETURNING {_COLUMNS}",
+            "INSERT INTO specialists (id, full_name, service_type, time_zone, "
+            + ", ".join(POLICY_FIELDS)
+            + f") VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
             uuid4(),
             full_name,
             service_type,
+            time_zone,
+            *(getattr(policy, f) for f in POLICY_FIELDS),
         )
 
     return _specialist(await db.run(work, single_statement=True))
@@ -84,19 +102,38 @@ async def update(
     full_name: str | None = None,
     service_type: str | None = None,
     active: bool | None = None,
+    time_zone: str | None = None,
+    policy: Mapping[str, int | None] | None = None,
 ) -> Specialist:
+    """`policy` names the limits to set (None: back to the default)."""
+    policy = dict(policy or {})
+    if not set(policy) <= set(POLICY_FIELDS):
+        raise ValueError(f"unknown policy fields {sorted(set(policy) - set(POLICY_FIELDS))}")
+    # Column names come from POLICY_FIELDS only; values are parameters.
+    policy_sql = "".join(
+        f" {name} = CASE WHEN ${6 + 2 * i} THEN ${7 + 2 * i}::integer ELSE {name} END,"
+        for i, name in enumerate(POLICY_FIELDS)
+    )
+    policy_args: list[object] = []
+    for name in POLICY_FIELDS:
+        policy_args += [name in policy, policy.get(name)]
+
     async def work(conn: Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(
             "UPDATE specialists SET"
             " full_name = coalesce($2, full_name),"
             " service_type = coalesce($3, service_type),"
             " is_active = coalesce($4, is_active),"
+            " time_zone = coalesce($5, time_zone),"
+            f"{policy_sql}"
             " updated_at = now()"
             f" WHERE id = $1 RETURNING {_COLUMNS}",
             specialist_id,
             full_name,
             service_type,
             active,
+            time_zone,
+            *policy_args,
         )
 
     row = await db.run(work, single_statement=True)

@@ -51,8 +51,10 @@ def _transition(name: str, *params: str) -> Function:
     return Function(name, params, returns_event=True)
 
 
+# p_policy_exempt: whether the caller is exempt from booking policies
+# (service/policy.py POLICY_EXEMPT_ROLES).
 HOLD_SLOT = _transition(
-    "booking_hold_slot",
+    "booking_hold_slot_v2",
     "p_slot_id",
     "p_user_id",
     "p_priority",
@@ -60,20 +62,28 @@ HOLD_SLOT = _transition(
     "p_hold_ttl",
     "p_check_user_overlap",
     "p_request_id",
+    "p_policy_exempt",
 )
 CONFIRM = _transition("booking_confirm", "p_id", "p_owner_id", "p_actor_id", "p_request_id")
 CANCEL = _transition(
-    "booking_cancel", "p_id", "p_owner_id", "p_actor_id", "p_reason", "p_request_id"
+    "booking_cancel_v2",
+    "p_id",
+    "p_owner_id",
+    "p_actor_id",
+    "p_reason",
+    "p_request_id",
+    "p_policy_exempt",
 )
 MARK_NO_SHOW = _transition("booking_mark_no_show", "p_id", "p_actor_id", "p_request_id")
 RESCHEDULE = _transition(
-    "booking_reschedule",
+    "booking_reschedule_v2",
     "p_id",
     "p_new_slot_id",
     "p_owner_id",
     "p_actor_id",
     "p_check_user_overlap",
     "p_request_id",
+    "p_policy_exempt",
 )
 
 EXPIRE_HOLDS = Function("booking_expire_holds", ("p_limit",))
@@ -81,3 +91,4 @@ DELETE_SLOT = Function("booking_delete_slot", ("p_slot_id",))
 REMEMBER_FAILURE = Function("booking_remember_failure", ("p_key", "p_reason", "p_detail"))
 FORGET_REQUEST_IDS = Function("booking_forget_request_ids", ("p_retention", "p_limit"))
 PRUNE_EVENTS = Function("booking_prune_events", ("p_retention", "p_limit"))
+FORGET_SCHEDULE_RUNS = Function("booking_forget_schedule_runs", ("p_retention", "p_limit"))

@@ -20,6 +20,7 @@ from booking.v1 import (
     appointment_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    schedule_pb2_grpc,
     slot_pb2_grpc,
     specialist_pb2_grpc,
     user_pb2_grpc,
@@ -137,6 +138,7 @@ class Api:
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.specialists = specialist_pb2_grpc.SpecialistServiceStub(channel)
         self.slots = slot_pb2_grpc.SlotServiceStub(channel)
+        self.schedules = schedule_pb2_grpc.ScheduleServiceStub(channel)
         self.appointments = appointment_pb2_grpc.AppointmentServiceStub(channel)
 
     @classmethod

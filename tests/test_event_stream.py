@@ -214,6 +214,7 @@ async def test_an_open_older_transaction_holds_back_newer_events_instead_of_losi
                     hold_ttl=timedelta(minutes=5),
                     check_user_overlap=True,
                     request_id=None,
+                    policy_exempt=True,
                 ),
             )
             later = await api.hold(late_slot.id)

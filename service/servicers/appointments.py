@@ -14,6 +14,7 @@ from service.config import Config
 from service.errors import FieldViolation, InvalidArgument, PermissionDenied
 from service.event_hub import EventHub, Heartbeat
 from service.grpc_types import Context
+from service.policy import policy_exempt
 from service.validation import Validator
 from storage import appointments as store
 from storage import events as event_store
@@ -89,6 +90,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             hold_ttl=self.config.hold_ttl,
             check_user_overlap=self.config.check_user_overlap,
             request_id=request_id,
+            policy_exempt=policy_exempt(caller.role),
         )
         return pb.HoldSlotResponse(appointment=self._committed(event))
 
@@ -120,13 +122,15 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         request_id = _request_id(v, request.request_id)
         v.check()
         assert appointment_id is not None
+        user = caller.require_user()
         event = await store.cancel(
             self.db,
             appointment_id,
             owner_id=_owner(caller),
-            actor_id=caller.require_user().id,
+            actor_id=user.id,
             reason=reason,
             request_id=request_id,
+            policy_exempt=policy_exempt(user.role),
         )
         return pb.CancelAppointmentResponse(appointment=self._committed(event))
 
@@ -154,14 +158,16 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         request_id = _request_id(v, request.request_id)
         v.check()
         assert appointment_id is not None and new_slot_id is not None
+        user = caller.require_user()
         event = await store.reschedule(
             self.db,
             appointment_id,
             new_slot_id=new_slot_id,
             owner_id=_owner(caller),
-            actor_id=caller.require_user().id,
+            actor_id=user.id,
             check_user_overlap=self.config.check_user_overlap,
             request_id=request_id,
+            policy_exempt=policy_exempt(user.role),
         )
         return pb.RescheduleAppointmentResponse(appointment=self._committed(event))
 

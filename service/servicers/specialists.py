@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from booking.v1 import specialist_pb2 as pb
 from booking.v1 import specialist_pb2_grpc
 from service import convert, pagination
@@ -9,6 +11,31 @@ from service.grpc_types import Context
 from service.validation import Validator, field_mask_paths
 from storage import specialists as store
 from storage.database import Database
+from storage.models import POLICY_FIELDS, BookingPolicy
+
+# The largest value of each limit: a year of notice, ten years ahead, a year
+# of cutoff.
+POLICY_MAXIMUM = {
+    "min_notice_minutes": 525_600,
+    "max_advance_days": 3650,
+    "cancellation_cutoff_hours": 8760,
+}
+POLICY_PATHS = {f"booking_policy.{name}": name for name in POLICY_FIELDS}
+UPDATE_PATHS = {"full_name", "service_type", "active", "time_zone", "booking_policy", *POLICY_PATHS}
+
+
+def _policy(
+    v: Validator, prefix: str, message: pb.BookingPolicy, names: Iterable[str]
+) -> dict[str, int | None]:
+    """The limits named, as set in `message` (None when unset: the default)."""
+    out: dict[str, int | None] = {}
+    for name in names:
+        out[name] = (
+            v.bounded(f"{prefix}.{name}", getattr(message, name), 0, POLICY_MAXIMUM[name])
+            if message.HasField(name)  # type: ignore[arg-type]
+            else None
+        )
+    return out
 
 
 class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
@@ -21,10 +48,16 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         v = Validator()
         full_name = v.text("full_name", request.full_name)
         service_type = v.text("service_type", request.service_type, max_length=100)
+        time_zone = v.time_zone("time_zone", request.time_zone)
+        policy = _policy(v, "booking_policy", request.booking_policy, POLICY_FIELDS)
         v.check()
         assert full_name is not None and service_type is not None
         created = await store.create(
-            self.db, full_name=full_name.strip(), service_type=service_type.strip()
+            self.db,
+            full_name=full_name.strip(),
+            service_type=service_type.strip(),
+            time_zone=time_zone,
+            policy=BookingPolicy(**policy),
         )
         return pb.CreateSpecialistResponse(specialist=convert.specialist(created))
 
@@ -66,9 +99,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
     ) -> pb.UpdateSpecialistResponse:
         v = Validator()
         specialist_id = v.uuid("specialist.id", request.specialist.id)
-        paths = field_mask_paths(
-            list(request.update_mask.paths), {"full_name", "service_type", "active"}, v
-        )
+        paths = field_mask_paths(list(request.update_mask.paths), UPDATE_PATHS, v)
         full_name = (
             v.text("specialist.full_name", request.specialist.full_name)
             if "full_name" in paths
@@ -79,6 +110,19 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
             if "service_type" in paths
             else None
         )
+        time_zone = (
+            v.time_zone("specialist.time_zone", request.specialist.time_zone)
+            if "time_zone" in paths
+            else None
+        )
+        policy_names = [
+            name
+            for path, name in POLICY_PATHS.items()
+            if path in paths or "booking_policy" in paths
+        ]
+        policy = _policy(
+            v, "specialist.booking_policy", request.specialist.booking_policy, policy_names
+        )
         v.check()
         assert specialist_id is not None
         updated = await store.update(
@@ -87,5 +131,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
             full_name=full_name.strip() if full_name else None,
             service_type=service_type.strip() if service_type else None,
             active=request.specialist.active if "active" in paths else None,
+            time_zone=time_zone,
+            policy=policy,
         )
         return pb.UpdateSpecialistResponse(specialist=convert.specialist(updated))

@@ -85,3 +85,62 @@ BEGIN
     RETURN p_event;
 END
 $$;
+
+-- The transitions as the previous release calls them, before booking
+-- policies (policies.sql). It cannot say whether its caller is exempt, so
+-- the actor's role decides, by the rule service/policy.py states for this
+-- release: staff (and the server itself, no actor) are exempt, a CLIENT is
+-- not. So a previous-release replica still enforces the limits.
+CREATE FUNCTION booking_policy_exempt_actor(p_actor_id uuid) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT role <> 'CLIENT' FROM users WHERE id = p_actor_id), true)
+$$;
+
+CREATE FUNCTION booking_hold_slot(
+    p_slot_id uuid,
+    p_user_id uuid,
+    p_priority appointment_priority,
+    p_actor_id uuid,
+    p_hold_ttl interval,
+    p_check_user_overlap boolean,
+    p_request_id uuid
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN booking_hold_slot_v2(
+        p_slot_id => p_slot_id, p_user_id => p_user_id, p_priority => p_priority,
+        p_actor_id => p_actor_id, p_hold_ttl => p_hold_ttl,
+        p_check_user_overlap => p_check_user_overlap, p_request_id => p_request_id,
+        p_policy_exempt => booking_policy_exempt_actor(p_actor_id));
+END
+$$;
+
+CREATE FUNCTION booking_cancel(
+    p_id uuid, p_owner_id uuid, p_actor_id uuid, p_reason text, p_request_id uuid
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN booking_cancel_v2(
+        p_id => p_id, p_owner_id => p_owner_id, p_actor_id => p_actor_id,
+        p_reason => p_reason, p_request_id => p_request_id,
+        p_policy_exempt => booking_policy_exempt_actor(p_actor_id));
+END
+$$;
+
+CREATE FUNCTION booking_reschedule(
+    p_id uuid,
+    p_new_slot_id uuid,
+    p_owner_id uuid,
+    p_actor_id uuid,
+    p_check_user_overlap boolean,
+    p_request_id uuid
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN booking_reschedule_v2(
+        p_id => p_id, p_new_slot_id => p_new_slot_id, p_owner_id => p_owner_id,
+        p_actor_id => p_actor_id, p_check_user_overlap => p_check_user_overlap,
+        p_request_id => p_request_id,
+        p_policy_exempt => booking_policy_exempt_actor(p_actor_id));
+END
+$$;

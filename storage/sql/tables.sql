@@ -37,7 +37,16 @@ CREATE TABLE specialists (
     service_type    text NOT NULL,
     is_active       boolean NOT NULL DEFAULT TRUE,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now()
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- An IANA name, checked against the server's tz database (which
+    -- PostgreSQL does not share); schedules are laid out in it.
+    time_zone       text NOT NULL DEFAULT 'UTC',
+    -- Booking policy (policies.sql); NULL follows booking_policy_defaults.
+    min_notice_minutes          integer,
+    max_advance_days            integer,
+    cancellation_cutoff_hours   integer,
+    CONSTRAINT specialists_policy_not_negative CHECK (
+        min_notice_minutes >= 0 AND max_advance_days >= 0 AND cancellation_cutoff_hours >= 0)
 );
 CREATE INDEX specialists_created ON specialists (created_at, id);
 

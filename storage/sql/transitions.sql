@@ -7,16 +7,19 @@
 --
 -- A previous release may call these during a rolling upgrade: a change of
 -- signature gets a new, versioned name and leaves the old function working
--- (docs/upgrades.md).
+-- (docs/upgrades.md; the old names are in contract.sql).
 
-CREATE FUNCTION booking_hold_slot(
+-- p_policy_exempt: the caller is not bound by the booking policies
+-- (policies.sql); service/policy.py decides who is.
+CREATE FUNCTION booking_hold_slot_v2(
     p_slot_id uuid,
     p_user_id uuid,
     p_priority appointment_priority,
     p_actor_id uuid,
     p_hold_ttl interval,
     p_check_user_overlap boolean,
-    p_request_id uuid
+    p_request_id uuid,
+    p_policy_exempt boolean
 ) RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -41,6 +44,9 @@ BEGIN
     FOR UPDATE;
     IF v_slot.id IS NULL THEN
         PERFORM booking_fail('SLOT_NOT_FOUND', jsonb_build_object('id', p_slot_id));
+    END IF;
+    IF NOT p_policy_exempt THEN
+        PERFORM booking_check_hold_window(v_slot);
     END IF;
     PERFORM booking_claim_slot(v_slot);
     IF p_check_user_overlap THEN
@@ -90,8 +96,9 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION booking_cancel(
-    p_id uuid, p_owner_id uuid, p_actor_id uuid, p_reason text, p_request_id uuid
+CREATE FUNCTION booking_cancel_v2(
+    p_id uuid, p_owner_id uuid, p_actor_id uuid, p_reason text, p_request_id uuid,
+    p_policy_exempt boolean
 ) RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -109,6 +116,9 @@ BEGIN
     v_old := v_appt.status;
     IF v_old NOT IN ('HOLD', 'CONFIRMED') THEN
         PERFORM booking_wrong_state(v_appt, 'cancel');
+    END IF;
+    IF NOT p_policy_exempt THEN
+        PERFORM booking_check_cancel_window(v_appt, 'cancel');
     END IF;
 
     UPDATE appointments SET status = 'CANCELLED', expires_at = NULL, updated_at = now()
@@ -153,13 +163,14 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION booking_reschedule(
+CREATE FUNCTION booking_reschedule_v2(
     p_id uuid,
     p_new_slot_id uuid,
     p_owner_id uuid,
     p_actor_id uuid,
     p_check_user_overlap boolean,
-    p_request_id uuid
+    p_request_id uuid,
+    p_policy_exempt boolean
 ) RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -203,6 +214,10 @@ BEGIN
     IF v_new.specialist_id <> v_appt.specialist_id THEN
         PERFORM booking_fail('SPECIALIST_MISMATCH', jsonb_build_object(
             'slot_id', p_new_slot_id, 'specialist_id', v_appt.specialist_id));
+    END IF;
+    IF NOT p_policy_exempt THEN
+        PERFORM booking_check_cancel_window(v_appt, 'reschedule');
+        PERFORM booking_check_hold_window(v_new);
     END IF;
     PERFORM booking_claim_slot(v_new);
     IF p_check_user_overlap THEN

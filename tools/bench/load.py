@@ -507,6 +507,7 @@ class _Worker:
                 ttl,
                 True,
                 None,
+                False,  # p_policy_exempt: a CLIENT's hold
             )
 
         async def seed(conn: asyncpg.Connection, k: int) -> None:

@@ -40,6 +40,7 @@ FUNCTION_SCRIPT = (
             "p_hold_ttl": "interval '300 seconds'",
             "p_check_user_overlap": "true",
             "p_request_id": "NULL",
+            "p_policy_exempt": "false",
         }
     )
     + ";\n"

@@ -30,6 +30,8 @@ class Specialist(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    BOOKING_POLICY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. UUID assigned by the server."""
     full_name: _builtins.str
@@ -38,6 +40,10 @@ class Specialist(_message.Message):
     """Required. Free text such as "dentist"."""
     active: _builtins.bool
     """New slots and holds are refused for an inactive specialist."""
+    time_zone: _builtins.str
+    """IANA time zone name, such as "Europe/Berlin", checked against the
+    server's tz database. Schedules are laid out in it. Defaults to "UTC".
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
@@ -45,6 +51,10 @@ class Specialist(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
+
+    @_builtins.property
+    def booking_policy(self) -> Global___BookingPolicy:
+        """What a CLIENT may do with this specialist's slots and appointments."""
 
     def __init__(
         self,
@@ -55,14 +65,63 @@ class Specialist(_message.Message):
         active: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        time_zone: _builtins.str = ...,
+        booking_policy: Global___BookingPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["booking_policy", b"booking_policy", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "full_name", b"full_name", "id", b"id", "service_type", b"service_type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "booking_policy", b"booking_policy", "create_time", b"create_time", "full_name", b"full_name", "id", b"id", "service_type", b"service_type", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Specialist: _TypeAlias = Specialist  # noqa: Y015
+
+@_typing.final
+class BookingPolicy(_message.Message):
+    """Limits on CLIENT callers; operators and admins are exempt. An unset limit
+    follows the server-wide default; 0 means no limit. A refusal is
+    FAILED_PRECONDITION with reason OUTSIDE_BOOKING_WINDOW or
+    OUTSIDE_CANCELLATION_WINDOW.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_NOTICE_MINUTES_FIELD_NUMBER: _builtins.int
+    MAX_ADVANCE_DAYS_FIELD_NUMBER: _builtins.int
+    CANCELLATION_CUTOFF_HOURS_FIELD_NUMBER: _builtins.int
+    min_notice_minutes: _builtins.int
+    """A CLIENT may not hold a slot that starts sooner than this from now."""
+    max_advance_days: _builtins.int
+    """A CLIENT may not hold a slot that starts further ahead than this."""
+    cancellation_cutoff_hours: _builtins.int
+    """A CLIENT may not cancel or reschedule a CONFIRMED appointment that
+    starts in less than this.
+    """
+    def __init__(
+        self,
+        *,
+        min_notice_minutes: _builtins.int | None = ...,
+        max_advance_days: _builtins.int | None = ...,
+        cancellation_cutoff_hours: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cancellation_cutoff_hours", b"_cancellation_cutoff_hours", "_max_advance_days", b"_max_advance_days", "_min_notice_minutes", b"_min_notice_minutes", "cancellation_cutoff_hours", b"cancellation_cutoff_hours", "max_advance_days", b"max_advance_days", "min_notice_minutes", b"min_notice_minutes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cancellation_cutoff_hours", b"_cancellation_cutoff_hours", "_max_advance_days", b"_max_advance_days", "_min_notice_minutes", b"_min_notice_minutes", "cancellation_cutoff_hours", b"cancellation_cutoff_hours", "max_advance_days", b"max_advance_days", "min_notice_minutes", b"min_notice_minutes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cancellation_cutoff_hours: _TypeAlias = _typing.Literal["cancellation_cutoff_hours"]  # noqa: Y015
+    _WhichOneofArgType__cancellation_cutoff_hours: _TypeAlias = _typing.Literal["_cancellation_cutoff_hours", b"_cancellation_cutoff_hours"]  # noqa: Y015
+    _WhichOneofReturnType__max_advance_days: _TypeAlias = _typing.Literal["max_advance_days"]  # noqa: Y015
+    _WhichOneofArgType__max_advance_days: _TypeAlias = _typing.Literal["_max_advance_days", b"_max_advance_days"]  # noqa: Y015
+    _WhichOneofReturnType__min_notice_minutes: _TypeAlias = _typing.Literal["min_notice_minutes"]  # noqa: Y015
+    _WhichOneofArgType__min_notice_minutes: _TypeAlias = _typing.Literal["_min_notice_minutes", b"_min_notice_minutes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cancellation_cutoff_hours) -> _WhichOneofReturnType__cancellation_cutoff_hours | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_advance_days) -> _WhichOneofReturnType__max_advance_days | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_notice_minutes) -> _WhichOneofReturnType__min_notice_minutes | None: ...
+
+Global___BookingPolicy: _TypeAlias = BookingPolicy  # noqa: Y015
 
 @_typing.final
 class CreateSpecialistRequest(_message.Message):
@@ -70,19 +129,29 @@ class CreateSpecialistRequest(_message.Message):
 
     FULL_NAME_FIELD_NUMBER: _builtins.int
     SERVICE_TYPE_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    BOOKING_POLICY_FIELD_NUMBER: _builtins.int
     full_name: _builtins.str
     """Required."""
     service_type: _builtins.str
     """Required."""
+    time_zone: _builtins.str
+    """IANA time zone name; defaults to "UTC"."""
+    @_builtins.property
+    def booking_policy(self) -> Global___BookingPolicy:
+        """Optional; unset limits follow the server-wide defaults."""
+
     def __init__(
         self,
         *,
         full_name: _builtins.str = ...,
         service_type: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+        booking_policy: Global___BookingPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["booking_policy", b"booking_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_name", b"full_name", "service_type", b"service_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_policy", b"booking_policy", "full_name", b"full_name", "service_type", b"service_type", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -216,7 +285,11 @@ class UpdateSpecialistRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Required. Paths: "full_name", "service_type", "active"."""
+        """Required. Paths: "full_name", "service_type", "active", "time_zone",
+        "booking_policy", "booking_policy.min_notice_minutes",
+        "booking_policy.max_advance_days", "booking_policy.cancellation_cutoff_hours".
+        A limit named in the mask but unset returns to the server-wide default.
+        """
 
     def __init__(
         self,

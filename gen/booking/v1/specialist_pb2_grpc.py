@@ -81,7 +81,9 @@ class SpecialistServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSpecialist(self, request, context):
-        """Updates the fields named in update_mask: full_name, service_type, active.
+        """Updates the fields named in update_mask: full_name, service_type, active,
+        time_zone, booking_policy (all three limits) or one limit
+        (booking_policy.min_notice_minutes, ...).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,10 @@ class SpecialistServiceStub:
     ListSpecialists: _grpc.UnaryUnaryMultiCallable[_specialist_pb2.ListSpecialistsRequest, _specialist_pb2.ListSpecialistsResponse]
     """Lists specialists ordered by creation time."""
     UpdateSpecialist: _grpc.UnaryUnaryMultiCallable[_specialist_pb2.UpdateSpecialistRequest, _specialist_pb2.UpdateSpecialistResponse]
-    """Updates the fields named in update_mask: full_name, service_type, active."""
+    """Updates the fields named in update_mask: full_name, service_type, active,
+    time_zone, booking_policy (all three limits) or one limit
+    (booking_policy.min_notice_minutes, ...).
+    """
 
 @_typing.type_check_only
 class SpecialistServiceAsyncStub(SpecialistServiceStub):
@@ -50,7 +53,10 @@ class SpecialistServiceAsyncStub(SpecialistServiceStub):
     ListSpecialists: _aio.UnaryUnaryMultiCallable[_specialist_pb2.ListSpecialistsRequest, _specialist_pb2.ListSpecialistsResponse]  # type: ignore[assignment]
     """Lists specialists ordered by creation time."""
     UpdateSpecialist: _aio.UnaryUnaryMultiCallable[_specialist_pb2.UpdateSpecialistRequest, _specialist_pb2.UpdateSpecialistResponse]  # type: ignore[assignment]
-    """Updates the fields named in update_mask: full_name, service_type, active."""
+    """Updates the fields named in update_mask: full_name, service_type, active,
+    time_zone, booking_policy (all three limits) or one limit
+    (booking_policy.min_notice_minutes, ...).
+    """
 
 class SpecialistServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages the specialists whose time is booked."""
@@ -83,6 +89,9 @@ class SpecialistServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _specialist_pb2.UpdateSpecialistRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_specialist_pb2.UpdateSpecialistResponse, _abc.Awaitable[_specialist_pb2.UpdateSpecialistResponse]]:
-        """Updates the fields named in update_mask: full_name, service_type, active."""
+        """Updates the fields named in update_mask: full_name, service_type, active,
+        time_zone, booking_policy (all three limits) or one limit
+        (booking_policy.min_notice_minutes, ...).
+        """
 
 def add_SpecialistServiceServicer_to_server(servicer: SpecialistServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
