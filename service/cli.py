@@ -1,4 +1,5 @@
-"""The booking-service command: serve, migrate, create-admin, bench, chaos."""
+"""The booking-service command: serve, migrate, create-admin, policy-defaults,
+bench, chaos."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from service.config import (
 )
 from service.server import BookingServer, database
 from storage import migrate
+from storage import policies as policy_store
 from storage import users as user_store
 from storage.database import Database
 from storage.errors import EmailTaken
-from storage.models import Role
+from storage.models import POLICY_FIELDS, Role
 
 log = logging.getLogger("booking")
 
@@ -171,6 +173,22 @@ async def _create_admin(config: Config, email: str, password: str) -> int:
     return 0
 
 
+async def _policy_defaults(config: Config, values: dict[str, int]) -> int:
+    async with database(config) as dsn:
+        db = await Database.connect(dsn, min_size=1, max_size=1)
+        try:
+            current = (
+                await policy_store.set_defaults(db, values)
+                if values
+                else await policy_store.defaults(db)
+            )
+        finally:
+            await db.close()
+    for name in POLICY_FIELDS:
+        print(f"{name.replace('_', '-')}: {getattr(current, name)}")
+    return 0
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("booking-service")
@@ -210,6 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the password from standard input instead of prompting",
     )
     add_arguments(admin, only=DATABASE_FIELDS)
+
+    policy = sub.add_parser(
+        "policy-defaults",
+        help="show or change the server-wide booking policy defaults (stored in the"
+        " database, so every replica enforces the same ones)",
+    )
+    for name, what in (
+        ("min_notice_minutes", "a CLIENT may not hold a slot starting sooner than this"),
+        ("max_advance_days", "a CLIENT may not hold a slot starting further ahead than this"),
+        (
+            "cancellation_cutoff_hours",
+            "a CLIENT may not cancel or reschedule a CONFIRMED appointment starting sooner",
+        ),
+    ):
+        policy.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=int,
+            metavar="N",
+            help=f"{what}; 0 is no limit; a specialist's own value wins",
+        )
+    add_arguments(policy, only=DATABASE_FIELDS)
 
     # Listed for --help only; main() hands `bench ...` to the harness.
     sub.add_parser("bench", help="run the benchmark harness (booking-service bench --help)")
@@ -268,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(str(exc), file=sys.stderr)
             return 2
         return _run(lambda: _create_admin(config, args.email, password))
+    if args.command == "policy-defaults":
+        values = {n: getattr(args, n) for n in POLICY_FIELDS if getattr(args, n) is not None}
+        if any(v < 0 for v in values.values()):
+            print("booking-service: policy limits must not be negative", file=sys.stderr)
+            return 2
+        return _run(lambda: _policy_defaults(config, values))
     return 2
 
 
