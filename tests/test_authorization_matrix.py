@@ -20,7 +20,7 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import ModuleType
 from typing import Any
 
@@ -34,13 +34,14 @@ from google.protobuf.message_factory import GetMessageClass
 import booking.v1
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import auth_pb2
+from booking.v1 import schedule_pb2 as sched_pb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking.v1 import user_pb2 as upb
 from service import auth
 from service.config import Config
 from service.errors import PermissionDenied
-from service.policy import POLICIES
+from service.policy import POLICIES, POLICY_EXEMPT_ROLES, policy_exempt
 from service.server import BookingServer
 from storage import auth as auth_store
 from storage.database import Database
@@ -119,6 +120,9 @@ EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
     P + "SpecialistService/GetSpecialist":         (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SpecialistService/ListSpecialists":       (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SpecialistService/UpdateSpecialist":      (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "ScheduleService/GetSchedule":             (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "ScheduleService/UpdateSchedule":          (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "ScheduleService/MaterializeSchedule":     (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/CreateSlot":                  (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/BatchCreateSlots":            (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/GetSlot":                     (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
@@ -266,6 +270,42 @@ async def _update_specialist(w: World) -> Message:
     )
 
 
+def _one_day_schedule(w: World) -> sched_pb.Schedule:
+    # A day of its own each time, so runs never meet earlier slots.
+    day = w.start().date()
+    return sched_pb.Schedule(
+        rules=[
+            sched_pb.WeeklyRule(
+                weekday=day.isoweekday(),  # type: ignore[arg-type]
+                start_time="00:00",
+                end_time="00:30",
+                slot_minutes=30,
+                effective_from=day.isoformat(),
+                effective_until=day.isoformat(),
+            )
+        ]
+    )
+
+
+async def _get_schedule(w: World) -> Message:
+    return sched_pb.GetScheduleRequest(specialist_id=w.specialist_id)
+
+
+async def _update_schedule(w: World) -> Message:
+    return sched_pb.UpdateScheduleRequest(
+        specialist_id=w.specialist_id, schedule=_one_day_schedule(w)
+    )
+
+
+async def _materialize_schedule(w: World) -> Message:
+    day = w.start().date()
+    return sched_pb.MaterializeScheduleRequest(
+        specialist_id=w.specialist_id,
+        start_date=day.isoformat(),
+        end_date=(day + timedelta(days=1)).isoformat(),
+    )
+
+
 async def _create_slot(w: World) -> Message:
     return _slot_request(w)
 
@@ -336,6 +376,9 @@ BUILDERS: dict[str, Builder] = {
     P + "SpecialistService/GetSpecialist": _get_specialist,
     P + "SpecialistService/ListSpecialists": _list_specialists,
     P + "SpecialistService/UpdateSpecialist": _update_specialist,
+    P + "ScheduleService/GetSchedule": _get_schedule,
+    P + "ScheduleService/UpdateSchedule": _update_schedule,
+    P + "ScheduleService/MaterializeSchedule": _materialize_schedule,
     P + "SlotService/CreateSlot": _create_slot,
     P + "SlotService/BatchCreateSlots": _batch_create_slots,
     P + "SlotService/GetSlot": _get_slot,
@@ -500,6 +543,123 @@ async def test_a_method_without_a_policy_is_denied_even_to_an_admin(
     # And the same authenticator does let the ADMIN through a declared RPC.
     caller = await authenticator.authorize(P + "UserService/ListUsers", api.md)
     assert caller.role is Role.ADMIN
+
+
+# ---------------------------------------------------------------------------
+# Booking policies bind CLIENTs only: staff are exempt (service/policy.py
+# POLICY_EXEMPT_ROLES). Each scenario acts on the owning CLIENT's behalf, as
+# the owner itself or as staff, against a specialist with every limit set.
+# ---------------------------------------------------------------------------
+
+REFUSED = grpc.StatusCode.FAILED_PRECONDITION
+POLICY_COLUMNS = (Role.CLIENT, Role.OPERATOR, Role.ADMIN)
+LIMITS = {"min_notice_minutes": 120, "max_advance_days": 7, "cancellation_cutoff_hours": 24}
+
+# fmt: off
+POLICY_ROWS: dict[str, tuple[str, tuple[grpc.StatusCode, ...]]] = {
+    # scenario                                     reason when refused            CLIENT   OPERATOR ADMIN
+    "HoldSlot inside the minimum notice":          ("OUTSIDE_BOOKING_WINDOW",      (REFUSED, OK,      OK)),
+    "HoldSlot beyond the maximum advance":         ("OUTSIDE_BOOKING_WINDOW",      (REFUSED, OK,      OK)),
+    "CancelAppointment past the cutoff":           ("OUTSIDE_CANCELLATION_WINDOW", (REFUSED, OK,      OK)),
+    "RescheduleAppointment past the cutoff":       ("OUTSIDE_CANCELLATION_WINDOW", (REFUSED, OK,      OK)),
+    "RescheduleAppointment into the notice":       ("OUTSIDE_BOOKING_WINDOW",      (REFUSED, OK,      OK)),
+}
+# fmt: on
+
+
+def test_the_policy_exemption_table_is_the_servers() -> None:
+    exempt = {
+        role
+        for role in POLICY_COLUMNS
+        if all(codes[POLICY_COLUMNS.index(role)] == OK for _, codes in POLICY_ROWS.values())
+    }
+    assert exempt == set(POLICY_EXEMPT_ROLES)
+    assert {role for role in Role if policy_exempt(role)} == exempt
+
+
+async def test_booking_policies_bind_clients_and_exempt_staff(api: Api) -> None:
+    spec = await api.specialist()
+    await api.specialists.UpdateSpecialist(
+        sppb.UpdateSpecialistRequest(
+            specialist=sppb.Specialist(id=spec.id, booking_policy=sppb.BookingPolicy(**LIMITS)),
+            update_mask=FieldMask(paths=["booking_policy"]),
+        ),
+        metadata=api.md,
+    )
+    owner, owner_id = await api.client()
+    callers = {
+        Role.CLIENT: owner,
+        Role.OPERATOR: api.as_(await api.make_token(Role.OPERATOR)),
+        Role.ADMIN: api,
+    }
+    minutes = itertools.count()
+    hours = itertools.count(3)
+    now = datetime.now(UTC)
+
+    async def soon() -> str:  # inside the two hours' notice
+        return (await api.slot(spec.id, now + timedelta(minutes=5 + next(minutes)), 1)).id
+
+    async def far() -> str:  # beyond the seven days
+        return (await api.slot(spec.id, hours_from_now(24 * 8 + next(hours)))).id
+
+    async def confirmed() -> str:  # starts within the 24 hours' cutoff
+        held = await api.hold((await api.slot(spec.id, hours_from_now(next(hours)))).id, owner_id)
+        await api.appointments.ConfirmAppointment(
+            apb.ConfirmAppointmentRequest(id=held.id), metadata=api.md
+        )
+        return held.id
+
+    async def open_slot() -> str:  # bookable by anyone
+        return (await api.slot(spec.id, hours_from_now(next(hours)))).id
+
+    async def hold_for_owner() -> str:
+        return (await api.hold(await open_slot(), owner_id)).id
+
+    scenarios: dict[str, Callable[[Api], Awaitable[Any]]] = {
+        "HoldSlot inside the minimum notice": lambda c: soon_hold(c),
+        "HoldSlot beyond the maximum advance": lambda c: far_hold(c),
+        "CancelAppointment past the cutoff": lambda c: cancel(c),
+        "RescheduleAppointment past the cutoff": lambda c: reschedule(c),
+        "RescheduleAppointment into the notice": lambda c: reschedule_soon(c),
+    }
+
+    async def soon_hold(c: Api) -> Any:
+        return await c.hold(await soon(), owner_id)
+
+    async def far_hold(c: Api) -> Any:
+        return await c.hold(await far(), owner_id)
+
+    async def cancel(c: Api) -> Any:
+        request = apb.CancelAppointmentRequest(id=await confirmed())
+        return await c.appointments.CancelAppointment(request, metadata=c.md)
+
+    async def reschedule(c: Api) -> Any:
+        request = apb.RescheduleAppointmentRequest(
+            id=await confirmed(), new_slot_id=await open_slot()
+        )
+        return await c.appointments.RescheduleAppointment(request, metadata=c.md)
+
+    async def reschedule_soon(c: Api) -> Any:
+        request = apb.RescheduleAppointmentRequest(
+            id=await hold_for_owner(), new_slot_id=await soon()
+        )
+        return await c.appointments.RescheduleAppointment(request, metadata=c.md)
+
+    assert set(scenarios) == set(POLICY_ROWS)
+    mismatches = []
+    for name, (reason, codes) in POLICY_ROWS.items():
+        for role, expected in zip(POLICY_COLUMNS, codes, strict=True):
+            try:
+                await scenarios[name](callers[role])
+                got, got_reason = OK, ""
+            except grpc.aio.AioRpcError as err:
+                decoded = failure(err)
+                got, got_reason = decoded.code, decoded.reason
+            if got != expected or (got == REFUSED and got_reason != reason):
+                mismatches.append(
+                    f"{name} as {role}: expected {expected.name}, got {got.name} {got_reason}"
+                )
+    assert not mismatches, "\n".join(mismatches)
 
 
 # ---------------------------------------------------------------------------
