@@ -15,14 +15,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- walkthrough:"
+END_MARKER = "<!-- /walkthrough -->"
 
 
 def walkthrough_script() -> str:
+    """Every bash block between the markers, run in one shell in order: the
+    later ones go on with the first one's variables."""
     text = (ROOT / "README.md").read_text()
-    after = text[text.index(MARKER) :]
-    blocks = re.findall(r"```bash\n(.*?)```", after, flags=re.S)
-    assert blocks, "no walkthrough block in README.md"
-    return blocks[0]
+    start = text.index(MARKER)
+    between = text[start : text.index(END_MARKER, start)]
+    blocks = re.findall(r"```bash\n(.*?)```", between, flags=re.S)
+    assert len(blocks) >= 2, "the booking and the schedule walk-throughs in README.md"
+    return "\n".join(blocks)
 
 
 def _free_port() -> int:
@@ -77,6 +81,14 @@ def test_readme_walkthrough_books_an_appointment_with_grpcurl(database_url: str)
         assert '"status": "APPOINTMENT_STATUS_CONFIRMED"' in out
         assert "APPOINTMENT_EVENT_TYPE_HELD" in out
         assert "APPOINTMENT_EVENT_TYPE_CONFIRMED" in out
+        # Working hours: a month in one call, 09:00 Berlin on both sides of
+        # the clock change, a second run creating nothing, a client refused.
+        assert "308 slots in Europe/Berlin" in out
+        assert "2030-10-25T07:00:00Z\n2030-10-28T08:00:00Z" in out
+        assert "SKIP_REASON_EXISTING_SLOT" in out
+        assert "OUTSIDE_BOOKING_WINDOW" in out
+        assert "outside the booking window, as it should be" in out
+        assert "APPOINTMENT_STATUS_HOLD" in out
     finally:
         server.send_signal(signal.SIGTERM)
         try:
