@@ -4,6 +4,7 @@ change, atomically and idempotently."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, date, datetime, timedelta
 
@@ -426,3 +427,58 @@ async def test_the_skipped_hour_is_reported_over_grpc(api: Api) -> None:
     )
     assert skipped.reason == pb.SKIP_REASON_NONEXISTENT_LOCAL_TIME
     assert not skipped.HasField("start_instant")
+
+
+RUNS = 6
+
+
+async def test_concurrent_runs_and_slot_inserts_never_collide(api: Api) -> None:
+    """Runs of the same range, and a batch of hand-made slots inside it, all
+    at once: every call succeeds, each slot is created once, and what the
+    runs report skipped is exactly what another call created."""
+    spec = await _specialist(api)
+    await _set(api, spec.id, _nine_to_five())
+    start, end = "2030-03-04", "2030-03-30"  # 20 weekdays x 16 slots
+    # Ten minutes into 10:00 Berlin on Monday: two scheduled slots overlap it.
+    manual = spb.BatchCreateSlotsRequest(
+        requests=[
+            spb.CreateSlotRequest(
+                specialist_id=spec.id,
+                start_time=ts(datetime(2030, 3, 4, 9, 10, tzinfo=UTC)),
+                end_time=ts(datetime(2030, 3, 4, 9, 40, tzinfo=UTC)),
+            )
+        ]
+    )
+
+    async def run() -> pb.MaterializeScheduleResponse:
+        return await _materialize(api, spec.id, start, end, request_id=str(uuid.uuid4()))
+
+    async def batch() -> spb.BatchCreateSlotsResponse | None:
+        try:
+            return await api.slots.BatchCreateSlots(manual, metadata=api.md)
+        except grpc.aio.AioRpcError as err:
+            # A run got there first: the constraint refuses the overlap.
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err
+            return None
+
+    batching = asyncio.ensure_future(batch())
+    reports = await asyncio.gather(*(run() for _ in range(RUNS)))
+    hand_made = await batching
+    created = [s for r in reports for s in r.created_slots]
+    slots = await _all_slots(api, spec.id)
+    assert sorted(s.id for s in slots) == sorted(
+        [s.id for s in created] + ([s.id for s in hand_made.slots] if hand_made else [])
+    )
+    assert len(created) == (318 if hand_made else 320)
+    every = {s.id for s in slots}
+    for report in reports:
+        for skipped in report.skipped_slots:
+            assert skipped.reason in (
+                pb.SKIP_REASON_EXISTING_SLOT,
+                pb.SKIP_REASON_OVERLAPS_EXISTING_SLOT,
+            )
+            assert skipped.conflicting_slot_id in every
+        assert len(report.created_slots) + len(report.skipped_slots) == 320
+    ordered = sorted(slots, key=lambda s: s.start_time.ToDatetime())
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        assert a.end_time.ToDatetime() <= b.start_time.ToDatetime()
