@@ -309,15 +309,20 @@ async def materialize(
             ],
         )
         if not preview and request_id is not None:
-            await conn.execute(
+            stored_now = await conn.fetchval(
                 "INSERT INTO schedule_runs (actor_id, request_id, specialist_id, fingerprint,"
-                " report) VALUES ($1, $2, $3, $4, $5::jsonb)",
+                " report) VALUES ($1, $2, $3, $4, $5::jsonb)"
+                " ON CONFLICT (actor_id, request_id) DO NOTHING RETURNING true",
                 actor_id,
                 request_id,
                 specialist_id,
                 fingerprint,
                 _to_json(report),
             )
+            if not stored_now:
+                # Copies of one request lock the same specialist and replay
+                # above; only the same id for another specialist gets here.
+                raise RequestIdReused(request_id=str(request_id), operation=OPERATION)
         return report
 
     try:

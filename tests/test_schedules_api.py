@@ -15,7 +15,7 @@ from booking.v1 import schedule_pb2 as pb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from storage import wallclock
-from tests.support import Api, expect_failure, running_server, ts
+from tests.support import Api, expect_failure, failure, running_server, ts
 
 BERLIN = "Europe/Berlin"
 WEEKDAYS = [
@@ -482,3 +482,28 @@ async def test_concurrent_runs_and_slot_inserts_never_collide(api: Api) -> None:
     ordered = sorted(slots, key=lambda s: s.start_time.ToDatetime())
     for a, b in zip(ordered, ordered[1:], strict=False):
         assert a.end_time.ToDatetime() <= b.start_time.ToDatetime()
+
+
+async def test_one_request_id_for_two_specialists_at_once_runs_once(api: Api) -> None:
+    """Copies of a request serialize on their specialist's lock and replay;
+    the same id sent for two specialists at once cannot, and the one that
+    loses is REQUEST_ID_REUSED with nothing created."""
+    first, second = await _specialist(api), await _specialist(api)
+    for spec in (first, second):
+        await _set(api, spec.id, _nine_to_five())
+    request_id = str(uuid.uuid4())
+
+    async def run(specialist_id: str) -> str:
+        try:
+            await _materialize(
+                api, specialist_id, "2030-03-04", "2030-03-30", request_id=request_id
+            )
+        except grpc.aio.AioRpcError as err:
+            got = failure(err)
+            return f"{got.code.name} {got.reason}"
+        return "OK"
+
+    outcomes = await asyncio.gather(run(first.id), run(second.id))
+    assert sorted(outcomes) == ["INVALID_ARGUMENT REQUEST_ID_REUSED", "OK"]
+    counts = [len(await _all_slots(api, s.id)) for s in (first, second)]
+    assert sorted(counts) == [0, 320]
