@@ -8,13 +8,14 @@ import asyncio
 import uuid
 from datetime import UTC, date, datetime, timedelta
 
+import asyncpg
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from booking.v1 import schedule_pb2 as pb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
-from storage import wallclock
+from storage import schedules, wallclock
 from tests.support import Api, expect_failure, failure, running_server, ts
 
 BERLIN = "Europe/Berlin"
@@ -507,3 +508,33 @@ async def test_one_request_id_for_two_specialists_at_once_runs_once(api: Api) ->
     assert sorted(outcomes) == ["INVALID_ARGUMENT REQUEST_ID_REUSED", "OK"]
     counts = [len(await _all_slots(api, s.id)) for s in (first, second)]
     assert sorted(counts) == [0, 320]
+
+
+async def test_reports_are_forgotten_after_the_request_id_retention(
+    api: Api, database_url: str
+) -> None:
+    spec = await _specialist(api)
+    await _set(api, spec.id, _nine_to_five())
+    old_id, new_id = str(uuid.uuid4()), str(uuid.uuid4())
+    first = await _materialize(api, spec.id, "2030-03-04", "2030-03-05", request_id=old_id)
+    await _materialize(api, spec.id, "2030-03-05", "2030-03-06", request_id=new_id)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE schedule_runs SET created_at = now() - interval '2 days' WHERE request_id = $1",
+            uuid.UUID(old_id),
+        )
+    finally:
+        await conn.close()
+    assert api.server.db is not None
+    assert await schedules.forget_runs(api.server.db, timedelta(hours=24), 100) == 1
+    # Forgotten: the same id now runs as a new request, finding its slots made.
+    again = await _materialize(api, spec.id, "2030-03-04", "2030-03-05", request_id=old_id)
+    assert not again.created_slots
+    assert {s.conflicting_slot_id for s in again.skipped_slots} == {
+        s.id for s in first.created_slots
+    }
+    async with expect_failure(grpc.StatusCode.NOT_FOUND, "SPECIALIST_NOT_FOUND"):
+        await api.schedules.GetSchedule(
+            pb.GetScheduleRequest(specialist_id=str(uuid.uuid4())), metadata=api.md
+        )
