@@ -865,6 +865,22 @@ async def test_permission_is_checked_before_existence(api: Api) -> None:
                 metadata=a.md,
             ),
         ),
+        "CLIENT MaterializeSchedule": (
+            client,
+            lambda a: a.schedules.MaterializeSchedule(
+                sched_pb.MaterializeScheduleRequest(
+                    specialist_id=missing, start_date="2030-01-01", end_date="2030-01-02"
+                ),
+                metadata=a.md,
+            ),
+        ),
+        "CLIENT UpdateSchedule": (
+            client,
+            lambda a: a.schedules.UpdateSchedule(
+                sched_pb.UpdateScheduleRequest(specialist_id=missing, schedule=sched_pb.Schedule()),
+                metadata=a.md,
+            ),
+        ),
         "CLIENT MarkNoShow": (
             client,
             lambda a: a.appointments.MarkNoShow(apb.MarkNoShowRequest(id=missing), metadata=a.md),
