@@ -19,6 +19,7 @@ SOURCE_FILES = (
     "requests.sql",
     "slots.sql",
     "transitions.sql",
+    "waitlist.sql",
     "auth.sql",
     "contract.sql",
     "retention.sql",
