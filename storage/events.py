@@ -31,7 +31,7 @@ EVENT_COLUMNS = (
     "e.id, e.xid::text::bigint AS xid, e.seq, e.appointment_id, e.event_type, e.old_status,"
     " e.new_status, e.time_slot_id, e.previous_slot_id, e.specialist_id, e.user_id,"
     " e.priority, e.start_time, e.end_time, e.expires_at, e.appointment_created_at,"
-    " e.actor_id, e.reason, e.created_at"
+    " e.actor_id, e.reason, e.created_at, e.waitlist_entry_id"
 )
 
 # The stable horizon: every transaction with a smaller xid has finished.
@@ -76,6 +76,7 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
         actor_id=row["actor_id"],
         reason=row["reason"],
         previous_slot_id=row["previous_slot_id"],
+        waitlist_entry_id=row["waitlist_entry_id"],
     )
 
 
