@@ -1,5 +1,9 @@
 -- Back to 0008: no waitlist; a released slot is simply AVAILABLE again.
--- Holds offered to waiters stay as they are (ordinary holds).
+-- Holds offered to waiters stay as they are (ordinary holds). Locks are
+-- taken in the order transactions take them (see 0009.waitlist.sql).
+
+LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE;
+LOCK TABLE appointments IN ACCESS EXCLUSIVE MODE;
 
 CREATE OR REPLACE FUNCTION booking_release_slot(p_slot_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -23,4 +27,3 @@ DROP FUNCTION booking_waitlist_user_eligible(uuid, time_slots);
 DROP FUNCTION booking_may_hold(uuid, time_slots);
 DROP TABLE waitlist_entries;
 DROP TYPE waitlist_entry_status;
-ALTER TABLE appointment_events DROP COLUMN waitlist_entry_id;

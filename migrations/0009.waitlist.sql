@@ -1,11 +1,14 @@
 -- depends: 0008.event-retention
 --
--- The waitlist (storage/sql/waitlist.sql): entries, offers made in the
--- transaction that frees or creates a slot, and the HELD event's entry id.
--- Adding a nullable column without a default rewrites nothing; the previous
--- release names the event columns it reads, so it is unaffected.
+-- The waitlist (storage/sql/waitlist.sql): entries, and offers made in the
+-- transaction that frees or creates a slot. appointment_events is left as
+-- it is: a new column would change the row type the transition functions
+-- return, and a previous release's prepared calls of them would fail
+-- (docs/schema.md).
 
-ALTER TABLE appointment_events ADD COLUMN waitlist_entry_id uuid;
+-- Locks in the order transactions take them (users, then appointments): the
+-- foreign keys and the trigger below need both.
+LOCK TABLE users, appointments IN SHARE ROW EXCLUSIVE MODE;
 
 CREATE TYPE waitlist_entry_status AS ENUM (
     'ACTIVE', 'OFFERED', 'FULFILLED', 'CANCELLED', 'DECLINED', 'LAPSED', 'EXPIRED');
@@ -55,7 +58,8 @@ CREATE INDEX waitlist_entries_service_queue
     INCLUDE (window_start, window_end)
     WHERE status = 'ACTIVE' AND service_type IS NOT NULL;
 -- An appointment is the offer of at most one entry; confirming or
--- cancelling it finds the entry here.
+-- cancelling it finds the entry here, and so does an event reader naming
+-- the entry of an offer's HELD event.
 CREATE UNIQUE INDEX waitlist_entries_offer
     ON waitlist_entries (appointment_id) WHERE appointment_id IS NOT NULL;
 CREATE UNIQUE INDEX waitlist_entries_request
@@ -160,7 +164,6 @@ DECLARE
     v_slot time_slots;
     v_entry waitlist_entries;
     v_appt appointments;
-    v_event appointment_events;
 BEGIN
     SELECT * INTO v_slot FROM time_slots WHERE id = p_slot_id AND status = 'AVAILABLE';
     IF v_slot.id IS NULL THEN
@@ -180,13 +183,9 @@ BEGIN
     SET status = 'OFFERED', appointment_id = v_appt.id, updated_at = now()
     WHERE id = v_entry.id;
 
-    -- The server makes the offer (no actor). booking_emit_event is shared
-    -- by every transition; the entry id is set on its row here instead.
-    v_event := booking_emit_event(v_appt, 'HELD', NULL, NULL, NULL, NULL);
-    UPDATE appointment_events SET waitlist_entry_id = v_entry.id
-    WHERE id = v_event.id
-    RETURNING * INTO v_event;
-    RETURN v_event;
+    -- The server makes the offer (no actor). Readers find the entry of a
+    -- HELD event through waitlist_entries.appointment_id (storage/events.py).
+    RETURN booking_emit_event(v_appt, 'HELD', NULL, NULL, NULL, NULL);
 END
 $$;
 

@@ -31,8 +31,17 @@ EVENT_COLUMNS = (
     "e.id, e.xid::text::bigint AS xid, e.seq, e.appointment_id, e.event_type, e.old_status,"
     " e.new_status, e.time_slot_id, e.previous_slot_id, e.specialist_id, e.user_id,"
     " e.priority, e.start_time, e.end_time, e.expires_at, e.appointment_created_at,"
-    " e.actor_id, e.reason, e.created_at, e.waitlist_entry_id"
+    " e.actor_id, e.reason, e.created_at"
 )
+
+# A HELD event is a waitlist offer when its appointment is an entry's offer
+# (storage/sql/waitlist.sql). Derived on reading, not stored on the event:
+# docs/schema.md says why. Transitions return no offers, so their events
+# are read without it.
+_WAITLIST_JOIN = (
+    " LEFT JOIN waitlist_entries w ON e.event_type = 'HELD' AND w.appointment_id = e.appointment_id"
+)
+_WAITLIST_COLUMN = ", w.id AS waitlist_entry_id"
 
 # The stable horizon: every transaction with a smaller xid has finished.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
@@ -76,7 +85,7 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
         actor_id=row["actor_id"],
         reason=row["reason"],
         previous_slot_id=row["previous_slot_id"],
-        waitlist_entry_id=row["waitlist_entry_id"],
+        waitlist_entry_id=row.get("waitlist_entry_id"),
     )
 
 
@@ -110,7 +119,7 @@ async def read_after(
         f" FROM h LEFT JOIN {_PRUNED} c ON true"
         f" LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true"
         " LEFT JOIN LATERAL ("
-        f"  SELECT {EVENT_COLUMNS} FROM appointment_events e"
+        f"  SELECT {EVENT_COLUMNS}{_WAITLIST_COLUMN} FROM appointment_events e{_WAITLIST_JOIN}"
         "  WHERE e.xid < h.x"
         "   AND (c.pruned_xid IS NULL OR (e.xid, e.seq) > (c.pruned_xid, c.pruned_seq))"
         f"{where.sql()}"

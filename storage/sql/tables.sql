@@ -119,10 +119,6 @@ CREATE TABLE appointment_events (
     actor_id            uuid,
     reason              text,
     created_at          timestamptz NOT NULL DEFAULT now(),
-    -- For a HELD event that is a waitlist offer: the entry it was made to
-    -- (waitlist.sql). No foreign key: events are a log, kept and pruned on
-    -- their own terms.
-    waitlist_entry_id   uuid,
 
     CONSTRAINT appointment_events_type_check CHECK (event_type IN (
         'HELD', 'CONFIRMED', 'CANCELLED', 'HOLD_EXPIRED', 'NO_SHOW', 'RESCHEDULED'))
