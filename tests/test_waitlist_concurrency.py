@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any
 
 import asyncpg
 import grpc
@@ -38,7 +37,7 @@ PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def _race(
-    api: Api, calls: list[Callable[[Any], Awaitable[Any]]], channels: int = 8
+    api: Api, calls: list[Callable[[grpc.aio.Channel], Awaitable[None]]], channels: int = 8
 ) -> list[grpc.StatusCode]:
     """Run the calls at once, spread over `channels` connections; the status
     code of each, in order."""
@@ -64,7 +63,7 @@ async def _race(
         await asyncio.gather(*(ch.close(None) for ch in opened))
 
 
-def _stub(channel: Any) -> appointment_pb2_grpc.AppointmentServiceStub:
+def _stub(channel: grpc.aio.Channel) -> appointment_pb2_grpc.AppointmentServiceAsyncStub:
     return appointment_pb2_grpc.AppointmentServiceStub(channel)
 
 
@@ -97,8 +96,10 @@ async def _wait(
     return reply.waitlist_entry.id
 
 
-def _cancel(appointment_id: str, md: list[tuple[str, str]]) -> Callable[[Any], Awaitable[Any]]:
-    async def call(channel: Any) -> None:
+def _cancel(
+    appointment_id: str, md: list[tuple[str, str]]
+) -> Callable[[grpc.aio.Channel], Awaitable[None]]:
+    async def call(channel: grpc.aio.Channel) -> None:
         await _stub(channel).CancelAppointment(
             apb.CancelAppointmentRequest(id=appointment_id), metadata=md
         )
@@ -106,8 +107,10 @@ def _cancel(appointment_id: str, md: list[tuple[str, str]]) -> Callable[[Any], A
     return call
 
 
-def _hold(slot_id: str, user_id: str, md: list[tuple[str, str]]) -> Callable[[Any], Awaitable[Any]]:
-    async def call(channel: Any) -> None:
+def _hold(
+    slot_id: str, user_id: str, md: list[tuple[str, str]]
+) -> Callable[[grpc.aio.Channel], Awaitable[None]]:
+    async def call(channel: grpc.aio.Channel) -> None:
         await _stub(channel).HoldSlot(
             apb.HoldSlotRequest(slot_id=slot_id, user_id=user_id), metadata=md
         )
