@@ -26,6 +26,10 @@ CREATE TABLE waitlist_entries (
     window_start    timestamptz NOT NULL,
     window_end      timestamptz NOT NULL,
     priority        appointment_priority NOT NULL,
+    -- The queue order of the priority, URGENT first: ascending, so that
+    -- (queue_rank, seq) is one ascending key a scan can resume from.
+    queue_rank      smallint NOT NULL GENERATED ALWAYS AS (
+        CASE priority WHEN 'URGENT' THEN 0 WHEN 'VIP' THEN 1 ELSE 2 END) STORED,
     status          waitlist_entry_status NOT NULL DEFAULT 'ACTIVE',
     -- How long an offer's hold lasts: the server's setting when the entry
     -- was created, so every replica offers it alike.
@@ -46,16 +50,16 @@ CREATE TABLE waitlist_entries (
 );
 
 -- The choice of entry for a slot: ACTIVE entries of the slot's specialist
--- and of its service type, each in offer order, merged (docs/waitlist.md
--- shows the plan). The window is included so the scan can skip entries
--- whose window does not hold the slot without visiting the table.
+-- and of its service type, each in queue order, merged (docs/waitlist.md
+-- shows the plan). The window and id are included so that the scan tests
+-- an entry's window without visiting the table.
 CREATE INDEX waitlist_entries_specialist_queue
-    ON waitlist_entries (specialist_id, priority DESC, seq)
-    INCLUDE (window_start, window_end)
+    ON waitlist_entries (specialist_id, queue_rank, seq)
+    INCLUDE (window_start, window_end, id)
     WHERE status = 'ACTIVE' AND specialist_id IS NOT NULL;
 CREATE INDEX waitlist_entries_service_queue
-    ON waitlist_entries (service_type, priority DESC, seq)
-    INCLUDE (window_start, window_end)
+    ON waitlist_entries (service_type, queue_rank, seq)
+    INCLUDE (window_start, window_end, id)
     WHERE status = 'ACTIVE' AND service_type IS NOT NULL;
 -- An appointment is the offer of at most one entry; confirming or
 -- cancelling it finds the entry here, and so does an event reader naming
@@ -95,8 +99,8 @@ BEGIN
 END
 $$;
 
--- The entry a free slot goes to: the first ACTIVE entry, URGENT before VIP
--- before NORMAL and then first come, whose window holds the slot, that
+-- The entry a free slot goes to: the first ACTIVE entry in queue order
+-- (URGENT before VIP before NORMAL, then first come), whose window holds the slot, that
 -- names the slot's specialist or its service type, and whose user is
 -- eligible. NULL if none, or if the slot is not one waiters are offered
 -- (deleted, already started, or of an inactive specialist).
@@ -111,6 +115,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_service_type text;
     v_candidate record;
+    v_rank smallint := -1;
+    v_seq bigint := 0;
     v_entry waitlist_entries;
 BEGIN
     IF p_slot.deleted_at IS NOT NULL OR p_slot.start_time <= now() THEN
@@ -121,20 +127,31 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    FOR v_candidate IN
-        SELECT q.id FROM (
-            (SELECT w.id, w.priority, w.seq FROM waitlist_entries w
-             WHERE w.status = 'ACTIVE' AND w.specialist_id = p_slot.specialist_id
-               AND w.window_start <= p_slot.start_time AND w.window_end >= p_slot.end_time
-             ORDER BY w.priority DESC, w.seq)
-            UNION ALL
-            (SELECT w.id, w.priority, w.seq FROM waitlist_entries w
-             WHERE w.status = 'ACTIVE' AND w.service_type = v_service_type
-               AND w.window_start <= p_slot.start_time AND w.window_end >= p_slot.end_time
-             ORDER BY w.priority DESC, w.seq)
-        ) q
-        ORDER BY q.priority DESC, q.seq
+    -- One candidate at a time, each scan resuming after the last: with
+    -- LIMIT 1 the plan is always the queue indexes' order, however many
+    -- entries wait. The window test is range containment, so that no index
+    -- on the window can lure the planner away from that order.
     LOOP
+        SELECT q.id, q.queue_rank, q.seq INTO v_candidate FROM (
+            (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
+             WHERE w.status = 'ACTIVE' AND w.specialist_id = p_slot.specialist_id
+               AND (w.queue_rank, w.seq) > (v_rank, v_seq)
+               AND tstzrange(w.window_start, w.window_end)
+                   @> tstzrange(p_slot.start_time, p_slot.end_time)
+             ORDER BY w.queue_rank, w.seq LIMIT 1)
+            UNION ALL
+            (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
+             WHERE w.status = 'ACTIVE' AND w.service_type = v_service_type
+               AND (w.queue_rank, w.seq) > (v_rank, v_seq)
+               AND tstzrange(w.window_start, w.window_end)
+                   @> tstzrange(p_slot.start_time, p_slot.end_time)
+             ORDER BY w.queue_rank, w.seq LIMIT 1)
+        ) q
+        ORDER BY q.queue_rank, q.seq
+        LIMIT 1;
+        EXIT WHEN NOT FOUND;
+        v_rank := v_candidate.queue_rank;
+        v_seq := v_candidate.seq;
         IF p_lock THEN
             SELECT * INTO v_entry FROM waitlist_entries
             WHERE id = v_candidate.id AND status = 'ACTIVE'
