@@ -9,11 +9,14 @@ import statistics
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import waitlist_pb2 as wpb
+from storage import events as event_store
+from storage.models import EventFilter, Position
 from tests.support import Api, hours_from_now
 
 ENTRIES = 10_000
@@ -37,6 +40,43 @@ SELECT q.id, q.queue_rank, q.seq FROM (
 ORDER BY q.queue_rank, q.seq
 LIMIT 1
 """
+
+
+class _Capture:
+    """Stands in for Database: records the statement a read would run."""
+
+    def __init__(self) -> None:
+        self.sql = ""
+        self.args: tuple[Any, ...] = ()
+
+    async def run(self, work: Any, **_: Any) -> Any:
+        capture = self
+
+        class Conn:
+            async def fetch(self, sql: str, *args: Any) -> list[Any]:
+                capture.sql, capture.args = sql, args
+                raise _Captured
+
+        try:
+            await work(Conn())
+        except _Captured:
+            pass
+        raise _Captured
+
+
+class _Captured(Exception):
+    pass
+
+
+async def _event_read_plan(conn: asyncpg.Connection, limit: int) -> str:
+    """The plan of the event stream's read of `limit` events."""
+    capture = _Capture()
+    try:
+        await event_store.read_after(capture, Position.start(), EventFilter(), limit)  # type: ignore[arg-type]
+    except _Captured:
+        pass
+    rows = await conn.fetch("EXPLAIN (COSTS OFF) " + capture.sql, *capture.args)
+    return "\n".join(r[0] for r in rows)
 
 
 async def _releases(api: Api, bookings: list[str]) -> list[float]:
@@ -122,6 +162,7 @@ async def test_a_release_among_10000_active_entries_is_served_by_the_queue_index
                 0,
             )
         )
+        event_plans = [await _event_read_plan(conn, n) for n in (50, 1000)]
     finally:
         await conn.close()
 
@@ -138,6 +179,11 @@ async def test_a_release_among_10000_active_entries_is_served_by_the_queue_index
     assert "Merge Append" in plan
     assert "Index Only Scan" in plan
     assert "Seq Scan" not in plan and "Sort" not in plan.replace("Sort Key", "")
+    # The event stream names an offer's entry with an index probe per event
+    # read, never a scan of the waitlist.
+    for event_plan in event_plans:
+        assert "waitlist_entries_offer" in event_plan, event_plan
+        assert "Seq Scan on waitlist_entries" not in event_plan, event_plan
     # Every release went to a waiter.
     conn = await asyncpg.connect(database_url)
     try:
