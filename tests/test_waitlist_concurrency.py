@@ -23,7 +23,7 @@ import asyncpg
 import grpc
 
 from booking.v1 import appointment_pb2 as apb
-from booking.v1 import appointment_pb2_grpc
+from booking.v1 import appointment_pb2_grpc, waitlist_pb2_grpc
 from booking.v1 import waitlist_pb2 as wpb
 from service.server import BookingServer
 from tests.population import fetch, insert_clients
@@ -326,3 +326,49 @@ async def test_the_waiters_own_hold_racing_the_offer_deadlocks_with_nothing(
             )
             assert [str(r["user_id"]) for r in live] == [waiter]
     assert conflicts["DeadlockDetectedError"] == 0, conflicts
+
+
+async def test_copies_of_one_create_racing_make_one_entry(api: Api, database_url: str) -> None:
+    """Copies of a CreateWaitlistEntry with one request id, held at their
+    insert until all have checked for the key: the losers then conflict on
+    the key, retry and return the winner's entry."""
+    spec = await api.specialist()
+    (user,) = await insert_clients(database_url, 1)
+    start = hours_from_now(30)
+    request = wpb.CreateWaitlistEntryRequest(
+        user_id=user,
+        specialist_id=spec.id,
+        window_start_time=ts(start),
+        window_end_time=ts(start + timedelta(hours=1)),
+        request_id=str(uuid.uuid4()),
+    )
+    gate = await asyncpg.connect(database_url)
+    try:
+        await gate.execute("BEGIN")
+        await gate.execute("LOCK TABLE waitlist_entries IN SHARE MODE")
+        stub = waitlist_pb2_grpc.WaitlistServiceStub(api.channel)
+        copies = [
+            asyncio.ensure_future(stub.CreateWaitlistEntry(request, metadata=api.md))
+            for _ in range(4)
+        ]
+        # Every copy has looked for the key and waits to insert.
+        while True:
+            waiting = await gate.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'waitlist_entries'::regclass"
+                " AND NOT granted"
+            )
+            if waiting == len(copies):
+                break
+            await asyncio.sleep(0.02)
+        await gate.execute("COMMIT")
+        replies = await asyncio.gather(*copies)
+    finally:
+        await gate.close()
+
+    assert len({r.waitlist_entry.id for r in replies}) == 1
+    rows = await fetch(
+        database_url,
+        "SELECT count(*) AS n FROM waitlist_entries WHERE user_id = $1",
+        uuid.UUID(user),
+    )
+    assert rows[0]["n"] == 1
