@@ -5,13 +5,17 @@ specialist ids, paged; free as HoldSlot sees it."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
+import asyncpg
 import grpc
+import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
+from storage import slots as slot_store
 from tests.support import Api, expect_failure, hours_from_now, ts
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -147,3 +151,67 @@ async def test_bad_searches_are_invalid_argument_with_field_violations(api: Api)
         async with expect_failure(INVALID, "INVALID_ARGUMENT") as failed:
             await api.slots.SearchAvailableSlots(request, metadata=api.md)
         assert set(failed[0].violations) == fields, request
+
+
+class _Captured(Exception):
+    """Raised by _Capture once it has the statement a search would run."""
+
+
+class _Capture:
+    """Stands in for Database: records the statement instead of running it."""
+
+    def __init__(self) -> None:
+        self.sql = ""
+        self.args: tuple[Any, ...] = ()
+
+    async def run(self, work: Any, **_: Any) -> Any:
+        capture = self
+
+        class Conn:
+            async def fetch(self, sql: str, *args: Any) -> list[Any]:
+                capture.sql, capture.args = sql, args
+                raise _Captured
+
+        await work(Conn())
+
+
+async def _plan(conn: asyncpg.Connection, **search: Any) -> str:
+    capture = _Capture()
+    with pytest.raises(_Captured):
+        await slot_store.search_available(capture, after=None, limit=50, client_id=None, **search)  # type: ignore[arg-type]
+    rows = await conn.fetch("EXPLAIN (COSTS OFF) " + capture.sql, *capture.args)
+    return "\n".join(r[0] for r in rows)
+
+
+async def test_both_searches_are_served_by_an_index(api: Api, database_url: str) -> None:
+    """On 200 specialists of four types with 100 slots each, neither form of
+    the search reads the table in full (docs/performance.md has the plans at
+    a million slots)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO specialists (id, full_name, service_type)"
+            " SELECT gen_random_uuid(), 'Plan ' || s, 'plan-' || (s % 4)"
+            " FROM generate_series(1, 200) s"
+        )
+        await conn.execute(
+            "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
+            " SELECT gen_random_uuid(), p.id,"
+            "  date_trunc('hour', now()) + g * interval '1 hour',"
+            "  date_trunc('hour', now()) + g * interval '1 hour' + interval '30 minutes'"
+            " FROM specialists p, generate_series(1, 100) g"
+        )
+        await conn.execute("ANALYZE time_slots, specialists")
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM specialists LIMIT 3")]
+        week = {
+            "window_start": hours_from_now(24),
+            "window_end": hours_from_now(24 + 7 * 24),
+        }
+        by_type = await _plan(conn, service_type="plan-1", specialist_ids=None, **week)
+        by_ids = await _plan(conn, service_type=None, specialist_ids=ids, **week)
+    finally:
+        await conn.close()
+    assert "Index Scan using time_slots_start on time_slots" in by_type, by_type
+    assert "idx_time_slots_specialist_time" in by_ids, by_ids
+    for plan in (by_type, by_ids):
+        assert "Seq Scan on time_slots" not in plan, plan
