@@ -1,4 +1,4 @@
--- depends: 0008.event-retention
+-- depends: 0009.waitlist
 --
 -- Specialists' time zones and working hours (storage/sql/schedules.sql), and
 -- booking policies (storage/sql/policies.sql). Every new column is NULL or
@@ -410,3 +410,14 @@ LANGUAGE sql AS $$
     )
     SELECT count(*)::integer FROM gone
 $$;
+
+-- Waitlist offers and availability search now respect the booking window.
+-- Whether this user may hold this slot now, beyond the slot being free and
+-- the user being active: the one place booking policies (notice, advance
+-- limits) are checked for waitlist offers and for SearchAvailableSlots. A
+-- CLIENT is bound by the booking window (policies.sql); staff are exempt,
+-- as they are from HoldSlot's check.
+CREATE OR REPLACE FUNCTION booking_may_hold(p_user_id uuid, p_slot time_slots) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN coalesce((SELECT u.role <> 'CLIENT' FROM users u WHERE u.id = p_user_id), false)
+    OR booking_client_may_hold(p_slot);

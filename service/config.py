@@ -28,6 +28,15 @@ class Config:
     pool_min_size: int = 2
     pool_max_size: int = 10
     hold_ttl_seconds: float = 300.0
+    # How long a waiter has to confirm a slot the waitlist offers (docs/waitlist.md):
+    # longer than a hold, since the user must first hear of it.
+    waitlist_offer_ttl_seconds: float = field(
+        default=900.0,
+        metadata={
+            "help": "how long a slot offered to a waitlist entry stays held for its user;"
+            " an entry keeps the value in force when it was created"
+        },
+    )
     sweep_interval_seconds: float = 5.0
     sweep_batch_size: int = 500
     check_user_overlap: bool = True
@@ -111,6 +120,10 @@ class Config:
         return timedelta(seconds=self.hold_ttl_seconds)
 
     @cached_property
+    def waitlist_offer_ttl(self) -> timedelta:
+        return timedelta(seconds=self.waitlist_offer_ttl_seconds)
+
+    @cached_property
     def request_id_retention(self) -> timedelta:
         return timedelta(hours=self.request_id_retention_hours)
 
@@ -133,6 +146,7 @@ class Config:
             problems.append("pool sizes need 1 <= pool_min_size <= pool_max_size")
         for name in (
             "hold_ttl_seconds",
+            "waitlist_offer_ttl_seconds",
             "sweep_interval_seconds",
             "heartbeat_seconds",
             "event_poll_seconds",
@@ -142,6 +156,8 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.waitlist_offer_ttl_seconds > 7 * 86400:
+            problems.append("waitlist_offer_ttl_seconds must be at most a week (604800)")
         if self.event_retention_hours < 0:
             problems.append("event_retention_hours must not be negative")
         for name in (

@@ -10,6 +10,7 @@ from booking.v1 import appointment_pb2 as apb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking.v1 import user_pb2 as upb
+from booking.v1 import waitlist_pb2 as wpb
 from storage import models as m
 
 ROLES: dict[int, m.Role] = {
@@ -42,6 +43,16 @@ EVENT_TYPES: dict[int, m.EventType] = {
     apb.APPOINTMENT_EVENT_TYPE_RESCHEDULED: m.EventType.RESCHEDULED,
 }
 
+WAITLIST_STATUSES: dict[int, m.WaitlistStatus] = {
+    wpb.WAITLIST_ENTRY_STATUS_ACTIVE: m.WaitlistStatus.ACTIVE,
+    wpb.WAITLIST_ENTRY_STATUS_OFFERED: m.WaitlistStatus.OFFERED,
+    wpb.WAITLIST_ENTRY_STATUS_FULFILLED: m.WaitlistStatus.FULFILLED,
+    wpb.WAITLIST_ENTRY_STATUS_CANCELLED: m.WaitlistStatus.CANCELLED,
+    wpb.WAITLIST_ENTRY_STATUS_DECLINED: m.WaitlistStatus.DECLINED,
+    wpb.WAITLIST_ENTRY_STATUS_LAPSED: m.WaitlistStatus.LAPSED,
+    wpb.WAITLIST_ENTRY_STATUS_EXPIRED: m.WaitlistStatus.EXPIRED,
+}
+
 
 def _inverse(mapping: dict[int, object]) -> dict[object, int]:
     return {v: k for k, v in mapping.items()}
@@ -52,6 +63,7 @@ _SLOT_STATUS_WIRE = _inverse(SLOT_STATUSES)  # type: ignore[arg-type]
 _APPT_STATUS_WIRE = _inverse(APPOINTMENT_STATUSES)  # type: ignore[arg-type]
 _PRIORITY_WIRE = _inverse(PRIORITIES)  # type: ignore[arg-type]
 _EVENT_TYPE_WIRE = _inverse(EVENT_TYPES)  # type: ignore[arg-type]
+_WAITLIST_STATUS_WIRE = _inverse(WAITLIST_STATUSES)  # type: ignore[arg-type]
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -159,4 +171,30 @@ def event(e: m.AppointmentEvent) -> apb.AppointmentEvent:
         actor_id=str(e.actor_id) if e.actor_id else "",
         reason=e.reason or "",
         previous_slot_id=str(e.previous_slot_id) if e.previous_slot_id else "",
+        waitlist_entry_id=str(e.waitlist_entry_id) if e.waitlist_entry_id else "",
     )
+
+
+def available_slot(a: m.AvailableSlot) -> spb.AvailableSlot:
+    return spb.AvailableSlot(
+        slot=slot(a.slot), specialist_full_name=a.specialist_name, service_type=a.service_type
+    )
+
+
+def waitlist_entry(w: m.WaitlistEntry) -> wpb.WaitlistEntry:
+    out = wpb.WaitlistEntry(
+        id=str(w.id),
+        user_id=str(w.user_id),
+        window_start_time=timestamp(w.window_start),
+        window_end_time=timestamp(w.window_end),
+        priority=_PRIORITY_WIRE[w.priority],  # type: ignore[arg-type]
+        status=_WAITLIST_STATUS_WIRE[w.status],  # type: ignore[arg-type]
+        appointment_id=str(w.appointment_id) if w.appointment_id else "",
+        create_time=timestamp(w.created_at),
+        update_time=timestamp(w.updated_at),
+    )
+    if w.specialist_id is not None:
+        out.specialist_id = str(w.specialist_id)
+    else:
+        out.service_type = w.service_type or ""
+    return out

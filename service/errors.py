@@ -98,6 +98,7 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.SlotUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     e.SlotInUse: grpc.StatusCode.FAILED_PRECONDITION,
     e.WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+    e.WaitlistEntryWrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.HoldExpired: grpc.StatusCode.FAILED_PRECONDITION,
     e.UserOverlap: grpc.StatusCode.FAILED_PRECONDITION,
     e.UserInactive: grpc.StatusCode.FAILED_PRECONDITION,

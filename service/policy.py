@@ -66,6 +66,7 @@ POLICIES: dict[str, Policy] = {
     P + "SlotService/GetSlot": Policy(EVERYONE),
     P + "SlotService/ListSlots": Policy(EVERYONE),
     P + "SlotService/DeleteSlot": Policy(STAFF),
+    P + "SlotService/SearchAvailableSlots": Policy(EVERYONE),
     P + "AppointmentService/HoldSlot": Policy(
         EVERYONE,
         note="CLIENT: for itself, NORMAL priority only, inside the booking window;"
@@ -87,6 +88,12 @@ POLICIES: dict[str, Policy] = {
     P + "AppointmentService/ListAppointments": Policy(EVERYONE, note="CLIENT: own only"),
     P + "AppointmentService/ListAppointmentEvents": Policy(EVERYONE, note="CLIENT: own only"),
     P + "AppointmentService/WatchAppointmentEvents": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "WaitlistService/CreateWaitlistEntry": Policy(
+        EVERYONE, note="CLIENT: for itself, NORMAL priority only"
+    ),
+    P + "WaitlistService/GetWaitlistEntry": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "WaitlistService/ListWaitlistEntries": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "WaitlistService/CancelWaitlistEntry": Policy(EVERYONE, note="CLIENT: own only"),
 }
 
 # Infrastructure anyone may call: health checks and reflection.

@@ -37,6 +37,8 @@ from booking.v1 import (
     specialist_pb2_grpc,
     user_pb2,
     user_pb2_grpc,
+    waitlist_pb2,
+    waitlist_pb2_grpc,
 )
 from service import connections, reflection, telemetry
 from service.auth import Authenticator
@@ -49,6 +51,7 @@ from service.servicers.schedules import ScheduleService
 from service.servicers.slots import SlotService
 from service.servicers.specialists import SpecialistService
 from service.servicers.users import AuthService, UserService
+from service.servicers.waitlist import WaitlistService
 from service.sweeper import sweep_forever
 from storage import embedded, migrate
 from storage.database import Database
@@ -62,6 +65,7 @@ SERVICE_NAMES = [
     schedule_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
     appointment_pb2.DESCRIPTOR.services_by_name["AppointmentService"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+    waitlist_pb2.DESCRIPTOR.services_by_name["WaitlistService"].full_name,
 ]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -244,9 +248,15 @@ class BookingServer:
         )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(authenticator), server)
         specialist_pb2_grpc.add_SpecialistServiceServicer_to_server(SpecialistService(db), server)
-        slot_pb2_grpc.add_SlotServiceServicer_to_server(SlotService(db), server)
+        # Creating slots may make waitlist offers: HELD events to announce.
+        slot_pb2_grpc.add_SlotServiceServicer_to_server(
+            SlotService(db, on_commit=hub.committed), server
+        )
         schedule_pb2_grpc.add_ScheduleServiceServicer_to_server(
-            ScheduleService(db, self.config), server
+            ScheduleService(db, self.config, on_commit=hub.committed), server
+        )
+        waitlist_pb2_grpc.add_WaitlistServiceServicer_to_server(
+            WaitlistService(db, self.config), server
         )
         appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(
             AppointmentService(db, self.config, hub, authenticator), server

@@ -1,5 +1,6 @@
-"""Releases lapsed holds, forgets expired request ids and prunes old events
-in the background.
+"""Releases lapsed holds (offering their slots to the waitlist), expires
+waitlist entries whose window ended, forgets expired request ids and prunes
+old events in the background.
 Safe to run in every replica: the SQL skips rows another replica has
 locked."""
 
@@ -12,7 +13,7 @@ from datetime import timedelta
 
 from service import telemetry
 from storage import appointments as store
-from storage import schedules
+from storage import schedules, waitlist
 from storage.database import Database
 from storage.errors import DatabaseTimeout, DatabaseUnavailable
 
@@ -48,6 +49,7 @@ async def sweep_forever(
             log.info("released %d expired holds", released)
             telemetry.metrics().sweeper_released.add(released)
             on_release()
+        expired = await _count("expiring waitlist entries", waitlist.expire(db, batch_size))
         forgotten = await _count(
             "forgetting expired request ids",
             store.forget_request_ids(db, request_id_retention, batch_size),
@@ -65,5 +67,5 @@ async def sweep_forever(
             if pruned:
                 log.info("pruned %d events", pruned)
         # A full batch means more may be waiting: go again at once.
-        if released < batch_size and forgotten < batch_size and pruned < batch_size:
+        if max(released, expired, forgotten, pruned) < batch_size:
             await asyncio.sleep(interval)

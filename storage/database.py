@@ -62,8 +62,8 @@ _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 # Two copies of one request racing can collide on their key itself: the
 # retry then replays whatever the other copy stored (its success, or its
 # remembered failure), or reports REQUEST_ID_REUSED when the parameters
-# differ.
-_RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey"})
+# differ. A waitlist entry keeps its own request id (waitlist.sql).
+_RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "waitlist_entries_request"})
 
 # Class 08 (connection), 53300 (too many connections) and 57P0x (shutdown):
 # the database, not the request, is the problem.

@@ -66,6 +66,11 @@ class AppointmentNotFound(NotFound):
     resource = "appointment"
 
 
+class WaitlistEntryNotFound(NotFound):
+    reason = "WAITLIST_ENTRY_NOT_FOUND"
+    resource = "waitlist entry"
+
+
 @dataclass(eq=False)
 class EmailTaken(BookingError):
     reason = "EMAIL_TAKEN"
@@ -103,6 +108,19 @@ class WrongState(BookingError):
 
     def __str__(self) -> str:
         return f"cannot {self.transition} appointment {self.appointment_id}: it is {self.status}"
+
+
+@dataclass(eq=False)
+class WaitlistEntryWrongState(BookingError):
+    """A waitlist entry transition its state does not allow (docs/waitlist.md)."""
+
+    reason = "WAITLIST_ENTRY_WRONG_STATE"
+    entry_id: str
+    status: str
+    transition: str
+
+    def __str__(self) -> str:
+        return f"cannot {self.transition} waitlist entry {self.entry_id}: it is {self.status}"
 
 
 @dataclass(eq=False)
@@ -371,8 +389,11 @@ SQL_REASONS: dict[str, type[BookingError]] = {
     cls.reason: cls
     for cls in (
         UserNotFound,
+        SpecialistNotFound,
         SlotNotFound,
         AppointmentNotFound,
+        WaitlistEntryNotFound,
+        WaitlistEntryWrongState,
         SlotUnavailable,
         WrongState,
         HoldExpired,

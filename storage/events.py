@@ -34,6 +34,16 @@ EVENT_COLUMNS = (
     " e.actor_id, e.reason, e.created_at"
 )
 
+# A HELD event is a waitlist offer when its appointment is an entry's offer
+# (storage/sql/waitlist.sql). Derived on reading, not stored on the event:
+# docs/schema.md says why. Joined to the page of events already chosen, so
+# it costs one index probe per event returned. Transitions return no
+# offers, so their events are read without it.
+_WAITLIST_JOIN = (
+    " LEFT JOIN waitlist_entries w"
+    " ON ev.event_type = 'HELD' AND w.appointment_id = ev.appointment_id"
+)
+
 # The stable horizon: every transaction with a smaller xid has finished.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
 
@@ -76,6 +86,7 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
         actor_id=row["actor_id"],
         reason=row["reason"],
         previous_slot_id=row["previous_slot_id"],
+        waitlist_entry_id=row.get("waitlist_entry_id"),
     )
 
 
@@ -105,7 +116,8 @@ async def read_after(
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
         f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
         " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq,"
-        " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*"
+        " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
+        " w.id AS waitlist_entry_id"
         f" FROM h LEFT JOIN {_PRUNED} c ON true"
         f" LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true"
         " LEFT JOIN LATERAL ("
@@ -114,7 +126,7 @@ async def read_after(
         "   AND (c.pruned_xid IS NULL OR (e.xid, e.seq) > (c.pruned_xid, c.pruned_seq))"
         f"{where.sql()}"
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
-        " ) ev ON true ORDER BY ev.xid, ev.seq"
+        f" ) ev ON true{_WAITLIST_JOIN} ORDER BY ev.xid, ev.seq"
     )
 
     async def work(conn: Connection) -> list[asyncpg.Record]:

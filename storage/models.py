@@ -128,6 +128,43 @@ class AppointmentEvent:
     actor_id: UUID | None
     reason: str | None
     previous_slot_id: UUID | None
+    # A HELD event that is a waitlist offer names the entry.
+    waitlist_entry_id: UUID | None = None
+
+
+class WaitlistStatus(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    OFFERED = "OFFERED"
+    FULFILLED = "FULFILLED"
+    CANCELLED = "CANCELLED"
+    DECLINED = "DECLINED"
+    LAPSED = "LAPSED"
+    EXPIRED = "EXPIRED"
+
+
+@dataclass(frozen=True)
+class WaitlistEntry:
+    id: UUID
+    user_id: UUID
+    # Exactly one of the two is set.
+    specialist_id: UUID | None
+    service_type: str | None
+    window_start: datetime
+    window_end: datetime
+    priority: Priority
+    status: WaitlistStatus
+    appointment_id: UUID | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class AvailableSlot:
+    """A slot free to hold, with what a caller needs to choose among them."""
+
+    slot: Slot
+    specialist_name: str
+    service_type: str
 
 
 @dataclass(frozen=True)

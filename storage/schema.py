@@ -20,6 +20,7 @@ SOURCE_FILES = (
     "slots.sql",
     "policies.sql",
     "transitions.sql",
+    "waitlist.sql",
     "auth.sql",
     "contract.sql",
     "retention.sql",

@@ -5,17 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 
 from storage import transitions as fn
 from storage.database import Connection, Database
 from storage.errors import SlotNotFound, SpecialistInactive, SpecialistNotFound
-from storage.models import Page, Slot, SlotStatus
+from storage.models import AvailableSlot, Page, Slot, SlotStatus
 from storage.sql import Conditions
 
 _COLUMNS = "id, specialist_id, start_time, end_time, status, created_at"
+_INSERT_SLOTS = fn.INSERT_SLOTS.statement(
+    {
+        "p_specialist_ids": "$1::uuid[]",
+        "p_start_times": "$2::timestamptz[]",
+        "p_end_times": "$3::timestamptz[]",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -61,20 +68,20 @@ async def lock_specialists(
 
 
 async def insert_slots(conn: Connection, new: Sequence[NewSlot]) -> list[Slot]:
-    """Insert new slots inside the caller's transaction, after
-    lock_specialists. The one place slots come into being: CreateSlot,
-    BatchCreateSlots and schedule materialisation (storage/schedules.py)
-    all insert here, so whatever must happen when a slot appears is written
-    once, here. Overlaps (with each other or with existing slots) are
-    refused by the exclusion constraint."""
-    rows: list[asyncpg.Record] = await conn.fetch(
-        "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
-        " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[])"
-        f" RETURNING {_COLUMNS}",
-        [uuid4() for _ in new],
-        [s.specialist_id for s in new],
-        [s.start_time for s in new],
-        [s.end_time for s in new],
+    """Insert slots inside the caller's transaction, after lock_specialists:
+    the one way to create slots (CreateSlot, BatchCreateSlots and schedule
+    materialisation, storage/schedules.py, all come here). Each new slot is
+    offered to the waitlist in the same transaction (booking_slot_created,
+    storage/sql/waitlist.sql), so it comes back HOLD when a waiter got it.
+    In the order given; an overlap raises the exclusion violation
+    (SlotOverlap once Database.run translates it)."""
+    rows = await conn.fetch(
+        _INSERT_SLOTS,
+        *fn.INSERT_SLOTS.values(
+            specialist_ids=[s.specialist_id for s in new],
+            start_times=[s.start_time for s in new],
+            end_times=[s.end_time for s in new],
+        ),
     )
     return [_slot(r) for r in rows]
 
@@ -144,3 +151,85 @@ async def delete(db: Database, slot_id: UUID) -> None:
         await conn.execute(sql, *fn.DELETE_SLOT.values(slot_id=slot_id))
 
     await db.run(work, single_statement=True)
+
+
+# Free as HoldSlot sees it (storage/sql/waitlist.sql, booking_slot_is_free):
+# AVAILABLE, or held by a lapsed hold no waiter would be offered. The status
+# test first, so the function runs only for the rare held-or-lapsed slot.
+_FREE = "s.status <> 'BOOKED' AND (s.status = 'AVAILABLE' OR booking_slot_is_free(s))"
+_SEARCH_COLUMNS = (
+    "s.id, s.specialist_id, s.start_time, s.end_time, s.created_at, p.full_name, p.service_type"
+)
+
+
+async def search_available(
+    db: Database,
+    *,
+    service_type: str | None,
+    specialist_ids: list[UUID] | None,
+    window_start: datetime,
+    window_end: datetime,
+    client_id: UUID | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> Page[AvailableSlot]:
+    """Free slots of active specialists (of `service_type`, or among
+    `specialist_ids`) that start in [window_start, window_end), earliest
+    first across all of them. `client_id` is the CLIENT asking, if one is:
+    only slots it may hold are shown (booking_may_hold, the policies'
+    place). docs/api.md shows the plans."""
+    where = Conditions()
+    where.add("s.start_time >= {}", window_start)
+    where.add("s.start_time < {}", window_end)
+    if after is not None:
+        where.add("(s.start_time, s.id) > ({}, {})", after[0], after[1])
+    if client_id is not None:
+        where.add("booking_may_hold({}, s)", client_id)
+    if specialist_ids is not None:
+        # Each specialist's own index range, merged: a few specialists'
+        # week never reads anyone else's slots.
+        ids = where.arg(specialist_ids)
+        sql = (
+            f"SELECT {_SEARCH_COLUMNS} FROM specialists p"
+            " CROSS JOIN LATERAL ("
+            "  SELECT s.* FROM time_slots s"
+            f"  WHERE s.specialist_id = p.id AND s.deleted_at IS NULL AND {_FREE}{where.sql()}"
+            f"  ORDER BY s.start_time, s.id LIMIT {where.arg(limit + 1)}"
+            " ) s"
+            f" WHERE p.id = ANY({ids}::uuid[]) AND p.is_active"
+            f" ORDER BY s.start_time, s.id LIMIT {where.arg(limit + 1)}"
+        )
+    else:
+        # The start-time index in order, keeping the slots of the type's
+        # active specialists: a page reads about page / (the type's share of
+        # the window's slots) index entries.
+        sql = (
+            f"SELECT {_SEARCH_COLUMNS} FROM time_slots s"
+            " JOIN specialists p ON p.id = s.specialist_id"
+            f" WHERE p.service_type = {where.arg(service_type)} AND p.is_active"
+            f" AND s.deleted_at IS NULL AND {_FREE}{where.sql()}"
+            f" ORDER BY s.start_time, s.id LIMIT {where.arg(limit + 1)}"
+        )
+
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
+        return rows
+
+    rows = await db.run(work, single_statement=True, read_only=True)
+    items = [
+        AvailableSlot(
+            slot=Slot(
+                id=r["id"],
+                specialist_id=r["specialist_id"],
+                start_time=r["start_time"],
+                end_time=r["end_time"],
+                # A lapsed hold is free: reported as it will be once reclaimed.
+                status=SlotStatus.AVAILABLE,
+                created_at=r["created_at"],
+            ),
+            specialist_name=r["full_name"],
+            service_type=r["service_type"],
+        )
+        for r in rows[:limit]
+    ]
+    return Page(items, has_more=len(rows) > limit)

@@ -20,8 +20,10 @@ from storage.events import EVENT_COLUMNS
 class Function:
     name: str
     params: tuple[str, ...]
-    # A transition returns an appointment_events row; the others one value.
+    # A transition returns an appointment_events row; the others one value,
+    # or a row of their own (returns_row: all its columns).
     returns_event: bool = False
+    returns_row: bool = False
 
     def call(self, args: Mapping[str, str]) -> str:
         """The call expression with each parameter bound to an SQL expression."""
@@ -36,6 +38,8 @@ class Function:
             args = {p: f"${i}" for i, p in enumerate(self.params, start=1)}
         if self.returns_event:
             return f"SELECT {EVENT_COLUMNS} FROM {self.call(args)} e"
+        if self.returns_row:
+            return f"SELECT * FROM {self.call(args)}"
         return f"SELECT {self.call(args)}"
 
     def values(self, **kwargs: Any) -> list[Any]:
@@ -92,3 +96,29 @@ REMEMBER_FAILURE = Function("booking_remember_failure", ("p_key", "p_reason", "p
 FORGET_REQUEST_IDS = Function("booking_forget_request_ids", ("p_retention", "p_limit"))
 PRUNE_EVENTS = Function("booking_prune_events", ("p_retention", "p_limit"))
 FORGET_SCHEDULE_RUNS = Function("booking_forget_schedule_runs", ("p_retention", "p_limit"))
+
+# Slots and the waitlist (storage/sql/slots.sql, waitlist.sql).
+INSERT_SLOTS = Function(
+    "booking_insert_slots",
+    ("p_specialist_ids", "p_start_times", "p_end_times"),
+    returns_row=True,
+)
+CREATE_WAITLIST_ENTRY = Function(
+    "booking_create_waitlist_entry",
+    (
+        "p_user_id",
+        "p_specialist_id",
+        "p_service_type",
+        "p_window_start",
+        "p_window_end",
+        "p_priority",
+        "p_offer_ttl",
+        "p_actor_id",
+        "p_request_id",
+    ),
+    returns_row=True,
+)
+CANCEL_WAITLIST_ENTRY = Function(
+    "booking_cancel_waitlist_entry", ("p_id", "p_owner_id"), returns_row=True
+)
+EXPIRE_WAITLIST_ENTRIES = Function("booking_expire_waitlist_entries", ("p_limit",))

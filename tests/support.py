@@ -24,6 +24,7 @@ from booking.v1 import (
     slot_pb2_grpc,
     specialist_pb2_grpc,
     user_pb2_grpc,
+    waitlist_pb2_grpc,
 )
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
@@ -140,6 +141,7 @@ class Api:
         self.slots = slot_pb2_grpc.SlotServiceStub(channel)
         self.schedules = schedule_pb2_grpc.ScheduleServiceStub(channel)
         self.appointments = appointment_pb2_grpc.AppointmentServiceStub(channel)
+        self.waitlist = waitlist_pb2_grpc.WaitlistServiceStub(channel)
 
     @classmethod
     @asynccontextmanager

@@ -38,6 +38,7 @@ from booking.v1 import schedule_pb2 as sched_pb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking.v1 import user_pb2 as upb
+from booking.v1 import waitlist_pb2 as wpb
 from service import auth
 from service.config import Config
 from service.errors import PermissionDenied
@@ -128,6 +129,7 @@ EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
     P + "SlotService/GetSlot":                     (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/ListSlots":                   (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/DeleteSlot":                  (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "SlotService/SearchAvailableSlots":        (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/HoldSlot":             (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ConfirmAppointment":   (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/CancelAppointment":    (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
@@ -137,6 +139,10 @@ EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
     P + "AppointmentService/ListAppointments":     (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ListAppointmentEvents": (UNAUTH, OK,    DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/WatchAppointmentEvents": (UNAUTH, OK,   DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WaitlistService/CreateWaitlistEntry":     (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WaitlistService/GetWaitlistEntry":        (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WaitlistService/ListWaitlistEntries":     (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WaitlistService/CancelWaitlistEntry":     (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
 }
 # fmt: on
 
@@ -364,6 +370,47 @@ async def _watch_events(w: World) -> Message:
     )
 
 
+async def _search_slots(w: World) -> Message:
+    start = hours_from_now(24)
+    return spb.SearchAvailableSlotsRequest(
+        service_type="dentist",
+        window_start_time=ts(start),
+        window_end_time=ts(start + timedelta(days=7)),
+    )
+
+
+def _waitlist_request(w: World) -> wpb.CreateWaitlistEntryRequest:
+    start = w.start()
+    return wpb.CreateWaitlistEntryRequest(
+        user_id=w.owner_id,
+        specialist_id=w.specialist_id,
+        window_start_time=ts(start),
+        window_end_time=ts(start + timedelta(minutes=30)),
+    )
+
+
+async def _owner_waitlist_entry(w: World) -> str:
+    """A fresh ACTIVE waitlist entry of the owning CLIENT; returns its id."""
+    reply = await w.api.waitlist.CreateWaitlistEntry(_waitlist_request(w), metadata=w.api.md)
+    return reply.waitlist_entry.id
+
+
+async def _create_waitlist_entry(w: World) -> Message:
+    return _waitlist_request(w)
+
+
+async def _get_waitlist_entry(w: World) -> Message:
+    return wpb.GetWaitlistEntryRequest(id=await _owner_waitlist_entry(w))
+
+
+async def _list_waitlist_entries(w: World) -> Message:
+    return wpb.ListWaitlistEntriesRequest(user_id=w.owner_id)
+
+
+async def _cancel_waitlist_entry(w: World) -> Message:
+    return wpb.CancelWaitlistEntryRequest(id=await _owner_waitlist_entry(w))
+
+
 BUILDERS: dict[str, Builder] = {
     P + "AuthService/Login": _login,
     P + "AuthService/WhoAmI": _who_am_i,
@@ -384,6 +431,7 @@ BUILDERS: dict[str, Builder] = {
     P + "SlotService/GetSlot": _get_slot,
     P + "SlotService/ListSlots": _list_slots,
     P + "SlotService/DeleteSlot": _delete_slot,
+    P + "SlotService/SearchAvailableSlots": _search_slots,
     P + "AppointmentService/HoldSlot": _hold_slot,
     P + "AppointmentService/ConfirmAppointment": _confirm,
     P + "AppointmentService/CancelAppointment": _cancel,
@@ -393,6 +441,10 @@ BUILDERS: dict[str, Builder] = {
     P + "AppointmentService/ListAppointments": _list_appointments,
     P + "AppointmentService/ListAppointmentEvents": _list_events,
     P + "AppointmentService/WatchAppointmentEvents": _watch_events,
+    P + "WaitlistService/CreateWaitlistEntry": _create_waitlist_entry,
+    P + "WaitlistService/GetWaitlistEntry": _get_waitlist_entry,
+    P + "WaitlistService/ListWaitlistEntries": _list_waitlist_entries,
+    P + "WaitlistService/CancelWaitlistEntry": _cancel_waitlist_entry,
 }
 
 STREAM_FIRST_MESSAGE_TIMEOUT = 5.0

@@ -56,6 +56,7 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         "events.streams4",
         "events.idle20",
         "reads.list_slots.c2",
+        "search.service_type_week.c1",
         "replicas.1",
         "replicas.2",
     ):
@@ -82,6 +83,10 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
     assert contention["db_one_live_appointment"] == contention["expected_rounds"]
     sample = figures["contention.c4"]["samples"][0]
     assert sample["codes"] == {"OK": 5, "FAILED_PRECONDITION": 15}
+
+    # Every search found free slots.
+    codes = figures["search.service_type_week.c1"]["codes"]
+    assert codes.get("OK", 0) > 0 and set(codes) == {"OK"}, codes
 
     # No ABORTED, INTERNAL or UNKNOWN answer anywhere.
     assert doc["checks"]["bad_answers"] == {}

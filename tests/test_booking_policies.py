@@ -19,7 +19,7 @@ from service import cli
 from storage import policies
 from storage.database import Database
 from storage.models import BookingPolicy, Role
-from tests.support import Api, expect_failure
+from tests.support import Api, expect_failure, ts
 
 
 def _in(**delta: float) -> datetime:
@@ -359,3 +359,54 @@ def test_the_policy_defaults_command_shows_and_sets_them(
     assert "cancellation-cutoff-hours: 12" in capsys.readouterr().out
     bad = ["policy-defaults", "--database-url", database_url, "--max-advance-days", "-1"]
     assert cli.main(bad) == 2
+
+
+async def test_the_waitlist_and_search_respect_a_clients_booking_window(api: Api) -> None:
+    from booking.v1 import waitlist_pb2 as wpb
+
+    spec = await api.specialist("Dr. Notice", "policy-search")
+    await _policy(api, spec.id, min_notice_minutes=120)
+    waiter, waiter_id = await api.client()
+    start, end = _in(minutes=1), _in(hours=10)
+    joined = await waiter.waitlist.CreateWaitlistEntry(
+        wpb.CreateWaitlistEntryRequest(
+            specialist_id=spec.id,
+            window_start_time=ts(start),
+            window_end_time=ts(end),
+        ),
+        metadata=waiter.md,
+    )
+    entry_id = joined.waitlist_entry.id
+
+    # Created slots are offered as they appear: the one inside the notice
+    # is one the waiter could not hold, so it stays free for anyone else.
+    soon = await api.slot(spec.id, _in(minutes=60))
+    assert soon.status == spb.SLOT_STATUS_AVAILABLE
+    got = await waiter.waitlist.GetWaitlistEntry(
+        wpb.GetWaitlistEntryRequest(id=entry_id), metadata=waiter.md
+    )
+    assert got.waitlist_entry.status == wpb.WAITLIST_ENTRY_STATUS_ACTIVE
+    later = await api.slot(spec.id, _in(hours=5))
+    assert later.status == spb.SLOT_STATUS_HOLD
+    got = await waiter.waitlist.GetWaitlistEntry(
+        wpb.GetWaitlistEntryRequest(id=entry_id), metadata=waiter.md
+    )
+    assert got.waitlist_entry.status == wpb.WAITLIST_ENTRY_STATUS_OFFERED
+    offered = await api.appointments.GetAppointment(
+        apb.GetAppointmentRequest(id=got.waitlist_entry.appointment_id), metadata=api.md
+    )
+    assert (offered.appointment.user_id, offered.appointment.slot_id) == (
+        waiter_id,
+        later.id,
+    )
+
+    # Search shows a CLIENT only what it could hold; staff see every free slot.
+    third = await api.slot(spec.id, _in(hours=7))
+    search = spb.SearchAvailableSlotsRequest(
+        specialist_ids=[spec.id], window_start_time=ts(start), window_end_time=ts(end)
+    )
+    client, _ = await api.client()
+    for_client = await client.slots.SearchAvailableSlots(search, metadata=client.md)
+    for_staff = await api.slots.SearchAvailableSlots(search, metadata=api.md)
+    assert [a.slot.id for a in for_client.available_slots] == [third.id]
+    assert [a.slot.id for a in for_staff.available_slots] == [soon.id, third.id]

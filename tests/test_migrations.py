@@ -42,10 +42,11 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0006.email-key",
         "0007.sql-source-tree",
         "0008.event-retention",
+        "0009.waitlist",
         "0010.schedules-policies",
     ]
     before = await _counts(database_url)
-    assert before[0] == 13 and before[1] == 4 and before[2] > 10
+    assert before[0] == 14 and before[1] == 5 and before[2] > 10
 
     rolled = migrate.rollback(database_url, count=len(applied))
 

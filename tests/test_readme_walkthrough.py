@@ -81,6 +81,10 @@ def test_readme_walkthrough_books_an_appointment_with_grpcurl(database_url: str)
         assert '"status": "APPOINTMENT_STATUS_CONFIRMED"' in out
         assert "APPOINTMENT_EVENT_TYPE_HELD" in out
         assert "APPOINTMENT_EVENT_TYPE_CONFIRMED" in out
+        # The waitlist: a search, an offer on the stream, the entry fulfilled.
+        assert '"specialist_full_name": "Dr. Ada Lovelace"' in out
+        assert '"waitlist_entry_id"' in out
+        assert '"status": "WAITLIST_ENTRY_STATUS_FULFILLED"' in out
         # Working hours: a month in one call, 09:00 Berlin on both sides of
         # the clock change, a second run creating nothing, a client refused.
         assert "308 slots in Europe/Berlin" in out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from booking.v1 import schedule_pb2 as pb
 from booking.v1 import schedule_pb2_grpc
 from service import auth, convert
@@ -10,6 +12,7 @@ from service.grpc_types import Context
 from service.validation import Validator
 from storage import schedules as store
 from storage.database import Database
+from storage.models import SlotStatus
 from storage.schedules import MaterializeReport, SpecialistSchedule
 from storage.wallclock import (
     MINUTES_PER_DAY,
@@ -177,9 +180,13 @@ def _wire_report(report: MaterializeReport) -> pb.MaterializeScheduleResponse:
 
 
 class ScheduleService(schedule_pb2_grpc.ScheduleServiceServicer):
-    def __init__(self, db: Database, config: Config) -> None:
+    def __init__(
+        self, db: Database, config: Config, on_commit: Callable[[], None] | None = None
+    ) -> None:
         self.db = db
         self.config = config
+        # Wakes the event watchers: a materialised slot may have gone to a waiter.
+        self._on_commit = on_commit
 
     async def GetSchedule(
         self, request: pb.GetScheduleRequest, context: Context
@@ -235,4 +242,6 @@ class ScheduleService(schedule_pb2_grpc.ScheduleServiceServicer):
             preview=request.validate_only,
             max_slots=self.config.schedule_max_slots,
         )
+        if self._on_commit is not None and any(s.status is SlotStatus.HOLD for s in report.created):
+            self._on_commit()
         return _wire_report(report)

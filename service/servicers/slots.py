@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
+from uuid import UUID
+
 from booking.v1 import slot_pb2 as pb
 from booking.v1 import slot_pb2_grpc
-from service import convert, pagination
+from service import auth, convert, pagination
 from service.grpc_types import Context
 from service.validation import Validator
 from storage import slots as store
 from storage.database import Database
+from storage.models import Role, Slot, SlotStatus
 from storage.slots import NewSlot
 
 MAX_BATCH = 1000
+MAX_SEARCH_SPECIALISTS = 100
+MAX_SEARCH_WINDOW = timedelta(days=92)
+MAX_SERVICE_TYPE = 200
 
 
 def _new_slot(v: Validator, prefix: str, request: pb.CreateSlotRequest) -> NewSlot | None:
@@ -27,8 +35,14 @@ def _new_slot(v: Validator, prefix: str, request: pb.CreateSlotRequest) -> NewSl
 
 
 class SlotService(slot_pb2_grpc.SlotServiceServicer):
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, on_commit: Callable[[], None] | None = None) -> None:
         self.db = db
+        # Wakes the event watchers: a new slot may have gone to a waiter.
+        self._on_commit = on_commit
+
+    def _created(self, slots: list[Slot]) -> None:
+        if self._on_commit is not None and any(s.status is SlotStatus.HOLD for s in slots):
+            self._on_commit()
 
     async def CreateSlot(
         self, request: pb.CreateSlotRequest, context: Context
@@ -38,6 +52,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         v.check()
         assert new is not None
         (created,) = await store.create_many(self.db, [new])
+        self._created([created])
         return pb.CreateSlotResponse(slot=convert.slot(created))
 
     async def BatchCreateSlots(
@@ -52,6 +67,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
             new = [_new_slot(v, f"requests[{i}].", r) for i, r in enumerate(request.requests)]
         v.check()
         created = await store.create_many(self.db, [n for n in new if n is not None])
+        self._created(created)
         return pb.BatchCreateSlotsResponse(slots=[convert.slot(s) for s in created])
 
     async def GetSlot(self, request: pb.GetSlotRequest, context: Context) -> pb.GetSlotResponse:
@@ -98,3 +114,50 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         assert slot_id is not None
         await store.delete(self.db, slot_id)
         return pb.DeleteSlotResponse()
+
+    async def SearchAvailableSlots(
+        self, request: pb.SearchAvailableSlotsRequest, context: Context
+    ) -> pb.SearchAvailableSlotsResponse:
+        caller = auth.current().require_user()
+        v = Validator()
+        service_type = v.text(
+            "service_type", request.service_type, required=False, max_length=MAX_SERVICE_TYPE
+        )
+        specialist_ids: list[UUID] | None = None
+        if request.specialist_ids:
+            if len(request.specialist_ids) > MAX_SEARCH_SPECIALISTS:
+                v.fail("specialist_ids", f"at most {MAX_SEARCH_SPECIALISTS} specialists")
+            else:
+                parsed = [
+                    v.uuid(f"specialist_ids[{i}]", value)
+                    for i, value in enumerate(request.specialist_ids)
+                ]
+                specialist_ids = sorted({p for p in parsed if p is not None})
+        if (service_type is None) == (not request.specialist_ids):
+            v.fail("service_type", "exactly one of service_type and specialist_ids is required")
+        start = v.timestamp("window_start_time", request, "window_start_time", required=True)
+        end = v.timestamp("window_end_time", request, "window_end_time", required=True)
+        v.window(start, end, "window_start_time", "window_end_time")
+        if start is not None and end is not None and end - start > MAX_SEARCH_WINDOW:
+            v.fail("window_end_time", "at most 92 days after window_start_time")
+        size = v.page_size(request.page_size)
+        v.check()
+        assert start is not None and end is not None
+        filters = ["search", service_type, specialist_ids, start, end]
+        page = await store.search_available(
+            self.db,
+            service_type=service_type,
+            specialist_ids=specialist_ids,
+            window_start=start,
+            window_end=end,
+            # Policies (what a CLIENT may book when) apply to CLIENTs only.
+            client_id=caller.id if caller.role is Role.CLIENT else None,
+            after=pagination.time_and_id(request.page_token, filters),
+            limit=size,
+        )
+        return pb.SearchAvailableSlotsResponse(
+            available_slots=[convert.available_slot(a) for a in page.items],
+            next_page_token=pagination.next_token(
+                page, lambda item: [item.slot.start_time.isoformat(), item.slot.id], filters
+            ),
+        )

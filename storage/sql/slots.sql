@@ -4,12 +4,43 @@
 -- reschedule (the old slot), the expiry of a hold (by the sweeper, or
 -- reclaimed by the next hold) and DeleteSlot (of a slot whose hold lapsed)
 -- all go through it, so whatever must happen when a slot frees up is
--- written once, here. The caller holds the slot's row lock.
+-- written once, here: the slot is offered to the waitlist (waitlist.sql)
+-- before anyone else can see it free. The caller holds the slot's row lock.
 
 CREATE FUNCTION booking_release_slot(p_slot_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE time_slots SET status = 'AVAILABLE' WHERE id = p_slot_id;
+    PERFORM booking_offer_slot(p_slot_id);
+END
+$$;
+
+-- Creates slots, in the order given, and offers each to the waitlist
+-- (booking_slot_created) in the same transaction; returns them as they
+-- then are (HOLD when a waiter got one). Overlaps are refused by
+-- time_slots_no_overlap. The one way storage/ creates slots. Any isolation
+-- will do: CreateSlot runs it under REPEATABLE READ, MaterializeSchedule
+-- under READ COMMITTED (so that its overlap check sees slots committed
+-- while it waited for the specialist's lock). The offer reads the entry and
+-- the user only after locking them, and a concurrent HoldSlot of the same
+-- user serializes on the user row either way.
+CREATE FUNCTION booking_insert_slots(
+    p_specialist_ids uuid[], p_start_times timestamptz[], p_end_times timestamptz[]
+) RETURNS SETOF time_slots
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids uuid[] := ARRAY(
+        SELECT gen_random_uuid() FROM generate_series(1, cardinality(p_specialist_ids)));
+BEGIN
+    INSERT INTO time_slots (id, specialist_id, start_time, end_time)
+    SELECT * FROM unnest(v_ids, p_specialist_ids, p_start_times, p_end_times);
+    FOR i IN 1 .. cardinality(v_ids) LOOP
+        PERFORM booking_slot_created(v_ids[i]);
+    END LOOP;
+    RETURN QUERY
+        SELECT s.* FROM unnest(v_ids) WITH ORDINALITY AS u (id, n)
+        JOIN time_slots s ON s.id = u.id
+        ORDER BY u.n;
 END
 $$;
 

@@ -187,6 +187,7 @@ class Bench:
         self.notes: list[str] = []
         self.checks: dict[str, Any] = {}
         self.reads: db.ReadsData | None = None
+        self.search: db.SearchData | None = None
         self.rep = 0
 
     # -- servers ------------------------------------------------------------------

@@ -39,6 +39,8 @@ POOL_USER = 0xB0000002
 POOL_SPECIALIST = 0xB0000003
 READ_SPECIALIST = 0xB0000004
 READ_SLOT = 0xB0000005
+SEARCH_SPECIALIST = 0xB0000006
+SEARCH_SLOT = 0xB0000007
 
 SLOT_MINUTES = 30
 READ_SLOTS_PER_SPECIALIST = 1000
@@ -194,7 +196,9 @@ async def reset(url: str) -> None:
     all pool slots AVAILABLE, no appointments, events or request ids."""
     conn = await connect(url)
     try:
-        await conn.execute("TRUNCATE idempotency_keys, appointment_events, appointments")
+        await conn.execute(
+            "TRUNCATE idempotency_keys, appointment_events, waitlist_entries, appointments"
+        )
         await conn.execute("UPDATE time_slots SET status = 'AVAILABLE' WHERE status <> 'AVAILABLE'")
         await conn.execute("VACUUM (ANALYZE) time_slots, users, appointments, appointment_events")
     finally:
@@ -249,6 +253,71 @@ async def load_read_slots(url: str, rows: int) -> ReadsData:
         await conn.close()
     days = max(1, per * SLOT_MINUTES // (24 * 60))
     return ReadsData(rows, specialists, per, total, time.monotonic() - started, day0, days)
+
+
+@dataclass(frozen=True)
+class SearchData:
+    rows: int
+    specialists: int
+    service_types: int
+    load_seconds: float
+    # The first loaded hour (epoch seconds) and how many whole days every
+    # specialist has slots on.
+    hour0: int
+    days: int
+
+
+SEARCH_SERVICE_TYPES = 10
+SEARCH_SPECIALISTS = 1000
+
+
+async def load_search_slots(url: str, rows: int) -> SearchData:
+    """Bulk-load `rows` slots over up to 1,000 specialists of ten service
+    types: each specialist's slots are an hour apart (30 minutes long,
+    starting at a minute of the hour of its own), and three in ten are
+    BOOKED, so a search filters as it would in life."""
+    specialists = min(SEARCH_SPECIALISTS, max(1, rows // 100))
+    per = -(-rows // specialists)
+    started = time.monotonic()
+    conn = await connect(url)
+    try:
+        await conn.execute(
+            "INSERT INTO specialists (id, full_name, service_type)"
+            f" SELECT {sql_uuid(SEARCH_SPECIALIST, 's')}, 'Searchable ' || s,"
+            " 'search-' || (s % $2)"
+            " FROM generate_series(0, $1 - 1) s",
+            specialists,
+            SEARCH_SERVICE_TYPES,
+        )
+        await conn.execute(
+            "INSERT INTO time_slots (id, specialist_id, start_time, end_time, status)"
+            f" SELECT {sql_uuid(SEARCH_SLOT, 'g')}, {sql_uuid(SEARCH_SPECIALIST, 'g / $2')},"
+            "  h.t + (g % $2) * interval '1 hour' + (g / $2 % 60) * interval '1 minute',"
+            "  h.t + (g % $2) * interval '1 hour' + (g / $2 % 60 + 30) * interval '1 minute',"
+            # Scattered, not whole hours: a hash of the slot's number.
+            "  CASE WHEN abs(hashint4(g)) % 10 < 3 THEN 'BOOKED' ELSE 'AVAILABLE' END::timeslot_status"
+            " FROM generate_series(0, $1 - 1) g,"
+            " (SELECT date_trunc('day', now()) + interval '1 day' AS t) h",
+            per * specialists,
+            per,
+        )
+        await conn.execute("VACUUM (ANALYZE) time_slots, specialists")
+        hour0 = int(
+            await conn.fetchval(
+                "SELECT extract(epoch FROM date_trunc('day', now()) + interval '1 day')::bigint"
+            )
+        )
+    finally:
+        await conn.close()
+    days = max(1, per // 24)
+    return SearchData(
+        per * specialists,
+        specialists,
+        SEARCH_SERVICE_TYPES,
+        time.monotonic() - started,
+        hour0,
+        days,
+    )
 
 
 async def postmaster_pid(url: str) -> int | None:

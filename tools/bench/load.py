@@ -48,7 +48,7 @@ class Job:
     concurrency: int = 1
     target: str = ""  # host:port of the gRPC server
     token: str = ""
-    method: str = "hold"  # grpc: hold | hold_confirm | health | list_slots
+    method: str = "hold"  # grpc: hold | hold_confirm | health | list_slots | search_slots
     first: int = 0  # first pool index this worker may use
     count: int = 0  # how many pool indices it may use
     rate: float = 0.0  # grpc: calls per second (paced, open loop); 0 = closed loop
@@ -59,7 +59,8 @@ class Job:
     rounds: int = 0  # contention
     user_first: int = 0  # contention: first pool user of this worker's clients
     streams: int = 0  # watch
-    reads: dict[str, Any] = field(default_factory=dict)  # list_slots: specialists, days, day0
+    # list_slots: specialists, days, day0; search_slots: service_types, days, hour0
+    reads: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -463,14 +464,31 @@ class _Worker:
                     return err.code().name
                 return "OK" if reply.slots else "EMPTY"
 
+            async def search_week(k: int) -> str:
+                # A week of one service type, starting on a random loaded day.
+                day = reads["hour0"] + rng.randrange(max(1, reads["days"] - 7)) * 86400
+                request = spb.SearchAvailableSlotsRequest(
+                    service_type=f"search-{rng.randrange(reads['service_types'])}"
+                )
+                request.window_start_time.FromSeconds(day)
+                request.window_end_time.FromSeconds(day + 7 * 86400)
+                try:
+                    reply = await slots.SearchAvailableSlots(
+                        request, metadata=md, timeout=CALL_TIMEOUT
+                    )
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+                return "OK" if reply.available_slots else "EMPTY"
+
             calls: dict[str, Callable[[int], Awaitable[str]]] = {
                 "hold": hold,
                 "hold_confirm": hold_confirm,
                 "health": check,
                 "list_slots": list_day,
+                "search_slots": search_week,
             }
             # One call first so connection set-up is not measured.
-            if job.method in ("health", "list_slots"):
+            if job.method in ("health", "list_slots", "search_slots"):
                 await calls[job.method](job.first)
             return await self._drive(calls[job.method])
 

@@ -416,6 +416,42 @@ def reads(b: Bench) -> None:
         b.report_run(fig, run.sample())
 
 
+# -- search: SearchAvailableSlots over a big table --------------------------------------
+
+
+def prepare_search(b: Bench) -> None:
+    rows = b.opts.slots_rows
+    b.progress.info(f"loading {rows:,} slots for the search scenario (generate_series) ...")
+    b.search = asyncio.run(db.load_search_slots(b.db.url, rows))
+    b.progress.info(
+        f"  loaded in {b.search.load_seconds:.1f}s: {b.search.rows:,} slots over"
+        f" {b.search.specialists:,} specialists of {b.search.service_types} service types"
+    )
+
+
+def search(b: Bench) -> None:
+    """A week's window of one service type, earliest first across its
+    specialists, at concurrency 1: the latency a client waits for."""
+    server = b.ensure_primary()
+    assert b.search is not None
+    spec = {
+        "service_types": b.search.service_types,
+        "days": b.search.days,
+        "hour0": b.search.hour0,
+    }
+    fig = b.figure(
+        "search.service_type_week.c1",
+        "search",
+        f"SearchAvailableSlots, a week of one service type, {b.search.rows:,} slots over"
+        f" {b.search.specialists:,} specialists, concurrency 1",
+    )
+    jobs = b.hold_jobs(1, "search_slots", [server], reads=spec)
+    for job in jobs.values():
+        job.first, job.count = 0, 10**9  # searches use no pool slots
+    run = b.load("SearchAvailableSlots c=1", jobs, [server])
+    b.report_run(fig, run.sample())
+
+
 # -- replicas: one database, one or two servers ----------------------------------------
 
 
@@ -446,6 +482,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "contention": contention,
     "events": events,
     "reads": reads,
+    "search": search,
     "replicas": replicas,
 }
-PREPARE: dict[str, Callable[[Bench], None]] = {"reads": prepare_reads}
+PREPARE: dict[str, Callable[[Bench], None]] = {"reads": prepare_reads, "search": prepare_search}

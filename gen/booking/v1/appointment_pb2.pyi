@@ -544,6 +544,7 @@ class AppointmentEvent(_message.Message):
     ACTOR_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     PREVIOUS_SLOT_ID_FIELD_NUMBER: _builtins.int
+    WAITLIST_ENTRY_ID_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Position of this event in the stream. Opaque; pass it back as
     after_cursor to resume right after this event.
@@ -559,6 +560,11 @@ class AppointmentEvent(_message.Message):
     """The reason given when cancelling, if any."""
     previous_slot_id: _builtins.str
     """For RESCHEDULED, the slot the appointment moved away from."""
+    waitlist_entry_id: _builtins.str
+    """For a HELD event that is a waitlist offer, the entry it was made to
+    (WaitlistService); empty otherwise. actor_id is then empty: the server
+    made the offer.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the change was made (transaction time)."""
@@ -579,10 +585,11 @@ class AppointmentEvent(_message.Message):
         actor_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         previous_slot_id: _builtins.str = ...,
+        waitlist_entry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "appointment", b"appointment", "create_time", b"create_time", "cursor", b"cursor", "id", b"id", "old_status", b"old_status", "previous_slot_id", b"previous_slot_id", "reason", b"reason", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "appointment", b"appointment", "create_time", b"create_time", "cursor", b"cursor", "id", b"id", "old_status", b"old_status", "previous_slot_id", b"previous_slot_id", "reason", b"reason", "type", b"type", "waitlist_entry_id", b"waitlist_entry_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -322,3 +322,107 @@ class DeleteSlotResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteSlotResponse: _TypeAlias = DeleteSlotResponse  # noqa: Y015
+
+@_typing.final
+class SearchAvailableSlotsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_TYPE_FIELD_NUMBER: _builtins.int
+    SPECIALIST_IDS_FIELD_NUMBER: _builtins.int
+    WINDOW_START_TIME_FIELD_NUMBER: _builtins.int
+    WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    service_type: _builtins.str
+    """One of service_type and specialist_ids is required.
+    Slots of active specialists of this service type.
+    """
+    page_size: _builtins.int
+    """0 means the default (50); values above 1000 are coerced to 1000."""
+    page_token: _builtins.str
+    @_builtins.property
+    def specialist_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Slots of these specialists (1 to 100; inactive ones are left out)."""
+
+    @_builtins.property
+    def window_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Required. Only slots that start at or after this instant."""
+
+    @_builtins.property
+    def window_end_time(self) -> _timestamp_pb2.Timestamp:
+        """Required. Only slots that start before this instant; at most 92 days
+        after window_start_time.
+        """
+
+    def __init__(
+        self,
+        *,
+        service_type: _builtins.str = ...,
+        specialist_ids: _abc.Iterable[_builtins.str] | None = ...,
+        window_start_time: _timestamp_pb2.Timestamp | None = ...,
+        window_end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "service_type", b"service_type", "specialist_ids", b"specialist_ids", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchAvailableSlotsRequest: _TypeAlias = SearchAvailableSlotsRequest  # noqa: Y015
+
+@_typing.final
+class AvailableSlot(_message.Message):
+    """A free slot and who it is with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    SPECIALIST_FULL_NAME_FIELD_NUMBER: _builtins.int
+    SERVICE_TYPE_FIELD_NUMBER: _builtins.int
+    specialist_full_name: _builtins.str
+    service_type: _builtins.str
+    @_builtins.property
+    def slot(self) -> Global___Slot:
+        """Its status is AVAILABLE (a lapsed hold is reported as it will be once
+        reclaimed).
+        """
+
+    def __init__(
+        self,
+        *,
+        slot: Global___Slot | None = ...,
+        specialist_full_name: _builtins.str = ...,
+        service_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service_type", b"service_type", "slot", b"slot", "specialist_full_name", b"specialist_full_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AvailableSlot: _TypeAlias = AvailableSlot  # noqa: Y015
+
+@_typing.final
+class SearchAvailableSlotsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVAILABLE_SLOTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def available_slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___AvailableSlot]: ...
+    def __init__(
+        self,
+        *,
+        available_slots: _abc.Iterable[Global___AvailableSlot] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_slots", b"available_slots", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchAvailableSlotsResponse: _TypeAlias = SearchAvailableSlotsResponse  # noqa: Y015

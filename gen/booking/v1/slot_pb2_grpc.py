@@ -61,6 +61,11 @@ class SlotServiceStub:
                 request_serializer=booking_dot_v1_dot_slot__pb2.DeleteSlotRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_slot__pb2.DeleteSlotResponse.FromString,
                 _registered_method=True)
+        self.SearchAvailableSlots = channel.unary_unary(
+                '/booking.v1.SlotService/SearchAvailableSlots',
+                request_serializer=booking_dot_v1_dot_slot__pb2.SearchAvailableSlotsRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_slot__pb2.SearchAvailableSlotsResponse.FromString,
+                _registered_method=True)
 
 
 class SlotServiceServicer:
@@ -101,6 +106,16 @@ class SlotServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchAvailableSlots(self, request, context):
+        """Free slots of active specialists, of one service type or among given
+        specialists, earliest first across all of them. Free means what
+        AppointmentService.HoldSlot would take: AVAILABLE, or held by a hold
+        that has lapsed, unless a waiter is entitled to it (WaitlistService).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SlotServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +143,11 @@ def add_SlotServiceServicer_to_server(servicer, server):
                     servicer.DeleteSlot,
                     request_deserializer=booking_dot_v1_dot_slot__pb2.DeleteSlotRequest.FromString,
                     response_serializer=booking_dot_v1_dot_slot__pb2.DeleteSlotResponse.SerializeToString,
+            ),
+            'SearchAvailableSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchAvailableSlots,
+                    request_deserializer=booking_dot_v1_dot_slot__pb2.SearchAvailableSlotsRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_slot__pb2.SearchAvailableSlotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +287,33 @@ class SlotService:
             '/booking.v1.SlotService/DeleteSlot',
             booking_dot_v1_dot_slot__pb2.DeleteSlotRequest.SerializeToString,
             booking_dot_v1_dot_slot__pb2.DeleteSlotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchAvailableSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.SlotService/SearchAvailableSlots',
+            booking_dot_v1_dot_slot__pb2.SearchAvailableSlotsRequest.SerializeToString,
+            booking_dot_v1_dot_slot__pb2.SearchAvailableSlotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

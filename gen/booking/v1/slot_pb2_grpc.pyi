@@ -43,6 +43,12 @@ class SlotServiceStub:
     """Lists slots ordered by start time."""
     DeleteSlot: _grpc.UnaryUnaryMultiCallable[_slot_pb2.DeleteSlotRequest, _slot_pb2.DeleteSlotResponse]
     """Deletes an AVAILABLE slot. A held or booked slot is FAILED_PRECONDITION."""
+    SearchAvailableSlots: _grpc.UnaryUnaryMultiCallable[_slot_pb2.SearchAvailableSlotsRequest, _slot_pb2.SearchAvailableSlotsResponse]
+    """Free slots of active specialists, of one service type or among given
+    specialists, earliest first across all of them. Free means what
+    AppointmentService.HoldSlot would take: AVAILABLE, or held by a hold
+    that has lapsed, unless a waiter is entitled to it (WaitlistService).
+    """
 
 @_typing.type_check_only
 class SlotServiceAsyncStub(SlotServiceStub):
@@ -59,6 +65,12 @@ class SlotServiceAsyncStub(SlotServiceStub):
     """Lists slots ordered by start time."""
     DeleteSlot: _aio.UnaryUnaryMultiCallable[_slot_pb2.DeleteSlotRequest, _slot_pb2.DeleteSlotResponse]  # type: ignore[assignment]
     """Deletes an AVAILABLE slot. A held or booked slot is FAILED_PRECONDITION."""
+    SearchAvailableSlots: _aio.UnaryUnaryMultiCallable[_slot_pb2.SearchAvailableSlotsRequest, _slot_pb2.SearchAvailableSlotsResponse]  # type: ignore[assignment]
+    """Free slots of active specialists, of one service type or among given
+    specialists, earliest first across all of them. Free means what
+    AppointmentService.HoldSlot would take: AVAILABLE, or held by a hold
+    that has lapsed, unless a waiter is entitled to it (WaitlistService).
+    """
 
 class SlotServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages the bookable time slots of specialists. A specialist never has two
@@ -102,5 +114,17 @@ class SlotServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_slot_pb2.DeleteSlotResponse, _abc.Awaitable[_slot_pb2.DeleteSlotResponse]]:
         """Deletes an AVAILABLE slot. A held or booked slot is FAILED_PRECONDITION."""
+
+    @_abc_1.abstractmethod
+    def SearchAvailableSlots(
+        self,
+        request: _slot_pb2.SearchAvailableSlotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_slot_pb2.SearchAvailableSlotsResponse, _abc.Awaitable[_slot_pb2.SearchAvailableSlotsResponse]]:
+        """Free slots of active specialists, of one service type or among given
+        specialists, earliest first across all of them. Free means what
+        AppointmentService.HoldSlot would take: AVAILABLE, or held by a hold
+        that has lapsed, unless a waiter is entitled to it (WaitlistService).
+        """
 
 def add_SlotServiceServicer_to_server(servicer: SlotServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
