@@ -15,7 +15,8 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
-from service import cli
+from booking.v1 import waitlist_pb2 as wpb
+from service import cli, logs
 from storage import policies
 from storage.database import Database
 from storage.models import BookingPolicy, Role
@@ -345,8 +346,11 @@ async def test_the_yes_no_check_agrees_with_the_refusal(api: Api, database_url: 
 
 
 def test_the_policy_defaults_command_shows_and_sets_them(
-    database_url: str, capsys: pytest.CaptureFixture[str]
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The command configures logging onto this test's captured stderr, which
+    # is closed after it: later tests' log lines would fail to write there.
+    monkeypatch.setattr(logs, "configure", lambda level, as_json: None)
     assert cli.main(["policy-defaults", "--database-url", database_url]) == 0
     assert "min-notice-minutes: 0" in capsys.readouterr().out
     code = cli.main(
@@ -362,8 +366,6 @@ def test_the_policy_defaults_command_shows_and_sets_them(
 
 
 async def test_the_waitlist_and_search_respect_a_clients_booking_window(api: Api) -> None:
-    from booking.v1 import waitlist_pb2 as wpb
-
     spec = await api.specialist("Dr. Notice", "policy-search")
     await _policy(api, spec.id, min_notice_minutes=120)
     waiter, waiter_id = await api.client()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import (
@@ -39,7 +40,7 @@ from tests.support import hours_from_now, running_server, ts
 ROOT = Path(__file__).resolve().parent.parent
 # The release this one must upgrade from without downtime. Its tag is used
 # when present; the commit keeps the test meaningful in a clone without tags.
-PREVIOUS_RELEASE = ("v0.1.0", "96c761ddac51c8817eb4518a60255e90891821e7")
+PREVIOUS_RELEASE = ("v0.2.0", "e33f74810163ae556f9731cb7f6cab4506ec2896")
 ADMIN_EMAIL, ADMIN_PASSWORD = "upgrade-admin@example.com", "upgrade-admin-password"
 
 
@@ -87,6 +88,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=0.5
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 @contextmanager
 def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool) -> Iterator[int]:
     """A `serve` process of the previous release; yields its port."""
@@ -105,16 +117,14 @@ def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool)
     )
     try:
         deadline = time.monotonic() + 30
-        while True:
+        # Ready means SERVING, not listening: a release may listen before
+        # its database is ready (and answer UNAVAILABLE until it is).
+        while not _serving(port):
             if proc.poll() is not None:
                 log.seek(0)
                 raise AssertionError(f"previous release exited: {log.read().decode()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "previous release did not start"
-                time.sleep(0.1)
+            assert time.monotonic() < deadline, "previous release did not start"
+            time.sleep(0.1)
         yield port
     finally:
         proc.terminate()
