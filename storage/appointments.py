@@ -38,6 +38,11 @@ def _appointment(row: asyncpg.Record) -> Appointment:
     )
 
 
+_REMEMBER = fn.REMEMBER_FAILURE.statement(
+    {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
+)
+
+
 async def _transition(db: Database, function: fn.Function, **values: object) -> AppointmentEvent:
     """Run a transition; with a request id, its business failure is
     remembered too, so every copy of the request gets one answer.
@@ -49,11 +54,9 @@ async def _transition(db: Database, function: fn.Function, **values: object) -> 
     request is replayed to answer with that outcome instead. A copy that
     committed concurrently makes the second statement fail with 40001 or
     the key's unique violation, and Database.run's retry replays."""
-    sql = function.statement()
+    sql = function.sql
     args = function.values(**values)
-    remember = fn.REMEMBER_FAILURE.statement(
-        {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
-    )
+    remember = _REMEMBER
 
     async def work(conn: Connection) -> asyncpg.Record:
         try:
@@ -166,7 +169,7 @@ async def reschedule(
 
 async def _count(db: Database, function: fn.Function, **values: object) -> int:
     """Run a batch function that returns how many rows it handled."""
-    sql = function.statement()
+    sql = function.sql
     args = function.values(**values)
 
     async def work(conn: Connection) -> int:

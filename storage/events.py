@@ -51,14 +51,20 @@ _STABLE_HEAD = (
 _PRUNED = "booking_event_horizon"
 
 
+# Enum members by value, without the Enum call's machinery (every row read).
+_STATUS = {s.value: s for s in AppointmentStatus}
+_PRIORITY = {p.value: p for p in Priority}
+_TYPE = {t.value: t for t in EventType}
+
+
 def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
     appointment = Appointment(
         id=row["appointment_id"],
         user_id=row["user_id"],
         specialist_id=row["specialist_id"],
         slot_id=row["time_slot_id"],
-        status=AppointmentStatus(row["new_status"]),
-        priority=Priority(row["priority"]),
+        status=_STATUS[row["new_status"]],
+        priority=_PRIORITY[row["priority"]],
         start_time=row["start_time"],
         end_time=row["end_time"],
         expires_at=row["expires_at"],
@@ -69,9 +75,9 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
     return AppointmentEvent(
         id=row["id"],
         position=Position(row["xid"], row["seq"]),
-        type=EventType(row["event_type"]),
+        type=_TYPE[row["event_type"]],
         created_at=row["created_at"],
-        old_status=AppointmentStatus(old) if old else None,
+        old_status=_STATUS[old] if old else None,
         appointment=appointment,
         actor_id=row["actor_id"],
         reason=row["reason"],

@@ -16,6 +16,9 @@ from storage.sql import Conditions
 
 _COLUMNS = "id, specialist_id, start_time, end_time, status, created_at"
 
+# By value, without the Enum call's machinery: this runs for every row read.
+_STATUS = {s.value: s for s in SlotStatus}
+
 
 @dataclass(frozen=True)
 class NewSlot:
@@ -30,7 +33,7 @@ def _slot(row: asyncpg.Record) -> Slot:
         specialist_id=row["specialist_id"],
         start_time=row["start_time"],
         end_time=row["end_time"],
-        status=SlotStatus(row["status"]),
+        status=_STATUS[row["status"]],
         created_at=row["created_at"],
     )
 

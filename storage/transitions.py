@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from storage.events import EVENT_COLUMNS
@@ -37,6 +38,12 @@ class Function:
         if self.returns_event:
             return f"SELECT {EVENT_COLUMNS} FROM {self.call(args)} e"
         return f"SELECT {self.call(args)}"
+
+    @cached_property
+    def sql(self) -> str:
+        """:meth:`statement` with $1, $2, … in order, built once (it was
+        rebuilt on every call)."""
+        return self.statement()
 
     def values(self, **kwargs: Any) -> list[Any]:
         """Positional values for :meth:`statement`, from keyword arguments

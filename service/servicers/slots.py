@@ -52,7 +52,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
             new = [_new_slot(v, f"requests[{i}].", r) for i, r in enumerate(request.requests)]
         v.check()
         created = await store.create_many(self.db, [n for n in new if n is not None])
-        return pb.BatchCreateSlotsResponse(slots=[convert.slot(s) for s in created])
+        return pb.BatchCreateSlotsResponse(slots=[convert.slot_fields(s) for s in created])
 
     async def GetSlot(self, request: pb.GetSlotRequest, context: Context) -> pb.GetSlotResponse:
         v = Validator()
@@ -83,7 +83,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
             limit=size,
         )
         return pb.ListSlotsResponse(
-            slots=[convert.slot(s) for s in page.items],
+            slots=[convert.slot_fields(s) for s in page.items],
             next_page_token=pagination.next_token(
                 page, lambda item: [item.start_time.isoformat(), item.id], filters
             ),
