@@ -4,6 +4,7 @@ names them) and the reads."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -43,7 +44,12 @@ _REMEMBER = fn.REMEMBER_FAILURE.statement(
 )
 
 
-async def _transition(db: Database, function: fn.Function, **values: object) -> AppointmentEvent:
+async def _transition(
+    db: Database,
+    function: fn.Function,
+    on_send: Callable[[], None] | None = None,
+    **values: object,
+) -> AppointmentEvent:
     """Run a transition; with a request id, its business failure is
     remembered too, so every copy of the request gets one answer.
 
@@ -59,6 +65,8 @@ async def _transition(db: Database, function: fn.Function, **values: object) -> 
     remember = _REMEMBER
 
     async def work(conn: Connection) -> asyncpg.Record:
+        if on_send is not None:
+            on_send()
         try:
             return await conn.fetchrow(sql, *args)
         except asyncpg.PostgresError as exc:
@@ -86,17 +94,28 @@ async def hold(
     check_user_overlap: bool,
     request_id: UUID | None,
 ) -> AppointmentEvent:
-    return await _transition(
-        db,
-        fn.HOLD_SLOT,
-        slot_id=slot_id,
-        user_id=user_id,
-        priority=priority.value,
-        actor_id=actor_id,
-        hold_ttl=hold_ttl,
-        check_user_overlap=check_user_overlap,
-        request_id=request_id,
-    )
+    """Hold a slot. Without a request id, concurrent holds of one slot in
+    this process reach the database one at a time, and those that wait are
+    answered from the outcome when it shows the slot taken
+    (storage/flights.py)."""
+
+    def run(on_send: Callable[[], None] | None) -> Awaitable[AppointmentEvent]:
+        return _transition(
+            db,
+            fn.HOLD_SLOT,
+            on_send,
+            slot_id=slot_id,
+            user_id=user_id,
+            priority=priority.value,
+            actor_id=actor_id,
+            hold_ttl=hold_ttl,
+            check_user_overlap=check_user_overlap,
+            request_id=request_id,
+        )
+
+    if request_id is not None:
+        return await run(None)
+    return await db.hold_flights.hold(slot_id, run)
 
 
 async def confirm(

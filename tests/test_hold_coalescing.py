@@ -1,0 +1,322 @@
+"""Concurrent holds of one slot reach the database one at a time per
+server, and the callers that waited are answered from the outcome only when
+it shows the slot taken by a committed hold (storage/flights.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from booking.v1 import appointment_pb2 as apb
+from booking.v1 import appointment_pb2_grpc
+from storage import deadline
+from storage.errors import DeadlineExceeded, SlotUnavailable, UserInactive
+from storage.flights import SlotFlights
+from storage.models import Role
+from tests.population import fetch, insert_clients
+from tests.support import Api, failure, hours_from_now
+
+FOLLOWERS = 8
+
+
+async def _until(predicate: Callable[[], Awaitable[object]], what: str) -> None:
+    for _ in range(3000):
+        if await predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+async def _backends_waiting(database_url: str) -> int:
+    rows = await fetch(
+        database_url,
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query LIKE '%booking_hold_slot%'",
+    )
+    return int(rows[0]["n"])
+
+
+class _Herd:
+    """Real clients, each on its own channel, holding one slot as an
+    operator on behalf of distinct users."""
+
+    def __init__(self, api: Api, slot_id: str, users: list[str], token: str) -> None:
+        self.target = f"127.0.0.1:{api.server.port}"
+        self.slot_id = slot_id
+        self.users = users
+        self.md = [("authorization", f"Bearer {token}")]
+        self.channels: list[grpc.aio.Channel] = []
+
+    def call(self, i: int, request_id: str = "", seconds: float = 30) -> Any:
+        channel = grpc.aio.insecure_channel(self.target)
+        self.channels.append(channel)
+        stub = appointment_pb2_grpc.AppointmentServiceStub(channel)
+        return stub.HoldSlot(
+            apb.HoldSlotRequest(slot_id=self.slot_id, user_id=self.users[i], request_id=request_id),
+            metadata=self.md,
+            timeout=seconds,
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close(None) for ch in self.channels))
+
+
+async def _answer(call: Any) -> tuple[Any, ...]:
+    try:
+        reply = await call
+    except asyncio.CancelledError:
+        if not call.cancelled():
+            raise
+        return (grpc.StatusCode.CANCELLED,)
+    except grpc.aio.AioRpcError as err:
+        got = failure(err)
+        return (got.code, got.reason, tuple(sorted(got.metadata.items())))
+    return ("OK", reply.appointment.status)
+
+
+async def _setup(api: Api, database_url: str, n: int) -> tuple[_Herd, Any, asyncpg.Connection]:
+    """A herd for a fresh slot whose row an outside transaction has locked."""
+    spec = await api.specialist()
+    slot = await api.slot(spec.id, hours_from_now(70 + n))
+    users = await insert_clients(database_url, n)
+    herd = _Herd(api, slot.id, users, await api.make_token(Role.OPERATOR))
+    conn = await asyncpg.connect(database_url)
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute("SELECT 1 FROM time_slots WHERE id = $1 FOR UPDATE", uuid.UUID(slot.id))
+    return herd, tx, conn
+
+
+async def _live(database_url: str, slot_id: str) -> list[str]:
+    rows = await fetch(
+        database_url,
+        "SELECT status FROM appointments WHERE time_slot_id = $1 AND status <> 'CANCELLED'",
+        uuid.UUID(slot_id),
+    )
+    return [r["status"] for r in rows]
+
+
+async def test_callers_waiting_on_a_hold_that_commits_are_refused_without_the_database(
+    api: Api, database_url: str
+) -> None:
+    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
+    try:
+        leader = asyncio.ensure_future(_answer(herd.call(0)))
+        await _until(lambda: _backends_waiting(database_url), "the leader waits on the row lock")
+        coalesced = flights.coalesced
+        followers = [asyncio.ensure_future(_answer(herd.call(i))) for i in range(1, FOLLOWERS + 1)]
+
+        async def all_follow() -> bool:
+            return flights.waiting == FOLLOWERS
+
+        await _until(all_follow, "every follower waits for the leader")
+        # Only the leader reached the database.
+        assert await _backends_waiting(database_url) == 1
+        await tx.rollback()
+
+        assert await asyncio.wait_for(leader, 30) == ("OK", apb.APPOINTMENT_STATUS_HOLD)
+        refusals = await asyncio.wait_for(asyncio.gather(*followers), 30)
+    finally:
+        await conn.close()
+        await herd.close()
+
+    expected = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SLOT_UNAVAILABLE",
+        (("slot_id", herd.slot_id), ("status", "HOLD")),
+    )
+    assert refusals == [expected] * FOLLOWERS
+    assert flights.coalesced - coalesced == FOLLOWERS
+    assert await _live(database_url, herd.slot_id) == ["HOLD"]
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+async def test_when_the_leader_gives_up_a_waiting_caller_can_still_win(
+    api: Api, database_url: str, how: str
+) -> None:
+    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
+    try:
+        leader_call = herd.call(0, seconds=1.5 if how == "deadline" else 30)
+        leader = asyncio.ensure_future(_answer(leader_call))
+        await _until(lambda: _backends_waiting(database_url), "the leader waits on the row lock")
+        followers = [asyncio.ensure_future(_answer(herd.call(i))) for i in range(1, FOLLOWERS + 1)]
+
+        async def all_follow() -> bool:
+            return flights.waiting == FOLLOWERS
+
+        await _until(all_follow, "every follower waits for the leader")
+        if how == "cancel":
+            leader_call.cancel()
+        given_up = await asyncio.wait_for(leader, 30)
+
+        # The next caller leads: it reaches the database and waits there.
+        async def next_leader_waits() -> bool:
+            return flights.waiting == FOLLOWERS - 1 and await _backends_waiting(database_url) == 1
+
+        await _until(next_leader_waits, "a follower leads in its turn")
+        await tx.rollback()
+        answers = await asyncio.wait_for(asyncio.gather(*followers), 30)
+    finally:
+        await conn.close()
+        await herd.close()
+
+    if how == "deadline":
+        assert given_up[0] == grpc.StatusCode.DEADLINE_EXCEEDED, given_up
+    else:
+        assert given_up[0] == grpc.StatusCode.CANCELLED, given_up
+    codes = Counter(a[0] for a in answers)
+    assert codes == {"OK": 1, grpc.StatusCode.FAILED_PRECONDITION: FOLLOWERS - 1}, answers
+    assert {a[1] for a in answers if a[0] != "OK"} == {"SLOT_UNAVAILABLE"}
+    assert await _live(database_url, herd.slot_id) == ["HOLD"]
+
+
+async def test_a_hold_with_a_request_id_goes_to_the_database_and_its_refusal_is_remembered(
+    api: Api, database_url: str
+) -> None:
+    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    herd, tx, conn = await _setup(api, database_url, 2)
+    request_id = str(uuid.uuid4())
+    try:
+        leader = asyncio.ensure_future(_answer(herd.call(0)))
+        await _until(lambda: _backends_waiting(database_url), "the leader waits on the row lock")
+        coalesced = flights.coalesced
+        copy = asyncio.ensure_future(_answer(herd.call(1, request_id=request_id)))
+
+        async def both_in_database() -> bool:
+            return await _backends_waiting(database_url) == 2
+
+        await _until(both_in_database, "the request with an id waits in the database too")
+        assert flights.waiting == 0
+        await tx.rollback()
+        won = await asyncio.wait_for(leader, 30)
+        refused = await asyncio.wait_for(copy, 30)
+    finally:
+        await conn.close()
+
+    assert won == ("OK", apb.APPOINTMENT_STATUS_HOLD)
+    assert refused[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "SLOT_UNAVAILABLE")
+    assert flights.coalesced == coalesced
+    # The slot frees up; a retry of the refused request still gets its
+    # first answer.
+    await fetch(
+        database_url,
+        "UPDATE appointments SET status = 'CANCELLED', expires_at = NULL WHERE time_slot_id = $1",
+        uuid.UUID(herd.slot_id),
+    )
+    await fetch(
+        database_url,
+        "UPDATE time_slots SET status = 'AVAILABLE' WHERE id = $1",
+        uuid.UUID(herd.slot_id),
+    )
+    try:
+        retried = await _answer(herd.call(1, request_id=request_id))
+    finally:
+        await herd.close()
+    assert retried == refused
+
+
+# -- the coalescing itself, without a server --------------------------------
+
+
+async def _started(flights: SlotFlights, slot: uuid.UUID, lead: Any) -> asyncio.Task[Any]:
+    task = asyncio.ensure_future(flights.hold(slot, lead))
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_only_followers_that_came_before_the_statement_reuse_an_occupied_slot() -> None:
+    flights = SlotFlights()
+    slot = uuid.uuid4()
+    release = asyncio.Event()
+    led: list[str] = []
+
+    def leader(name: str, send: bool) -> Callable[[Callable[[], None]], Awaitable[str]]:
+        async def lead(sending: Callable[[], None]) -> str:
+            led.append(name)
+            if send:
+                sending()
+            await release.wait()
+            raise SlotUnavailable(slot_id=str(slot), status="BOOKED")
+
+        return lead
+
+    first = await _started(flights, slot, leader("first", send=False))
+    early = await _started(flights, slot, leader("early", send=True))
+    # The first leader now sends its statement; whoever comes later asks
+    # the database itself.
+    first_flight = flights._flights[slot]
+    first_flight.sent = True
+    late = await _started(flights, slot, leader("late", send=True))
+    release.set()
+    results = await asyncio.gather(first, early, late, return_exceptions=True)
+
+    assert led == ["first", "late"]
+    assert all(isinstance(r, SlotUnavailable) and r.status == "BOOKED" for r in results)
+    assert flights.coalesced == 1
+
+
+async def test_a_leader_failing_for_itself_teaches_followers_nothing() -> None:
+    flights = SlotFlights()
+    slot = uuid.uuid4()
+    release = asyncio.Event()
+    led: list[int] = []
+
+    async def fails(sending: Callable[[], None]) -> str:
+        led.append(0)
+        await release.wait()
+        raise UserInactive(user_id="u")
+
+    async def wins(sending: Callable[[], None]) -> str:
+        led.append(1)
+        sending()
+        await asyncio.sleep(0.01)  # the database's round trip
+        return "held"
+
+    first = await _started(flights, slot, fails)
+    second = await _started(flights, slot, wins)
+    third = await _started(flights, slot, wins)
+    release.set()
+    results = await asyncio.gather(first, second, third, return_exceptions=True)
+
+    assert isinstance(results[0], UserInactive)
+    assert results[1] == "held"
+    assert isinstance(results[2], SlotUnavailable) and results[2].status == "HOLD"
+    assert led == [0, 1]
+    assert not flights.in_flight(slot)
+
+
+async def test_a_follower_gives_up_at_its_own_deadline_and_a_cancelled_leader_frees_the_rest() -> (
+    None
+):
+    flights = SlotFlights()
+    slot = uuid.uuid4()
+    stuck = asyncio.Event()
+
+    async def hangs(sending: Callable[[], None]) -> str:
+        await stuck.wait()
+        return "never"
+
+    async def wins(sending: Callable[[], None]) -> str:
+        return "held"
+
+    leader = await _started(flights, slot, hangs)
+
+    async def impatient() -> str:
+        deadline.set_remaining(0.05)
+        return await flights.hold(slot, wins)
+
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(impatient(), 5)
+    patient = await _started(flights, slot, wins)
+    leader.cancel()
+    assert await asyncio.wait_for(patient, 5) == "held"
+    assert flights.waiting == 0 and not flights.in_flight(slot)
