@@ -13,9 +13,10 @@ wait for its outcome:
   a round trip;
 - the leader was refused SLOT_UNAVAILABLE by the database: a committed
   occupant held the slot at the leader's snapshot, which falls inside the
-  call of every follower that was already waiting before the leader's
-  statement was sent. Those are refused the same way; a follower that came
-  later could have missed the occupant leaving, so it asks again;
+  call of every follower that arrived before the leader's statement was
+  sent. Those are refused the same way; a follower that arrived later
+  could have missed the occupant leaving, so it asks again (and, leading
+  or following the next flight, it arrived before that one's statement);
 - anything else (the user's own overlap or state, a missing or inactive
   slot, a conflict, an outage, the deadline, the leader's client going
   away): the outcome says nothing about the slot for the others, so the
@@ -63,8 +64,9 @@ class _Flight:
         self.done = asyncio.Event()
         self.outcome = Outcome.UNKNOWN
         self.status = ""
-        # Set just before the leader's statement goes to the database.
-        self.sent = False
+        # The arrival count when the leader's statement (last) went to the
+        # database; None before it did.
+        self.sent: int | None = None
 
 
 class SlotFlights:
@@ -76,6 +78,8 @@ class SlotFlights:
         # one now (for tests and metrics).
         self.coalesced = 0
         self.waiting = 0
+        # Callers that have arrived so far: orders arrivals and statements.
+        self._arrivals = 0
 
     def in_flight(self, slot_id: UUID) -> bool:
         return slot_id in self._flights
@@ -84,17 +88,22 @@ class SlotFlights:
         """Run ``lead(sending)`` as the slot's leader, or follow the leader
         in flight. `lead` must call ``sending()`` just before its statement
         goes to the database (on every attempt)."""
+        self._arrivals += 1
+        arrival = self._arrivals
         while True:
             flight = self._flights.get(slot_id)
             if flight is None:
                 return await self._lead(slot_id, lead)
-            early = not flight.sent
             self.waiting += 1
             try:
                 await self._wait(flight)
             finally:
                 self.waiting -= 1
-            if flight.outcome is Outcome.HELD or (flight.outcome is Outcome.OCCUPIED and early):
+            if flight.outcome is Outcome.HELD or (
+                flight.outcome is Outcome.OCCUPIED
+                and flight.sent is not None
+                and arrival <= flight.sent
+            ):
                 self.coalesced += 1
                 raise SlotUnavailable(slot_id=str(slot_id), status=flight.status)
             # The next follower to get here leads; the others follow it.
@@ -104,7 +113,7 @@ class SlotFlights:
         self._flights[slot_id] = flight
 
         def sending() -> None:
-            flight.sent = True
+            flight.sent = self._arrivals
 
         # Any other failure, cancellation included, leaves the outcome
         # UNKNOWN: followers neither hang nor learn anything from it.

@@ -236,32 +236,36 @@ async def _started(flights: SlotFlights, slot: uuid.UUID, lead: Any) -> asyncio.
 async def test_only_followers_that_came_before_the_statement_reuse_an_occupied_slot() -> None:
     flights = SlotFlights()
     slot = uuid.uuid4()
+    send = asyncio.Event()
     release = asyncio.Event()
     led: list[str] = []
 
-    def leader(name: str, send: bool) -> Callable[[Callable[[], None]], Awaitable[str]]:
+    def leader(name: str) -> Callable[[Callable[[], None]], Awaitable[str]]:
         async def lead(sending: Callable[[], None]) -> str:
             led.append(name)
-            if send:
-                sending()
+            await send.wait()
+            sending()
             await release.wait()
+            await asyncio.sleep(0.01)  # the database's round trip
             raise SlotUnavailable(slot_id=str(slot), status="BOOKED")
 
         return lead
 
-    first = await _started(flights, slot, leader("first", send=False))
-    early = await _started(flights, slot, leader("early", send=True))
-    # The first leader now sends its statement; whoever comes later asks
-    # the database itself.
-    first_flight = flights._flights[slot]
-    first_flight.sent = True
-    late = await _started(flights, slot, leader("late", send=True))
+    first = await _started(flights, slot, leader("first"))
+    early = await _started(flights, slot, leader("early"))
+    # The first leader now sends its statement: whoever arrives later could
+    # have missed the occupant leaving, so it asks the database itself.
+    send.set()
+    await asyncio.sleep(0)
+    late = [await _started(flights, slot, leader(f"late{i}")) for i in range(3)]
     release.set()
-    results = await asyncio.gather(first, early, late, return_exceptions=True)
+    results = await asyncio.gather(first, early, *late, return_exceptions=True)
 
-    assert led == ["first", "late"]
+    # One of the late callers leads the next flight; the other two arrived
+    # before its statement, so its answer is theirs.
+    assert led[0] == "first" and len(led) == 2 and led[1].startswith("late"), led
     assert all(isinstance(r, SlotUnavailable) and r.status == "BOOKED" for r in results)
-    assert flights.coalesced == 1
+    assert flights.coalesced == 3
 
 
 async def test_a_leader_failing_for_itself_teaches_followers_nothing() -> None:
