@@ -27,15 +27,22 @@ CREATE FUNCTION booking_begin_request(
 ) RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_actor uuid := booking_request_actor(p_actor_id);
-    v_fingerprint text := md5(concat_ws('|', VARIADIC p_params));
+    v_actor uuid;
+    v_fingerprint text;
     v_key idempotency_keys;
     v_event appointment_events;
 BEGIN
-    PERFORM booking_require_snapshot_isolation();
+    -- Every transition starts here, so the common case is kept cheap: the
+    -- isolation is tested inline (a PERFORM is a query of its own, run only
+    -- to raise the error), and a request without an id computes no key.
+    IF current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
+        PERFORM booking_require_snapshot_isolation();
+    END IF;
     IF p_request_id IS NULL THEN
         RETURN NULL;
     END IF;
+    v_actor := booking_request_actor(p_actor_id);
+    v_fingerprint := md5(concat_ws('|', VARIADIC p_params));
     SELECT * INTO v_key FROM idempotency_keys
     WHERE actor_id = v_actor AND request_id = p_request_id;
     IF NOT FOUND THEN
