@@ -226,7 +226,16 @@ class Listener:
             timeout=connect_within,
             **tls_options(dsn),
         )
-        await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+        own = conn.get_server_pid()
+
+        def deliver(_c: object, pid: int, _ch: str, payload: str) -> None:
+            # Our own NOTIFYs come back to us too, but they announce commits
+            # this process already knows about (EventHub.committed wakes its
+            # tail directly): each would cost a redundant read of the log.
+            if pid != own:
+                on_notify(payload)
+
+        await conn.add_listener(channel, deliver)
         return cls(conn)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -11,6 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from booking.v1 import slot_pb2 as spb
 from service import convert
 from storage import models as m
+from storage import slots as slot_store
+from tests.support import Api, hours_from_now
 
 MOMENTS = [
     datetime(1, 1, 1, tzinfo=UTC),
@@ -56,3 +59,23 @@ def test_slot_from_fields_equals_slot_built_field_by_field() -> None:
     assert convert.slot(slot) == expected
     listed = spb.ListSlotsResponse(slots=[convert.slot_fields(slot)])
     assert list(listed.slots) == [expected]
+
+
+async def test_slots_read_from_the_database_are_complete(api: Api) -> None:
+    spec = await api.specialist()
+    created = await api.slot(spec.id, hours_from_now(12))
+    assert api.server.db is not None
+
+    got = await slot_store.get(api.server.db, uuid.UUID(created.id))
+
+    assert set(vars(got)) == {f.name for f in dataclasses.fields(m.Slot)}
+    assert got.status is m.SlotStatus.AVAILABLE
+    assert got == m.Slot(
+        id=uuid.UUID(created.id),
+        specialist_id=uuid.UUID(spec.id),
+        start_time=created.start_time.ToDatetime(UTC),
+        end_time=created.end_time.ToDatetime(UTC),
+        status=m.SlotStatus.AVAILABLE,
+        created_at=got.created_at,
+    )
+    assert convert.slot(got) == created
