@@ -1,4 +1,6 @@
--- Back to 0008: booking_begin_request as it was.
+-- Back to 0008: booking_begin_request as it was, without booking_refuse_hold.
+
+DROP FUNCTION booking_refuse_hold(uuid, uuid, appointment_priority, uuid, uuid, text);
 
 CREATE OR REPLACE FUNCTION booking_begin_request(
     p_operation text, p_actor_id uuid, p_request_id uuid, VARIADIC p_params text[]

@@ -94,10 +94,10 @@ async def hold(
     check_user_overlap: bool,
     request_id: UUID | None,
 ) -> AppointmentEvent:
-    """Hold a slot. Without a request id, concurrent holds of one slot in
-    this process reach the database one at a time, and those that wait are
-    answered from the outcome when it shows the slot taken
-    (storage/flights.py)."""
+    """Hold a slot. Concurrent holds of one slot in this process reach the
+    database one at a time, and those that wait are answered from the
+    outcome when it shows the slot taken (storage/flights.py); with a
+    request id, that answer is recorded under the id in the database."""
 
     def run(on_send: Callable[[], None] | None) -> Awaitable[AppointmentEvent]:
         return _transition(
@@ -113,9 +113,22 @@ async def hold(
             request_id=request_id,
         )
 
-    if request_id is not None:
-        return await run(None)
-    return await db.hold_flights.hold(slot_id, run)
+    if request_id is None:
+        return await db.hold_flights.hold(slot_id, run)
+
+    def refuse(status: str) -> Awaitable[AppointmentEvent]:
+        return _transition(
+            db,
+            fn.REFUSE_HOLD,
+            slot_id=slot_id,
+            user_id=user_id,
+            priority=priority.value,
+            actor_id=actor_id,
+            request_id=request_id,
+            status=status,
+        )
+
+    return await db.hold_flights.hold(slot_id, run, refuse)
 
 
 async def confirm(

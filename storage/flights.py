@@ -22,11 +22,14 @@ wait for its outcome:
   away): the outcome says nothing about the slot for the others, so the
   next follower becomes the leader and goes to the database itself.
 
-Only a hold with no request id joins: a request id may replay an old
-outcome (a success whose hold has long been cancelled says nothing about
-the slot now), and a request id's refusal is remembered in the database,
-which a follower answered here would skip. Such holds go to the database
-as before.
+A hold with a request id follows but never leads: its own outcome may be
+a replay of an old one (a success whose hold has long been cancelled says
+nothing about the slot now). When it is to be refused, the refusal is
+recorded in the database instead of the hold (booking_refuse_hold, one
+cheap statement that takes no lock on the slot), so the id gets the answer
+the hold would have given: a replay of its first outcome if it has one,
+else SLOT_UNAVAILABLE, remembered for its retries. Without a flight to
+follow, it goes to the database as before.
 
 Scope is one server process: replicas still meet in the database, where
 the row lock and the snapshot check keep them correct, only less
@@ -69,6 +72,10 @@ class _Flight:
         self.sent: int | None = None
 
 
+def _nothing() -> None:
+    pass
+
+
 class SlotFlights:
     """The holds in flight in this process, one per slot."""
 
@@ -84,15 +91,26 @@ class SlotFlights:
     def in_flight(self, slot_id: UUID) -> bool:
         return slot_id in self._flights
 
-    async def hold(self, slot_id: UUID, lead: Callable[[Callable[[], None]], Awaitable[T]]) -> T:
+    async def hold(
+        self,
+        slot_id: UUID,
+        lead: Callable[[Callable[[], None]], Awaitable[T]],
+        refuse: Callable[[str], Awaitable[T]] | None = None,
+    ) -> T:
         """Run ``lead(sending)`` as the slot's leader, or follow the leader
         in flight. `lead` must call ``sending()`` just before its statement
-        goes to the database (on every attempt)."""
+        goes to the database (on every attempt).
+
+        With `refuse`, the caller never leads (without a flight it runs
+        `lead` on its own), and a refusal is ``refuse(status)`` instead of
+        SlotUnavailable raised here."""
         self._arrivals += 1
         arrival = self._arrivals
         while True:
             flight = self._flights.get(slot_id)
             if flight is None:
+                if refuse is not None:
+                    return await lead(_nothing)
                 return await self._lead(slot_id, lead)
             self.waiting += 1
             try:
@@ -105,6 +123,8 @@ class SlotFlights:
                 and arrival <= flight.sent
             ):
                 self.coalesced += 1
+                if refuse is not None:
+                    return await refuse(flight.status)
                 raise SlotUnavailable(slot_id=str(slot_id), status=flight.status)
             # The next follower to get here leads; the others follow it.
 

@@ -68,6 +68,16 @@ HOLD_SLOT = _transition(
     "p_check_user_overlap",
     "p_request_id",
 )
+# A hold refused without reaching the slot, answered as the hold would be.
+REFUSE_HOLD = _transition(
+    "booking_refuse_hold",
+    "p_slot_id",
+    "p_user_id",
+    "p_priority",
+    "p_actor_id",
+    "p_request_id",
+    "p_status",
+)
 CONFIRM = _transition("booking_confirm", "p_id", "p_owner_id", "p_actor_id", "p_request_id")
 CANCEL = _transition(
     "booking_cancel", "p_id", "p_owner_id", "p_actor_id", "p_reason", "p_request_id"

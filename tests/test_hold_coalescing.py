@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -16,10 +17,12 @@ import pytest
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import appointment_pb2_grpc
+from storage import appointments as store
 from storage import deadline
+from storage import transitions as fn
 from storage.errors import DeadlineExceeded, SlotUnavailable, UserInactive
 from storage.flights import SlotFlights
-from storage.models import Role
+from storage.models import Priority, Role
 from tests.population import fetch, insert_clients
 from tests.support import Api, failure, hours_from_now
 
@@ -179,23 +182,22 @@ async def test_when_the_leader_gives_up_a_waiting_caller_can_still_win(
     assert await _live(database_url, herd.slot_id) == ["HOLD"]
 
 
-async def test_a_hold_with_a_request_id_goes_to_the_database_and_its_refusal_is_remembered(
+async def test_a_waiting_hold_with_a_request_id_is_refused_and_its_refusal_remembered(
     api: Api, database_url: str
 ) -> None:
     flights = api.server.db.hold_flights  # type: ignore[union-attr]
-    herd, tx, conn = await _setup(api, database_url, 2)
+    herd, tx, conn = await _setup(api, database_url, 3)
     request_id = str(uuid.uuid4())
     try:
         leader = asyncio.ensure_future(_answer(herd.call(0)))
         await _until(lambda: _backends_waiting(database_url), "the leader waits on the row lock")
-        coalesced = flights.coalesced
         copy = asyncio.ensure_future(_answer(herd.call(1, request_id=request_id)))
 
-        async def both_in_database() -> bool:
-            return await _backends_waiting(database_url) == 2
+        async def follows() -> bool:
+            return flights.waiting == 1
 
-        await _until(both_in_database, "the request with an id waits in the database too")
-        assert flights.waiting == 0
+        await _until(follows, "the request with an id waits for the leader")
+        assert await _backends_waiting(database_url) == 1
         await tx.rollback()
         won = await asyncio.wait_for(leader, 30)
         refused = await asyncio.wait_for(copy, 30)
@@ -203,10 +205,19 @@ async def test_a_hold_with_a_request_id_goes_to_the_database_and_its_refusal_is_
         await conn.close()
 
     assert won == ("OK", apb.APPOINTMENT_STATUS_HOLD)
-    assert refused[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "SLOT_UNAVAILABLE")
-    assert flights.coalesced == coalesced
-    # The slot frees up; a retry of the refused request still gets its
-    # first answer.
+    assert refused == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SLOT_UNAVAILABLE",
+        (("slot_id", herd.slot_id), ("status", "HOLD")),
+    )
+    keys = await fetch(
+        database_url,
+        "SELECT operation, event_id, error_reason FROM idempotency_keys WHERE request_id = $1",
+        uuid.UUID(request_id),
+    )
+    assert [tuple(k) for k in keys] == [("HoldSlot", None, "SLOT_UNAVAILABLE")]
+    # The slot frees up: a retry of the refused request still gets its first
+    # answer, and the id with other parameters is refused as reused.
     await fetch(
         database_url,
         "UPDATE appointments SET status = 'CANCELLED', expires_at = NULL WHERE time_slot_id = $1",
@@ -219,9 +230,61 @@ async def test_a_hold_with_a_request_id_goes_to_the_database_and_its_refusal_is_
     )
     try:
         retried = await _answer(herd.call(1, request_id=request_id))
+        reused = await _answer(herd.call(2, request_id=request_id))
     finally:
         await herd.close()
     assert retried == refused
+    assert reused[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+
+
+async def test_the_refusal_of_a_waiting_hold_replays_what_its_request_id_already_has(
+    api: Api, database_url: str
+) -> None:
+    """booking_refuse_hold answers as the hold would: a replay of the id's
+    first outcome, else SLOT_UNAVAILABLE remembered under the id."""
+    spec = await api.specialist()
+    slot = await api.slot(spec.id, hours_from_now(95))
+    (user,) = await insert_clients(database_url, 1)
+    actor = uuid.UUID(await api.user_id())
+    request_id = uuid.uuid4()
+    db = api.server.db
+    assert db is not None
+    held = await store.hold(
+        db,
+        slot_id=uuid.UUID(slot.id),
+        user_id=uuid.UUID(user),
+        priority=Priority.NORMAL,
+        actor_id=actor,
+        hold_ttl=timedelta(minutes=5),
+        check_user_overlap=True,
+        request_id=request_id,
+    )
+    conn = await asyncpg.connect(
+        database_url, server_settings={"default_transaction_isolation": "repeatable read"}
+    )
+    try:
+        replayed = await conn.fetchrow(
+            fn.REFUSE_HOLD.sql, uuid.UUID(slot.id), uuid.UUID(user), "NORMAL", actor,
+            request_id, "HOLD",
+        )  # fmt: skip
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await conn.fetchrow(
+                fn.REFUSE_HOLD.sql, uuid.UUID(slot.id), uuid.UUID(user), "NORMAL", actor,
+                uuid.uuid4(), "HOLD",
+            )  # fmt: skip
+        with pytest.raises(asyncpg.PostgresError) as reused:
+            await conn.fetchrow(
+                fn.REFUSE_HOLD.sql, uuid.UUID(slot.id), actor, "NORMAL", actor,
+                request_id, "HOLD",
+            )  # fmt: skip
+    finally:
+        await conn.close()
+
+    assert replayed is not None and replayed["id"] == held.id
+    assert refused.value.sqlstate == "BK001"
+    assert getattr(refused.value, "message", "") == "SLOT_UNAVAILABLE"
+    assert getattr(refused.value, "hint", "")  # the key storage/ remembers it under
+    assert getattr(reused.value, "message", "") == "REQUEST_ID_REUSED"
 
 
 # -- the coalescing itself, without a server --------------------------------

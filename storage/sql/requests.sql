@@ -102,6 +102,35 @@ BEGIN
 END
 $$;
 
+-- The answer of a hold that was not let near the slot: the server refused
+-- it because, while it waited, another hold of the slot committed
+-- (storage/flights.py). With a request id it gets the answer the hold itself
+-- would give: a replay of the id's first outcome, or SLOT_UNAVAILABLE,
+-- remembered as the id's outcome like any refusal. The parameters behind the
+-- key are booking_hold_slot's, so a later copy that reaches the slot replays
+-- this answer, and a copy with other parameters is REQUEST_ID_REUSED.
+CREATE FUNCTION booking_refuse_hold(
+    p_slot_id uuid,
+    p_user_id uuid,
+    p_priority appointment_priority,
+    p_actor_id uuid,
+    p_request_id uuid,
+    p_status text
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_event appointment_events;
+BEGIN
+    v_event := booking_begin_request('HoldSlot', p_actor_id, p_request_id,
+        p_slot_id::text, p_user_id::text, p_priority::text, p_actor_id::text);
+    IF v_event.id IS NOT NULL THEN
+        RETURN v_event;
+    END IF;
+    PERFORM booking_fail('SLOT_UNAVAILABLE', jsonb_build_object(
+        'slot_id', p_slot_id, 'status', p_status));
+END
+$$;
+
 -- Forgets up to p_limit keys older than p_retention. SKIP LOCKED lets
 -- several replicas prune at once without waiting on each other.
 CREATE FUNCTION booking_forget_request_ids(p_retention interval, p_limit integer)
