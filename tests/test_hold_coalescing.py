@@ -148,7 +148,7 @@ async def test_when_the_leader_gives_up_a_waiting_caller_can_still_win(
     flights = api.server.db.hold_flights  # type: ignore[union-attr]
     herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
     try:
-        leader_call = herd.call(0, seconds=1.5 if how == "deadline" else 30)
+        leader_call = herd.call(0, seconds=4 if how == "deadline" else 30)
         leader = asyncio.ensure_future(_answer(leader_call))
         await _until(lambda: _backends_waiting(database_url), "the leader waits on the row lock")
         followers = [asyncio.ensure_future(_answer(herd.call(i))) for i in range(1, FOLLOWERS + 1)]
