@@ -60,6 +60,7 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.reason = ""
         metadata = cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
+        self.metadata = metadata
         self.span = telemetry.start_rpc_span(method, metadata)
         self.request = request_context.begin(
             request_context.request_id_from(metadata),
@@ -146,14 +147,22 @@ class _Call:
             level = logging.DEBUG
         else:
             level = logging.INFO
-        log.log(
-            level,
-            "%s %s %.1fms%s",
-            self.method,
-            self.code.name,
-            elapsed_ms,
-            f" {self.reason}" if self.reason else "",
-            extra=extra,
+        if not log.isEnabledFor(level):
+            return
+        # The record is made and handled directly: Logger.log would also
+        # walk the stack for the caller's file and line (findCaller), which
+        # no formatter here shows, on every call.
+        log.handle(
+            log.makeRecord(
+                log.name,
+                level,
+                __file__,
+                0,
+                "%s %s %.1fms%s",
+                (self.method, self.code.name, elapsed_ms, f" {self.reason}" if self.reason else ""),
+                None,
+                extra=extra,
+            )
         )
 
     def _record(self) -> None:
@@ -268,9 +277,8 @@ class ServiceInterceptor(ServerInterceptor):
             **raw,
         )
 
-    async def _authorize(self, method: str, context: Context) -> None:
-        metadata = cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
-        auth.set_current(await self.authenticator.authorize(method, metadata))
+    async def _authorize(self, method: str, call: _Call) -> None:
+        auth.set_current(await self.authenticator.authorize(method, call.metadata))
 
     def _unary(self, method: str, inner: Unary, prepare: Prepare, open_: bool) -> Unary:
         async def behavior(request: Any, context: Context) -> Any:
@@ -279,7 +287,7 @@ class ServiceInterceptor(ServerInterceptor):
             try:
                 try:
                     if not open_:
-                        await self._authorize(method, context)
+                        await self._authorize(method, call)
                     response = await inner(prepare(request), context)
                 except asyncio.CancelledError:
                     call.cancelled()
@@ -302,7 +310,7 @@ class ServiceInterceptor(ServerInterceptor):
             sent = 0
             try:
                 if not open_:
-                    await self._authorize(method, context)
+                    await self._authorize(method, call)
                 async for message in inner(prepare(request), context):
                     call.give_up_if_expired()
                     yield message

@@ -4,6 +4,7 @@ names them) and the reads."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -38,7 +39,17 @@ def _appointment(row: asyncpg.Record) -> Appointment:
     )
 
 
-async def _transition(db: Database, function: fn.Function, **values: object) -> AppointmentEvent:
+_REMEMBER = fn.REMEMBER_FAILURE.statement(
+    {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
+)
+
+
+async def _transition(
+    db: Database,
+    function: fn.Function,
+    on_send: Callable[[], None] | None = None,
+    **values: object,
+) -> AppointmentEvent:
     """Run a transition; with a request id, its business failure is
     remembered too, so every copy of the request gets one answer.
 
@@ -49,13 +60,13 @@ async def _transition(db: Database, function: fn.Function, **values: object) -> 
     request is replayed to answer with that outcome instead. A copy that
     committed concurrently makes the second statement fail with 40001 or
     the key's unique violation, and Database.run's retry replays."""
-    sql = function.statement()
+    sql = function.sql
     args = function.values(**values)
-    remember = fn.REMEMBER_FAILURE.statement(
-        {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
-    )
+    remember = _REMEMBER
 
     async def work(conn: Connection) -> asyncpg.Record:
+        if on_send is not None:
+            on_send()
         try:
             return await conn.fetchrow(sql, *args)
         except asyncpg.PostgresError as exc:
@@ -84,18 +95,42 @@ async def hold(
     request_id: UUID | None,
     policy_exempt: bool,
 ) -> AppointmentEvent:
-    return await _transition(
-        db,
-        fn.HOLD_SLOT,
-        slot_id=slot_id,
-        user_id=user_id,
-        priority=priority.value,
-        actor_id=actor_id,
-        hold_ttl=hold_ttl,
-        check_user_overlap=check_user_overlap,
-        request_id=request_id,
-        policy_exempt=policy_exempt,
-    )
+    """Hold a slot. Concurrent holds of one slot in this process reach the
+    database one at a time, and those that wait are answered from the
+    outcome when it shows the slot taken (storage/flights.py); with a
+    request id, that answer is recorded under the id in the database."""
+
+    def run(on_send: Callable[[], None] | None) -> Awaitable[AppointmentEvent]:
+        return _transition(
+            db,
+            fn.HOLD_SLOT,
+            on_send,
+            slot_id=slot_id,
+            user_id=user_id,
+            priority=priority.value,
+            actor_id=actor_id,
+            hold_ttl=hold_ttl,
+            check_user_overlap=check_user_overlap,
+            request_id=request_id,
+            policy_exempt=policy_exempt,
+        )
+
+    if request_id is None:
+        return await db.hold_flights.hold(slot_id, run)
+
+    def refuse(status: str) -> Awaitable[AppointmentEvent]:
+        return _transition(
+            db,
+            fn.REFUSE_HOLD,
+            slot_id=slot_id,
+            user_id=user_id,
+            priority=priority.value,
+            actor_id=actor_id,
+            request_id=request_id,
+            status=status,
+        )
+
+    return await db.hold_flights.hold(slot_id, run, refuse)
 
 
 async def confirm(
@@ -172,7 +207,7 @@ async def reschedule(
 
 async def _count(db: Database, function: fn.Function, **values: object) -> int:
     """Run a batch function that returns how many rows it handled."""
-    sql = function.statement()
+    sql = function.sql
     args = function.values(**values)
 
     async def work(conn: Connection) -> int:

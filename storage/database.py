@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from storage import deadline, errors
+from storage.flights import SlotFlights
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +299,8 @@ class Database:
         self.span: Callable[[Callable[..., Any], int], AbstractContextManager[None]] | None = None
         # Calls waiting for a pooled connection right now.
         self.acquiring = 0
+        # Holds of one slot reach the database one at a time from here.
+        self.hold_flights = SlotFlights()
 
     @classmethod
     async def connect(

@@ -61,14 +61,20 @@ _STABLE_HEAD = (
 _PRUNED = "booking_event_horizon"
 
 
+# Enum members by value, without the Enum call's machinery (every row read).
+_STATUS = {s.value: s for s in AppointmentStatus}
+_PRIORITY = {p.value: p for p in Priority}
+_TYPE = {t.value: t for t in EventType}
+
+
 def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
     appointment = Appointment(
         id=row["appointment_id"],
         user_id=row["user_id"],
         specialist_id=row["specialist_id"],
         slot_id=row["time_slot_id"],
-        status=AppointmentStatus(row["new_status"]),
-        priority=Priority(row["priority"]),
+        status=_STATUS[row["new_status"]],
+        priority=_PRIORITY[row["priority"]],
         start_time=row["start_time"],
         end_time=row["end_time"],
         expires_at=row["expires_at"],
@@ -79,9 +85,9 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
     return AppointmentEvent(
         id=row["id"],
         position=Position(row["xid"], row["seq"]),
-        type=EventType(row["event_type"]),
+        type=_TYPE[row["event_type"]],
         created_at=row["created_at"],
-        old_status=AppointmentStatus(old) if old else None,
+        old_status=_STATUS[old] if old else None,
         appointment=appointment,
         actor_id=row["actor_id"],
         reason=row["reason"],
@@ -232,7 +238,16 @@ class Listener:
             timeout=connect_within,
             **tls_options(dsn),
         )
-        await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+        own = conn.get_server_pid()
+
+        def deliver(_c: object, pid: int, _ch: str, payload: str) -> None:
+            # Our own NOTIFYs come back to us too, but they announce commits
+            # this process already knows about (EventHub.committed wakes its
+            # tail directly): each would cost a redundant read of the log.
+            if pid != own:
+                on_notify(payload)
+
+        await conn.add_listener(channel, deliver)
         return cls(conn)
 
     @property

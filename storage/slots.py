@@ -24,6 +24,9 @@ _INSERT_SLOTS = fn.INSERT_SLOTS.statement(
     }
 )
 
+# By value, without the Enum call's machinery: this runs for every row read.
+_STATUS = {s.value: s for s in SlotStatus}
+
 
 @dataclass(frozen=True)
 class NewSlot:
@@ -32,15 +35,18 @@ class NewSlot:
     end_time: datetime
 
 
+_new = object.__new__
+
+
 def _slot(row: asyncpg.Record) -> Slot:
-    return Slot(
-        id=row["id"],
-        specialist_id=row["specialist_id"],
-        start_time=row["start_time"],
-        end_time=row["end_time"],
-        status=SlotStatus(row["status"]),
-        created_at=row["created_at"],
-    )
+    # The row's columns are the record's fields (_COLUMNS): filled in one
+    # step, not through the frozen dataclass's __init__, which sets each
+    # field with object.__setattr__; a day's listing builds dozens of these.
+    slot: Slot = _new(Slot)
+    fields = slot.__dict__
+    fields.update(row.items())
+    fields["status"] = _STATUS[row["status"]]
+    return slot
 
 
 async def lock_specialists(

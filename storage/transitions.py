@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from storage.events import EVENT_COLUMNS
@@ -42,6 +43,12 @@ class Function:
             return f"SELECT * FROM {self.call(args)}"
         return f"SELECT {self.call(args)}"
 
+    @cached_property
+    def sql(self) -> str:
+        """:meth:`statement` with $1, $2, … in order, built once (it was
+        rebuilt on every call)."""
+        return self.statement()
+
     def values(self, **kwargs: Any) -> list[Any]:
         """Positional values for :meth:`statement`, from keyword arguments
         named like the parameters without their ``p_`` prefix."""
@@ -67,6 +74,16 @@ HOLD_SLOT = _transition(
     "p_check_user_overlap",
     "p_request_id",
     "p_policy_exempt",
+)
+# A hold refused without reaching the slot, answered as the hold would be.
+REFUSE_HOLD = _transition(
+    "booking_refuse_hold",
+    "p_slot_id",
+    "p_user_id",
+    "p_priority",
+    "p_actor_id",
+    "p_request_id",
+    "p_status",
 )
 CONFIRM = _transition("booking_confirm", "p_id", "p_owner_id", "p_actor_id", "p_request_id")
 CANCEL = _transition(

@@ -53,19 +53,19 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         streams send it (conversion dominated the cost of 100 streams)."""
         message = self._wire_cache.get(event.position)
         if message is None:
-            message = pb.WatchAppointmentEventsResponse(event=convert.event(event))
+            message = pb.WatchAppointmentEventsResponse(event=convert.event_fields(event))
             self._wire_cache[event.position] = message
             if len(self._wire_cache) > WIRE_CACHE_SIZE:
                 self._wire_cache.popitem(last=False)
         return message
 
-    def _committed(self, event: AppointmentEvent) -> pb.Appointment:
+    def _committed(self, event: AppointmentEvent) -> convert.Fields:
         """The appointment a transition answers with; wakes the watchers.
 
         A replayed request (same request_id) wakes them needlessly, which
         costs one empty read."""
         self.hub.committed()
-        return convert.appointment(event.appointment)
+        return convert.appointment_fields(event.appointment)
 
     async def HoldSlot(self, request: pb.HoldSlotRequest, context: Context) -> pb.HoldSlotResponse:
         caller = auth.current().require_user()
@@ -216,7 +216,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             limit=size,
         )
         return pb.ListAppointmentsResponse(
-            appointments=[convert.appointment(a) for a in page.items],
+            appointments=[convert.appointment_fields(a) for a in page.items],
             next_page_token=pagination.next_token(
                 page, lambda item: [item.start_time.isoformat(), item.id], filters
             ),
@@ -272,7 +272,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             after = resumed
         batch, reached, _ = await event_store.read_after(self.db, after, filter_, size)
         return pb.ListAppointmentEventsResponse(
-            events=[convert.event(e) for e in batch],
+            events=[convert.event_fields(e) for e in batch],
             next_page_token=pagination.encode([convert.cursor(reached)], filters)
             if len(batch) == size
             else "",

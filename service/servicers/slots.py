@@ -68,7 +68,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         v.check()
         created = await store.create_many(self.db, [n for n in new if n is not None])
         self._created(created)
-        return pb.BatchCreateSlotsResponse(slots=[convert.slot(s) for s in created])
+        return pb.BatchCreateSlotsResponse(slots=[convert.slot_fields(s) for s in created])
 
     async def GetSlot(self, request: pb.GetSlotRequest, context: Context) -> pb.GetSlotResponse:
         v = Validator()
@@ -99,7 +99,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
             limit=size,
         )
         return pb.ListSlotsResponse(
-            slots=[convert.slot(s) for s in page.items],
+            slots=[convert.slot_fields(s) for s in page.items],
             next_page_token=pagination.next_token(
                 page, lambda item: [item.start_time.isoformat(), item.id], filters
             ),

@@ -27,15 +27,22 @@ CREATE FUNCTION booking_begin_request(
 ) RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_actor uuid := booking_request_actor(p_actor_id);
-    v_fingerprint text := md5(concat_ws('|', VARIADIC p_params));
+    v_actor uuid;
+    v_fingerprint text;
     v_key idempotency_keys;
     v_event appointment_events;
 BEGIN
-    PERFORM booking_require_snapshot_isolation();
+    -- Every transition starts here, so the common case is kept cheap: the
+    -- isolation is tested inline (a PERFORM is a query of its own, run only
+    -- to raise the error), and a request without an id computes no key.
+    IF current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
+        PERFORM booking_require_snapshot_isolation();
+    END IF;
     IF p_request_id IS NULL THEN
         RETURN NULL;
     END IF;
+    v_actor := booking_request_actor(p_actor_id);
+    v_fingerprint := md5(concat_ws('|', VARIADIC p_params));
     SELECT * INTO v_key FROM idempotency_keys
     WHERE actor_id = v_actor AND request_id = p_request_id;
     IF NOT FOUND THEN
@@ -92,6 +99,35 @@ BEGIN
     ON CONFLICT (actor_id, request_id) DO NOTHING
     RETURNING TRUE INTO v_inserted;
     RETURN coalesce(v_inserted, FALSE);
+END
+$$;
+
+-- The answer of a hold that was not let near the slot: the server refused
+-- it because, while it waited, another hold of the slot committed
+-- (storage/flights.py). With a request id it gets the answer the hold itself
+-- would give: a replay of the id's first outcome, or SLOT_UNAVAILABLE,
+-- remembered as the id's outcome like any refusal. The parameters behind the
+-- key are booking_hold_slot's, so a later copy that reaches the slot replays
+-- this answer, and a copy with other parameters is REQUEST_ID_REUSED.
+CREATE FUNCTION booking_refuse_hold(
+    p_slot_id uuid,
+    p_user_id uuid,
+    p_priority appointment_priority,
+    p_actor_id uuid,
+    p_request_id uuid,
+    p_status text
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_event appointment_events;
+BEGIN
+    v_event := booking_begin_request('HoldSlot', p_actor_id, p_request_id,
+        p_slot_id::text, p_user_id::text, p_priority::text, p_actor_id::text);
+    IF v_event.id IS NOT NULL THEN
+        RETURN v_event;
+    END IF;
+    PERFORM booking_fail('SLOT_UNAVAILABLE', jsonb_build_object(
+        'slot_id', p_slot_id, 'status', p_status));
 END
 $$;
 
