@@ -56,6 +56,7 @@ class Options:
     history_concurrency: list[int] = field(default_factory=lambda: [16])
     # --profile: figure-key patterns whose runs are profiled (empty: none).
     profile: list[str] = field(default_factory=list)
+    profile_native: bool = False
 
 
 class Progress:

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         f" {PROFILE_DEFAULT}); written to <results>/profiles/",
     )
     p.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: C frames too (py-spy --native; pauses the server per sample)",
+    )
+    p.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL") or None,
         help="PostgreSQL server to use (a scratch database is created there and dropped;"
@@ -209,6 +214,7 @@ def parse(argv: Sequence[str]) -> Options:
         history_rows=int(values["history_rows"]),
         history_concurrency=values["history_concurrency"],
         profile=[p.strip() for p in (args.profile or "").split(",") if p.strip()],
+        profile_native=args.profile_native,
     )
 
 
@@ -556,7 +562,7 @@ def _profiler(b: Bench, started: float) -> Profiler:
     if enable_function_timing(b.db.admin_url, b.db.name):
         b.notes.append("--profile: track_functions = all on the scratch databases")
     b.progress.info(f"profiling {', '.join(b.opts.profile)} into {out}")
-    return Profiler(out, b.opts.profile)
+    return Profiler(out, b.opts.profile, native=b.opts.profile_native)
 
 
 def _finish(b: Bench, started: float) -> int:

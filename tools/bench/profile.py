@@ -158,6 +158,7 @@ class Profiler:
     out_dir: Path
     patterns: list[str]
     rate: int = 200
+    native: bool = False
     written: list[Path] = field(default_factory=list)
     summaries: dict[str, str] = field(default_factory=dict)
     _spies: list[_Spy] = field(default_factory=list)
@@ -183,9 +184,12 @@ class Profiler:
                 path = self.out_dir / f"{key}.{name}.raw.txt"
                 cmd = [
                     binary, "record", "--pid", str(pid), "--rate", str(self.rate),
-                    "--format", "raw", "--nolineno", "--nonblocking", "--subprocesses",
-                    "--output", str(path),
+                    "--format", "raw", "--nolineno", "--subprocesses", "--output", str(path),
                 ]  # fmt: skip
+                # Native frames name the C code under the event loop (grpc's
+                # core, uvloop, syscalls), but py-spy must pause the process
+                # for each sample, and a thread blocked in epoll counts too.
+                cmd += ["--native"] if self.native else ["--nonblocking"]
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 self._spies.append(_Spy(name, path, proc))
             time.sleep(0.3)  # py-spy attaches before the load starts
@@ -203,6 +207,8 @@ class Profiler:
                 _, err = spy.proc.communicate()
             if not spy.path.exists():
                 problems.append(f"py-spy on {spy.name}: {err.decode(errors='replace')[-300:]}")
+        # Backends report function statistics at most once a second.
+        time.sleep(1.5)
         source, after = asyncio.run(_sql_snapshot(self._url))
         sql = _sql_delta(self._sql_before, after)
         text = self._markdown(calls, source, sql, problems)
@@ -246,13 +252,25 @@ class Profiler:
             ]
             out += [f"| {n / total:.1%} | {n:,} | `{f}` |" for f, n in inclusive] if total else []
             out.append("")
-        out += [f"## SQL: {source}", "", "| per call ms | calls per call | total ms | what |"]
-        out.append("| --- | --- | --- | --- |")
+        # Function statistics reach the server late (an idle backend may
+        # hold them for seconds): per call is per call of the most-called
+        # function, the entry point, which those statistics did count.
+        per_calls = calls
+        if sql and "blocks" not in sql[0]:
+            per_calls = int(max(d["calls"] for d in sql)) or calls
+        out += [
+            f"## SQL: {source}",
+            "",
+            f"Per call: divided by {per_calls:,} calls.",
+            "",
+            "| ms per call | executions per call | total ms | what |",
+            "| --- | --- | --- | --- |",
+        ]
         for d in sql[:TOP]:
-            per = d["ms"] / calls if calls else 0.0
+            per = d["ms"] / per_calls if per_calls else 0.0
             out.append(
-                f"| {per:.4f} | {d['calls'] / calls if calls else 0:.2f} | {d['ms']:,.1f} |"
-                f" `{str(d['what']).replace('|', '/')}` |"
+                f"| {per:.4f} | {d['calls'] / per_calls if per_calls else 0:.2f}"
+                f" | {d['ms']:,.1f} | `{str(d['what']).replace('|', '/')}` |"
             )
         if problems:
             out += ["", "Problems:", ""] + [f"- {p}" for p in problems]
