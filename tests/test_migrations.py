@@ -42,6 +42,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0006.email-key",
         "0007.sql-source-tree",
         "0008.event-retention",
+        "0011.history-indexes",
     ]
     before = await _counts(database_url)
     assert before[0] == 9 and before[1] == 4 and before[2] > 10
