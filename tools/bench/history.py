@@ -274,9 +274,11 @@ async def mark(url: str) -> float:
 
 
 async def reset(url: str, since: float) -> None:
-    """Undo the measured holds, keeping the fixtures and the history."""
+    """Undo the measured holds, keeping the fixtures and the history.
+    Run while no server works on the database."""
     conn = await db.connect(url)
     try:
+        await conn.execute("SET default_transaction_isolation = 'read committed'")
         await conn.execute("DELETE FROM idempotency_keys")
         await conn.execute(
             "DELETE FROM appointment_events WHERE created_at >= to_timestamp($1)", since

@@ -558,6 +558,9 @@ def history_scenario(b: Bench) -> None:
     order = HISTORY_SIDES if b.rep % 2 == 0 else HISTORY_SIDES[::-1]
     for side_name in order:
         side = data.sides[side_name]
+        # Before the server starts: its sweeper expires the last repeat's
+        # holds, which would race the reset.
+        asyncio.run(history.reset(side.url, side.since))
         side.server = ServerProcess.booking(
             f"server-{side_name}",
             side.url,
@@ -594,8 +597,6 @@ def _history_run(
         f"{label}, {rows:,} rows of history, concurrency {c}",
     )
     assert side.server is not None
-    if op == "hold":
-        asyncio.run(history.reset(side.url, side.since))
     parts = split(c, b.pool.size)
     per = data.seeded.pool_size // len(parts)
     reads = data.shape.reads(side.resume_cursor)
