@@ -253,17 +253,24 @@ def contention(b: Bench) -> None:
 
 
 def _untrue_refusals(b: Bench, merged: dict[int, dict[str, Any]]) -> int | None:
-    """Refusals that no committed hold justified: every refusal in a round
-    whose slot ended up free, and every refusal answered before the
-    winner's hold committed (by PostgreSQL's commit timestamp). None when
-    the server keeps no commit timestamps."""
+    """Refusals no committed hold justified (count_untrue_refusals); None
+    when the server keeps no commit timestamps."""
     committed = asyncio.run(db.hold_commit_times(b.db.url, 0, b.opts.rounds))
     if committed is None:
         return None
+    by_round = {r: committed.get(str(db.pool_uuid(db.POOL_SLOT, r))) for r in merged}
+    return count_untrue_refusals({r: m["refused_at"] for r, m in merged.items()}, by_round)
+
+
+def count_untrue_refusals(
+    refused_at: dict[int, list[float]], committed: dict[int, float | None]
+) -> int:
+    """Every refusal in a round whose slot ended up free, and every refusal
+    answered (wall clock) before the round's winning hold committed."""
     untrue = 0
-    for r, m in merged.items():
-        at = committed.get(str(db.pool_uuid(db.POOL_SLOT, r)))
-        untrue += sum(1 for w in m["refused_at"] if at is None or w < at)
+    for r, times in refused_at.items():
+        at = committed.get(r)
+        untrue += sum(1 for t in times if at is None or t < at)
     return untrue
 
 
