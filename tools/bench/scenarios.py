@@ -577,9 +577,9 @@ def history_scenario(b: Bench) -> None:
         side.server.start()
         try:
             side.token = _login(side.server, data.seeded.operator_email)
-            for c in b.opts.history_concurrency:
+            for part, c in enumerate(b.opts.history_concurrency):
                 for op, label in HISTORY_OPS:
-                    _history_run(b, data, side, op, label, c)
+                    _history_run(b, data, side, op, label, c, part)
         finally:
             side.server.stop()
     if b.rep == 0:
@@ -595,7 +595,7 @@ def _login(server: ServerProcess, email: str) -> str:
 
 
 def _history_run(
-    b: Bench, data: HistoryData, side: HistorySide, op: str, label: str, c: int
+    b: Bench, data: HistoryData, side: HistorySide, op: str, label: str, c: int, part: int
 ) -> None:
     rows = data.shape.rows if side.name == "history" else 0
     fig = b.figure(
@@ -605,7 +605,10 @@ def _history_run(
     )
     assert side.server is not None
     parts = split(c, b.pool.size)
-    per = data.seeded.pool_size // len(parts)
+    # Each concurrency's holds take their own share of the pool: the
+    # database is reset once per repeat.
+    share = data.seeded.pool_size // len(b.opts.history_concurrency)
+    per = share // len(parts)
     reads = data.shape.reads(side.resume_cursor)
     jobs = {
         i: Job(
@@ -614,7 +617,7 @@ def _history_run(
             target=side.server.target,
             token=side.token,
             method=op,
-            first=i * per,
+            first=part * share + i * per,
             count=per if op == "hold" else 10**9,
             seed=b.rep * 1000 + i,
             reads=reads,
