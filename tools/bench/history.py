@@ -359,7 +359,7 @@ def read_statements(
         ),
         "ListAppointmentEvents (a user's, from the start)": (
             events.format(user=" AND e.user_id = $3", limit="$4"),
-            ["0", 0, reader, PAGE],
+            ["0", 0, reader, 2],
         ),
     }
 
