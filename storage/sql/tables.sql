@@ -134,6 +134,9 @@ CREATE TABLE appointment_events (
 );
 CREATE UNIQUE INDEX appointment_events_position ON appointment_events (xid, seq);
 CREATE INDEX appointment_events_appointment ON appointment_events (appointment_id, xid, seq);
+-- One user's events in stream order: a CLIENT reads only its own events,
+-- and without this a read from an old cursor scans the whole log below it.
+CREATE INDEX appointment_events_user ON appointment_events (user_id, xid, seq);
 
 -- AIP-155 request ids, per caller: each key stores the first outcome of the
 -- request, the event of a success or the reason and detail of a business

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import grpc
 
 from bench import db
+from bench import profile as profiling
 from bench.load import Job, WorkerPool, latencies_of
 from bench.procs import CpuMeter, ServerProcess
 from bench.report import Figure
@@ -51,6 +52,11 @@ class Options:
     keep_data: bool
     pgbench: bool
     pool_size: int
+    history_rows: int = 0
+    history_concurrency: list[int] = field(default_factory=lambda: [16])
+    # --profile: figure-key patterns whose runs are profiled (empty: none).
+    profile: list[str] = field(default_factory=list)
+    profile_native: bool = False
 
 
 class Progress:
@@ -189,6 +195,14 @@ class Bench:
         self.reads: db.ReadsData | None = None
         self.search: db.SearchData | None = None
         self.rep = 0
+        # Set by the history scenario's preparation (bench.scenarios).
+        self.history: Any = None
+        # Run at the end, before the main scratch database is dropped.
+        self.cleanups: list[Callable[[], None]] = []
+        # Markdown sections for the results file (profiles, query plans).
+        self.appendix: list[str] = []
+        self.profiler: profiling.Profiler | None = None
+        self._current_figure = ""
 
     # -- servers ------------------------------------------------------------------
 
@@ -266,6 +280,8 @@ class Bench:
     def figure(self, key: str, scenario: str, label: str, **kw: Any) -> Figure:
         if key not in self.figures:
             self.figures[key] = Figure(key=key, scenario=scenario, label=label, **kw)
+        # The figure a scenario asks for is the one its next load() measures.
+        self._current_figure = key
         return self.figures[key]
 
     def meter(self, servers: list[ServerProcess]) -> CpuMeter:
@@ -296,14 +312,39 @@ class Bench:
             for i, c in enumerate(parts)
         }
 
-    def load(self, label: str, jobs: dict[int, Job], servers: list[ServerProcess]) -> Run:
+    def load(
+        self,
+        label: str,
+        jobs: dict[int, Job],
+        servers: list[ServerProcess],
+        database_url: str | None = None,
+    ) -> Run:
         """Run `jobs` for the configured duration, metering CPU of `servers`,
-        PostgreSQL and the client processes."""
+        PostgreSQL and the client processes; with --profile, sampled too
+        when the current figure is one of those asked for."""
         meter = self.meter(servers)
         ticker = self.progress.run_ticker(label, self.opts.duration)
-        results = self.pool.run(jobs, self.opts.duration, on_ready=meter.start, on_tick=ticker)
+        key = self._current_figure
+        profiler = self.profiler if self.profiler and self.profiler.wants(key) else None
+        if profiler is not None:
+            note = profiler.start(
+                f"{key}.run{self.rep + 1}",
+                {s.name: s.pid for s in servers},
+                database_url or self.db.url,
+            )
+            if note and note not in self.notes:
+                self.notes.append(note)
+        try:
+            results = self.pool.run(jobs, self.opts.duration, on_ready=meter.start, on_tick=ticker)
+        except BaseException:
+            if profiler is not None:
+                profiler.abort()
+            raise
         run = Run.merge(results, meter.stop())
         run.postgres_by = meter.postgres_by
+        if profiler is not None:
+            path = profiler.stop(run.codes.get("OK", 0) or run.calls)
+            self.progress.info(f"  profile: {path}")
         return run
 
     def report_run(self, fig: Figure, sample: dict[str, Any]) -> None:

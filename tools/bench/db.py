@@ -73,6 +73,34 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+async def create_database(admin_url: str, name: str, *, template: str | None = None) -> None:
+    """A new scratch database (dropped first if a previous run left it)."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
+    finally:
+        await conn.close()
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    await _drop_database(admin_url, name)
+
+
+async def first_future_day(url: str) -> int:
+    """Tomorrow, UTC midnight, in epoch seconds: where future slots begin."""
+    conn = await connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT extract(epoch FROM date_trunc('day', now()) + interval '1 day')::bigint"
+            )
+        )
+    finally:
+        await conn.close()
+
+
 @dataclass
 class BenchDatabase:
     """A scratch database, on an embedded server or on DATABASE_URL's."""
@@ -123,6 +151,8 @@ def prepare(*, database_url: str | None, pg_dir: Path, durable: bool) -> BenchDa
         # max_connections: 2 replicas x pool + 64 direct clients + pgbench 64 + spare.
         pg = embedded.start(pg_dir, unsafe_fast=not durable, max_connections=300)
         admin_url = pg.url("postgres")
+        if pg.started_here:
+            _track_commit_timestamps(pg, admin_url)
     name = f"booking_bench_{secrets.token_hex(4)}"
     try:
         asyncio.run(_create_database(admin_url, name))
@@ -138,6 +168,42 @@ def prepare(*, database_url: str | None, pg_dir: Path, durable: bool) -> BenchDa
         bdb.close()
         raise
     return bdb
+
+
+def _track_commit_timestamps(pg: embedded.EmbeddedPostgres, admin_url: str) -> None:
+    """Commit timestamps let the contention scenario check that every
+    refusal came after a committed hold (a server restart to take effect)."""
+
+    async def enable() -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
+        finally:
+            await conn.close()
+
+    asyncio.run(enable())
+    # -l: without a log file the new postmaster would hold our output pipe open.
+    log_file = str(pg.pgdata / "server.log")
+    embedded.pg_ctl(pg.pgdata, "restart", "-m", "fast", "-w", "-t", "60", "-l", log_file)
+
+
+async def hold_commit_times(url: str, first: int, count: int) -> dict[str, float] | None:
+    """When the live appointment on each pool slot in [first, first+count)
+    committed (epoch seconds); None when the server does not keep commit
+    timestamps (track_commit_timestamp off)."""
+    conn = await connect(url)
+    try:
+        if await conn.fetchval("SELECT current_setting('track_commit_timestamp')") != "on":
+            return None
+        rows = await conn.fetch(
+            "SELECT time_slot_id::text AS id,"
+            " extract(epoch FROM pg_xact_commit_timestamp(xmin)) AS committed"
+            " FROM appointments WHERE status <> 'CANCELLED' AND time_slot_id = ANY($1::uuid[])",
+            [pool_uuid(POOL_SLOT, k) for k in range(first, first + count)],
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: float(r["committed"]) for r in rows if r["committed"] is not None}
 
 
 @dataclass(frozen=True)

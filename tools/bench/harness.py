@@ -24,7 +24,8 @@ from typing import Any
 from bench import db
 from bench.context import Bench, Options, Progress
 from bench.load import WorkerPool
-from bench.report import Figure, Goal, goals_text, text_table, write
+from bench.profile import Profiler, enable_function_timing
+from bench.report import Figure, Goal, goals_text, scaling_text, text_table, write
 from bench.scenarios import PREPARE, SCENARIOS
 from bench.stats import Spread
 
@@ -66,7 +67,7 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "repeats": (2, 1),
     "slots_rows": (1_000_000, 2_000),
     "concurrency": ([1, 16, 64], [1, 4]),
-    "pair_concurrency": ([16, 64], [4]),
+    "pair_concurrency": ([1, 16, 64], [1, 4]),
     "echo_concurrency": ([16, 64], [4]),
     "ceiling_clients": ([16, 64], [4]),
     "rounds": (50, 5),
@@ -76,7 +77,12 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "idle_streams": (1000, 20),
     "read_concurrency": ([1, 16], [2]),
     "replica_concurrency": (64, 4),
+    "history_rows": (10_000_000, 20_000),
+    "history_concurrency": ([16], [2]),
 }
+
+# --profile without a list: the figures the goals compare.
+PROFILE_DEFAULT = "service.hold.c64,reads.list_slots.c16,history.*.c16"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="runs per figure (default 2; quick 1)")
     p.add_argument("--client-procs", type=int, default=2, help="load processes (default 2)")
     p.add_argument("--concurrency", type=_ints, help="HoldSlot concurrencies (default 1,16,64)")
-    p.add_argument("--pair-concurrency", type=_ints, help="Hold+Confirm (default 16,64)")
+    p.add_argument("--pair-concurrency", type=_ints, help="Hold+Confirm (default 1,16,64)")
     p.add_argument("--echo-concurrency", type=_ints, help="echo floor (default 16,64)")
     p.add_argument("--ceiling-clients", type=_ints, help="pgbench/asyncpg clients (default 16,64)")
     p.add_argument("--rounds", type=int, help="contention rounds (default 50)")
@@ -102,6 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots-rows", type=int, help="slots loaded for reads (default 1000000)")
     p.add_argument("--read-concurrency", type=_ints, help="ListSlots callers (default 1,16)")
     p.add_argument("--replica-concurrency", type=int, help="HoldSlot callers (default 64)")
+    p.add_argument(
+        "--history-rows",
+        type=int,
+        help="appointments (and as many events) of history for the history scenario"
+        " (default 10000000; quick 20000)",
+    )
+    p.add_argument(
+        "--history-concurrency", type=_ints, help="callers in the history scenario (default 16)"
+    )
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const=PROFILE_DEFAULT,
+        default=None,
+        metavar="FIGURES",
+        help="record a py-spy profile of the server and the SQL statistics for the runs of"
+        " these figures (comma-separated, * wildcards; default with the flag alone:"
+        f" {PROFILE_DEFAULT}); written to <results>/profiles/",
+    )
+    p.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: C frames too (py-spy --native; pauses the server per sample)",
+    )
     p.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL") or None,
@@ -181,6 +211,10 @@ def parse(argv: Sequence[str]) -> Options:
         keep_data=args.keep_data,
         pgbench=args.pgbench,
         pool_size=pool_size,
+        history_rows=int(values["history_rows"]),
+        history_concurrency=values["history_concurrency"],
+        profile=[p.strip() for p in (args.profile or "").split(",") if p.strip()],
+        profile_native=args.profile_native,
     )
 
 
@@ -193,97 +227,267 @@ def _best(figures: list[Figure], metric: str = "throughput") -> Figure | None:
     return max(present, key=lambda p: p[0])[1] if present else None
 
 
+def _mean(fig: Figure | None, metric: str) -> float | None:
+    if fig is None:
+        return None
+    sp = fig.spread(metric)
+    return None if sp is None else sp.mean
+
+
+def _conc(key: str) -> int | None:
+    tail = key.rsplit(".c", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
+
+
+def _at_concurrency(figs: dict[str, Figure], prefix: str, conc: int | None) -> Figure | None:
+    """`prefix` + "c<conc>" if measured, else the one nearest in concurrency."""
+    found = {_conc(k): f for k, f in figs.items() if k.startswith(prefix) and _conc(k)}
+    if not found:
+        return None
+    if conc in found:
+        return found[conc]
+    target = conc or 0
+    return found[min(found, key=lambda c: (abs((c or 0) - target), c or 0))]
+
+
+def _ratio_goal(
+    name: str,
+    target: str,
+    limit: float,
+    num: Figure | None,
+    den: Figure | None,
+    metric: str,
+    unit: str = "us",
+) -> Goal:
+    a, c = _mean(num, metric), _mean(den, metric)
+    if num is None or den is None or a is None or c is None or c <= 0:
+        return Goal(name, target, "not measured", None)
+    ratio = a / c
+    return Goal(
+        name,
+        target,
+        f"{a:,.0f} {unit} ({num.key}) vs {c:,.0f} {unit} ({den.key}) = {ratio:.2f}x",
+        ratio <= limit,
+    )
+
+
 def evaluate(b: Bench) -> list[Goal]:
+    """The goals, each a ratio of two figures of this run (or a bound)."""
     figs = b.figures
     goals = []
 
     holds = [f for k, f in figs.items() if k.startswith("service.hold.c")]
     ceilings = [f for k, f in figs.items() if k.startswith("ceiling.") and ".function." in k]
     best_hold, best_ceiling = _best(holds), _best(ceilings)
-    if best_hold and best_ceiling:
-        h = best_hold.spread("throughput")
-        c = best_ceiling.spread("throughput")
-        assert h is not None and c is not None
-        ratio = h.mean / c.mean if c.mean else 0.0
+    name = "service HoldSlot throughput vs direct-database ceiling"
+    h, c = _mean(best_hold, "throughput"), _mean(best_ceiling, "throughput")
+    if best_hold and best_ceiling and h is not None and c:
+        ratio = h / c
         goals.append(
             Goal(
-                "service HoldSlot throughput vs direct-database ceiling",
+                name,
                 ">= 50%",
-                f"{h.mean:,.0f}/s ({best_hold.key}) vs {c.mean:,.0f}/s ({best_ceiling.key})"
-                f" = {ratio:.0%}",
+                f"{h:,.0f}/s ({best_hold.key}) vs {c:,.0f}/s ({best_ceiling.key}) = {ratio:.0%}",
                 ratio >= 0.5,
             )
         )
     else:
-        goals.append(
-            Goal(
-                "service HoldSlot throughput vs direct-database ceiling",
-                ">= 50%",
-                "not measured",
-                None,
-            )
-        )
+        goals.append(Goal(name, ">= 50%", "not measured", None))
 
-    # The floor at the concurrency where HoldSlot did best, else the lowest floor.
-    echo_figs = {k: f for k, f in figs.items() if k.startswith("echo.bare.c")}
-    cpu_goal = Goal("server CPU per HoldSlot vs echo floor", "<= 2x", "not measured", None)
-    if best_hold and echo_figs:
-        conc = best_hold.key.rsplit(".c", 1)[1]
-        floor = echo_figs.get(f"echo.bare.c{conc}") or min(
-            echo_figs.values(), key=lambda f: (f.spread("server_cpu_us") or _INF).mean
+    # The floor at the concurrency where HoldSlot did best, else the nearest.
+    conc = _conc(best_hold.key) if best_hold else None
+    echo_at = _at_concurrency(figs, "echo.bare.", conc)
+    goals.append(
+        _ratio_goal(
+            "server CPU per HoldSlot vs echo floor",
+            "<= 2x",
+            2.0,
+            best_hold,
+            echo_at,
+            "server_cpu_us",
         )
-        hc, ec = best_hold.spread("server_cpu_us"), floor.spread("server_cpu_us")
-        if hc is not None and ec is not None and ec.mean > 0:
-            ratio = hc.mean / ec.mean
-            cpu_goal.value = (
-                f"{hc.mean:,.0f} us ({best_hold.key}) vs {ec.mean:,.0f} us ({floor.key})"
-                f" = {ratio:.1f}x"
-            )
-            cpu_goal.met = ratio <= 2.0
-    goals.append(cpu_goal)
-
-    cont = next((f for k, f in figs.items() if k.startswith("contention.")), None)
-    if cont is not None:
-        p99 = cont.spread("p99_ms")
-        checks = b.checks.get("contention", {})
-        one = checks.get("one_winner_rounds", 0) == checks.get("expected_rounds", -1)
-        bad = cont.bad_answers()
-        value = (
-            (f"p99 {p99.mean:.1f} ms" if p99 else "p99 -")
-            + f"; one winner in {checks.get('one_winner_rounds', 0)}/{checks.get('expected_rounds', 0)} rounds"
-        )
-        value += f"; ABORTED/INTERNAL/UNKNOWN: {sum(bad.values())}"
-        goals.append(
-            Goal(
-                "contention rounds answered",
-                "p99 < 50 ms, one winner, no ABORTED/INTERNAL",
-                value,
-                bool(p99 and p99.mean < 50 and one and not bad),
-            )
-        )
-    else:
-        goals.append(Goal("contention rounds answered", "p99 < 50 ms", "not measured", None))
-
-    ev = next(
-        (f for k, f in figs.items() if k.startswith("events.streams") and k.endswith("100")), None
     )
+
+    # The design's bare hold transaction (pgbench's seed script; asyncpg's
+    # when pgbench is missing) at the same concurrency.
+    seed = _at_concurrency(figs, "ceiling.pgbench.seed.", conc) or _at_concurrency(
+        figs, "ceiling.asyncpg.seed.", conc
+    )
+    goals.append(
+        _ratio_goal(
+            "PostgreSQL CPU per hold, service vs the design's bare hold transaction",
+            "<= 1.5x",
+            1.5,
+            best_hold,
+            seed,
+            "pg_cpu_us",
+        )
+    )
+
+    goals.append(_contention_goal(b))
+
+    reads = _at_concurrency(figs, "reads.list_slots.", 16)
+    goals.append(
+        _ratio_goal(
+            "ListSlots (one specialist's day) server CPU per call vs echo floor",
+            "<= 3x",
+            3.0,
+            reads,
+            _at_concurrency(figs, "echo.bare.", _conc(reads.key) if reads else None),
+            "server_cpu_us",
+        )
+    )
+
+    ev = figs.get("events.streams100")
     if ev is None:
         streams = [f for k, f in figs.items() if k.startswith("events.streams")]
         ev = streams[-1] if streams else None
-    if ev is not None and ev.spread("p99_ms") is not None:
-        p99 = ev.spread("p99_ms")
-        assert p99 is not None
+    p99 = _mean(ev, "p99_ms")
+    if ev is not None and p99 is not None:
         goals.append(
             Goal(
                 "event delivery with 100 streams",
                 "p99 < 25 ms",
-                f"p99 {p99.mean:.1f} ms ({ev.key})",
-                p99.mean < 25,
+                f"p99 {p99:.1f} ms ({ev.key})",
+                p99 < 25,
             )
         )
     else:
         goals.append(Goal("event delivery with 100 streams", "p99 < 25 ms", "not measured", None))
+    goals += _history_goals(b)
     return goals
+
+
+def _contention_goal(b: Bench) -> Goal:
+    name = "contention: 64 clients on one slot, all answered"
+    target = (
+        "p99 < 50 ms; one winner a round; 0 refusals before a committed hold; no ABORTED/INTERNAL"
+    )
+    cont = next((f for k, f in b.figures.items() if k.startswith("contention.")), None)
+    if cont is None:
+        return Goal(name, target, "not measured", None)
+    p99 = _mean(cont, "p99_ms")
+    checks = b.checks.get("contention", {})
+    one = checks.get("one_winner_rounds", 0) == checks.get("expected_rounds", -1)
+    untrue = checks.get("untrue_refusals")
+    bad = cont.bad_answers()
+    value = (
+        (f"p99 {p99:.1f} ms ({cont.key})" if p99 is not None else "p99 -")
+        + f"; one winner in {checks.get('one_winner_rounds', 0)}"
+        f"/{checks.get('expected_rounds', 0)} rounds"
+        + (
+            f"; refusals before a committed hold: {untrue}"
+            if untrue is not None
+            else "; refusals before a committed hold: not measured (track_commit_timestamp off)"
+        )
+        + f"; ABORTED/INTERNAL/UNKNOWN: {sum(bad.values())}"
+    )
+    met = bool(p99 is not None and p99 < 50 and one and not bad and untrue == 0)
+    return Goal(name, target, value, met)
+
+
+# (history operation, the goal's bound on cost with history / cost without)
+HISTORY_LIMITS = {
+    "hold": 1.10,
+    "get_slot": 1.20,
+    "list_slots": 1.20,
+    "list_appointments": 1.20,
+    "events_resume": 1.20,
+    "events_user": 1.20,
+}
+
+
+def _history_goals(b: Bench) -> list[Goal]:
+    """Cost per call (server + PostgreSQL CPU) with the history behind it
+    vs without, in this run, at the highest concurrency measured."""
+    goals = []
+    for op, limit in HISTORY_LIMITS.items():
+        empty = _at_concurrency(b.figures, f"history.{op}.empty.", 10**6)
+        full = _at_concurrency(
+            b.figures, f"history.{op}.history.", _conc(empty.key) if empty else None
+        )
+        name = f"flat with history: {op} cost (server + PostgreSQL CPU per call)"
+        target = f"<= {limit:.2f}x the empty database's"
+        a, c = _mean(full, "cost_us"), _mean(empty, "cost_us")
+        if full is None or empty is None or a is None or not c:
+            goals.append(Goal(name, target, "not measured", None))
+            continue
+        ratio = a / c
+        p50a, p50c = _mean(full, "p50_ms"), _mean(empty, "p50_ms")
+        latency = (
+            f"; p50 {p50a:.2f} vs {p50c:.2f} ms" if p50a is not None and p50c is not None else ""
+        )
+        rows = b.checks.get("history", {}).get("rows", 0)
+        goals.append(
+            Goal(
+                name,
+                target,
+                f"{a:,.0f} us with {rows:,} rows vs {c:,.0f} us empty = {ratio:.2f}x{latency}",
+                ratio <= limit,
+            )
+        )
+    return goals
+
+
+def scaling(b: Bench) -> list[tuple[str, str]]:
+    """The scaling model's figures, from this run's holds, bookings (hold +
+    confirm pairs) and replicas (docs/performance.md, "Scaling")."""
+    figs = b.figures
+    rows: list[tuple[str, str]] = []
+
+    def cpu(fig: Figure | None) -> tuple[float, float, float] | None:
+        s, p, c = (_mean(fig, m) for m in ("server_cpu_us", "pg_cpu_us", "client_cpu_us"))
+        if s is None or p is None or c is None:
+            return None
+        return s, p, c
+
+    for kind, prefix, unit in (
+        ("hold", "service.hold.c", "hold"),
+        ("booking", "service.hold_confirm.c", "booking (hold + confirm)"),
+    ):
+        found = sorted(
+            ((_conc(k) or 0, f) for k, f in figs.items() if k.startswith(prefix)),
+            key=lambda p: p[0],
+        )
+        for n, fig in found:
+            parts = cpu(fig)
+            if parts is None:
+                continue
+            s, p, c = parts
+            rows.append(
+                (
+                    f"CPU per {unit}, {n} client(s) ({fig.key})",
+                    f"total {s + p + c:,.0f} us = server {s:,.0f} + PostgreSQL {p:,.0f}"
+                    f" + load clients {c:,.0f}",
+                )
+            )
+        if found:
+            n, fig = found[-1]
+            parts = cpu(fig)
+            if parts is not None and parts[1] > 0:
+                s, p, _ = parts
+                rows.append(
+                    (
+                        f"{kind}s per second per PostgreSQL core ({fig.key})",
+                        f"{1e6 / p:,.0f}/s; one PostgreSQL core keeps {s / p:.2f} server cores"
+                        f" busy (a server process uses at most one core), so a primary with"
+                        f" P cores feeds about {s / p:.1f} x P single-process server replicas",
+                    )
+                )
+    one, two = figs.get("replicas.1"), figs.get("replicas.2")
+    t1, t2 = _mean(one, "throughput"), _mean(two, "throughput")
+    if t1 and t2:
+        rows.append(
+            (
+                "1 vs 2 server processes on one database (replicas.1, replicas.2)",
+                f"{t1:,.0f}/s vs {t2:,.0f}/s = {t2 / t1:.2f}x;"
+                f" server CPU per hold {_mean(one, 'server_cpu_us') or 0:,.0f}"
+                f" vs {_mean(two, 'server_cpu_us') or 0:,.0f} us;"
+                f" PostgreSQL {_mean(one, 'pg_cpu_us') or 0:,.0f}"
+                f" vs {_mean(two, 'pg_cpu_us') or 0:,.0f} us",
+            )
+        )
+    return rows
 
 
 def _versions() -> dict[str, str]:
@@ -320,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         postmaster = asyncio.run(db.postmaster_pid(database.url))
         with WorkerPool(opts.client_procs) as pool:
             bench = Bench(opts, database, seeded, pool, postmaster, run_dir, progress)
+            if opts.profile:
+                bench.profiler = _profiler(bench, started)
             try:
                 for name in opts.scenarios:
                     if name in PREPARE:
@@ -331,6 +537,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         SCENARIOS[name](bench)
             finally:
                 bench.stop_servers()
+                for cleanup in bench.cleanups:
+                    try:
+                        cleanup()
+                    except Exception as exc:  # noqa: BLE001 - best effort at shutdown
+                        progress.info(f"cleanup failed: {exc}")
         rc = _finish(bench, started)
         keep = keep or rc != 0
         return rc
@@ -343,6 +554,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.info(f"scratch directory (server logs) kept: {run_dir}")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _profiler(b: Bench, started: float) -> Profiler:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    out = b.opts.results_dir / "profiles" / stamp
+    if enable_function_timing(b.db.admin_url, b.db.name):
+        b.notes.append("--profile: track_functions = all on the scratch databases")
+    b.progress.info(f"profiling {', '.join(b.opts.profile)} into {out}")
+    return Profiler(out, b.opts.profile, native=b.opts.profile_native)
 
 
 def _finish(b: Bench, started: float) -> int:
@@ -400,7 +620,15 @@ def _finish(b: Bench, started: float) -> int:
     print()
     print("Goals:")
     print(goals_text(goals))
-    json_path, md_path = write(opts.results_dir, figures, goals, meta, b.notes, b.checks)
+    scale = scaling(b)
+    if scale:
+        print()
+        print("Scaling model (figures of this run):")
+        print(scaling_text(scale))
+    b.checks["scaling"] = dict(scale)
+    json_path, md_path = write(
+        opts.results_dir, figures, goals, meta, b.notes, b.checks, scale, b.appendix
+    )
     problems = []
     if bad:
         problems.append(f"unexpected answers: {bad}")

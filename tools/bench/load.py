@@ -486,9 +486,10 @@ class _Worker:
                 "health": check,
                 "list_slots": list_day,
                 "search_slots": search_week,
+                **_history_reads(appointments, slots, md, rng, reads),
             }
             # One call first so connection set-up is not measured.
-            if job.method in ("health", "list_slots", "search_slots"):
+            if job.method not in ("hold", "hold_confirm"):
                 await calls[job.method](job.first)
             return await self._drive(calls[job.method])
 
@@ -579,7 +580,7 @@ class _Worker:
             await asyncio.wait_for(channel.channel_ready(), 15)
             stub = appointment_pb2_grpc.AppointmentServiceStub(channel)
 
-            async def hold(slot: str, user: int) -> tuple[float, str]:
+            async def hold(slot: str, user: int) -> tuple[float, str, float]:
                 try:
                     await stub.HoldSlot(
                         apb.HoldSlotRequest(slot_id=slot, user_id=str(pool_uuid(POOL_USER, user))),
@@ -589,7 +590,9 @@ class _Worker:
                     code = "OK"
                 except grpc.aio.AioRpcError as err:
                     code = err.code().name
-                return time.monotonic(), code
+                # Wall clock too: a refusal is compared with the winner's
+                # commit timestamp, which PostgreSQL keeps on this clock.
+                return time.monotonic(), code, time.time()
 
             await self._wait_go()
             # Bounded by the round count, not the deadline: every worker must
@@ -608,8 +611,9 @@ class _Worker:
                     {
                         "round": r,
                         "start": started,
-                        "answers": [t for t, _ in answers],
-                        "codes": [c for _, c in answers],
+                        "answers": [t for t, _, _ in answers],
+                        "codes": [c for _, c, _ in answers],
+                        "walls": [w for _, _, w in answers],
                     }
                 )
                 self.tick()
@@ -693,6 +697,78 @@ class _Worker:
             "start": start,
             "end": end,
         }
+
+
+def _history_reads(
+    appointments: Any,
+    slots: Any,
+    md: tuple[tuple[str, str], ...],
+    rng: random.Random,
+    reads: dict[str, Any],
+) -> dict[str, Callable[[int], Awaitable[str]]]:
+    """The hot reads of the history scenario (bench.history names the rows)."""
+    if "readers" not in reads:
+        return {}
+    import grpc
+
+    from bench.db import READ_SLOT, pool_uuid
+    from bench.history import READ_USER
+    from booking.v1 import appointment_pb2 as apb
+    from booking.v1 import slot_pb2 as spb
+
+    page = int(reads["page_size"])
+
+    async def answer(call: Awaitable[Any], items: Callable[[Any], Any]) -> str:
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as err:
+            return str(err.code().name)
+        return "OK" if items(reply) else "EMPTY"
+
+    async def get_slot(k: int) -> str:
+        slot = pool_uuid(READ_SLOT, rng.randrange(reads["future_slots"]))
+        request = spb.GetSlotRequest(id=str(slot))
+        return await answer(
+            slots.GetSlot(request, metadata=md, timeout=CALL_TIMEOUT), lambda r: r.slot.id
+        )
+
+    def reader() -> str:
+        return str(pool_uuid(READ_USER, rng.randrange(reads["readers"])))
+
+    async def list_appointments(k: int) -> str:
+        # A user's upcoming appointments: the same two in both databases.
+        request = apb.ListAppointmentsRequest(user_id=reader(), page_size=page)
+        request.window_start_time.FromSeconds(int(reads["day0"]))
+        return await answer(
+            appointments.ListAppointments(request, metadata=md, timeout=CALL_TIMEOUT),
+            lambda r: r.appointments,
+        )
+
+    async def events_resume(k: int) -> str:
+        request = apb.ListAppointmentEventsRequest(
+            after_cursor=str(reads["resume_cursor"]), page_size=page
+        )
+        return await answer(
+            appointments.ListAppointmentEvents(request, metadata=md, timeout=CALL_TIMEOUT),
+            lambda r: r.events,
+        )
+
+    async def events_user(k: int) -> str:
+        # A page of two: every reader has two events without history (and
+        # twelve with it), so both sides answer the same amount.
+        request = apb.ListAppointmentEventsRequest(page_size=2)
+        request.filter.user_id = reader()
+        return await answer(
+            appointments.ListAppointmentEvents(request, metadata=md, timeout=CALL_TIMEOUT),
+            lambda r: r.events,
+        )
+
+    return {
+        "get_slot": get_slot,
+        "list_appointments": list_appointments,
+        "events_resume": events_resume,
+        "events_user": events_user,
+    }
 
 
 def _summary(stats: _Stats, start: float, exhausted: bool) -> dict[str, Any]:

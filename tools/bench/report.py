@@ -76,6 +76,8 @@ def fmt_number(value: float | None) -> str:
     if value is None:
         return "-"
     magnitude = abs(value)
+    if value == int(value):
+        return f"{int(value):,}"
     if magnitude >= 100:
         return f"{value:,.0f}"
     if magnitude >= 10:
@@ -163,8 +165,17 @@ def goals_text(goals: list[Goal]) -> str:
     )
 
 
+def scaling_text(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(f"  {name}: {value}" for name, value in rows)
+
+
 def markdown(
-    figures: list[Figure], goals: list[Goal], meta: dict[str, Any], notes: list[str]
+    figures: list[Figure],
+    goals: list[Goal],
+    meta: dict[str, Any],
+    notes: list[str],
+    scaling: list[tuple[str, str]] | None = None,
+    appendix: list[str] | None = None,
 ) -> str:
     out = [
         "# booking-service benchmark results",
@@ -180,6 +191,9 @@ def markdown(
     ]
     for g in goals:
         out.append(f"| {g.name} | {g.target} | {g.value} | {g.verdict} |")
+    if scaling:
+        out += ["", "## Scaling model", "", "| figure | measured |", "| --- | --- |"]
+        out += [f"| {name} | {value} |" for name, value in scaling]
     out += ["", "## Figures", ""]
     out.append("| " + " | ".join(HEADERS) + " |")
     out.append("|" + " --- |" * len(HEADERS))
@@ -191,6 +205,8 @@ def markdown(
     if notes:
         out += ["", "## Notes", ""]
         out += [f"- {n}" for n in notes]
+    for section in appendix or []:
+        out += ["", section]
     return "\n".join(out) + "\n"
 
 
@@ -201,6 +217,8 @@ def write(
     meta: dict[str, Any],
     notes: list[str],
     checks: dict[str, Any],
+    scaling: list[tuple[str, str]] | None = None,
+    appendix: list[str] | None = None,
 ) -> tuple[Path, Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(meta["started_epoch"]))
@@ -215,7 +233,7 @@ def write(
     json_path = results_dir / f"bench-{stamp}.json"
     md_path = results_dir / f"bench-{stamp}.md"
     json_text = json.dumps(document, indent=2, default=str) + "\n"
-    md_text = markdown(figures, goals, meta, notes)
+    md_text = markdown(figures, goals, meta, notes, scaling, appendix)
     json_path.write_text(json_text)
     md_path.write_text(md_text)
     (results_dir / "latest.json").write_text(json_text)

@@ -6,16 +6,24 @@ touches every figure alike instead of biasing the ones measured last."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from bench import db, pgbench
+import grpc
+
+from bench import db, history, pgbench
+from bench import profile as profiling
 from bench.context import Bench, Run, rusage_children_seconds, split
 from bench.load import Job, latencies_of
-from bench.procs import vm_rss_kib
+from bench.procs import ServerProcess, vm_rss_kib
 from bench.stats import latency_ms
+from booking.v1 import auth_pb2, auth_pb2_grpc
+from storage import migrate
 
 # -- ceiling: the hold transaction straight against PostgreSQL -------------------
 
@@ -166,7 +174,10 @@ def contention(b: Bench) -> None:
         "contention",
         f"{contenders} clients hold one slot ({rounds} rounds): time until all answered",
         throughput_unit="rounds/s",
-        extras=[("one_winner_pct", "rounds with exactly one winner", "%")],
+        extras=[
+            ("one_winner_pct", "rounds with exactly one winner", "%"),
+            ("untrue_refusals", "refusals before any committed hold", ""),
+        ],
     )
     b.reset()
     parts = split(contenders, b.pool.size)
@@ -195,10 +206,15 @@ def contention(b: Bench) -> None:
     merged: dict[int, dict[str, Any]] = {}
     for result in results:
         for r in result["rounds"]:
-            m = merged.setdefault(r["round"], {"start": r["start"], "end": 0.0, "codes": []})
+            m = merged.setdefault(
+                r["round"], {"start": r["start"], "end": 0.0, "codes": [], "refused_at": []}
+            )
             m["start"] = min(m["start"], r["start"])
             m["end"] = max([m["end"], *r["answers"]])
             m["codes"].extend(r["codes"])
+            m["refused_at"].extend(
+                w for c, w in zip(r["codes"], r["walls"], strict=True) if c != "OK"
+            )
     times = [m["end"] - m["start"] for m in merged.values()]
     codes: Counter[str] = Counter()
     one_winner = 0
@@ -207,6 +223,7 @@ def contention(b: Bench) -> None:
         one_winner += m["codes"].count("OK") == 1
     live = asyncio.run(db.slot_states(b.db.url, 0, rounds))
     db_ok = sum(1 for k in range(rounds) if live.get(str(db.pool_uuid(db.POOL_SLOT, k))) == 1)
+    untrue = _untrue_refusals(b, merged)
     total_answers = sum(codes.values())
     wall = sum(times)
     sample: dict[str, Any] = {
@@ -221,6 +238,8 @@ def contention(b: Bench) -> None:
         "answers": total_answers,
         "codes": dict(codes),
     }
+    if untrue is not None:
+        sample["untrue_refusals"] = untrue
     b.report_run(fig, sample)
     total = b.checks.setdefault(
         "contention", {"rounds": 0, "one_winner_rounds": 0, "db_one_live_appointment": 0}
@@ -229,6 +248,30 @@ def contention(b: Bench) -> None:
     total["one_winner_rounds"] += one_winner
     total["db_one_live_appointment"] += db_ok
     total["expected_rounds"] = total.get("expected_rounds", 0) + rounds
+    if untrue is not None:
+        total["untrue_refusals"] = total.get("untrue_refusals", 0) + untrue
+
+
+def _untrue_refusals(b: Bench, merged: dict[int, dict[str, Any]]) -> int | None:
+    """Refusals no committed hold justified (count_untrue_refusals); None
+    when the server keeps no commit timestamps."""
+    committed = asyncio.run(db.hold_commit_times(b.db.url, 0, b.opts.rounds))
+    if committed is None:
+        return None
+    by_round = {r: committed.get(str(db.pool_uuid(db.POOL_SLOT, r))) for r in merged}
+    return count_untrue_refusals({r: m["refused_at"] for r, m in merged.items()}, by_round)
+
+
+def count_untrue_refusals(
+    refused_at: dict[int, list[float]], committed: dict[int, float | None]
+) -> int:
+    """Every refusal in a round whose slot ended up free, and every refusal
+    answered (wall clock) before the round's winning hold committed."""
+    untrue = 0
+    for r, times in refused_at.items():
+        at = committed.get(r)
+        untrue += sum(1 for t in times if at is None or t < at)
+    return untrue
 
 
 def _per(seconds: float | None, n: int) -> float | None:
@@ -475,6 +518,183 @@ def replicas(b: Bench) -> None:
     b.stop_secondary()
 
 
+# -- history: the hot paths with 10 million rows behind them --------------------------
+
+HISTORY_OPS = (
+    ("hold", "HoldSlot"),
+    ("get_slot", "GetSlot"),
+    ("list_slots", "ListSlots, one specialist's day"),
+    ("list_appointments", "ListAppointments, one user's upcoming"),
+    ("events_resume", "ListAppointmentEvents, resume a page behind the head"),
+    ("events_user", "ListAppointmentEvents, one user's events from the start"),
+)
+HISTORY_SIDES = ("empty", "history")
+
+
+@dataclass
+class HistorySide:
+    name: str
+    url: str
+    database: str
+    since: float
+    resume_cursor: str
+    server: ServerProcess | None = None
+    token: str = ""
+
+
+@dataclass
+class HistoryData:
+    shape: history.Shape
+    seeded: db.Seeded
+    sides: dict[str, HistorySide]
+    load_seconds: float
+
+
+def prepare_history(b: Bench) -> None:
+    """Two more databases on the same server: `empty` (the fixtures only)
+    and `history` (a copy of it, plus the history), made once per run."""
+    base = b.db.name
+    admin = b.db.admin_url
+    names = {"empty": f"{base}_h0", "history": f"{base}_h1"}
+    for name in names.values():
+        b.cleanups.append(functools.partial(_drop, admin, name))
+    urls = {side: db.with_database(admin, name) for side, name in names.items()}
+    b.progress.info(f"history: fixtures in {names['empty']} ...")
+    asyncio.run(db.create_database(admin, names["empty"]))
+    migrate.apply(urls["empty"])
+    seeded = asyncio.run(db.seed(urls["empty"], b.opts.pool_size))
+    day0 = asyncio.run(db.first_future_day(urls["empty"]))
+    shape = history.shape(b.opts.history_rows, b.opts.pool_size, day0)
+    asyncio.run(history.fixtures(urls["empty"], shape))
+    asyncio.run(db.create_database(admin, names["history"], template=names["empty"]))
+    b.progress.info(
+        f"history: loading {shape.rows:,} appointments and events"
+        f" ({shape.specialists:,} specialists, {shape.users:,} users) into {names['history']} ..."
+    )
+    seconds = asyncio.run(history.load(urls["history"], shape, b.progress.info))
+    b.progress.info(f"history: loaded in {seconds:.0f}s")
+    sides = {}
+    for side, url in urls.items():
+        if b.profiler is not None:
+            profiling.enable_function_timing(admin, names[side])
+        sides[side] = HistorySide(
+            side,
+            url,
+            names[side],
+            asyncio.run(history.mark(url)),
+            asyncio.run(history.resume_cursor(url)),
+        )
+    b.history = HistoryData(shape, seeded, sides, seconds)
+    b.checks["history"] = {"rows": shape.rows, "load_seconds": round(seconds, 1)}
+
+
+def _drop(admin_url: str, name: str) -> None:
+    asyncio.run(db.drop_database(admin_url, name))
+
+
+def history_scenario(b: Bench) -> None:
+    data: HistoryData = b.history
+    # Alone on the database: another server's background work would be
+    # counted in PostgreSQL's CPU.
+    b.stop_primary()
+    b.stop_secondary()
+    order = HISTORY_SIDES if b.rep % 2 == 0 else HISTORY_SIDES[::-1]
+    for side_name in order:
+        side = data.sides[side_name]
+        # Before the server starts: its sweeper expires the last repeat's
+        # holds, which would race the reset.
+        asyncio.run(history.reset(side.url, side.since))
+        side.server = ServerProcess.booking(
+            f"server-{side_name}",
+            side.url,
+            b.run_dir / "logs" / f"server-{side_name}.log",
+            b._server_env(),
+        )
+        side.server.start()
+        try:
+            side.token = _login(side.server, data.seeded.operator_email)
+            for part, c in enumerate(b.opts.history_concurrency):
+                for op, label in HISTORY_OPS:
+                    _history_run(b, data, side, op, label, c, part)
+        finally:
+            side.server.stop()
+    if b.rep == 0:
+        _history_plans(b, data)
+
+
+def _login(server: ServerProcess, email: str) -> str:
+    with grpc.insecure_channel(server.target) as channel:
+        reply = auth_pb2_grpc.AuthServiceStub(channel).Login(
+            auth_pb2.LoginRequest(email=email, password=db.OPERATOR_PASSWORD), timeout=30
+        )
+    return str(reply.access_token)
+
+
+def _history_run(
+    b: Bench, data: HistoryData, side: HistorySide, op: str, label: str, c: int, part: int
+) -> None:
+    rows = data.shape.rows if side.name == "history" else 0
+    fig = b.figure(
+        f"history.{op}.{side.name}.c{c}",
+        "history",
+        f"{label}, {rows:,} rows of history, concurrency {c}",
+    )
+    assert side.server is not None
+    parts = split(c, b.pool.size)
+    # Each concurrency's holds take their own share of the pool: the
+    # database is reset once per repeat.
+    share = data.seeded.pool_size // len(b.opts.history_concurrency)
+    per = share // len(parts)
+    reads = data.shape.reads(side.resume_cursor)
+    jobs = {
+        i: Job(
+            kind="grpc",
+            concurrency=n,
+            target=side.server.target,
+            token=side.token,
+            method=op,
+            first=part * share + i * per,
+            count=per if op == "hold" else 10**9,
+            seed=b.rep * 1000 + i,
+            reads=reads,
+        )
+        for i, n in enumerate(parts)
+    }
+    run = b.load(f"{op} ({side.name}) c={c}", jobs, [side.server], database_url=side.url)
+    sample = run.sample()
+    sample["cost_us"] = (sample.get("server_cpu_us") or 0.0) + (sample.get("pg_cpu_us") or 0.0)
+    b.report_run(fig, sample)
+
+
+def _history_plans(b: Bench, data: HistoryData) -> None:
+    """EXPLAIN (ANALYZE, BUFFERS) of the reads' SQL in both databases, for
+    the notes on any read that is not flat."""
+    shape = data.shape
+    reader = db.pool_uuid(history.READ_USER, 0)
+    specialist = db.pool_uuid(db.READ_SPECIALIST, 0)
+    day = datetime.fromtimestamp(shape.day0 + 86400 * (history.FUTURE_DAYS - 1), UTC)
+    plans: dict[str, dict[str, dict[str, str]]] = {}
+    for side in data.sides.values():
+        xid, _, seq = side.resume_cursor.partition("-")
+        statements = history.read_statements(
+            slot=db.pool_uuid(db.READ_SLOT, 0),
+            specialist=specialist,
+            day=day,
+            reader=reader,
+            day0=datetime.fromtimestamp(shape.day0, UTC),
+            resume=(int(xid or 0), int(seq or 0)),
+        )
+        found = asyncio.run(history.explain(side.url, statements))
+        plans[side.name] = {p.name: {"sql": p.sql, "plan": p.plan} for p in found}
+    b.checks["history_plans"] = plans
+    text = ["## Query plans, history scenario", ""]
+    for side_name, by_name in plans.items():
+        for name, p in by_name.items():
+            text += [f"### {name} ({side_name})", "", "```sql", p["sql"], "```", "", "```"]
+            text += [p["plan"], "```", ""]
+    b.appendix.append("\n".join(text))
+
+
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "ceiling": ceiling,
     "service": service,
@@ -484,5 +704,10 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "reads": reads,
     "search": search,
     "replicas": replicas,
+    "history": history_scenario,
 }
-PREPARE: dict[str, Callable[[Bench], None]] = {"reads": prepare_reads, "search": prepare_search}
+PREPARE: dict[str, Callable[[Bench], None]] = {
+    "reads": prepare_reads,
+    "search": prepare_search,
+    "history": prepare_history,
+}

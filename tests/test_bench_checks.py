@@ -1,0 +1,33 @@
+"""The harness's own checks, on made-up inputs (no servers)."""
+
+from __future__ import annotations
+
+from bench.profile import summarize_stacks
+from bench.scenarios import count_untrue_refusals
+
+
+def test_a_refusal_counts_as_untrue_before_the_winning_commit_or_without_one() -> None:
+    refused_at = {
+        0: [10.0, 10.5, 11.0],  # winner committed at 10.2: one refusal came first
+        1: [20.0, 20.1],  # nobody won: both refusals were untrue
+        2: [30.5, 31.0],  # all after the commit at 30.1
+    }
+    committed: dict[int, float | None] = {0: 10.2, 1: None, 2: 30.1}
+    assert count_untrue_refusals(refused_at, committed) == 3
+    assert count_untrue_refusals({2: [30.5, 31.0]}, committed) == 0
+
+
+def test_stack_summary_counts_own_and_inclusive_samples() -> None:
+    raw = "\n".join(
+        [
+            "process 1:main;a (x.py);b (y.py) 3",
+            "process 1:main;a (x.py) 1",
+            "process 1:main;c (z.py);b (y.py) 2",
+            "garbage",
+        ]
+    )
+    total, own, inclusive = summarize_stacks(raw)
+    assert total == 6
+    assert own[0] == ("b (y.py)", 5)
+    assert dict(inclusive)["a (x.py)"] == 4
+    assert dict(inclusive)["b (y.py)"] == 5
