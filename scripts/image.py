@@ -34,6 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Run as `python scripts/image.py` too: the repository's root makes `scripts` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts import debian  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -78,23 +82,7 @@ def cache_dir() -> Path:
 
 def ensure_tools() -> None:
     """podman, buildah, debootstrap and runc from Debian, when missing."""
-    missing = [pkg for tool, pkg in HOST_PACKAGES.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        raise SystemExit(
-            f"image: missing {' '.join(missing)}; install them (apt-get) or run as root"
-        )
-    log(f"installing {' '.join(missing)} from Debian")
-    apt = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=600"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([*apt, "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        [*apt, "install", "-y", "--no-install-recommends", *missing],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    debian.ensure(HOST_PACKAGES)
 
 
 def containers_env() -> dict[str, str]:
