@@ -50,7 +50,9 @@ HOST_PACKAGES = {
 }
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 BASE_NAME = "localhost/booking-base"
-IMAGE = "localhost/booking-service:local"
+# Not compose's booking-service:local: podman-compose builds that one in the OCI
+# format, without the HEALTHCHECK.
+IMAGE = "localhost/booking-service:debian"
 ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Bump when the recipe below changes in a way its inputs do not show.
 RECIPE_VERSION = 1
