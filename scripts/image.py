@@ -186,6 +186,7 @@ def ensure_base() -> Base:
         try:
             podman(
                 "import",
+                "--quiet",
                 "--change",
                 f"ENV PATH={ENV_PATH}",
                 "--change",
