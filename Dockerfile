@@ -1,6 +1,7 @@
-# syntax=docker/dockerfile:1
 # booking-service image. Build: docker build -t booking-service .
 #   behind a registry mirror: docker build --build-arg PYTHON_IMAGE=mirror.example/python:3.11-slim .
+#   without any registry: scripts/image-test (podman, a base made from Debian's packages;
+#   docs/operations.md, "The image")
 # Run:   docker run -e DATABASE_URL=postgresql://user:pass@host:5432/db -p 50051:50051 booking-service
 # (or: docker compose up --build)
 #

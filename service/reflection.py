@@ -9,11 +9,17 @@ Descriptors come from gen/booking/v1/descriptor_set.binpb (built by
 scripts/gen_protos.py with source info), not from the default pool: the
 generated modules carry no comments, and ``FileDescriptor.CopyToProto``
 drops source info anyway, so files are answered with the bytes of the set.
+
+Symbols are looked up in an index of those files (``Symbols``), not in the
+pool: the pool finds messages, fields and services but not methods or enum
+values by their full names, and grpcurl, grpcui, Postman and evans ask for
+those (``describe booking.v1.AppointmentService.HoldSlot``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeAlias
 
@@ -73,10 +79,13 @@ def _drop_json_names(message: descriptor_pb2.DescriptorProto) -> None:
         _drop_json_names(nested)
 
 
-def build_pool() -> tuple[descriptor_pool.DescriptorPool, dict[str, bytes]]:
+def build_pool(
+    extra: Iterable[descriptor_pb2.FileDescriptorProto] = (),
+) -> tuple[descriptor_pool.DescriptorPool, dict[str, bytes]]:
     """A pool of every file the server exposes, and the bytes to answer
     for each file: the commented ones from the descriptor set where there
-    are some, the runtime's copy for health and reflection."""
+    are some, the runtime's copy for health and reflection. `extra` adds
+    files (a test's proto2 file with extensions)."""
     raw: dict[str, bytes] = {}
     for proto in load_descriptor_set().file:
         for message in proto.message_type:
@@ -101,6 +110,8 @@ def build_pool() -> tuple[descriptor_pool.DescriptorPool, dict[str, bytes]]:
     ):
         add_runtime(runtime)
     raw[V1_FILE.name] = V1_FILE.SerializeToString()
+    for proto in extra:
+        raw[proto.name] = proto.SerializeToString()
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
 
@@ -123,12 +134,89 @@ def v1_service_descriptor() -> descriptor.ServiceDescriptor:
     return pool.FindServiceByName(V1_SERVICE_NAME)
 
 
+@dataclass
+class Symbols:
+    """Where every symbol is defined, by the names the standard reflection
+    service answers: packages' services and their methods, messages (nested
+    too), their fields, oneofs and nested enums, enums and their values
+    (under the enum's scope, as in C++, and under the enum itself, as some
+    tools ask), and extensions, by name and by (extended type, number)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    extensions: dict[tuple[str, int], str] = field(default_factory=dict)
+    extension_numbers: dict[str, set[int]] = field(default_factory=dict)
+    messages: set[str] = field(default_factory=set)
+    # Enum values under the enum's scope (C++ scoping): answered, but tools
+    # built on Go's protobuf name them under the enum itself.
+    aliases: set[str] = field(default_factory=set)
+
+    def add(self, name: str, file: str) -> None:
+        self.files.setdefault(name, file)
+
+    def add_file(self, proto: descriptor_pb2.FileDescriptorProto) -> None:
+        package = f"{proto.package}." if proto.package else ""
+        for message in proto.message_type:
+            self._message(package, message, proto.name)
+        for enum in proto.enum_type:
+            self._enum(package, enum, proto.name)
+        for extension in proto.extension:
+            self._extension(package, extension, proto.name)
+        for service in proto.service:
+            name = f"{package}{service.name}"
+            self.add(name, proto.name)
+            for method in service.method:
+                self.add(f"{name}.{method.name}", proto.name)
+
+    def _message(self, scope: str, message: descriptor_pb2.DescriptorProto, file: str) -> None:
+        name = f"{scope}{message.name}"
+        self.add(name, file)
+        self.messages.add(name)
+        for f in message.field:
+            self.add(f"{name}.{f.name}", file)
+        for oneof in message.oneof_decl:
+            self.add(f"{name}.{oneof.name}", file)
+        for nested in message.nested_type:
+            self._message(f"{name}.", nested, file)
+        for enum in message.enum_type:
+            self._enum(f"{name}.", enum, file)
+        for extension in message.extension:
+            self._extension(f"{name}.", extension, file)
+
+    def _enum(self, scope: str, enum: descriptor_pb2.EnumDescriptorProto, file: str) -> None:
+        name = f"{scope}{enum.name}"
+        self.add(name, file)
+        for value in enum.value:
+            self.add(f"{name}.{value.name}", file)
+            self.add(f"{scope}{value.name}", file)
+            self.aliases.add(f"{scope}{value.name}")
+
+    def _extension(self, scope: str, ext: descriptor_pb2.FieldDescriptorProto, file: str) -> None:
+        self.add(f"{scope}{ext.name}", file)
+        extended = ext.extendee.lstrip(".")
+        self.extensions.setdefault((extended, ext.number), file)
+        self.extension_numbers.setdefault(extended, set()).add(ext.number)
+
+
+def index_symbols(raw: dict[str, bytes]) -> Symbols:
+    symbols = Symbols()
+    for data in raw.values():
+        symbols.add_file(descriptor_pb2.FileDescriptorProto.FromString(data))
+    return symbols
+
+
 class ReflectionServicer(BaseReflectionServicer):  # type: ignore[misc]
     """grpcio-reflection's servicer, answering files from the descriptor
-    set (with comments) instead of re-serializing them from the pool."""
+    set (with comments) instead of re-serializing them from the pool, and
+    every symbol (methods, enum values, extensions too) from an index of
+    the files, not from the pool, which knows fewer names."""
 
-    def __init__(self, service_names: Iterable[str]) -> None:
-        pool, self._raw = build_pool()
+    def __init__(
+        self,
+        service_names: Iterable[str],
+        extra_files: Iterable[descriptor_pb2.FileDescriptorProto] = (),
+    ) -> None:
+        pool, self._raw = build_pool(extra_files)
+        self._symbols = index_symbols(self._raw)
         super().__init__(list(service_names), pool=pool)
 
     def _files(self, request: Request, root: descriptor.FileDescriptor) -> Response:
@@ -157,17 +245,37 @@ class ReflectionServicer(BaseReflectionServicer):  # type: ignore[misc]
             original_request=request,
         )
 
-    def _file_by_filename(self, request: Request, filename: str) -> Response:
+    def _file_named(self, request: Request, filename: str | None) -> Response:
+        if filename is None:
+            return self._not_found(request)
         try:
             return self._files(request, self._pool.FindFileByName(filename))
         except KeyError:
             return self._not_found(request)
 
+    def _file_by_filename(self, request: Request, filename: str) -> Response:
+        return self._file_named(request, filename)
+
     def _file_containing_symbol(self, request: Request, symbol: str) -> Response:
-        try:
-            return self._files(request, self._pool.FindFileContainingSymbol(symbol))
-        except KeyError:
+        return self._file_named(request, self._symbols.files.get(symbol))
+
+    def _file_containing_extension(
+        self, request: Request, containing_type: str, extension_number: int
+    ) -> Response:
+        return self._file_named(
+            request, self._symbols.extensions.get((containing_type, extension_number))
+        )
+
+    def _all_extension_numbers_of_type(self, request: Request, containing_type: str) -> Response:
+        if containing_type not in self._symbols.messages:
             return self._not_found(request)
+        numbers = sorted(self._symbols.extension_numbers.get(containing_type, ()))
+        return Response(
+            all_extension_numbers_response=reflection_pb2.ExtensionNumberResponse(
+                base_type_name=containing_type, extension_number=numbers
+            ),
+            original_request=request,
+        )
 
     async def ServerReflectionInfo(  # noqa: N802 - the RPC's name
         self, requests: AsyncIterator[Request], context: Any

@@ -360,6 +360,9 @@ class BookingServer:
 
     async def _stop(self) -> None:
         resources, self._resources = self._resources, None
-        if resources is not None:
-            await resources.aclose()
+        if resources is None:
+            # Never started (start-up failed and undid itself): the one line
+            # saying why is all an operator should see, no "stopped" after it.
+            return
+        await resources.aclose()
         log.info("booking-service stopped")

