@@ -25,6 +25,7 @@ from storage import events as event_log
 from storage.database import Database
 from storage.models import EventFilter, EventType, Position
 from tests.support import Api, expect_failure, hours_from_now, running_server
+from tests.test_observability import scrape, total, value
 from tests.webhook_receiver import Receiver, Request, new_secret, receiving
 
 FAST = dict(
@@ -403,3 +404,40 @@ async def test_a_replica_killed_mid_delivery_loses_nothing(database_url: str) ->
         assert ids[4:6] == [interrupted, interrupted]
         assert receiver.max_inflight["/kill"] == 1
         assert not receiver.unverified
+
+
+async def test_webhook_metrics_show_failures_lag_and_backlog(database_url: str) -> None:
+    async with receiving() as receiver:
+        down = asyncio.Event()
+        down.set()
+
+        async def outage(_: Request, __: int) -> int:
+            return 503 if down.is_set() else 200
+
+        receiver.behaviour["/metrics"] = outage
+        async with (
+            running_server(database_url, metrics_port=0, **FAST) as server,
+            Api.connect(server) as api,
+        ):
+            assert server.db is not None
+            await _endpoint(api, receiver, "/metrics")
+            await _make_events(api, 2)
+            await receiver.wait(lambda: len(receiver.requests.get("/metrics", [])) >= 3)
+            during = await scrape(server)
+            assert value(during, "booking_webhooks_failures_total", reason="http_5xx") >= 3
+            assert total(during, "booking_webhooks_backlog_age_seconds") > 0
+            down.clear()
+            expected = await _log(server.db)
+            await receiver.wait(lambda: len(receiver.first_arrivals("/metrics")) == len(expected))
+            for _ in range(100):
+                after = await scrape(server)
+                if total(after, "booking_webhooks_deliveries_total") == len(expected):
+                    break
+                await asyncio.sleep(0.05)
+            assert total(after, "booking_webhooks_deliveries_total") == len(expected)
+            assert total(after, "booking_webhooks_delivery_lag_seconds_count") == len(expected)
+            for _ in range(100):
+                if total(await scrape(server), "booking_webhooks_backlog_age_seconds") == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert total(await scrape(server), "booking_webhooks_backlog_age_seconds") == 0
