@@ -118,18 +118,28 @@ class Dispatcher:
             headers={"user-agent": "booking-service-webhooks"},
         )
         self._running: dict[UUID, asyncio.Task[None]] = {}
-        # Commit time of the oldest event each endpoint this replica holds
-        # is still trying to deliver (the backlog-age gauge).
-        self._oldest_pending: dict[UUID, datetime] = {}
+        # Per endpoint: the commit time of the event this replica is trying
+        # to deliver (also while it waits out a backoff), and when it last
+        # tried (the backlog-age gauge).
+        self._oldest_pending: dict[UUID, tuple[datetime, float]] = {}
+        # An entry not tried again within this long belongs to another
+        # replica now (or to an endpoint disabled or deleted): ignored.
+        self._pending_for = (
+            settings.backoff_max_seconds + settings.lease_seconds + (2 * settings.poll_seconds)
+        )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.now: Callable[[], float] = time.time
 
     def backlog_age(self) -> float:
-        if not self._oldest_pending:
+        """Seconds since the commit of the oldest event this replica is
+        trying to deliver to an endpoint (retries included); 0 when none."""
+        # Read at a scrape, from the metrics thread: a snapshot, no mutation.
+        recent = time.monotonic() - self._pending_for
+        pending = [c for c, tried in list(self._oldest_pending.values()) if tried >= recent]
+        if not pending:
             return 0.0
-        oldest = min(self._oldest_pending.values())
-        return max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        return max(0.0, (datetime.now(UTC) - min(pending)).total_seconds())
 
     def wake(self) -> None:
         """New events committed: look for due endpoints before the next poll."""
@@ -176,9 +186,12 @@ class Dispatcher:
         return done
 
     async def _serve(self, endpoint: store.Endpoint) -> None:
-        """Deliver to one endpoint until it is caught up, fails, or the lease is lost."""
+        """Deliver to one endpoint until it is caught up, fails, or the lease
+        is lost; or, when every slot is busy, for one batch, so that a busy
+        endpoint does not keep the others waiting."""
         lease_until = time.monotonic() + self.settings.lease_seconds
         release = True
+        yielded = False
         try:
             while True:
                 types = frozenset(endpoint.event_types)
@@ -200,7 +213,7 @@ class Dispatcher:
                         )
                     return
                 for event in events:
-                    self._oldest_pending.setdefault(endpoint.id, event.created_at)
+                    self._oldest_pending[endpoint.id] = (event.created_at, time.monotonic())
                     if time.monotonic() + self.settings.timeout_seconds + LEASE_MARGIN_SECONDS > (
                         lease_until
                     ):
@@ -215,7 +228,6 @@ class Dispatcher:
                     if outcome is not None:
                         await self._failed(endpoint, outcome)
                         release = False  # fail() gave the lease up
-                        self._oldest_pending.pop(endpoint.id, None)
                         return
                     telemetry.metrics().webhook_deliveries.add(1)
                     telemetry.metrics().webhook_lag.record(
@@ -233,6 +245,11 @@ class Dispatcher:
                         return
                     lease_until = started + self.settings.lease_seconds
                     self._oldest_pending.pop(endpoint.id, None)
+                if len(self._running) >= self.settings.concurrency:
+                    # Every slot is busy: give the others waiting a turn. The
+                    # release puts this endpoint at the back of the queue.
+                    yielded = True
+                    return
                 current = await store.renew(self.db, endpoint.id, self.owner, self._lease)
                 if current is None:
                     release = False
@@ -245,6 +262,8 @@ class Dispatcher:
             if release:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(store.release(self.db, endpoint.id, self.owner))
+            if yielded:
+                self.wake()
 
     async def _post(
         self, endpoint: store.Endpoint, event: AppointmentEvent

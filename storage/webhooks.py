@@ -294,11 +294,14 @@ async def disable(db: Database, endpoint_id: UUID, owner: str, reason: str) -> N
 
 
 async def release(db: Database, endpoint_id: UUID, owner: str) -> None:
-    """Give up the lease (idle, or shutting down): another replica may take it."""
+    """Give up the lease (idle, or shutting down): another replica may take
+    it. Claims go by next_attempt_at, so this puts the endpoint behind the
+    ones that are waiting (round robin)."""
 
     async def work(conn: Connection) -> None:
         await conn.execute(
-            "UPDATE webhook_endpoints SET lease_owner = NULL, lease_expires_at = NULL"
+            "UPDATE webhook_endpoints SET lease_owner = NULL, lease_expires_at = NULL,"
+            " next_attempt_at = greatest(next_attempt_at, now())"
             " WHERE id = $1 AND lease_owner = $2",
             endpoint_id,
             owner,

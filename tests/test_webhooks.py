@@ -441,3 +441,23 @@ async def test_webhook_metrics_show_failures_lag_and_backlog(database_url: str) 
                     break
                 await asyncio.sleep(0.05)
             assert total(await scrape(server), "booking_webhooks_backlog_age_seconds") == 0
+
+
+async def test_one_server_serves_at_most_concurrency_endpoints_at_once(database_url: str) -> None:
+    async with receiving() as receiver:
+
+        async def slow(_: Request, __: int) -> int:
+            await asyncio.sleep(0.05)
+            return 200
+
+        config = {**FAST, "webhook_concurrency": 2}
+        async with running_server(database_url, **config) as server, Api.connect(server) as api:
+            assert server.db is not None
+            paths = [f"/bounded/{i}" for i in range(5)]
+            for path in paths:
+                receiver.behaviour[path] = slow
+                await _endpoint(api, receiver, path)
+            await _make_events(api, 4)
+            expected = await _log(server.db)
+            await receiver.wait(lambda: all(receiver.first_arrivals(p) == expected for p in paths))
+            assert receiver.max_total_inflight == 2

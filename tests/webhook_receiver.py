@@ -51,6 +51,9 @@ class Receiver:
     unverified: list[Request] = field(default_factory=list)
     inflight: dict[str, int] = field(default_factory=dict)
     max_inflight: dict[str, int] = field(default_factory=dict)
+    # Across every path: requests the receiver is working on at once.
+    total_inflight: int = 0
+    max_total_inflight: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
@@ -89,6 +92,8 @@ class Receiver:
             self.inflight[path] = self.inflight.get(path, 0) + 1
             counted = True
             self.max_inflight[path] = max(self.max_inflight.get(path, 0), self.inflight[path])
+            self.total_inflight += 1
+            self.max_total_inflight = max(self.max_total_inflight, self.total_inflight)
             verified = []
             for i, secret in enumerate(self.secrets.get(path, [])):
                 with contextlib.suppress(WebhookVerificationError):
@@ -112,6 +117,7 @@ class Receiver:
         finally:
             if counted:
                 self.inflight[path] -= 1
+                self.total_inflight -= 1
             writer.close()
             self.changed.set()
 
