@@ -4,6 +4,7 @@ with a secret token; parsed here with a real iCalendar parser (icalendar)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -253,3 +254,14 @@ def test_long_and_unusual_text_folds_and_parses_back() -> None:
     assert str(event["STATUS"]) == "TENTATIVE"
     assert int(str(event["SEQUENCE"])) == 3
     assert event.decoded("DTSTART") == now
+
+
+async def test_a_database_outage_answers_503_without_internals() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"postgresql://nobody@127.0.0.1:{sock.getsockname()[1]}/nothing"
+    async with running_server(dead, calendar_feed_port=0, webhooks=False) as server:
+        reply = await _get(server, f"/calendar/{'B' * 43}.ics")
+        assert reply.status_code == 503
+        assert b"Traceback" not in reply.content and b"Error" not in reply.content
+        assert reply.content == b"database unavailable, try again later\n"

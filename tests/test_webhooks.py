@@ -20,6 +20,7 @@ import pytest
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import webhook_pb2 as wpb
 from booking.v1 import webhook_pb2_grpc
+from service.config import Config, ConfigError
 from service.server import BookingServer
 from storage import events as event_log
 from storage.database import Database
@@ -461,3 +462,13 @@ async def test_one_server_serves_at_most_concurrency_endpoints_at_once(database_
             expected = await _log(server.db)
             await receiver.wait(lambda: all(receiver.first_arrivals(p) == expected for p in paths))
             assert receiver.max_total_inflight == 2
+
+
+def test_webhook_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="webhook_lease_seconds"):
+        Config(webhook_timeout_seconds=10, webhook_lease_seconds=15).validate()
+    with pytest.raises(ConfigError, match="webhook_concurrency"):
+        Config(webhook_concurrency=0).validate()
+    with pytest.raises(ConfigError, match="calendar_feed_port"):
+        Config(calendar_feed_port=70000).validate()
+    assert Config().calendar_feed_port is None and Config().webhooks
