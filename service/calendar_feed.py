@@ -29,6 +29,9 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 _MAX_LINE = 8192
 _MAX_HEADERS = 100
 READ_TIMEOUT_SECONDS = 10.0
+# Connections served at once; more are answered 503 at once, so slow or
+# idle clients cannot pile up without bound.
+MAX_CONNECTIONS = 256
 
 _REASONS = {
     200: "OK",
@@ -51,9 +54,12 @@ class CalendarFeedServer:
         self.db = db
         self.port: int | None = None
         self._server: asyncio.Server | None = None
+        self._open = 0
 
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=_MAX_LINE)
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        self._server = await asyncio.start_server(
+            self._handle, host, port, limit=_MAX_LINE, reuse_port=reuse_port or None
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
@@ -64,7 +70,15 @@ class CalendarFeedServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
         try:
+            if self._open > MAX_CONNECTIONS:
+                # Take what was sent first: closing on unread data resets
+                # the connection before the client reads the answer.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(_MAX_LINE), 0.1)
+                await _respond(writer, 503, b"busy, try again later\n")
+                return
             try:
                 async with asyncio.timeout(READ_TIMEOUT_SECONDS):
                     method, target = await _read_request(reader)
@@ -83,6 +97,7 @@ class CalendarFeedServer:
             with contextlib.suppress(Exception):
                 await _respond(writer, 500, b"internal error\n")
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

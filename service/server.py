@@ -163,8 +163,6 @@ class BookingServer:
             )
             stack.push_async_callback(db.close)
             self._observe(stack, db)
-            if self.config.webhooks:
-                self.dispatcher = webhooks.Dispatcher(db, _webhook_settings(self.config))
             self._hub = hub = EventHub(
                 db,
                 poll_interval=self.config.event_poll_seconds,
@@ -187,8 +185,11 @@ class BookingServer:
                 )
             if self.config.calendar_feed_port is not None:
                 feeds = CalendarFeedServer(db)
+                # Worker processes share the port, as they share the gRPC one.
                 self.calendar_feed_port = await feeds.start(
-                    self.config.host, self.config.calendar_feed_port
+                    self.config.host,
+                    self.config.calendar_feed_port,
+                    reuse_port=self.config.workers > 1,
                 )
                 stack.push_async_callback(feeds.stop)
                 log.info(
@@ -226,7 +227,8 @@ class BookingServer:
                 asyncio.create_task(self._watch_database(ready), name="health-monitor"),
             ]
             stack.push_async_callback(_cancel_all, tasks)
-            if self.dispatcher is not None:
+            if self.config.webhooks:
+                self.dispatcher = webhooks.Dispatcher(db, _webhook_settings(self.config))
                 self.dispatcher.start()
                 stack.push_async_callback(self.dispatcher.stop)
             # Undone first: stop advertising, and ask open streams to end.

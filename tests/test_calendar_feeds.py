@@ -18,7 +18,7 @@ import pytest
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import calendar_pb2 as cpb
 from booking.v1 import calendar_pb2_grpc
-from service import ical
+from service import calendar_feed, ical
 from service.server import BookingServer
 from storage.feeds import Feed, FeedEntry, Subject
 from storage.models import AppointmentStatus
@@ -265,3 +265,31 @@ async def test_a_database_outage_answers_503_without_internals() -> None:
         assert reply.status_code == 503
         assert b"Traceback" not in reply.content and b"Error" not in reply.content
         assert reply.content == b"database unavailable, try again later\n"
+
+
+async def test_idle_connections_are_bounded(
+    feed_server: BookingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(calendar_feed, "MAX_CONNECTIONS", 3)
+    idle = [
+        await asyncio.open_connection("127.0.0.1", feed_server.calendar_feed_port) for _ in range(3)
+    ]
+    try:
+        for _, writer in idle:
+            writer.write(b"GET /cal")  # never finished
+            await writer.drain()
+        for _ in range(100):
+            status, rest = await _raw(feed_server, b"GET / HTTP/1.1\r\n\r\n")
+            if status == 503:
+                break
+            await asyncio.sleep(0.02)
+        assert status == 503 and b"busy" in rest
+    finally:
+        for _, writer in idle:
+            writer.close()
+    for _ in range(100):
+        status, _ = await _raw(feed_server, b"GET / HTTP/1.1\r\n\r\n")
+        if status == 404:
+            break
+        await asyncio.sleep(0.02)
+    assert status == 404
