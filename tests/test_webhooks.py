@@ -10,10 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
@@ -23,6 +25,7 @@ from booking.v1 import webhook_pb2_grpc
 from service.config import Config, ConfigError
 from service.server import BookingServer
 from storage import events as event_log
+from storage import webhooks as webhook_store
 from storage.database import Database
 from storage.models import EventFilter, EventType, Position
 from tests.support import Api, expect_failure, hours_from_now, running_server
@@ -472,3 +475,47 @@ def test_webhook_settings_are_validated() -> None:
     with pytest.raises(ConfigError, match="calendar_feed_port"):
         Config(calendar_feed_port=70000).validate()
     assert Config().calendar_feed_port is None and Config().webhooks
+
+
+async def test_retries_back_off_exponentially_with_jitter(
+    hooks: tuple[BookingServer, Api, Receiver],
+) -> None:
+    """store.fail as the dispatcher calls it: the wait after the n-th failure
+    in a row is min(max, base * 2^(n-1)) times a random factor in [0.5, 1)."""
+    server, api, receiver = hooks
+    db = server.db
+    assert db is not None
+    # Not deliverable by the server's own dispatcher: disabled below at once.
+    made = await _endpoint(api, receiver, "/backoff")
+    endpoint_id = uuid.UUID(made.id)
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        waits = []
+        for n in range(1, 9):
+            await conn.execute(
+                "UPDATE webhook_endpoints SET lease_owner = 'test', next_attempt_at = now(),"
+                " lease_expires_at = now() + interval '1 hour' WHERE id = $1",
+                endpoint_id,
+            )
+            enabled, failures = await webhook_store.fail(
+                db,
+                endpoint_id,
+                "test",
+                error="HTTP 500",
+                gone=False,
+                max_failures=8,
+                backoff_base=1.0,
+                backoff_max=30.0,
+            )
+            assert failures == n and enabled == (n < 8)
+            wait = await conn.fetchval(
+                "SELECT extract(epoch FROM next_attempt_at - updated_at)::float8"
+                " FROM webhook_endpoints WHERE id = $1",
+                endpoint_id,
+            )
+            waits.append(wait)
+            ceiling = min(30.0, 2.0 ** (n - 1))
+            assert 0.5 * ceiling <= wait < ceiling, (n, wait)
+        assert len(set(waits)) == len(waits)  # jittered, not a fixed schedule
+    finally:
+        await conn.close()
