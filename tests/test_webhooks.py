@@ -28,7 +28,7 @@ from storage import events as event_log
 from storage import webhooks as webhook_store
 from storage.database import Database
 from storage.models import EventFilter, EventType, Position
-from tests.support import Api, expect_failure, hours_from_now, running_server
+from tests.support import Api, ServerConfig, expect_failure, hours_from_now, running_server
 from tests.test_observability import scrape, total, value
 from tests.webhook_receiver import Receiver, Request, new_secret, receiving
 
@@ -519,3 +519,45 @@ async def test_retries_back_off_exponentially_with_jitter(
         assert len(set(waits)) == len(waits)  # jittered, not a fixed schedule
     finally:
         await conn.close()
+
+
+async def test_a_stopping_replica_gives_its_endpoints_up(database_url: str) -> None:
+    """SIGTERM's path: the request in flight is abandoned, the lease released
+    at once (not left to expire), and the next replica resends that event."""
+    async with receiving() as receiver:
+        held = asyncio.Event()
+        resume = asyncio.Event()
+
+        async def hold_the_third(_: Request, n: int) -> int:
+            if n == 2:
+                held.set()
+                await resume.wait()
+            return 200
+
+        receiver.behaviour["/stop"] = hold_the_third
+        async with running_server(database_url, webhooks=False) as quiet, Api.connect(quiet) as api:
+            assert quiet.db is not None
+            endpoint = await _endpoint(api, receiver, "/stop")
+            await _make_events(api, 4)
+            expected = await _log(quiet.db)
+            first = BookingServer(ServerConfig.for_tests(database_url, **FAST))
+            await first.start()
+            try:
+                await asyncio.wait_for(held.wait(), 60)
+                await first.stop(grace=0.5)
+            finally:
+                await first.stop()
+                resume.set()
+            conn = await asyncpg.connect(quiet.db.dsn)
+            try:
+                lease = await conn.fetchrow(
+                    "SELECT lease_owner, delivered FROM webhook_endpoints WHERE id = $1",
+                    uuid.UUID(endpoint.id),
+                )
+            finally:
+                await conn.close()
+            assert lease["lease_owner"] is None and lease["delivered"] == 2
+            async with running_server(database_url, **FAST):
+                await receiver.wait(lambda: receiver.first_arrivals("/stop") == expected)
+        ids = [r.msg_id for r in receiver.requests["/stop"]]
+        assert ids[:4] == [expected[0], expected[1], expected[2], expected[2]]
