@@ -51,7 +51,7 @@ from storage import events as event_log
 from storage import webhooks as store
 from storage.database import Database
 from storage.errors import BookingError, CursorCompacted
-from storage.models import AppointmentEvent, EventFilter
+from storage.models import AppointmentEvent, EventFilter, Position
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ def cloud_event(event: AppointmentEvent) -> bytes:
         "data": data,
     }
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+async def _refuse_pruned_start(db: Database) -> None:
+    pruned = await event_log.resume_point(db, Position.start())
+    if pruned != Position.start():
+        raise CursorCompacted(cursor="0-0", oldest_cursor=f"{pruned.xid}-{pruned.seq}")
 
 
 def _failure_reason(status: int) -> str:
@@ -196,6 +202,10 @@ class Dispatcher:
             while True:
                 types = frozenset(endpoint.event_types)
                 try:
+                    if endpoint.cursor == Position.start():
+                        # The start of the log means "from the first event":
+                        # the reader would quietly skip pruned history.
+                        await _refuse_pruned_start(self.db)
                     events, head, _ = await event_log.read_after(
                         self.db, endpoint.cursor, EventFilter(types=types), BATCH
                     )

@@ -40,6 +40,9 @@ _HEAD_SEQ = (
     " ORDER BY t.xid DESC, t.seq DESC LIMIT 1)"
 )
 
+_PRUNED_XID = "(SELECT pruned_xid FROM booking_event_horizon)"
+_PRUNED_SEQ = "(SELECT pruned_seq FROM booking_event_horizon)"
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -88,13 +91,17 @@ async def _one(db: Database, sql: str, *args: object, missing: UUID | None = Non
 async def create(
     db: Database, *, url: str, event_types: frozenset[EventType], secret: str, actor_id: UUID
 ) -> Endpoint:
-    """A new endpoint, whose cursor starts at the newest stable event: it
-    receives what commits from now on."""
+    """A new endpoint, whose cursor starts at the newest stable event (or,
+    with none left, at the pruning horizon): it receives what commits from
+    now on. Its cursor is the start of the log only if no event was ever
+    pruned, so a cursor at the start with pruned history means events it
+    should have had are gone (storage/events.py, CursorCompacted)."""
     return await _one(
         db,
         "INSERT INTO webhook_endpoints (id, url, event_types, secrets, created_by,"
         " cursor_xid, cursor_seq)"
-        f" VALUES ($1, $2, $3, ARRAY[$4], $5, coalesce({_HEAD}, '0'), coalesce({_HEAD_SEQ}, 0))"
+        f" VALUES ($1, $2, $3, ARRAY[$4], $5, coalesce({_HEAD}, {_PRUNED_XID}, '0'),"
+        f" coalesce({_HEAD_SEQ}, {_PRUNED_SEQ}, 0))"
         f" RETURNING {_COLUMNS}",
         uuid.uuid4(),
         url,

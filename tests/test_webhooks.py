@@ -561,3 +561,43 @@ async def test_a_stopping_replica_gives_its_endpoints_up(database_url: str) -> N
                 await receiver.wait(lambda: receiver.first_arrivals("/stop") == expected)
         ids = [r.msg_id for r in receiver.requests["/stop"]]
         assert ids[:4] == [expected[0], expected[1], expected[2], expected[2]]
+
+
+@pytest.mark.parametrize("history", ["empty log", "earlier events"])
+async def test_events_pruned_before_delivery_disable_the_endpoint(
+    database_url: str, history: str
+) -> None:
+    """Retention pruned events the endpoint never got: it is disabled
+    (COMPACTED) rather than silently skipping them, whether its cursor is
+    the start of the log or an event position."""
+    async with receiving() as receiver:
+        down = asyncio.Event()
+        down.set()
+
+        async def outage(_: Request, __: int) -> int:
+            return 503 if down.is_set() else 200
+
+        receiver.behaviour["/pruned"] = outage
+        config = {**FAST, "webhook_max_failures": 100000}
+        async with running_server(database_url, **config) as server, Api.connect(server) as api:
+            assert server.db is not None
+            if history == "earlier events":
+                await _make_events(api, 2, first_hour=300)
+            endpoint = await _endpoint(api, receiver, "/pruned")
+            await _make_events(api, 3)
+            await receiver.wait(lambda: len(receiver.requests.get("/pruned", [])) >= 2)
+            conn = await asyncpg.connect(server.db.dsn)
+            try:
+                assert await conn.fetchval("SELECT booking_prune_events('0 seconds', 10000)") > 0
+            finally:
+                await conn.close()
+            down.clear()
+            disabled = await _until(api, endpoint.id, lambda e: not e.enabled)
+            assert disabled.disabled_reason == "COMPACTED"
+            assert not receiver.accepted("/pruned")
+
+            # A new endpoint after pruning starts at the horizon and works.
+            fresh = await _endpoint(api, receiver, "/after-pruning")
+            await _make_events(api, 1, first_hour=400)
+            await receiver.wait(lambda: len(receiver.accepted("/after-pruning")) >= 1)
+            assert (await _get(api, fresh.id)).enabled
