@@ -268,6 +268,8 @@ class Dispatcher:
                 lease_until = time.monotonic() + self.settings.lease_seconds
         except BookingError as exc:
             log.warning("webhook endpoint %s: database error: %s", endpoint.id, exc)
+        except Exception:  # noqa: BLE001 - a bug: logged, and the next poll tries again
+            log.exception("webhook delivery to endpoint %s failed", endpoint.id)
         finally:
             if release:
                 with contextlib.suppress(Exception):
