@@ -278,7 +278,7 @@ async def test_idle_connections_are_bounded(
         for _, writer in idle:
             writer.write(b"GET /cal")  # never finished
             await writer.drain()
-        for _ in range(100):
+        for _ in range(500):
             status, rest = await _raw(feed_server, b"GET / HTTP/1.1\r\n\r\n")
             if status == 503:
                 break
@@ -287,7 +287,7 @@ async def test_idle_connections_are_bounded(
     finally:
         for _, writer in idle:
             writer.close()
-    for _ in range(100):
+    for _ in range(500):
         status, _ = await _raw(feed_server, b"GET / HTTP/1.1\r\n\r\n")
         if status == 404:
             break
