@@ -114,6 +114,45 @@ class Config:
         default=None,
         metadata={"help": "serve Prometheus metrics at http://HOST:PORT/metrics (off if unset)"},
     )
+    # Off unless set; served on `host`, 0 picks a port (docs/operations.md).
+    calendar_feed_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve calendar feeds at http://HOST:PORT/calendar/TOKEN.ics (off if unset)"
+        },
+    )
+    # The webhook dispatcher (docs/operations.md, "Webhooks").
+    webhooks: bool = field(
+        default=True,
+        metadata={"help": "deliver events to the registered webhook endpoints"},
+    )
+    webhook_poll_seconds: float = field(
+        default=1.0,
+        metadata={"help": "how often the dispatcher looks for endpoints with events to deliver"},
+    )
+    webhook_concurrency: int = field(
+        default=8,
+        metadata={"help": "most endpoints one server delivers to at once"},
+    )
+    webhook_timeout_seconds: float = field(
+        default=10.0,
+        metadata={"help": "how long one delivery may take before it counts as failed"},
+    )
+    webhook_lease_seconds: float = field(
+        default=30.0,
+        metadata={
+            "help": "how long a server holds an endpoint without renewing; at least"
+            " twice webhook-timeout-seconds plus 2"
+        },
+    )
+    webhook_max_failures: int = field(
+        default=10,
+        metadata={"help": "failed deliveries in a row after which an endpoint is disabled"},
+    )
+    webhook_backoff_max_seconds: float = field(
+        default=300.0,
+        metadata={"help": "longest wait between retries (exponential from 1 s, with jitter)"},
+    )
 
     @cached_property  # read on every HoldSlot
     def hold_ttl(self) -> timedelta:
@@ -197,6 +236,22 @@ class Config:
                 problems.append(f"{name}: no such file {path}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             problems.append(f"metrics_port must be 0-65535, not {self.metrics_port}")
+        if self.calendar_feed_port is not None and not 0 <= self.calendar_feed_port <= 65535:
+            problems.append(f"calendar_feed_port must be 0-65535, not {self.calendar_feed_port}")
+        for name in (
+            "webhook_poll_seconds",
+            "webhook_timeout_seconds",
+            "webhook_backoff_max_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        for name in ("webhook_concurrency", "webhook_max_failures"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.webhook_lease_seconds < 2 * self.webhook_timeout_seconds + 2:
+            problems.append(
+                "webhook_lease_seconds must be at least 2 * webhook_timeout_seconds + 2"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
         return self

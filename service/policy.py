@@ -94,6 +94,18 @@ POLICIES: dict[str, Policy] = {
     P + "WaitlistService/GetWaitlistEntry": Policy(EVERYONE, note="CLIENT: own only"),
     P + "WaitlistService/ListWaitlistEntries": Policy(EVERYONE, note="CLIENT: own only"),
     P + "WaitlistService/CancelWaitlistEntry": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "CalendarFeedService/RotateCalendarFeedToken": Policy(
+        EVERYONE, note="CLIENT: its own user feed; staff: any user's or specialist's"
+    ),
+    P + "CalendarFeedService/RevokeCalendarFeedToken": Policy(
+        EVERYONE, note="CLIENT: its own user feed; staff: any user's or specialist's"
+    ),
+    P + "WebhookService/CreateWebhookEndpoint": Policy(STAFF),
+    P + "WebhookService/GetWebhookEndpoint": Policy(STAFF),
+    P + "WebhookService/ListWebhookEndpoints": Policy(STAFF),
+    P + "WebhookService/RotateWebhookSecret": Policy(STAFF),
+    P + "WebhookService/EnableWebhookEndpoint": Policy(STAFF),
+    P + "WebhookService/DeleteWebhookEndpoint": Policy(STAFF),
 }
 
 # Infrastructure anyone may call: health checks and reflection.

@@ -29,6 +29,8 @@ from booking.v1 import (
     appointment_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    calendar_pb2,
+    calendar_pb2_grpc,
     schedule_pb2,
     schedule_pb2_grpc,
     slot_pb2,
@@ -39,19 +41,24 @@ from booking.v1 import (
     user_pb2_grpc,
     waitlist_pb2,
     waitlist_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
-from service import connections, reflection, telemetry
+from service import connections, reflection, telemetry, webhooks
 from service.auth import Authenticator
+from service.calendar_feed import CalendarFeedServer
 from service.config import Config
 from service.event_hub import EventHub
 from service.health import NOT_SERVING, SERVING, HealthService
 from service.interceptor import ServiceInterceptor
 from service.servicers.appointments import AppointmentService
+from service.servicers.calendar import CalendarFeedService
 from service.servicers.schedules import ScheduleService
 from service.servicers.slots import SlotService
 from service.servicers.specialists import SpecialistService
 from service.servicers.users import AuthService, UserService
 from service.servicers.waitlist import WaitlistService
+from service.servicers.webhooks import WebhookService
 from service.sweeper import sweep_forever
 from storage import embedded, migrate
 from storage.database import Database
@@ -66,6 +73,8 @@ SERVICE_NAMES = [
     appointment_pb2.DESCRIPTOR.services_by_name["AppointmentService"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     waitlist_pb2.DESCRIPTOR.services_by_name["WaitlistService"].full_name,
+    calendar_pb2.DESCRIPTOR.services_by_name["CalendarFeedService"].full_name,
+    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 ]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -97,6 +106,17 @@ async def database(config: Config) -> AsyncIterator[str]:
             await asyncio.to_thread(pg.stop)
 
 
+def _webhook_settings(config: Config) -> webhooks.Settings:
+    return webhooks.Settings(
+        poll_seconds=config.webhook_poll_seconds,
+        concurrency=config.webhook_concurrency,
+        timeout_seconds=config.webhook_timeout_seconds,
+        lease_seconds=config.webhook_lease_seconds,
+        max_failures=config.webhook_max_failures,
+        backoff_max_seconds=config.webhook_backoff_max_seconds,
+    )
+
+
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
@@ -123,6 +143,9 @@ class BookingServer:
         self._stopping: asyncio.Task[None] | None = None
         # Where /metrics is served (config.metrics_port, or the one picked for 0).
         self.metrics_port: int | None = None
+        # Where calendar feeds are served (config.calendar_feed_port, or the one picked for 0).
+        self.calendar_feed_port: int | None = None
+        self.dispatcher: webhooks.Dispatcher | None = None
         self.database_up = False
 
     async def start(self) -> int:
@@ -160,6 +183,21 @@ class BookingServer:
                     endpoint.port,
                     extra={"metrics_port": endpoint.port},
                 )
+            if self.config.calendar_feed_port is not None:
+                feeds = CalendarFeedServer(db)
+                # Worker processes share the port, as they share the gRPC one.
+                self.calendar_feed_port = await feeds.start(
+                    self.config.host,
+                    self.config.calendar_feed_port,
+                    reuse_port=self.config.workers > 1,
+                )
+                stack.push_async_callback(feeds.stop)
+                log.info(
+                    "calendar feeds at http://%s:%d/calendar/",
+                    self.config.host,
+                    self.calendar_feed_port,
+                    extra={"calendar_feed_port": self.calendar_feed_port},
+                )
             await hub.start()
             stack.push_async_callback(hub.stop)
             self._authenticator = authenticator = Authenticator(db, self.config)
@@ -189,6 +227,10 @@ class BookingServer:
                 asyncio.create_task(self._watch_database(ready), name="health-monitor"),
             ]
             stack.push_async_callback(_cancel_all, tasks)
+            if self.config.webhooks:
+                self.dispatcher = webhooks.Dispatcher(db, _webhook_settings(self.config))
+                self.dispatcher.start()
+                stack.push_async_callback(self.dispatcher.stop)
             # Undone first: stop advertising, and ask open streams to end.
             stack.callback(hub.close_streams)
             stack.callback(self._health.enter_graceful_shutdown)
@@ -228,6 +270,11 @@ class BookingServer:
                 "1 while the database answers (health SERVING), else 0",
                 lambda: 1 if self.database_up else 0,
             ),
+            "booking.webhooks.backlog_age_seconds": (
+                "Age of the oldest event this server is trying to deliver to a webhook"
+                " endpoint it holds; 0 when caught up",
+                lambda: self.dispatcher.backlog_age() if self.dispatcher else 0.0,
+            ),
         }
 
     def _build(self, db: Database, hub: EventHub, authenticator: Authenticator) -> grpc.aio.Server:
@@ -261,6 +308,8 @@ class BookingServer:
         appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(
             AppointmentService(db, self.config, hub, authenticator), server
         )
+        calendar_pb2_grpc.add_CalendarFeedServiceServicer_to_server(CalendarFeedService(db), server)
+        webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(db), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable(server, [*SERVICE_NAMES, health.SERVICE_NAME])
         return server

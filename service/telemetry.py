@@ -39,6 +39,8 @@ DURATION_BUCKETS = (
     0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1, 2, 5, 10, 20, 50, 100,
 )  # fmt: skip
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Webhook lag includes retries with backoff: minutes to hours.
+WEBHOOK_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600)
 
 # Method name -> transition label of booking_transitions_total.
 TRANSITIONS = {
@@ -85,6 +87,29 @@ class Metrics:
             unit="s",
             description="From an event's commit to its sending on a watch stream",
             explicit_bucket_boundaries_advisory=LAG_BUCKETS,
+        )
+        # Webhooks (service/webhooks.py).
+        self.webhook_deliveries = meter.create_counter(
+            "booking.webhooks.deliveries",
+            unit="{delivery}",
+            description="Webhook deliveries answered 2xx",
+        )
+        self.webhook_failures = meter.create_counter(
+            "booking.webhooks.failures",
+            unit="{attempt}",
+            description="Webhook delivery attempts that failed, by reason"
+            " (http_4xx, http_5xx, http_410, timeout, connection)",
+        )
+        self.webhook_disabled = meter.create_counter(
+            "booking.webhooks.disabled",
+            unit="{endpoint}",
+            description="Webhook endpoints disabled, by reason (FAILURES, GONE, COMPACTED)",
+        )
+        self.webhook_lag = meter.create_histogram(
+            "booking.webhooks.delivery_lag",
+            unit="s",
+            description="From an event's commit to its 2xx from a webhook endpoint",
+            explicit_bucket_boundaries_advisory=WEBHOOK_LAG_BUCKETS,
         )
 
     def observe(self, name: str, description: str, read: Callable[[], float]) -> None:

@@ -71,6 +71,18 @@ class WaitlistEntryNotFound(NotFound):
     resource = "waitlist entry"
 
 
+class CalendarFeedNotFound(NotFound):
+    """`id` is the subject's (user or specialist) id: a feed has no id of its own."""
+
+    reason = "CALENDAR_FEED_NOT_FOUND"
+    resource = "calendar feed of"
+
+
+class WebhookEndpointNotFound(NotFound):
+    reason = "WEBHOOK_ENDPOINT_NOT_FOUND"
+    resource = "webhook endpoint"
+
+
 @dataclass(eq=False)
 class EmailTaken(BookingError):
     reason = "EMAIL_TAKEN"

@@ -25,6 +25,8 @@ SOURCE_FILES = (
     "contract.sql",
     "retention.sql",
     "schedules.sql",
+    "feeds.sql",
+    "webhooks.sql",
 )
 
 

@@ -34,11 +34,15 @@ from google.protobuf.message_factory import GetMessageClass
 import booking.v1
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import auth_pb2
+from booking.v1 import calendar_pb2 as calpb
+from booking.v1 import calendar_pb2_grpc as calpb_grpc
 from booking.v1 import schedule_pb2 as sched_pb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking.v1 import user_pb2 as upb
 from booking.v1 import waitlist_pb2 as wpb
+from booking.v1 import webhook_pb2 as whpb
+from booking.v1 import webhook_pb2_grpc as whpb_grpc
 from service import auth
 from service.config import Config
 from service.errors import PermissionDenied
@@ -143,6 +147,14 @@ EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
     P + "WaitlistService/GetWaitlistEntry":        (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "WaitlistService/ListWaitlistEntries":     (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "WaitlistService/CancelWaitlistEntry":     (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "CalendarFeedService/RotateCalendarFeedToken": (UNAUTH, OK, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "CalendarFeedService/RevokeCalendarFeedToken": (UNAUTH, OK, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WebhookService/CreateWebhookEndpoint":    (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WebhookService/GetWebhookEndpoint":       (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WebhookService/ListWebhookEndpoints":     (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WebhookService/RotateWebhookSecret":      (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WebhookService/EnableWebhookEndpoint":    (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "WebhookService/DeleteWebhookEndpoint":    (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
 }
 # fmt: on
 
@@ -411,6 +423,56 @@ async def _cancel_waitlist_entry(w: World) -> Message:
     return wpb.CancelWaitlistEntryRequest(id=await _owner_waitlist_entry(w))
 
 
+async def _rotate_feed(w: World) -> Message:
+    return calpb.RotateCalendarFeedTokenRequest(user_id=w.owner_id)
+
+
+async def _revoke_feed(w: World) -> Message:
+    # The owner's feed exists, so the cell's outcome is the caller's right.
+    await calpb_grpc.CalendarFeedServiceStub(w.api.channel).RotateCalendarFeedToken(
+        calpb.RotateCalendarFeedTokenRequest(user_id=w.owner_id), metadata=w.api.md
+    )
+    return calpb.RevokeCalendarFeedTokenRequest(user_id=w.owner_id)
+
+
+def _webhook_request() -> whpb.CreateWebhookEndpointRequest:
+    # Nothing listens there; only NO_SHOW events would be sent.
+    return whpb.CreateWebhookEndpointRequest(
+        url="http://127.0.0.1:9/hook", event_types=[apb.APPOINTMENT_EVENT_TYPE_NO_SHOW]
+    )
+
+
+async def _webhook(w: World) -> str:
+    reply = await whpb_grpc.WebhookServiceStub(w.api.channel).CreateWebhookEndpoint(
+        _webhook_request(), metadata=w.api.md
+    )
+    return reply.webhook_endpoint.id
+
+
+async def _create_webhook(w: World) -> Message:
+    return _webhook_request()
+
+
+async def _get_webhook(w: World) -> Message:
+    return whpb.GetWebhookEndpointRequest(id=await _webhook(w))
+
+
+async def _list_webhooks(w: World) -> Message:
+    return whpb.ListWebhookEndpointsRequest()
+
+
+async def _rotate_webhook_secret(w: World) -> Message:
+    return whpb.RotateWebhookSecretRequest(id=await _webhook(w))
+
+
+async def _enable_webhook(w: World) -> Message:
+    return whpb.EnableWebhookEndpointRequest(id=await _webhook(w))
+
+
+async def _delete_webhook(w: World) -> Message:
+    return whpb.DeleteWebhookEndpointRequest(id=await _webhook(w))
+
+
 BUILDERS: dict[str, Builder] = {
     P + "AuthService/Login": _login,
     P + "AuthService/WhoAmI": _who_am_i,
@@ -445,6 +507,14 @@ BUILDERS: dict[str, Builder] = {
     P + "WaitlistService/GetWaitlistEntry": _get_waitlist_entry,
     P + "WaitlistService/ListWaitlistEntries": _list_waitlist_entries,
     P + "WaitlistService/CancelWaitlistEntry": _cancel_waitlist_entry,
+    P + "CalendarFeedService/RotateCalendarFeedToken": _rotate_feed,
+    P + "CalendarFeedService/RevokeCalendarFeedToken": _revoke_feed,
+    P + "WebhookService/CreateWebhookEndpoint": _create_webhook,
+    P + "WebhookService/GetWebhookEndpoint": _get_webhook,
+    P + "WebhookService/ListWebhookEndpoints": _list_webhooks,
+    P + "WebhookService/RotateWebhookSecret": _rotate_webhook_secret,
+    P + "WebhookService/EnableWebhookEndpoint": _enable_webhook,
+    P + "WebhookService/DeleteWebhookEndpoint": _delete_webhook,
 }
 
 STREAM_FIRST_MESSAGE_TIMEOUT = 5.0

@@ -33,7 +33,15 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from booking.v1 import appointment_pb2, auth_pb2, slot_pb2, specialist_pb2, user_pb2
+from booking.v1 import (
+    appointment_pb2,
+    auth_pb2,
+    calendar_pb2,
+    slot_pb2,
+    specialist_pb2,
+    user_pb2,
+    webhook_pb2,
+)
 from service.errors import FieldViolation, InvalidArgument, to_status
 from service.reflection import v1_service_descriptor
 from service.server import BookingServer
@@ -49,7 +57,15 @@ LEAKS = ("Traceback", "Unexpected <class", "DecodeError", "Exception", "asyncpg"
 SERVICES: list[descriptor.ServiceDescriptor] = [
     *(
         module.DESCRIPTOR.services_by_name[name]
-        for module in (user_pb2, auth_pb2, specialist_pb2, slot_pb2, appointment_pb2)
+        for module in (
+            user_pb2,
+            auth_pb2,
+            specialist_pb2,
+            slot_pb2,
+            appointment_pb2,
+            calendar_pb2,
+            webhook_pb2,
+        )
         for name in module.DESCRIPTOR.services_by_name
     ),
     health_pb2.DESCRIPTOR.services_by_name["Health"],
