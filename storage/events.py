@@ -57,6 +57,13 @@ _STABLE_HEAD = (
 )
 
 
+# The durability gate (storage/durability.py): the statement's own commit
+# waits until every commit visible to its snapshot is on the synchronous
+# standbys, so no event read here can be lost by a failover. Evaluated once,
+# in the statement's first CTE (a volatile call is never inlined away).
+_GATE = "booking_sync_barrier()"
+
+
 # Everything at or before this position may have been pruned (at most one row).
 _PRUNED = "booking_event_horizon"
 
@@ -120,7 +127,7 @@ async def read_after(
     where.add_if(sorted(t.value for t in filter_.types) or None, "e.event_type = ANY({}::text[])")
     sql = (
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
-        f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
+        f" AS pending, {_GATE} AS gate FROM (SELECT {_HORIZON} AS x) s)"
         " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq,"
         " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
         " w.id AS waitlist_entry_id"
@@ -190,7 +197,8 @@ async def stable_head(db: Database) -> Position:
 
     async def work(conn: Connection) -> asyncpg.Record | None:
         row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT head.* FROM (SELECT {_HORIZON} AS x) h, LATERAL ({_STABLE_HEAD}) head"
+            f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} AS gate)"
+            f" SELECT head.* FROM h, LATERAL ({_STABLE_HEAD}) head"
         )
         return row
 

@@ -1,0 +1,260 @@
+"""Nothing acknowledged is lost, and no phantom event is streamed, across a
+failover to the synchronous standby.
+
+A real primary streams to a real synchronous standby (tests/replication.py).
+The standby is paused with SIGSTOP, so every commit on the primary waits for
+its acknowledgement. A hold whose deadline runs out in that wait is cancelled
+by the service (asyncpg sends a cancel request), and PostgreSQL then makes
+the commit visible on the primary although the standby never got it. These
+tests check that nothing passes that commit on as done: not a retry with the
+same request id (a replay), not an event stream, not a wait cancelled by
+anyone else; and that after the primary dies and the standby is promoted,
+every OK answer and every delivered event is on the new primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import grpc
+import pytest
+
+from booking.v1 import appointment_pb2 as apb
+from service.server import BookingServer
+from storage.models import Role
+from tests.replication import Node, ReplicatedCluster, replicated_cluster
+from tests.support import Api, hours_from_now, running_server
+
+# A deadline short enough for the test, long enough for a normal hold.
+DEADLINE = 1.5
+# Not answered OK: the deadline ran out while the replay waited for the
+# standby (the service's own answer, or grpc's), or the service said so.
+NOT_DONE = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[ReplicatedCluster]:
+    async with replicated_cluster(1) as c:
+        yield c
+
+
+@asynccontextmanager
+async def serving(cluster: ReplicatedCluster) -> AsyncIterator[BookingServer]:
+    """A server on the cluster's primary. A failed check can leave a standby
+    paused, and commits waiting for it would hold the server's shutdown:
+    paused standbys are resumed first."""
+    async with running_server(cluster.primary.url(), pool_max_size=10) as srv:
+        try:
+            yield srv
+        finally:
+            for node in cluster.standbys:
+                if node.paused and not node.killed:
+                    node.resume()
+
+
+async def appointment_count(node: Node, slot_id: str) -> int:
+    value = await node.fetchval(
+        "SELECT count(*) FROM appointments WHERE time_slot_id = $1::uuid", slot_id
+    )
+    assert isinstance(value, int)
+    return value
+
+
+async def until_visible(node: Node, slot_id: str) -> None:
+    """Until the cancelled hold's commit shows on `node` (the cancel request
+    reached the backend waiting for the standby)."""
+    while True:
+        if await appointment_count(node, slot_id):
+            return
+        await asyncio.sleep(0.02)
+
+
+async def until_waiting_for_standby(node: Node, query_like: str) -> int:
+    """The pid of a backend whose commit waits for the synchronous standby
+    and whose statement is like `query_like`."""
+    while True:
+        pid = await node.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND query LIKE $1"
+            " LIMIT 1",
+            query_like,
+        )
+        if isinstance(pid, int):
+            return pid
+        await asyncio.sleep(0.02)
+
+
+async def hold_code(client: Api, slot_id: str, request_id: str, within: float) -> grpc.StatusCode:
+    try:
+        await client.appointments.HoldSlot(
+            apb.HoldSlotRequest(slot_id=slot_id, request_id=request_id),
+            metadata=client.md,
+            timeout=within,
+        )
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def setup(api: Api) -> tuple[Api, str]:
+    """A CLIENT and a free slot, replicated."""
+    specialist = await api.specialist()
+    slot = await api.slot(specialist.id, hours_from_now(48))
+    client, _ = await api.client()
+    return client, slot.id
+
+
+async def test_replayed_hold_is_not_ok_until_its_commit_is_on_the_standby(
+    cluster: ReplicatedCluster,
+) -> None:
+    standby = cluster.standbys[0]
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        client, slot_id = await setup(api)
+        request_id = str(uuid.uuid4())
+        standby.pause()
+        # The hold commits, waits for the paused standby, and the deadline
+        # cancels the wait: committed locally, never replicated.
+        assert await hold_code(client, slot_id, request_id, DEADLINE) in NOT_DONE
+        await until_visible(cluster.primary, slot_id)
+        # A retry finds the stored outcome; without the barrier it replays
+        # it as OK although only the primary has it.
+        for _ in range(2):
+            assert await hold_code(client, slot_id, request_id, DEADLINE) in NOT_DONE
+        standby.resume()
+        # Once the standby has it, the replay answers OK...
+        assert await hold_code(client, slot_id, request_id, 30) is grpc.StatusCode.OK
+        # ...and the standby really has it.
+        assert await appointment_count(standby, slot_id) == 1
+
+
+async def test_acknowledged_holds_survive_promotion_of_the_standby(
+    cluster: ReplicatedCluster,
+) -> None:
+    standby = cluster.standbys[0]
+    acknowledged: list[str] = []
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        client, slot_id = await setup(api)
+        token = client.token
+        request_id = str(uuid.uuid4())
+        standby.pause()
+        assert await hold_code(client, slot_id, request_id, DEADLINE) in NOT_DONE
+        await until_visible(cluster.primary, slot_id)
+        for _ in range(2):
+            code = await hold_code(client, slot_id, request_id, DEADLINE)
+            if code is grpc.StatusCode.OK:
+                acknowledged.append(request_id)
+            assert code in NOT_DONE
+        # The primary's machine dies; the standby, which never got the
+        # hold, is promoted.
+        cluster.fail_over(standby)
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        client = api.as_(token)
+        # The retry applies the hold once on the new primary.
+        assert await hold_code(client, slot_id, request_id, 30) is grpc.StatusCode.OK
+        assert await appointment_count(cluster.primary, slot_id) == 1
+        # And a second copy replays it.
+        assert await hold_code(client, slot_id, request_id, 30) is grpc.StatusCode.OK
+    assert acknowledged == []
+
+
+async def test_commit_wait_cancelled_by_anyone_is_not_answered_ok(
+    cluster: ReplicatedCluster,
+) -> None:
+    """Not only the service's deadline cancels a wait: an operator's
+    pg_cancel_backend (or a cancel request arriving late) makes PostgreSQL
+    report success with a warning. That success is UNAVAILABLE, never OK."""
+    standby = cluster.standbys[0]
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        client, slot_id = await setup(api)
+        request_id = str(uuid.uuid4())
+        standby.pause()
+        hold = asyncio.ensure_future(hold_code(client, slot_id, request_id, 60))
+        pid = await until_waiting_for_standby(cluster.primary, "%booking_hold_slot%")
+        await cluster.primary.execute("SELECT pg_cancel_backend($1)", pid, database="postgres")
+        assert await hold is grpc.StatusCode.UNAVAILABLE
+        assert await appointment_count(cluster.primary, slot_id) == 1
+        standby.resume()
+        assert await hold_code(client, slot_id, request_id, 30) is grpc.StatusCode.OK
+
+
+async def test_stream_never_delivers_an_event_the_promoted_standby_lacks(
+    cluster: ReplicatedCluster,
+) -> None:
+    standby = cluster.standbys[0]
+    received: list[apb.AppointmentEvent] = []
+    got_event = asyncio.Event()
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        operator = api.as_(await api.make_token(Role.ADMIN))
+        token = operator.token
+        client, slot_id = await setup(api)
+        call = operator.appointments.WatchAppointmentEvents(
+            apb.WatchAppointmentEventsRequest(start_position=apb.WATCH_START_POSITION_NOW),
+            metadata=operator.md,
+        )
+        opening = await call.read()
+        assert isinstance(opening, apb.WatchAppointmentEventsResponse)
+        cursor = opening.heartbeat.cursor
+
+        async def consume() -> None:
+            nonlocal cursor
+            while True:
+                # read(), not async for: a call is read one way only.
+                message = await call.read()
+                assert isinstance(message, apb.WatchAppointmentEventsResponse)
+                if message.HasField("event"):
+                    received.append(message.event)
+                    got_event.set()
+                    cursor = message.event.cursor
+                else:
+                    cursor = message.heartbeat.cursor
+
+        consumer = asyncio.ensure_future(consume())
+        standby.pause()
+        assert await hold_code(client, slot_id, str(uuid.uuid4()), DEADLINE) in NOT_DONE
+        await until_visible(cluster.primary, slot_id)
+        # The event is visible on the primary. Without the gate the hub
+        # reads and delivers it at once; with it, the hub's read waits for
+        # the standby. Either shows within the wait below.
+        waiting = asyncio.ensure_future(
+            until_waiting_for_standby(cluster.primary, "%booking_sync_barrier%")
+        )
+        await asyncio.wait(
+            [waiting, asyncio.ensure_future(got_event.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if consumer.done():
+            consumer.result()  # the consumer must not have died
+        for task in (waiting, consumer):
+            task.cancel()
+        call.cancel()
+        assert received == [], "an event only the primary has was streamed"
+        cluster.fail_over(standby)
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        operator = api.as_(token)
+        client = api.as_(client.token)
+        # The consumer resumes from its last cursor; a new hold on the new
+        # primary arrives, and nothing it gets is missing from the new primary.
+        assert await hold_code(client, slot_id, str(uuid.uuid4()), 30) is grpc.StatusCode.OK
+        call = operator.appointments.WatchAppointmentEvents(
+            apb.WatchAppointmentEventsRequest(after_cursor=cursor), metadata=operator.md
+        )
+        async for message in call:
+            if message.HasField("event"):
+                received.append(message.event)
+                break
+        call.cancel()
+        assert len(received) == 1
+        conn = await asyncpg.connect(cluster.primary.url(), ssl=False)
+        try:
+            for event in received:
+                assert (
+                    await conn.fetchval(
+                        "SELECT count(*) FROM appointment_events WHERE id = $1::uuid", event.id
+                    )
+                    == 1
+                )
+        finally:
+            await conn.close()
