@@ -42,7 +42,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from storage.database import Connection, Database
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +115,62 @@ async def barrier(conn: Any) -> None:
     """Run a sync barrier on `conn` (idle, not in a transaction): returns
     once everything committed before it is on the synchronous standbys."""
     await conn.execute(BARRIER)
+
+
+_SETTINGS_SQL = """
+SELECT current_setting('synchronous_standby_names') AS names,
+       current_setting('synchronous_commit') AS sync_commit,
+       pg_is_in_recovery() AS recovery,
+       (SELECT count(*) FROM pg_stat_replication) AS standbys,
+       (SELECT count(*) FROM pg_stat_replication
+         WHERE sync_state IN ('sync', 'quorum')) AS synchronous
+"""
+
+
+async def replication_warnings(db: Database) -> list[str]:
+    """What the service can see that makes its commits not synchronously
+    replicated (a failover could then lose what it answered OK), as
+    sentences for the log; empty when nothing is wrong or nothing is known.
+    Read with a pooled session, so synchronous_commit is the one commits
+    run with (storage/database.py raises 'off' to 'on')."""
+
+    async def work(conn: Connection) -> Any:
+        return await conn.fetchrow(_SETTINGS_SQL)
+
+    row = await db.run(work, single_statement=True, read_only=True)
+    if row is None or row["recovery"]:
+        return []
+    names, sync_commit = str(row["names"]), str(row["sync_commit"])
+    standbys, synchronous = int(row["standbys"]), int(row["synchronous"])
+    found = []
+    if not names.strip():
+        if standbys:
+            found.append(
+                f"{standbys} standby(s) stream from this primary but synchronous_standby_names"
+                " is empty: commits are replicated asynchronously, and a failover can lose"
+                " transitions already answered OK (docs/cluster.md)"
+            )
+        return found
+    if sync_commit in ("local", "off"):
+        found.append(
+            f"synchronous_commit is {sync_commit!r}: commits do not wait for the synchronous"
+            " standbys, and a failover can lose transitions already answered OK"
+        )
+    elif not synchronous:
+        found.append(
+            f"synchronous_standby_names is {names!r} but no synchronous standby is"
+            " connected: every commit waits until one is"
+        )
+    return found
+
+
+async def warn_if_unreplicated(db: Database) -> None:
+    """Log :func:`replication_warnings` (once: the server calls it when its
+    database first becomes ready). Never fails the start."""
+    try:
+        warnings = await replication_warnings(db)
+    except Exception as exc:  # noqa: BLE001 - a check, not a requirement
+        log.info("could not read the replication settings: %s", type(exc).__name__)
+        return
+    for warning in warnings:
+        log.warning("durability: %s", warning)

@@ -15,6 +15,7 @@ every OK answer and every delivered event is on the new primary.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -258,3 +259,28 @@ async def test_stream_never_delivers_an_event_the_promoted_standby_lacks(
                 )
         finally:
             await conn.close()
+
+
+async def test_start_warns_when_commits_are_not_synchronously_replicated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with replicated_cluster(1, synchronous=False) as cluster:
+        caplog.set_level(logging.WARNING, logger="storage.durability")
+        async with serving(cluster):
+            pass
+        warnings = [r.getMessage() for r in caplog.records if r.name == "storage.durability"]
+        assert len(warnings) == 1
+        assert "synchronous_standby_names is empty" in warnings[0]
+        # Synchronous: nothing to warn about.
+        await cluster.set_synchronous("ANY 1 (standby1)")
+        caplog.clear()
+        async with serving(cluster):
+            pass
+        assert [r for r in caplog.records if r.name == "storage.durability"] == []
+        # Synchronous, but the standby is gone: commits would hang.
+        cluster.standbys[0].kill()
+        async with serving(cluster):
+            pass
+        warnings = [r.getMessage() for r in caplog.records if r.name == "storage.durability"]
+        assert len(warnings) == 1
+        assert "no synchronous standby is connected" in warnings[0]
