@@ -459,8 +459,8 @@ class Database:
             raise
         finally:
             self.acquiring -= 1
-        self.commits.install(conn)
         try:
+            self.commits.install(conn)
             if single_statement:
                 result = await work(conn)
             else:
@@ -473,6 +473,10 @@ class Database:
             return result
         except Exception as exc:
             if not went_away(exc, conn):
+                if self.commits.unreplicated(conn):
+                    # A failure remembered by a commit that may not be
+                    # replicated is not answered either.
+                    raise errors.DatabaseUnavailable() from exc
                 raise
             # Terminated here, the pool replaces it on the next acquire
             # instead of handing the broken session to another call. (A
