@@ -15,7 +15,7 @@ from collections.abc import Callable
 import asyncpg
 
 from storage.database import Connection, Database, tls_options
-from storage.errors import CursorCompacted
+from storage.errors import CursorCompacted, CursorNotInHistory
 from storage.models import (
     Appointment,
     AppointmentEvent,
@@ -161,18 +161,35 @@ async def resume_point(db: Database, after: Position) -> Position:
     """Where a reader asking to resume after `after` starts: `after` itself,
     or the pruning horizon when `after` is the start of the log and history
     has been pruned. Raises CursorCompacted when events after `after` may
-    have been pruned."""
+    have been pruned, and CursorNotInHistory when `after` is the position
+    of an event the database does not have (docs/events.md, "Failover")."""
 
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq FROM {_PRUNED} c"
+    async def work(conn: Connection) -> asyncpg.Record:
+        row: asyncpg.Record = await conn.fetchrow(
+            "SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq,"
+            " EXISTS (SELECT 1 FROM appointment_events e"
+            "  WHERE e.xid = $1::text::xid8 AND e.seq = $2::bigint) AS present"
+            f" FROM (SELECT 1) one LEFT JOIN {_PRUNED} c ON true",
+            str(after.xid),
+            after.seq,
         )
         return row
 
     row = await db.run(work, single_statement=True)
-    pruned = Position.start() if row is None else _pruned(row)
+    pruned = _pruned(row)
     _refuse_compacted(after, pruned)
+    if not row["present"] and _names_an_event(after) and after != pruned:
+        raise CursorNotInHistory(
+            cursor=f"{after.xid}-{after.seq}", restart_cursor=f"{pruned.xid}-{pruned.seq}"
+        )
     return max(after, pruned)
+
+
+def _names_an_event(position: Position) -> bool:
+    """Every position the service hands out is an event's, except the start
+    (0-0) and the horizon cursors of earlier versions (seq 0), which name
+    none and are taken as they are."""
+    return position.seq > 0
 
 
 def _pruned(row: asyncpg.Record) -> Position:

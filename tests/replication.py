@@ -275,7 +275,9 @@ class ReplicatedCluster:
 
     async def wait_replayed(self, standby: Node, lsn: str) -> None:
         """Until `standby` has replayed WAL up to `lsn`."""
-        while not await standby.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", lsn):
+        while not await standby.fetchval(
+            "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn
+        ):
             await _sleep()
 
     def fail_over(self, to: Node) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -28,7 +28,7 @@ from booking.v1 import appointment_pb2 as apb
 from service.server import BookingServer
 from storage.models import Role
 from tests.replication import Node, ReplicatedCluster, replicated_cluster
-from tests.support import Api, hours_from_now, running_server
+from tests.support import Api, expect_failure, hours_from_now, running_server
 
 # A deadline short enough for the test, long enough for a normal hold.
 DEADLINE = 1.5
@@ -284,3 +284,74 @@ async def test_start_warns_when_commits_are_not_synchronously_replicated(
         warnings = [r.getMessage() for r in caplog.records if r.name == "storage.durability"]
         assert len(warnings) == 1
         assert "no synchronous standby is connected" in warnings[0]
+
+
+async def test_cursor_lost_in_a_failover_is_out_of_range_and_a_surviving_one_resumes() -> None:
+    """Asynchronous replication (nothing waits for the standby): a hold the
+    standby never received is streamed, then the standby is promoted. Its
+    cursor names an event the new primary does not have, and the new
+    primary reuses the lost xids, so resuming there could skip what it
+    writes: it is OUT_OF_RANGE with the position to start again from. A
+    cursor from the surviving history resumes exactly."""
+    async with replicated_cluster(1, synchronous=False) as cluster:
+        standby = cluster.standbys[0]
+        async with serving(cluster) as srv, Api.connect(srv) as api:
+            operator = api.as_(await api.make_token(Role.ADMIN))
+            client, slot_id = await setup(api)
+            specialist = await api.specialist()
+            other = await api.slot(specialist.id, hours_from_now(72))
+            survived = await first_event(operator, "", lambda: client.hold(other.id))
+            lsn = await cluster.primary.fetchval("SELECT pg_current_wal_lsn()::text")
+            await cluster.wait_replayed(standby, str(lsn))
+            standby.pause()
+            lost = await first_event(operator, survived.cursor, lambda: client.hold(slot_id))
+            cluster.fail_over(standby)
+        async with serving(cluster) as srv, Api.connect(srv) as api:
+            operator = api.as_(operator.token)
+            client = api.as_(client.token)
+            # The new primary writes an event, at an xid the lost tail had
+            # used or close to it.
+            third = await api.slot(specialist.id, hours_from_now(96))
+            await client.hold(third.id)
+            # Resumed from the lost cursor, the stream would skip that event
+            # if it lies below the cursor (and wait here for one that never
+            # comes: the bound only ends such a wait), or deliver it as if
+            # the lost one had happened.
+            async with (
+                asyncio.timeout(30),
+                expect_failure(grpc.StatusCode.OUT_OF_RANGE, "CURSOR_NOT_IN_HISTORY") as box,
+            ):
+                await first_event(operator, lost.cursor, lambda: asyncio.sleep(0))
+            restart = box[0].metadata["restart_cursor"]
+            assert box[0].metadata["cursor"] == lost.cursor
+            # From the surviving cursor the stream resumes exactly: the new
+            # primary's event is next. From the restart cursor it starts again.
+            again = await first_event(operator, survived.cursor, lambda: asyncio.sleep(0))
+            assert again.appointment.slot_id == third.id
+            assert again.id != lost.id
+            restarted = await first_event(operator, restart, lambda: asyncio.sleep(0))
+            assert restarted.id != lost.id
+
+
+async def first_event(
+    operator: Api, after: str, cause: Callable[[], Awaitable[object]]
+) -> apb.AppointmentEvent:
+    """The first event a stream from `after` ('' for the beginning) gets,
+    with `cause` run once the stream is open."""
+    request = (
+        apb.WatchAppointmentEventsRequest(after_cursor=after)
+        if after
+        else apb.WatchAppointmentEventsRequest(start_position=apb.WATCH_START_POSITION_NOW)
+    )
+    call = operator.appointments.WatchAppointmentEvents(request, metadata=operator.md)
+    try:
+        opening = await call.read()
+        assert isinstance(opening, apb.WatchAppointmentEventsResponse)
+        await cause()
+        while True:
+            message = await call.read()
+            assert isinstance(message, apb.WatchAppointmentEventsResponse)
+            if message.HasField("event"):
+                return message.event
+    finally:
+        call.cancel()
