@@ -125,10 +125,15 @@ async def read_after(
     where.add_if(filter_.user_id, "e.user_id = {}")
     where.add_if(filter_.appointment_id, "e.appointment_id = {}")
     where.add_if(sorted(t.value for t in filter_.types) or None, "e.event_type = ANY({}::text[])")
+    present = (
+        "EXISTS (SELECT 1 FROM appointment_events q"
+        f" WHERE q.xid = {where.arg(str(after.xid))}::text::xid8"
+        f" AND q.seq = {where.arg(after.seq)}::bigint)"
+    )
     sql = (
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
-        f" AS pending, {_GATE} AS gate FROM (SELECT {_HORIZON} AS x) s)"
-        " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq,"
+        f" AS pending, {present} AS present, {_GATE} AS gate FROM (SELECT {_HORIZON} AS x) s)"
+        " SELECT h.pending, h.present, head.xid AS head_xid, head.seq AS head_seq,"
         " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
         " w.id AS waitlist_entry_id"
         f" FROM h LEFT JOIN {_PRUNED} c ON true"
@@ -149,6 +154,7 @@ async def read_after(
     rows = await db.run(work, single_statement=True)
     pruned = _pruned(rows[0])
     _refuse_compacted(after, pruned)
+    _refuse_lost(after, pruned, bool(rows[0]["present"]))
     pending = bool(rows[0]["pending"])
     events = [event_from_row(r) for r in rows if r["id"] is not None]
     if len(events) == limit:
@@ -178,11 +184,17 @@ async def resume_point(db: Database, after: Position) -> Position:
     row = await db.run(work, single_statement=True)
     pruned = _pruned(row)
     _refuse_compacted(after, pruned)
-    if not row["present"] and _names_an_event(after) and after != pruned:
+    _refuse_lost(after, pruned, bool(row["present"]))
+    return max(after, pruned)
+
+
+def _refuse_lost(after: Position, pruned: Position, present: bool) -> None:
+    # A position handed out names an event; one the database does not have
+    # (and did not prune) is from a history a failover discarded.
+    if not present and _names_an_event(after) and after != pruned:
         raise CursorNotInHistory(
             cursor=f"{after.xid}-{after.seq}", restart_cursor=f"{pruned.xid}-{pruned.seq}"
         )
-    return max(after, pruned)
 
 
 def _names_an_event(position: Position) -> bool:

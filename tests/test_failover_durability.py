@@ -322,6 +322,12 @@ async def test_cursor_lost_in_a_failover_is_out_of_range_and_a_surviving_one_res
                 expect_failure(grpc.StatusCode.OUT_OF_RANGE, "CURSOR_NOT_IN_HISTORY") as box,
             ):
                 await first_event(operator, lost.cursor, lambda: asyncio.sleep(0))
+            # Listing from it is refused the same way.
+            async with expect_failure(grpc.StatusCode.OUT_OF_RANGE, "CURSOR_NOT_IN_HISTORY"):
+                await operator.appointments.ListAppointmentEvents(
+                    apb.ListAppointmentEventsRequest(after_cursor=lost.cursor),
+                    metadata=operator.md,
+                )
             restart = box[0].metadata["restart_cursor"]
             assert box[0].metadata["cursor"] == lost.cursor
             # From the surviving cursor the stream resumes exactly: the new
