@@ -115,6 +115,7 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.LoginThrottled: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.CursorCompacted: grpc.StatusCode.OUT_OF_RANGE,
+    e.CursorNotInHistory: grpc.StatusCode.OUT_OF_RANGE,
     e.TransactionConflict: grpc.StatusCode.ABORTED,
     e.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
     e.DatabaseTimeout: grpc.StatusCode.UNAVAILABLE,

@@ -24,7 +24,12 @@ from typing import Protocol
 from service.errors import ShuttingDown, TooManyStreams
 from storage import events as store
 from storage.database import Database
-from storage.errors import CursorCompacted, DatabaseTimeout, DatabaseUnavailable
+from storage.errors import (
+    CursorCompacted,
+    CursorNotInHistory,
+    DatabaseTimeout,
+    DatabaseUnavailable,
+)
 from storage.models import AppointmentEvent, EventFilter, Position
 
 log = logging.getLogger(__name__)
@@ -205,6 +210,17 @@ class EventHub:
                 # An outage, reported by health: one line, not one per poll.
                 self._read_outage.report("reading appointment events: %s", exc)
                 retry = self.poll_interval
+                continue
+            except CursorNotInHistory:
+                # A failover discarded the event the tail had reached (the
+                # promoted standby never got it): start the ring afresh from
+                # the new primary's newest event. Watchers below the new
+                # floor read the table, and get OUT_OF_RANGE if their own
+                # cursor was lost too.
+                log.warning("the event tail's position is not in the database's history")
+                self._head = Position.start()
+                self._idle = True
+                retry = 0.0
                 continue
             except CursorCompacted:
                 # The tail read nothing for longer than the event retention

@@ -60,7 +60,7 @@ from service.servicers.users import AuthService, UserService
 from service.servicers.waitlist import WaitlistService
 from service.servicers.webhooks import WebhookService
 from service.sweeper import sweep_forever
-from storage import embedded, migrate
+from storage import durability, embedded, migrate
 from storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,7 @@ class BookingServer:
             )
             return False
         self._set_health(serving=True)
+        await durability.warn_if_unreplicated(self.db)
         if attempt > 1:
             log.info("database ready after %d attempts", attempt)
         return True

@@ -10,6 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import durability
 from storage import transitions as fn
 from storage.database import Connection, Database
 from storage.errors import AppointmentNotFound
@@ -63,6 +64,7 @@ async def _transition(
     sql = function.sql
     args = function.values(**values)
     remember = _REMEMBER
+    replayable = values.get("request_id") is not None
 
     async def work(conn: Connection) -> asyncpg.Record:
         if on_send is not None:
@@ -72,6 +74,12 @@ async def _transition(
         except asyncpg.PostgresError as exc:
             key = getattr(exc, "hint", None) if exc.sqlstate == "BK001" else None
             if not key:
+                if exc.sqlstate == "BK001" and replayable:
+                    # A request id's stored failure (or a reused id): the
+                    # failed transaction waited for nobody, so a barrier
+                    # makes sure the stored outcome is on the synchronous
+                    # standbys before it is answered (storage/durability.py).
+                    await durability.barrier(conn)
                 raise
             stored = await conn.fetchval(
                 remember, key, getattr(exc, "message", None), getattr(exc, "detail", None)

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from storage import deadline, errors
+from storage import deadline, durability, errors
 from storage.flights import SlotFlights
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,8 @@ class Database:
         self.acquiring = 0
         # Holds of one slot reach the database one at a time from here.
         self.hold_flights = SlotFlights()
+        # Commits made visible without the synchronous standbys (storage/durability.py).
+        self.commits = durability.CommitWatch()
 
     @classmethod
     async def connect(
@@ -458,12 +460,23 @@ class Database:
         finally:
             self.acquiring -= 1
         try:
+            self.commits.install(conn)
             if single_statement:
-                return await work(conn)
-            async with conn.transaction(isolation=isolation.value):
-                return await work(conn)
+                result = await work(conn)
+            else:
+                async with conn.transaction(isolation=isolation.value):
+                    result = await work(conn)
+            if self.commits.unreplicated(conn):
+                # Committed, but maybe not on the synchronous standbys: never
+                # answered as done (storage/durability.py).
+                raise errors.DatabaseUnavailable()
+            return result
         except Exception as exc:
             if not went_away(exc, conn):
+                if self.commits.unreplicated(conn):
+                    # A failure remembered by a commit that may not be
+                    # replicated is not answered either.
+                    raise errors.DatabaseUnavailable() from exc
                 raise
             # Terminated here, the pool replaces it on the next acquire
             # instead of handing the broken session to another call. (A
@@ -473,6 +486,7 @@ class Database:
                 conn.terminate()
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
+            self.commits.uninstall(conn)
             with contextlib.suppress(asyncpg.InterfaceError):
                 await self.pool.release(conn)
 

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -195,13 +196,20 @@ def _initdb(data_dir: Path, pgdata: Path) -> str:
 
 
 def start(
-    data_dir: Path, *, unsafe_fast: bool = False, max_connections: int = 200
+    data_dir: Path,
+    *,
+    unsafe_fast: bool = False,
+    max_connections: int = 200,
+    settings: Mapping[str, str] | None = None,
 ) -> EmbeddedPostgres:
     """Start (or reuse) a server on `data_dir`, initialising it on first use.
 
     It listens on 127.0.0.1 only, on a free port, with a password kept in
     `data_dir`. A server already running on the directory is reused, so two
-    processes (say, two service replicas) can share one.
+    processes (say, two service replicas) can share one. `settings` are
+    extra server settings (``-c name=value``); a data directory that already
+    holds a cluster (a standby made by pg_basebackup, with the primary's
+    password file copied beside it) is started as it is.
     """
     # Before anything touches the disk: without the binaries there is nothing to start.
     bin_dir()
@@ -234,6 +242,7 @@ def start(
     ]
     if unsafe_fast:
         options += [f"-c {key}={value}" for key, value in UNSAFE_FAST_SETTINGS.items()]
+    options += [f"-c {key}={value}" for key, value in (settings or {}).items()]
     _run(
         [
             str(bin_dir() / "pg_ctl"),

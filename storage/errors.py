@@ -358,6 +358,26 @@ class CursorCompacted(BookingError):
 
 
 @dataclass(eq=False)
+class CursorNotInHistory(BookingError):
+    """A reader resumed from the position of an event the database does not
+    have: it was on a history that a failover discarded (a promoted standby
+    that had not received it). Events written since can lie below it, so
+    resuming there could skip them. `restart_cursor` is where to start
+    again without skipping anything; what was read after it may have
+    changed, so the reader rebuilds its view from there."""
+
+    reason = "CURSOR_NOT_IN_HISTORY"
+    cursor: str
+    restart_cursor: str
+
+    def __str__(self) -> str:
+        return (
+            f"cursor {self.cursor} names an event this database does not have (lost in a"
+            f" failover); start again from {self.restart_cursor}"
+        )
+
+
+@dataclass(eq=False)
 class TransactionConflict(BookingError):
     """Retries of a serialization failure or deadlock ran out."""
 

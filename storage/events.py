@@ -15,7 +15,7 @@ from collections.abc import Callable
 import asyncpg
 
 from storage.database import Connection, Database, tls_options
-from storage.errors import CursorCompacted
+from storage.errors import CursorCompacted, CursorNotInHistory
 from storage.models import (
     Appointment,
     AppointmentEvent,
@@ -55,6 +55,13 @@ _STABLE_HEAD = (
     "SELECT t.xid::text::bigint AS xid, t.seq FROM appointment_events t"
     " WHERE t.xid < h.x ORDER BY t.xid DESC, t.seq DESC LIMIT 1"
 )
+
+
+# The durability gate (storage/durability.py): the statement's own commit
+# waits until every commit visible to its snapshot is on the synchronous
+# standbys, so no event read here can be lost by a failover. Evaluated once,
+# in the statement's first CTE (a volatile call is never inlined away).
+_GATE = "booking_sync_barrier()"
 
 
 # Everything at or before this position may have been pruned (at most one row).
@@ -118,10 +125,15 @@ async def read_after(
     where.add_if(filter_.user_id, "e.user_id = {}")
     where.add_if(filter_.appointment_id, "e.appointment_id = {}")
     where.add_if(sorted(t.value for t in filter_.types) or None, "e.event_type = ANY({}::text[])")
+    present = (
+        "EXISTS (SELECT 1 FROM appointment_events q"
+        f" WHERE q.xid = {where.arg(str(after.xid))}::text::xid8"
+        f" AND q.seq = {where.arg(after.seq)}::bigint)"
+    )
     sql = (
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
-        f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
-        " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq,"
+        f" AS pending, {present} AS present, {_GATE} AS gate FROM (SELECT {_HORIZON} AS x) s)"
+        " SELECT h.pending, h.present, head.xid AS head_xid, head.seq AS head_seq,"
         " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
         " w.id AS waitlist_entry_id"
         f" FROM h LEFT JOIN {_PRUNED} c ON true"
@@ -142,6 +154,7 @@ async def read_after(
     rows = await db.run(work, single_statement=True)
     pruned = _pruned(rows[0])
     _refuse_compacted(after, pruned)
+    _refuse_lost(after, pruned, bool(rows[0]["present"]))
     pending = bool(rows[0]["pending"])
     events = [event_from_row(r) for r in rows if r["id"] is not None]
     if len(events) == limit:
@@ -154,18 +167,41 @@ async def resume_point(db: Database, after: Position) -> Position:
     """Where a reader asking to resume after `after` starts: `after` itself,
     or the pruning horizon when `after` is the start of the log and history
     has been pruned. Raises CursorCompacted when events after `after` may
-    have been pruned."""
+    have been pruned, and CursorNotInHistory when `after` is the position
+    of an event the database does not have (docs/events.md, "Failover")."""
 
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq FROM {_PRUNED} c"
+    async def work(conn: Connection) -> asyncpg.Record:
+        row: asyncpg.Record = await conn.fetchrow(
+            "SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq,"
+            " EXISTS (SELECT 1 FROM appointment_events e"
+            "  WHERE e.xid = $1::text::xid8 AND e.seq = $2::bigint) AS present"
+            f" FROM (SELECT 1) one LEFT JOIN {_PRUNED} c ON true",
+            str(after.xid),
+            after.seq,
         )
         return row
 
     row = await db.run(work, single_statement=True)
-    pruned = Position.start() if row is None else _pruned(row)
+    pruned = _pruned(row)
     _refuse_compacted(after, pruned)
+    _refuse_lost(after, pruned, bool(row["present"]))
     return max(after, pruned)
+
+
+def _refuse_lost(after: Position, pruned: Position, present: bool) -> None:
+    # A position handed out names an event; one the database does not have
+    # (and did not prune) is from a history a failover discarded.
+    if not present and _names_an_event(after) and after != pruned:
+        raise CursorNotInHistory(
+            cursor=f"{after.xid}-{after.seq}", restart_cursor=f"{pruned.xid}-{pruned.seq}"
+        )
+
+
+def _names_an_event(position: Position) -> bool:
+    """Every position the service hands out is an event's, except the start
+    (0-0) and the horizon cursors of earlier versions (seq 0), which name
+    none and are taken as they are."""
+    return position.seq > 0
 
 
 def _pruned(row: asyncpg.Record) -> Position:
@@ -190,7 +226,8 @@ async def stable_head(db: Database) -> Position:
 
     async def work(conn: Connection) -> asyncpg.Record | None:
         row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT head.* FROM (SELECT {_HORIZON} AS x) h, LATERAL ({_STABLE_HEAD}) head"
+            f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} AS gate)"
+            f" SELECT head.* FROM h, LATERAL ({_STABLE_HEAD}) head"
         )
         return row
 

@@ -16,6 +16,7 @@ SOURCE_FILES = (
     "email_key.sql",
     "tables.sql",
     "support.sql",
+    "durability.sql",
     "requests.sql",
     "slots.sql",
     "policies.sql",

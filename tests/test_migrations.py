@@ -48,6 +48,8 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0012.history-indexes",
         "0030.calendar-feeds",
         "0031.webhooks",
+        "0040.sync-barrier",
+        "0041.waitlist-replay-barrier",
     ]
     before = await _counts(database_url)
     assert before[0] == 17 and before[1] == 5 and before[2] > 10

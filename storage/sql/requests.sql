@@ -59,6 +59,10 @@ BEGIN
         PERFORM booking_fail(v_key.error_reason, v_key.error_detail);
     END IF;
     SELECT * INTO v_event FROM appointment_events WHERE id = v_key.event_id;
+    -- A replay answers OK for a commit that may have been made visible
+    -- without the synchronous standbys (its wait cancelled): this
+    -- transaction's own commit then waits for them (durability.sql).
+    PERFORM booking_sync_barrier();
     RETURN v_event;
 END
 $$;

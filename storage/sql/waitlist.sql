@@ -294,6 +294,9 @@ BEGIN
                 PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
                     'request_id', p_request_id, 'operation', v_operation));
             END IF;
+            -- A replay: only once the entry is on the synchronous standbys
+            -- (durability.sql).
+            PERFORM booking_sync_barrier();
             RETURN v_entry;
         END IF;
     END IF;
