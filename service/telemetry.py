@@ -41,6 +41,12 @@ DURATION_BUCKETS = (
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Webhook lag includes retries with backoff: minutes to hours.
 WEBHOOK_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600)
+# The reason labels of booking_webhooks_failures_total and _disabled_total
+# (service/webhooks.py), exported as 0 from the start: a counter that appears
+# only with its first increment hides that increment from rate() and
+# increase(), so an alert on the first disabled endpoint would never fire.
+WEBHOOK_FAILURE_REASONS = ("http_4xx", "http_5xx", "http_410", "timeout", "connection")
+WEBHOOK_DISABLED_REASONS = ("FAILURES", "GONE", "COMPACTED")
 
 # Method name -> transition label of booking_transitions_total.
 TRANSITIONS = {
@@ -111,6 +117,12 @@ class Metrics:
             description="From an event's commit to its 2xx from a webhook endpoint",
             explicit_bucket_boundaries_advisory=WEBHOOK_LAG_BUCKETS,
         )
+        if enabled:
+            self.webhook_deliveries.add(0)
+            for reason in WEBHOOK_FAILURE_REASONS:
+                self.webhook_failures.add(0, {"reason": reason})
+            for reason in WEBHOOK_DISABLED_REASONS:
+                self.webhook_disabled.add(0, {"reason": reason})
 
     def observe(self, name: str, description: str, read: Callable[[], float]) -> None:
         """A gauge read at each scrape."""

@@ -20,7 +20,8 @@ import asyncpg
 
 from storage.database import Connection, Database
 from storage.errors import WebhookEndpointNotFound
-from storage.models import EventType, Position
+from storage.models import EventType, Page, Position
+from storage.sql import Conditions
 
 MAX_SECRETS = 5
 _COLUMNS = (
@@ -120,14 +121,26 @@ async def get(db: Database, endpoint_id: UUID) -> Endpoint:
     )
 
 
-async def list_(db: Database) -> list[Endpoint]:
+async def list_(
+    db: Database, *, enabled: bool | None, after: tuple[datetime, UUID] | None, limit: int
+) -> Page[Endpoint]:
+    """Endpoints in (created_at, id) order after the keyset position
+    `after` (webhook_endpoints_created)."""
+    where = Conditions()
+    where.add_if(enabled, "enabled = {}")
+    if after is not None:
+        where.add("(created_at, id) > ({}, {})", after[0], after[1])
+    sql = (
+        f"SELECT {_COLUMNS} FROM webhook_endpoints{where.sql(' WHERE ')}"
+        f" ORDER BY created_at, id LIMIT {where.arg(limit + 1)}"
+    )
+
     async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM webhook_endpoints ORDER BY created_at, id"
-        )
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
-    return [_endpoint(r) for r in await db.run(work, single_statement=True, read_only=True)]
+    rows = await db.run(work, single_statement=True, read_only=True)
+    return Page([_endpoint(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
 async def add_secret(

@@ -25,6 +25,7 @@ from booking.v1 import (
     specialist_pb2_grpc,
     user_pb2_grpc,
     waitlist_pb2_grpc,
+    webhook_pb2_grpc,
 )
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
@@ -142,6 +143,7 @@ class Api:
         self.schedules = schedule_pb2_grpc.ScheduleServiceStub(channel)
         self.appointments = appointment_pb2_grpc.AppointmentServiceStub(channel)
         self.waitlist = waitlist_pb2_grpc.WaitlistServiceStub(channel)
+        self.webhooks = webhook_pb2_grpc.WebhookServiceStub(channel)
 
     @classmethod
     @asynccontextmanager

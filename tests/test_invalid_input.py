@@ -30,6 +30,7 @@ from booking.v1 import auth_pb2
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking.v1 import user_pb2 as upb
+from booking.v1 import webhook_pb2 as whpb
 from service import pagination
 from tests.support import (
     PASSWORD,
@@ -110,6 +111,7 @@ def case(id_: str, stub: str, method: str, request: Message, *fields: str) -> An
 
 
 U, SP, SL, AP, AU = "users", "specialists", "slots", "appointments", "auth"
+WH = "webhooks"
 
 MALFORMED_IDS = [
     case("GetUser.id", U, "GetUser", upb.GetUserRequest(id="not-a-uuid"), "id"),
@@ -723,6 +725,7 @@ LISTS: list[tuple[str, str, Callable[..., Message]]] = [
     (SL, "ListSlots", spb.ListSlotsRequest),
     (AP, "ListAppointments", apb.ListAppointmentsRequest),
     (AP, "ListAppointmentEvents", apb.ListAppointmentEventsRequest),
+    (WH, "ListWebhookEndpoints", whpb.ListWebhookEndpointsRequest),
 ]
 
 NEGATIVE_PAGE_SIZES = [

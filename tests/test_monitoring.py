@@ -22,8 +22,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from booking.v1 import appointment_pb2 as apb
+from booking.v1 import webhook_pb2 as wpb
+from booking.v1 import webhook_pb2_grpc
 from scripts import debian
+from service import telemetry
 from tests.support import Api, hours_from_now, running_server
+from tests.webhook_receiver import new_secret, receiving
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -159,8 +163,9 @@ def test_the_dashboard_is_importable() -> None:
     for panel in panels:
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
-    # The webhook part is a marked place, not invented metrics.
+    # Webhook delivery has a row of its own, with panels on the exported series.
     assert any("Webhook" in p["title"] for p in panels if p["type"] == "row")
+    assert any("booking_webhooks_backlog_age_seconds" in q for q in _panel_queries())
 
 
 def _named() -> tuple[set[str], set[str]]:
@@ -182,9 +187,13 @@ def test_every_recorded_series_a_panel_or_alert_uses_is_recorded() -> None:
     assert used, "panels and alerts use the recorded series"
 
 
-def _scrape(port: int) -> set[str]:
+def _scrape_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
+        return str(reply.read().decode())
+
+
+def _scrape(port: int) -> set[str]:
+    text = _scrape_text(port)
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
@@ -193,18 +202,52 @@ def _message(read: object) -> apb.WatchAppointmentEventsResponse:
     return read
 
 
+async def test_webhook_series_are_exported_from_the_start(database_url: str) -> None:
+    # No endpoint, no event: the backlog reads 0 and every failure and
+    # disable reason is a 0 counter, so the first increase is seen by
+    # rate() and increase() (BookingWebhookEndpointDisabled).
+    async with running_server(database_url, metrics_port=0) as server:
+        assert server.metrics_port is not None
+        text = await asyncio.to_thread(_scrape_text, server.metrics_port)
+    samples = {
+        (s.name, s.labels.get("reason")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("booking_webhooks_")
+    }
+    expected: dict[tuple[str, str | None], float] = {
+        ("booking_webhooks_backlog_age_seconds", None): 0.0,
+        ("booking_webhooks_deliveries_total", None): 0.0,
+        **{("booking_webhooks_failures_total", r): 0.0 for r in telemetry.WEBHOOK_FAILURE_REASONS},
+        **{("booking_webhooks_disabled_total", r): 0.0 for r in telemetry.WEBHOOK_DISABLED_REASONS},
+    }
+    assert {k: v for k, v in samples.items() if not k[0].endswith("_created")} == expected
+
+
 async def test_every_metric_a_rule_or_panel_names_is_exported(database_url: str) -> None:
     exported, _ = _named()
     assert {"booking_database_up", "grpc_server_call_duration_seconds_bucket"} <= exported
     async with (
+        receiving() as receiver,
         running_server(
-            database_url, metrics_port=0, hold_ttl_seconds=0.5, sweep_interval_seconds=0.1
+            database_url,
+            metrics_port=0,
+            hold_ttl_seconds=0.5,
+            sweep_interval_seconds=0.1,
+            webhook_poll_seconds=0.05,
         ) as server,
         Api.connect(server) as api,
     ):
         assert server.metrics_port is not None
         # Counters and histograms appear with their first event: a stream
-        # that gets one, a hold that lapses, and a retried transaction.
+        # that gets one, a hold that lapses, a retried transaction, and a
+        # webhook delivery (the lag histogram).
+        secret = new_secret()
+        receiver.secrets["/monitoring"] = [secret]
+        await webhook_pb2_grpc.WebhookServiceStub(api.channel).CreateWebhookEndpoint(
+            wpb.CreateWebhookEndpointRequest(url=receiver.url("/monitoring"), secret=secret),
+            metadata=api.md,
+        )
         stream = api.appointments.WatchAppointmentEvents(
             apb.WatchAppointmentEventsRequest(start_position=apb.WATCH_START_POSITION_NOW),
             metadata=api.md,
@@ -226,10 +269,11 @@ async def test_every_metric_a_rule_or_panel_names_is_exported(database_url: str)
 
         assert server.db is not None
         assert await server.db.run(work) == 1
+        awaited = {"booking_sweeper_released_total", "booking_webhooks_delivery_lag_seconds_bucket"}
         deadline = time.monotonic() + 30
         while True:
             names = await asyncio.to_thread(_scrape, server.metrics_port)
-            if "booking_sweeper_released_total" in names or time.monotonic() > deadline:
+            if awaited <= names or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
         stream.cancel()

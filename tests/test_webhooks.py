@@ -299,6 +299,110 @@ async def test_bad_requests_and_missing_endpoints(
     assert not listed.webhook_endpoints
 
 
+async def _list(api: Api, **fields: Any) -> wpb.ListWebhookEndpointsResponse:
+    return await _stub(api).ListWebhookEndpoints(
+        wpb.ListWebhookEndpointsRequest(**fields), metadata=api.md
+    )
+
+
+async def _walk(api: Api, page_size: int, **filters: Any) -> list[str]:
+    """Every endpoint id, page by page, checking each page's size."""
+    ids: list[str] = []
+    token = ""
+    while True:
+        page = await _list(api, page_size=page_size, page_token=token, **filters)
+        assert len(page.webhook_endpoints) <= page_size
+        ids += [e.id for e in page.webhook_endpoints]
+        token = page.next_page_token
+        if not token:
+            return ids
+        assert len(page.webhook_endpoints) == page_size
+
+
+async def test_webhook_endpoints_are_listed_in_pages_with_an_enabled_filter(
+    hooks: tuple[BookingServer, Api, Receiver],
+) -> None:
+    _, api, receiver = hooks
+
+    async def gone(_: Request, __: int) -> int:
+        return 410
+
+    made = []
+    for i in range(5):
+        if i in (1, 3):
+            receiver.behaviour[f"/paged/{i}"] = gone
+        made.append((await _endpoint(api, receiver, f"/paged/{i}")).id)
+    await _make_events(api, 1)
+    for i in (1, 3):
+        await _until(api, made[i], lambda e: not e.enabled)
+    for size in (1, 2, 3, 5, 6):
+        assert await _walk(api, size) == made, f"page_size={size}"
+    assert await _walk(api, 1, enabled=True) == [made[0], made[2], made[4]]
+    assert await _walk(api, 2, enabled=False) == [made[1], made[3]]
+    # 0 means the default (50): everything in one page.
+    everything = await _list(api, page_size=0)
+    assert [e.id for e in everything.webhook_endpoints] == made
+    assert everything.next_page_token == ""
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT) as box:
+        await _list(api, page_size=-1)
+    assert box[0].violations == ["page_size"]
+    # A token is a position, not an offset: deleting an endpoint of the page
+    # already read skips nothing on the next.
+    first = await _list(api, page_size=2)
+    await _stub(api).DeleteWebhookEndpoint(
+        wpb.DeleteWebhookEndpointRequest(id=made[1]), metadata=api.md
+    )
+    second = await _list(api, page_size=2, page_token=first.next_page_token)
+    assert [e.id for e in second.webhook_endpoints] == made[2:4]
+
+
+async def test_webhook_page_tokens_are_bound_to_their_filters(
+    hooks: tuple[BookingServer, Api, Receiver],
+) -> None:
+    _, api, receiver = hooks
+    for i in range(3):
+        await _endpoint(api, receiver, f"/tokens/{i}")
+    unfiltered = (await _list(api, page_size=1)).next_page_token
+    enabled = (await _list(api, page_size=1, enabled=True)).next_page_token
+    assert unfiltered and enabled
+    for token, filters in [
+        (unfiltered, {"enabled": True}),
+        (unfiltered, {"enabled": False}),
+        (enabled, {}),
+        (enabled, {"enabled": False}),
+        ("not-a-token", {}),
+        # base64 of an offset is not a token either.
+        ("MQ", {}),
+    ]:
+        async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT) as box:
+            await _list(api, page_size=1, page_token=token, **filters)
+        assert box[0].violations == ["page_token"], (token, filters)
+    again = await _list(api, page_size=1, page_token=enabled, enabled=True)
+    assert len(again.webhook_endpoints) == 1
+
+
+async def test_webhook_page_size_above_1000_is_coerced_to_1000(database_url: str) -> None:
+    # No dispatcher: 1001 endpoints nobody delivers to.
+    async with running_server(database_url, webhooks=False) as server, Api.connect(server) as api:
+        stub = _stub(api)
+
+        async def one(i: int) -> None:
+            await stub.CreateWebhookEndpoint(
+                wpb.CreateWebhookEndpointRequest(url=f"http://127.0.0.1:9/coerced/{i}"),
+                metadata=api.md,
+            )
+
+        for start in range(0, 1001, 50):
+            await asyncio.gather(*(one(i) for i in range(start, min(start + 50, 1001))))
+        page = await _list(api, page_size=5000)
+        assert len(page.webhook_endpoints) == 1000
+        assert page.next_page_token
+        rest = await _list(api, page_size=5000, page_token=page.next_page_token)
+        assert len(rest.webhook_endpoints) == 1 and rest.next_page_token == ""
+        seen = {e.id for e in page.webhook_endpoints} | {e.id for e in rest.webhook_endpoints}
+        assert len(seen) == 1001
+
+
 async def test_two_replicas_never_deliver_to_one_endpoint_at_once(database_url: str) -> None:
     async with receiving() as receiver:
 

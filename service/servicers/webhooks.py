@@ -12,7 +12,7 @@ from uuid import UUID
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import webhook_pb2 as pb
 from booking.v1 import webhook_pb2_grpc
-from service import auth, convert
+from service import auth, convert, pagination
 from service.grpc_types import Context
 from service.validation import Validator
 from storage import webhooks as store
@@ -107,8 +107,22 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
     async def ListWebhookEndpoints(
         self, request: pb.ListWebhookEndpointsRequest, context: Context
     ) -> pb.ListWebhookEndpointsResponse:
+        v = Validator()
+        size = v.page_size(request.page_size)
+        enabled = request.enabled if request.HasField("enabled") else None
+        v.check()
+        filters = ["webhook_endpoints", enabled]
+        page = await store.list_(
+            self.db,
+            enabled=enabled,
+            after=pagination.time_and_id(request.page_token, filters),
+            limit=size,
+        )
         return pb.ListWebhookEndpointsResponse(
-            webhook_endpoints=[endpoint(e) for e in await store.list_(self.db)]
+            webhook_endpoints=[endpoint(e) for e in page.items],
+            next_page_token=pagination.next_token(
+                page, lambda item: [item.created_at.isoformat(), item.id], filters
+            ),
         )
 
     async def RotateWebhookSecret(

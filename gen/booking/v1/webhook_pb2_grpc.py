@@ -95,7 +95,7 @@ class WebhookServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListWebhookEndpoints(self, request, context):
-        """Every endpoint, oldest first.
+        """Endpoints, oldest first, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,7 +43,7 @@ class WebhookServiceStub:
     """Registers an endpoint. It receives the events committed from now on."""
     GetWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.GetWebhookEndpointRequest, _webhook_pb2.GetWebhookEndpointResponse]
     ListWebhookEndpoints: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.ListWebhookEndpointsRequest, _webhook_pb2.ListWebhookEndpointsResponse]
-    """Every endpoint, oldest first."""
+    """Endpoints, oldest first, a page at a time."""
     RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.RotateWebhookSecretRequest, _webhook_pb2.RotateWebhookSecretResponse]
     """Adds a new signing secret. Until the previous ones are retired,
     deliveries carry one signature per secret, so a receiver can switch
@@ -70,7 +70,7 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """Registers an endpoint. It receives the events committed from now on."""
     GetWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_webhook_pb2.GetWebhookEndpointRequest, _webhook_pb2.GetWebhookEndpointResponse]  # type: ignore[assignment]
     ListWebhookEndpoints: _aio.UnaryUnaryMultiCallable[_webhook_pb2.ListWebhookEndpointsRequest, _webhook_pb2.ListWebhookEndpointsResponse]  # type: ignore[assignment]
-    """Every endpoint, oldest first."""
+    """Endpoints, oldest first, a page at a time."""
     RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_webhook_pb2.RotateWebhookSecretRequest, _webhook_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
     """Adds a new signing secret. Until the previous ones are retired,
     deliveries carry one signature per secret, so a receiver can switch
@@ -112,7 +112,7 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _webhook_pb2.ListWebhookEndpointsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_pb2.ListWebhookEndpointsResponse, _abc.Awaitable[_webhook_pb2.ListWebhookEndpointsResponse]]:
-        """Every endpoint, oldest first."""
+        """Endpoints, oldest first, a page at a time."""
 
     @_abc_1.abstractmethod
     def RotateWebhookSecret(
