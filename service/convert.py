@@ -138,6 +138,8 @@ def slot_fields(s: m.Slot) -> Fields:
         "end_time": seconds_nanos(s.end_time),
         "status": _SLOT_STATUS_WIRE[s.status],
         "create_time": seconds_nanos(s.created_at),
+        "capacity": s.capacity,
+        "seats_available": s.seats_available,
     }
 
 
@@ -157,6 +159,7 @@ def appointment_fields(a: m.Appointment) -> Fields:
         "end_time": seconds_nanos(a.end_time),
         "create_time": seconds_nanos(a.created_at),
         "update_time": seconds_nanos(a.updated_at),
+        "party_size": a.party_size,
     }
     if a.expires_at is not None:
         out["expire_time"] = seconds_nanos(a.expires_at)

@@ -97,6 +97,8 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.SlotOverlap: grpc.StatusCode.ALREADY_EXISTS,
     e.SlotUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     e.SlotInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    e.NotEnoughSeats: grpc.StatusCode.FAILED_PRECONDITION,
+    e.CapacityBelowSeatsTaken: grpc.StatusCode.FAILED_PRECONDITION,
     e.WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.WaitlistEntryWrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.HoldExpired: grpc.StatusCode.FAILED_PRECONDITION,

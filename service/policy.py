@@ -66,6 +66,7 @@ POLICIES: dict[str, Policy] = {
     P + "SlotService/GetSlot": Policy(EVERYONE),
     P + "SlotService/ListSlots": Policy(EVERYONE),
     P + "SlotService/DeleteSlot": Policy(STAFF),
+    P + "SlotService/UpdateSlotCapacity": Policy(STAFF),
     P + "SlotService/SearchAvailableSlots": Policy(EVERYONE),
     P + "AppointmentService/HoldSlot": Policy(
         EVERYONE,

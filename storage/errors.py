@@ -195,6 +195,34 @@ class SameSlot(BookingError):
 
 
 @dataclass(eq=False)
+class NotEnoughSeats(BookingError):
+    """A hold for more seats than the slot has free (some are free: with
+    none free it is SlotUnavailable)."""
+
+    reason = "NOT_ENOUGH_SEATS"
+    slot_id: str
+    seats_available: int
+    party_size: int
+
+    def __str__(self) -> str:
+        return f"slot {self.slot_id} has {self.seats_available} seats free, not {self.party_size}"
+
+
+@dataclass(eq=False)
+class CapacityBelowSeatsTaken(BookingError):
+    reason = "CAPACITY_BELOW_SEATS_TAKEN"
+    slot_id: str
+    capacity: int
+    seats_taken: int
+
+    def __str__(self) -> str:
+        return (
+            f"slot {self.slot_id} has {self.seats_taken} seats taken;"
+            f" its capacity cannot go down to {self.capacity}"
+        )
+
+
+@dataclass(eq=False)
 class SlotInUse(BookingError):
     """DeleteSlot on a slot that is held or booked. (HoldSlot on such a slot
     is SlotUnavailable; the wire reasons differ, and clients rely on both.)"""
@@ -404,6 +432,8 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SpecialistMismatch,
         SameSlot,
         SlotInUse,
+        NotEnoughSeats,
+        CapacityBelowSeatsTaken,
         RequestIdReused,
         OutsideBookingWindow,
         OutsideCancellationWindow,

@@ -88,6 +88,9 @@ class Slot:
     end_time: datetime
     status: SlotStatus
     created_at: datetime
+    # Seats (docs/seats.md): how many, and how many are free now.
+    capacity: int = 1
+    seats_available: int = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class Appointment:
     expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    # The seats of the slot it occupies (docs/seats.md).
+    party_size: int = 1
 
 
 @dataclass(frozen=True, order=True)

@@ -21,6 +21,7 @@ SOURCE_FILES = (
     "policies.sql",
     "transitions.sql",
     "waitlist.sql",
+    "seats.sql",
     "auth.sql",
     "contract.sql",
     "retention.sql",

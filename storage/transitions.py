@@ -64,8 +64,9 @@ def _transition(name: str, *params: str) -> Function:
 
 # p_policy_exempt: whether the caller is exempt from booking policies
 # (service/policy.py POLICY_EXEMPT_ROLES).
+# p_party_size: the seats taken, all or none (storage/sql/seats.sql).
 HOLD_SLOT = _transition(
-    "booking_hold_slot_v2",
+    "booking_hold_slot_v3",
     "p_slot_id",
     "p_user_id",
     "p_priority",
@@ -74,6 +75,7 @@ HOLD_SLOT = _transition(
     "p_check_user_overlap",
     "p_request_id",
     "p_policy_exempt",
+    "p_party_size",
 )
 # A hold refused without reaching the slot, answered as the hold would be.
 REFUSE_HOLD = _transition(
@@ -116,9 +118,12 @@ FORGET_SCHEDULE_RUNS = Function("booking_forget_schedule_runs", ("p_retention", 
 
 # Slots and the waitlist (storage/sql/slots.sql, waitlist.sql).
 INSERT_SLOTS = Function(
-    "booking_insert_slots",
-    ("p_specialist_ids", "p_start_times", "p_end_times"),
+    "booking_insert_slots_v2",
+    ("p_specialist_ids", "p_start_times", "p_end_times", "p_capacities"),
     returns_row=True,
+)
+SET_SLOT_CAPACITY = Function(
+    "booking_set_slot_capacity", ("p_slot_id", "p_capacity"), returns_row=True
 )
 CREATE_WAITLIST_ENTRY = Function(
     "booking_create_waitlist_entry",

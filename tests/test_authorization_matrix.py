@@ -129,6 +129,7 @@ EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
     P + "SlotService/GetSlot":                     (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/ListSlots":                   (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/DeleteSlot":                  (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "SlotService/UpdateSlotCapacity":          (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/SearchAvailableSlots":        (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/HoldSlot":             (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ConfirmAppointment":   (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
@@ -332,6 +333,10 @@ async def _delete_slot(w: World) -> Message:
     return spb.DeleteSlotRequest(id=await w.slot())
 
 
+async def _update_slot_capacity(w: World) -> Message:
+    return spb.UpdateSlotCapacityRequest(id=await w.slot(), capacity=3)
+
+
 async def _hold_slot(w: World) -> Message:
     return apb.HoldSlotRequest(slot_id=await w.slot(), user_id=w.owner_id)
 
@@ -431,6 +436,7 @@ BUILDERS: dict[str, Builder] = {
     P + "SlotService/GetSlot": _get_slot,
     P + "SlotService/ListSlots": _list_slots,
     P + "SlotService/DeleteSlot": _delete_slot,
+    P + "SlotService/UpdateSlotCapacity": _update_slot_capacity,
     P + "SlotService/SearchAvailableSlots": _search_slots,
     P + "AppointmentService/HoldSlot": _hold_slot,
     P + "AppointmentService/ConfirmAppointment": _confirm,

@@ -22,6 +22,8 @@ from storage.database import Database
 from storage.models import AppointmentEvent, EventFilter, Position, Priority, Role
 
 MAX_REASON = 1000
+# Seats one hold may take (docs/seats.md).
+MAX_PARTY_SIZE = 1000
 WIRE_CACHE_SIZE = 8192
 
 
@@ -74,6 +76,9 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
         priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
         request_id = _request_id(v, request.request_id)
+        party_size = request.party_size or 1
+        if not 1 <= party_size <= MAX_PARTY_SIZE:
+            v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
         v.check()
         if caller.role is Role.CLIENT:
             if user_id != caller.id:
@@ -91,6 +96,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             check_user_overlap=self.config.check_user_overlap,
             request_id=request_id,
             policy_exempt=policy_exempt(caller.role),
+            party_size=party_size,
         )
         return pb.HoldSlotResponse(appointment=self._committed(event))
 

@@ -132,6 +132,7 @@ class Appointment(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only."""
     user_id: _builtins.str
@@ -140,6 +141,10 @@ class Appointment(_message.Message):
     status: Global___AppointmentStatus.ValueType
     """Output only. Changes only through the transition methods."""
     priority: Global___AppointmentPriority.ValueType
+    party_size: _builtins.int
+    """Output only. The seats of the slot this appointment occupies (1
+    unless the hold asked for more).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. The slot's start."""
@@ -174,10 +179,11 @@ class Appointment(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        party_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "id", b"id", "priority", b"priority", "slot_id", b"slot_id", "specialist_id", b"specialist_id", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "id", b"id", "party_size", b"party_size", "priority", b"priority", "slot_id", b"slot_id", "specialist_id", b"specialist_id", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,6 +197,7 @@ class HoldSlotRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
     slot_id: _builtins.str
     """Required."""
     user_id: _builtins.str
@@ -201,6 +208,11 @@ class HoldSlotRequest(_message.Message):
     """Optional UUID (AIP-155). A retry with the same id returns the first
     result and changes nothing.
     """
+    party_size: _builtins.int
+    """How many of the slot's seats to hold for the user, all or none; 0 means
+    1. More than are free is FAILED_PRECONDITION NOT_ENOUGH_SEATS (none
+    free: SLOT_UNAVAILABLE). At most 1000.
+    """
     def __init__(
         self,
         *,
@@ -208,10 +220,11 @@ class HoldSlotRequest(_message.Message):
         user_id: _builtins.str = ...,
         priority: Global___AppointmentPriority.ValueType = ...,
         request_id: _builtins.str = ...,
+        party_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "request_id", b"request_id", "slot_id", b"slot_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party_size", b"party_size", "priority", b"priority", "request_id", b"request_id", "slot_id", b"slot_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
