@@ -275,34 +275,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION booking_emit_event(
-    p_appointment appointments,
-    p_event_type text,
-    p_old_status appointment_status,
-    p_actor_id uuid,
-    p_reason text,
-    p_previous_slot_id uuid
-) RETURNS appointment_events
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_event appointment_events;
-BEGIN
-    INSERT INTO appointment_events (
-        id, appointment_id, event_type, old_status, new_status, time_slot_id,
-        previous_slot_id, specialist_id, user_id, priority, start_time, end_time,
-        expires_at, appointment_created_at, actor_id, reason)
-    SELECT gen_random_uuid(), p_appointment.id, p_event_type, p_old_status,
-        p_appointment.status, p_appointment.time_slot_id, p_previous_slot_id,
-        p_appointment.specialist_id, p_appointment.user_id, p_appointment.priority,
-        s.start_time, s.end_time, p_appointment.expires_at,
-        p_appointment.created_at, p_actor_id, p_reason
-    FROM time_slots s
-    WHERE s.id = p_appointment.time_slot_id
-    RETURNING * INTO v_event;
-    RETURN v_event;
-END
-$$;
-
 DROP FUNCTION booking_hold_slot_v3(uuid, uuid, appointment_priority, uuid, interval, boolean, uuid, boolean, integer);
 DROP FUNCTION booking_insert_slots_v2(uuid[], timestamptz[], timestamptz[], integer[]);
 DROP TRIGGER appointments_seats ON appointments;
@@ -316,5 +288,4 @@ CREATE UNIQUE INDEX appointments_one_live_per_slot
 DROP INDEX appointments_live_by_slot;
 ALTER TABLE time_slots DROP CONSTRAINT time_slots_seats;
 ALTER TABLE appointments DROP COLUMN party_size;
-ALTER TABLE appointment_events DROP COLUMN party_size;
 ALTER TABLE time_slots DROP COLUMN seats_held, DROP COLUMN seats_taken, DROP COLUMN capacity;

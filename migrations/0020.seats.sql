@@ -22,7 +22,6 @@ ALTER TABLE time_slots
 ALTER TABLE appointments
     ADD COLUMN party_size integer NOT NULL DEFAULT 1,
     ADD CONSTRAINT appointments_party_size_positive CHECK (party_size >= 1);
-ALTER TABLE appointment_events ADD COLUMN party_size integer NOT NULL DEFAULT 1;
 
 UPDATE time_slots s
 SET seats_taken = c.taken, seats_held = c.held
@@ -474,32 +473,3 @@ BEGIN
     RETURN (booking_waitlist_claimant(p_slot, false)).id IS NULL;
 END
 $$;
-
-CREATE OR REPLACE FUNCTION booking_emit_event(
-    p_appointment appointments,
-    p_event_type text,
-    p_old_status appointment_status,
-    p_actor_id uuid,
-    p_reason text,
-    p_previous_slot_id uuid
-) RETURNS appointment_events
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_event appointment_events;
-BEGIN
-    INSERT INTO appointment_events (
-        id, appointment_id, event_type, old_status, new_status, time_slot_id,
-        previous_slot_id, specialist_id, user_id, priority, start_time, end_time,
-        expires_at, appointment_created_at, actor_id, reason, party_size)
-    SELECT gen_random_uuid(), p_appointment.id, p_event_type, p_old_status,
-        p_appointment.status, p_appointment.time_slot_id, p_previous_slot_id,
-        p_appointment.specialist_id, p_appointment.user_id, p_appointment.priority,
-        s.start_time, s.end_time, p_appointment.expires_at,
-        p_appointment.created_at, p_actor_id, p_reason, p_appointment.party_size
-    FROM time_slots s
-    WHERE s.id = p_appointment.time_slot_id
-    RETURNING * INTO v_event;
-    RETURN v_event;
-END
-$$;
-

@@ -5,6 +5,7 @@ names them) and the reads."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -122,7 +123,11 @@ async def hold(
         )
 
     if party_size != 1:
-        return await run(None)
+        # Events carry no party size (docs/seats.md): the appointment's is
+        # the one asked for, which a replay under the same request id also
+        # asked for (it is part of the request's fingerprint).
+        event = await run(None)
+        return replace(event, appointment=replace(event.appointment, party_size=party_size))
     if request_id is None:
         return await db.hold_flights.hold(slot_id, run)
 

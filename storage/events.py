@@ -31,7 +31,7 @@ EVENT_COLUMNS = (
     "e.id, e.xid::text::bigint AS xid, e.seq, e.appointment_id, e.event_type, e.old_status,"
     " e.new_status, e.time_slot_id, e.previous_slot_id, e.specialist_id, e.user_id,"
     " e.priority, e.start_time, e.end_time, e.expires_at, e.appointment_created_at,"
-    " e.actor_id, e.reason, e.created_at, e.party_size"
+    " e.actor_id, e.reason, e.created_at"
 )
 
 # A HELD event is a waitlist offer when its appointment is an entry's offer
@@ -80,7 +80,7 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
         expires_at=row["expires_at"],
         created_at=row["appointment_created_at"],
         updated_at=row["created_at"],
-        party_size=row["party_size"],
+        party_size=row.get("party_size") or 1,
     )
     old = row["old_status"]
     return AppointmentEvent(

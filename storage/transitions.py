@@ -38,7 +38,14 @@ class Function:
         if args is None:
             args = {p: f"${i}" for i, p in enumerate(self.params, start=1)}
         if self.returns_event:
-            return f"SELECT {EVENT_COLUMNS} FROM {self.call(args)} e"
+            # Events store no party size (docs/seats.md); an appointment's
+            # never changes, so the row as the statement began shows it (a
+            # hold's own new row is not there yet: storage/appointments.py
+            # fills in the size it asked for).
+            return (
+                f"SELECT {EVENT_COLUMNS}, (SELECT a.party_size FROM appointments a"
+                f" WHERE a.id = e.appointment_id) AS party_size FROM {self.call(args)} e"
+            )
         if self.returns_row:
             return f"SELECT * FROM {self.call(args)}"
         return f"SELECT {self.call(args)}"

@@ -113,9 +113,10 @@ async def test_status_follows_the_seats_and_a_party_takes_all_its_seats_or_none(
     assert box[0].metadata == {"slot_id": slot.id, "status": "HOLD"}
 
     for who, appt in ((a, first), (b, second)):
-        await who.appointments.ConfirmAppointment(
+        confirmed = await who.appointments.ConfirmAppointment(
             apb.ConfirmAppointmentRequest(id=appt.id), metadata=who.md
         )
+        assert confirmed.appointment.party_size == appt.party_size
     assert (await _get(api, slot.id)).status == spb.SLOT_STATUS_BOOKED
     await b.appointments.CancelAppointment(
         apb.CancelAppointmentRequest(id=second.id), metadata=b.md

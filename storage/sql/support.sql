@@ -48,12 +48,12 @@ BEGIN
     INSERT INTO appointment_events (
         id, appointment_id, event_type, old_status, new_status, time_slot_id,
         previous_slot_id, specialist_id, user_id, priority, start_time, end_time,
-        expires_at, appointment_created_at, actor_id, reason, party_size)
+        expires_at, appointment_created_at, actor_id, reason)
     SELECT gen_random_uuid(), p_appointment.id, p_event_type, p_old_status,
         p_appointment.status, p_appointment.time_slot_id, p_previous_slot_id,
         p_appointment.specialist_id, p_appointment.user_id, p_appointment.priority,
         s.start_time, s.end_time, p_appointment.expires_at,
-        p_appointment.created_at, p_actor_id, p_reason, p_appointment.party_size
+        p_appointment.created_at, p_actor_id, p_reason
     FROM time_slots s
     WHERE s.id = p_appointment.time_slot_id
     RETURNING * INTO v_event;

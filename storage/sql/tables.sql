@@ -145,8 +145,6 @@ CREATE TABLE appointment_events (
     actor_id            uuid,
     reason              text,
     created_at          timestamptz NOT NULL DEFAULT now(),
-    -- The appointment's seats (docs/seats.md); 1 before seats existed.
-    party_size          integer NOT NULL DEFAULT 1,
 
     CONSTRAINT appointment_events_type_check CHECK (event_type IN (
         'HELD', 'CONFIRMED', 'CANCELLED', 'HOLD_EXPIRED', 'NO_SHOW', 'RESCHEDULED'))
