@@ -127,6 +127,8 @@ def specialist(s: m.Specialist) -> sppb.Specialist:
         update_time=seconds_nanos(s.updated_at),
         time_zone=s.time_zone,
         booking_policy=booking_policy(s.policy),
+        buffer_before_minutes=s.buffer_before_minutes,
+        buffer_after_minutes=s.buffer_after_minutes,
     )
 
 

@@ -99,6 +99,7 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.SlotInUse: grpc.StatusCode.FAILED_PRECONDITION,
     e.NotEnoughSeats: grpc.StatusCode.FAILED_PRECONDITION,
     e.CapacityBelowSeatsTaken: grpc.StatusCode.FAILED_PRECONDITION,
+    e.WithinBuffer: grpc.StatusCode.FAILED_PRECONDITION,
     e.WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.WaitlistEntryWrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.HoldExpired: grpc.StatusCode.FAILED_PRECONDITION,

@@ -209,6 +209,24 @@ class NotEnoughSeats(BookingError):
 
 
 @dataclass(eq=False)
+class WithinBuffer(BookingError):
+    """The slot comes too close to another live appointment of the
+    specialist: within the window that appointment keeps, its slot with the
+    buffers before and after (storage/sql/buffers.sql)."""
+
+    reason = "WITHIN_BUFFER"
+    slot_id: str
+    window_start_time: str
+    window_end_time: str
+
+    def __str__(self) -> str:
+        return (
+            f"slot {self.slot_id} is within the buffer of another appointment,"
+            f" which keeps {self.window_start_time} to {self.window_end_time} free"
+        )
+
+
+@dataclass(eq=False)
 class CapacityBelowSeatsTaken(BookingError):
     reason = "CAPACITY_BELOW_SEATS_TAKEN"
     slot_id: str
@@ -434,6 +452,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SlotInUse,
         NotEnoughSeats,
         CapacityBelowSeatsTaken,
+        WithinBuffer,
         RequestIdReused,
         OutsideBookingWindow,
         OutsideCancellationWindow,

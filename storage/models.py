@@ -78,6 +78,9 @@ class Specialist:
     updated_at: datetime
     time_zone: str = "UTC"
     policy: BookingPolicy = field(default_factory=BookingPolicy)
+    # Minutes kept free around each appointment (storage/sql/buffers.sql).
+    buffer_before_minutes: int = 0
+    buffer_after_minutes: int = 0
 
 
 @dataclass(frozen=True)

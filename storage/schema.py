@@ -22,6 +22,7 @@ SOURCE_FILES = (
     "transitions.sql",
     "waitlist.sql",
     "seats.sql",
+    "buffers.sql",
     "auth.sql",
     "contract.sql",
     "retention.sql",

@@ -209,8 +209,13 @@ async def search_available(
     where.add("s.start_time < {}", window_end)
     if after is not None:
         where.add("(s.start_time, s.id) > ({}, {})", after[0], after[1])
+    # A slot a buffer blocks is not free (storage/sql/buffers.sql).
+    where.add("NOT booking_slot_buffer_blocked(s)")
     if client_id is not None:
         where.add("booking_may_hold({}, s)", client_id)
+        # Nor one overlapping the CLIENT's own live appointments: HoldSlot
+        # would refuse it USER_OVERLAP.
+        where.add("NOT booking_user_overlaps({}, s)", client_id)
     if specialist_ids is not None:
         # Each specialist's own index range, merged: a few specialists'
         # week never reads anyone else's slots.

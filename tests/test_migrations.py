@@ -47,6 +47,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0011.hold-cost",
         "0012.history-indexes",
         "0020.seats",
+        "0021.buffers",
     ]
     before = await _counts(database_url)
     assert before[0] == 14 and before[1] == 5 and before[2] > 10

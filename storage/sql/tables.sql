@@ -45,8 +45,13 @@ CREATE TABLE specialists (
     min_notice_minutes          integer,
     max_advance_days            integer,
     cancellation_cutoff_hours   integer,
+    -- Time kept free before and after each appointment (buffers.sql).
+    buffer_before_minutes       integer NOT NULL DEFAULT 0,
+    buffer_after_minutes        integer NOT NULL DEFAULT 0,
     CONSTRAINT specialists_policy_not_negative CHECK (
-        min_notice_minutes >= 0 AND max_advance_days >= 0 AND cancellation_cutoff_hours >= 0)
+        min_notice_minutes >= 0 AND max_advance_days >= 0 AND cancellation_cutoff_hours >= 0),
+    CONSTRAINT specialists_buffers_range CHECK (
+        buffer_before_minutes BETWEEN 0 AND 1440 AND buffer_after_minutes BETWEEN 0 AND 1440)
 );
 CREATE INDEX specialists_created ON specialists (created_at, id);
 
@@ -101,6 +106,9 @@ CREATE TABLE appointments (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     -- How many of the slot's seats this appointment occupies, all or none.
     party_size      integer NOT NULL DEFAULT 1,
+    -- Its slot widened by the specialist's buffers when it took the slot
+    -- (buffers.sql); set by a trigger.
+    buffered_range  tstzrange,
 
     CONSTRAINT appointments_party_size_positive CHECK (party_size >= 1),
     CONSTRAINT appointments_slot_specialist_fkey
@@ -108,7 +116,13 @@ CREATE TABLE appointments (
         REFERENCES time_slots (id, specialist_id),
     -- A hold always has an expiry and nothing else has one.
     CONSTRAINT appointments_expiry_iff_hold
-        CHECK ((status = 'HOLD') = (expires_at IS NOT NULL))
+        CHECK ((status = 'HOLD') = (expires_at IS NOT NULL)),
+    -- No two live appointments of a specialist, in different slots, with
+    -- overlapping buffered ranges (buffers.sql). With no buffers the ranges
+    -- are the slots, which never overlap: nothing changes.
+    CONSTRAINT appointments_buffers_apart EXCLUDE USING gist (
+        specialist_id WITH =, buffered_range WITH &&, time_slot_id WITH <>
+    ) WHERE (status <> 'CANCELLED')
 );
 
 -- The appointments that occupy a slot's seats: a CANCELLED appointment

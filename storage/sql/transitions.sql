@@ -56,6 +56,7 @@ BEGIN
     IF p_check_user_overlap THEN
         PERFORM booking_check_user_overlap(p_user_id, v_slot, NULL);
     END IF;
+    PERFORM booking_check_buffers(v_slot, NULL);
 
     -- The seats are counted, and the slot's status set, by the trigger on
     -- appointments (seats.sql).
@@ -228,6 +229,7 @@ BEGIN
     IF p_check_user_overlap THEN
         PERFORM booking_check_user_overlap(v_appt.user_id, v_new, p_id);
     END IF;
+    PERFORM booking_check_buffers(v_new, p_id);
 
     -- The trigger on appointments moves the party's seats (seats.sql).
     UPDATE appointments SET time_slot_id = p_new_slot_id, updated_at = now()

@@ -191,6 +191,9 @@ BEGIN
     LOOP
         SELECT * INTO v_slot FROM time_slots WHERE id = p_slot_id AND status = 'AVAILABLE';
         EXIT WHEN v_slot.id IS NULL;
+        -- A slot a buffer blocks is offered to nobody (buffers.sql); a
+        -- lapsed hold in the way counts, as the constraint counts it.
+        EXIT WHEN (booking_buffer_conflict(v_slot, NULL, true)).id IS NOT NULL;
         v_entry := booking_waitlist_claimant(v_slot, true);
         EXIT WHEN v_entry.id IS NULL;
 
