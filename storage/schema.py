@@ -23,6 +23,7 @@ SOURCE_FILES = (
     "waitlist.sql",
     "seats.sql",
     "buffers.sql",
+    "series.sql",
     "auth.sql",
     "contract.sql",
     "retention.sql",

@@ -48,9 +48,10 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0012.history-indexes",
         "0020.seats",
         "0021.buffers",
+        "0022.series",
     ]
     before = await _counts(database_url)
-    assert before[0] == 14 and before[1] == 5 and before[2] > 10
+    assert before[0] == 15 and before[1] == 5 and before[2] > 10
 
     rolled = migrate.rollback(database_url, count=len(applied))
 

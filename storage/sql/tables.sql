@@ -109,6 +109,8 @@ CREATE TABLE appointments (
     -- Its slot widened by the specialist's buffers when it took the slot
     -- (buffers.sql); set by a trigger.
     buffered_range  tstzrange,
+    -- The recurring series it was held in, if any (series.sql).
+    series_id       uuid,
 
     CONSTRAINT appointments_party_size_positive CHECK (party_size >= 1),
     CONSTRAINT appointments_slot_specialist_fkey

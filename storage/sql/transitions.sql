@@ -27,8 +27,6 @@ CREATE FUNCTION booking_hold_slot_v3(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_event appointment_events;
-    v_slot time_slots;
-    v_appt appointments;
 BEGIN
     v_event := booking_begin_request('HoldSlot', p_actor_id, p_request_id,
         p_slot_id::text, p_user_id::text, p_priority::text, p_actor_id::text,
@@ -38,7 +36,34 @@ BEGIN
     END IF;
 
     PERFORM booking_lock_user(p_user_id, p_check_user_overlap);
+    v_event := booking_take_seats(
+        p_slot_id => p_slot_id, p_user_id => p_user_id, p_priority => p_priority,
+        p_actor_id => p_actor_id, p_hold_ttl => p_hold_ttl,
+        p_check_user_overlap => p_check_user_overlap, p_policy_exempt => p_policy_exempt,
+        p_party_size => p_party_size, p_series_id => NULL);
+    RETURN booking_finish_request(v_event);
+END
+$$;
 
+-- The hold itself, once the request is known to be new and the user is
+-- locked: every check of a single HoldSlot, then the appointment (of the
+-- series p_series_id, if any, series.sql) and its HELD event.
+CREATE FUNCTION booking_take_seats(
+    p_slot_id uuid,
+    p_user_id uuid,
+    p_priority appointment_priority,
+    p_actor_id uuid,
+    p_hold_ttl interval,
+    p_check_user_overlap boolean,
+    p_policy_exempt boolean,
+    p_party_size integer,
+    p_series_id uuid
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_slot time_slots;
+    v_appt appointments;
+BEGIN
     -- Waits for a concurrent request changing the slot. If it commits a
     -- change, this statement fails with 40001 and the retry sees the seats
     -- it took (a true refusal when none is left); if it rolls back, this
@@ -61,13 +86,13 @@ BEGIN
     -- The seats are counted, and the slot's status set, by the trigger on
     -- appointments (seats.sql).
     INSERT INTO appointments (
-        id, user_id, specialist_id, time_slot_id, status, priority, expires_at, party_size)
+        id, user_id, specialist_id, time_slot_id, status, priority, expires_at, party_size,
+        series_id)
     VALUES (gen_random_uuid(), p_user_id, v_slot.specialist_id, p_slot_id, 'HOLD',
-            p_priority, now() + p_hold_ttl, p_party_size)
+            p_priority, now() + p_hold_ttl, p_party_size, p_series_id)
     RETURNING * INTO v_appt;
 
-    v_event := booking_emit_event(v_appt, 'HELD', NULL, p_actor_id, NULL, NULL);
-    RETURN booking_finish_request(v_event);
+    RETURN booking_emit_event(v_appt, 'HELD', NULL, p_actor_id, NULL, NULL);
 END
 $$;
 
