@@ -163,6 +163,8 @@ def appointment_fields(a: m.Appointment) -> Fields:
         "update_time": seconds_nanos(a.updated_at),
         "party_size": a.party_size,
     }
+    if a.series_id is not None:
+        out["series_id"] = str(a.series_id)
     if a.expires_at is not None:
         out["expire_time"] = seconds_nanos(a.expires_at)
     return out
@@ -232,4 +234,16 @@ def waitlist_entry(w: m.WaitlistEntry) -> wpb.WaitlistEntry:
         out.specialist_id = str(w.specialist_id)
     else:
         out.service_type = w.service_type or ""
+    return out
+
+
+def series_occurrence(o: m.Occurrence) -> apb.SeriesOccurrence:
+    out = apb.SeriesOccurrence(
+        start_time=timestamp(o.start_time),
+        slot_id=str(o.slot_id) if o.slot_id else "",
+        failure_reason=o.reason or "",
+        failure_metadata=o.detail,
+    )
+    if o.appointment is not None:
+        out.appointment.CopyFrom(appointment(o.appointment))
     return out

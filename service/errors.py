@@ -100,6 +100,8 @@ CODES: dict[type[e.BookingError], grpc.StatusCode] = {
     e.NotEnoughSeats: grpc.StatusCode.FAILED_PRECONDITION,
     e.CapacityBelowSeatsTaken: grpc.StatusCode.FAILED_PRECONDITION,
     e.WithinBuffer: grpc.StatusCode.FAILED_PRECONDITION,
+    e.SeriesTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.SeriesTooLong: grpc.StatusCode.INVALID_ARGUMENT,
     e.WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.WaitlistEntryWrongState: grpc.StatusCode.FAILED_PRECONDITION,
     e.HoldExpired: grpc.StatusCode.FAILED_PRECONDITION,

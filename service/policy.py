@@ -85,6 +85,14 @@ POLICIES: dict[str, Policy] = {
         " staff: exempt from both",
     ),
     P + "AppointmentService/MarkNoShow": Policy(STAFF),
+    P + "AppointmentService/HoldSeries": Policy(
+        EVERYONE,
+        note="as HoldSlot, for every occurrence: CLIENT for itself, NORMAL priority only",
+    ),
+    P + "AppointmentService/ConfirmSeries": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/CancelSeries": Policy(
+        EVERYONE, note="CLIENT: own only, each occurrence as CancelAppointment"
+    ),
     P + "AppointmentService/GetAppointment": Policy(EVERYONE, note="CLIENT: own only"),
     P + "AppointmentService/ListAppointments": Policy(EVERYONE, note="CLIENT: own only"),
     P + "AppointmentService/ListAppointmentEvents": Policy(EVERYONE, note="CLIENT: own only"),

@@ -20,7 +20,8 @@ from storage.sql import Conditions
 
 _COLUMNS = (
     "a.id, a.user_id, a.specialist_id, a.time_slot_id, a.status, a.priority,"
-    " s.start_time, s.end_time, a.expires_at, a.created_at, a.updated_at, a.party_size"
+    " s.start_time, s.end_time, a.expires_at, a.created_at, a.updated_at, a.party_size,"
+    " a.series_id"
 )
 
 
@@ -38,6 +39,7 @@ def _appointment(row: asyncpg.Record) -> Appointment:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         party_size=row["party_size"],
+        series_id=row["series_id"],
     )
 
 

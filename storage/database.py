@@ -68,7 +68,12 @@ _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 # on appointments_buffers_apart: the retry sees the winner and is refused
 # WITHIN_BUFFER by the check.
 _RETRYABLE_CONSTRAINTS = frozenset(
-    {"idempotency_keys_pkey", "waitlist_entries_request", "appointments_buffers_apart"}
+    {
+        "idempotency_keys_pkey",
+        "waitlist_entries_request",
+        "appointments_buffers_apart",
+        "appointment_series_request",
+    }
 )
 
 # Class 08 (connection), 53300 (too many connections) and 57P0x (shutdown):

@@ -66,6 +66,11 @@ class AppointmentNotFound(NotFound):
     resource = "appointment"
 
 
+class SeriesNotFound(NotFound):
+    reason = "SERIES_NOT_FOUND"
+    resource = "series"
+
+
 class WaitlistEntryNotFound(NotFound):
     reason = "WAITLIST_ENTRY_NOT_FOUND"
     resource = "waitlist entry"
@@ -224,6 +229,36 @@ class WithinBuffer(BookingError):
             f"slot {self.slot_id} is within the buffer of another appointment,"
             f" which keeps {self.window_start_time} to {self.window_end_time} free"
         )
+
+
+@dataclass(eq=False)
+class SeriesTooLarge(BookingError):
+    """A series with more occurrences than the server allows in one call."""
+
+    reason = "SERIES_TOO_LARGE"
+    occurrences: str
+    max_occurrences: str
+
+    def __str__(self) -> str:
+        return (
+            f"the recurrence has {self.occurrences} occurrences, more than the"
+            f" {self.max_occurrences} one series may hold"
+        )
+
+
+@dataclass(eq=False)
+class SeriesTooLong(BookingError):
+    """A series spanning more days than the server allows."""
+
+    reason = "SERIES_TOO_LONG"
+    days: str
+    max_days: str
+
+    def __str__(self) -> str:
+        return f"the series spans {self.days} days, more than {self.max_days}"
+
+    def field_violations(self) -> list[tuple[str, str]]:
+        return [("recurrence", str(self))]
 
 
 @dataclass(eq=False)
@@ -439,6 +474,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SlotNotFound,
         AppointmentNotFound,
         WaitlistEntryNotFound,
+        SeriesNotFound,
         WaitlistEntryWrongState,
         SlotUnavailable,
         WrongState,

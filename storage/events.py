@@ -81,6 +81,7 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
         created_at=row["appointment_created_at"],
         updated_at=row["created_at"],
         party_size=row.get("party_size") or 1,
+        series_id=row.get("series_id"),
     )
     old = row["old_status"]
     return AppointmentEvent(

@@ -111,6 +111,8 @@ class Appointment:
     updated_at: datetime
     # The seats of the slot it occupies (docs/seats.md).
     party_size: int = 1
+    # The recurring series it was held in, if any.
+    series_id: UUID | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -196,3 +198,27 @@ class EventFilter:
 class Page(Generic[T]):
     items: list[T]
     has_more: bool
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One occurrence of a series: held (appointment), or refused (reason
+    and detail, the fields the error would have had)."""
+
+    start_time: datetime
+    slot_id: UUID | None
+    appointment: Appointment | None
+    reason: str | None
+    detail: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Series:
+    id: UUID
+    user_id: UUID
+    specialist_id: UUID
+    recurrence: str
+    all_or_nothing: bool
+    # False when all or nothing refused it: nothing is held.
+    held: bool
+    occurrences: list[Occurrence]

@@ -38,13 +38,13 @@ class Function:
         if args is None:
             args = {p: f"${i}" for i, p in enumerate(self.params, start=1)}
         if self.returns_event:
-            # Events store no party size (docs/seats.md); an appointment's
-            # never changes, so the row as the statement began shows it (a
-            # hold's own new row is not there yet: storage/appointments.py
-            # fills in the size it asked for).
+            # Events store no party size or series (docs/seats.md); an
+            # appointment's never change, so the row as the statement began
+            # shows them (a hold's own new row is not there yet:
+            # storage/appointments.py fills in the size it asked for).
             return (
-                f"SELECT {EVENT_COLUMNS}, (SELECT a.party_size FROM appointments a"
-                f" WHERE a.id = e.appointment_id) AS party_size FROM {self.call(args)} e"
+                f"SELECT {EVENT_COLUMNS}, a.party_size, a.series_id FROM {self.call(args)} e"
+                " LEFT JOIN appointments a ON a.id = e.appointment_id"
             )
         if self.returns_row:
             return f"SELECT * FROM {self.call(args)}"
@@ -151,3 +151,28 @@ CANCEL_WAITLIST_ENTRY = Function(
     "booking_cancel_waitlist_entry", ("p_id", "p_owner_id"), returns_row=True
 )
 EXPIRE_WAITLIST_ENTRIES = Function("booking_expire_waitlist_entries", ("p_limit",))
+
+# Recurring series (storage/sql/series.sql).
+HOLD_SERIES = Function(
+    "booking_hold_series",
+    (
+        "p_first_slot_id",
+        "p_user_id",
+        "p_priority",
+        "p_actor_id",
+        "p_hold_ttl",
+        "p_check_user_overlap",
+        "p_request_id",
+        "p_policy_exempt",
+        "p_party_size",
+        "p_recurrence",
+        "p_all_or_nothing",
+        "p_starts",
+    ),
+    returns_row=True,
+)
+CONFIRM_SERIES = Function("booking_confirm_series", ("p_series_id", "p_owner_id", "p_actor_id"))
+CANCEL_SERIES = Function(
+    "booking_cancel_series",
+    ("p_series_id", "p_owner_id", "p_actor_id", "p_reason", "p_policy_exempt"),
+)

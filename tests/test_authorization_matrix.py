@@ -136,6 +136,9 @@ EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
     P + "AppointmentService/CancelAppointment":    (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/RescheduleAppointment": (UNAUTH, OK,    NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/MarkNoShow":           (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "AppointmentService/HoldSeries":           (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "AppointmentService/ConfirmSeries":        (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "AppointmentService/CancelSeries":         (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/GetAppointment":       (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ListAppointments":     (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ListAppointmentEvents": (UNAUTH, OK,    DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
@@ -341,6 +344,34 @@ async def _hold_slot(w: World) -> Message:
     return apb.HoldSlotRequest(slot_id=await w.slot(), user_id=w.owner_id)
 
 
+def _series_request(slot_id: str, user_id: str) -> apb.HoldSeriesRequest:
+    return apb.HoldSeriesRequest(
+        first_slot_id=slot_id,
+        recurrence="FREQ=WEEKLY;COUNT=1",
+        mode=apb.SERIES_MODE_ALL_OR_NOTHING,
+        user_id=user_id,
+    )
+
+
+async def _hold_series(w: World) -> Message:
+    return _series_request(await w.slot(), w.owner_id)
+
+
+async def _owner_series(w: World) -> str:
+    reply = await w.api.appointments.HoldSeries(
+        _series_request(await w.slot(), w.owner_id), metadata=w.api.md
+    )
+    return reply.series_id
+
+
+async def _confirm_series(w: World) -> Message:
+    return apb.ConfirmSeriesRequest(series_id=await _owner_series(w))
+
+
+async def _cancel_series(w: World) -> Message:
+    return apb.CancelSeriesRequest(series_id=await _owner_series(w))
+
+
 async def _confirm(w: World) -> Message:
     return apb.ConfirmAppointmentRequest(id=await w.owner_hold())
 
@@ -443,6 +474,9 @@ BUILDERS: dict[str, Builder] = {
     P + "AppointmentService/CancelAppointment": _cancel,
     P + "AppointmentService/RescheduleAppointment": _reschedule,
     P + "AppointmentService/MarkNoShow": _mark_no_show,
+    P + "AppointmentService/HoldSeries": _hold_series,
+    P + "AppointmentService/ConfirmSeries": _confirm_series,
+    P + "AppointmentService/CancelSeries": _cancel_series,
     P + "AppointmentService/GetAppointment": _get_appointment,
     P + "AppointmentService/ListAppointments": _list_appointments,
     P + "AppointmentService/ListAppointmentEvents": _list_events,

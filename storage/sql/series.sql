@@ -55,6 +55,7 @@ CREATE FUNCTION booking_hold_series(
 ) RETURNS appointment_series
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_operation constant text := 'HoldSeries';
     v_fingerprint text := md5(concat_ws('|', p_first_slot_id, p_user_id, p_priority,
         p_party_size, p_recurrence, p_all_or_nothing));
     v_series appointment_series;
@@ -73,7 +74,7 @@ BEGIN
         IF FOUND THEN
             IF v_series.fingerprint <> v_fingerprint THEN
                 PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
-                    'request_id', p_request_id, 'operation', 'HoldSeries'));
+                    'request_id', p_request_id, 'operation', v_operation));
             END IF;
             RETURN v_series;
         END IF;
