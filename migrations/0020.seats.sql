@@ -15,6 +15,29 @@
 -- predates the counts fails its first write of a counted slot with 40001
 -- and its retry sees them.
 
+-- The previous release's transactions take these tables' locks in more
+-- than one order (a hold: slot, then appointment; a cancel: appointment,
+-- then slot), so ALTERs taking them one by one could close a cycle with
+-- one of them. Instead every lock this migration needs is taken first, all
+-- at once or none: an attempt that has not got them all within 50 ms gives
+-- back what it got and tries again, so nothing waits on it for long and no
+-- cycle lasts.
+DO $$
+BEGIN
+    FOR i IN 1 .. 1200 LOOP
+        BEGIN
+            PERFORM set_config('lock_timeout', '50ms', true);
+            LOCK TABLE time_slots, appointments IN ACCESS EXCLUSIVE MODE;
+            PERFORM set_config('lock_timeout', '0', true);
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            PERFORM pg_sleep(0.01 * random());
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'could not lock time_slots, appointments for the migration';
+END
+$$;
+
 ALTER TABLE time_slots
     ADD COLUMN capacity integer NOT NULL DEFAULT 1,
     ADD COLUMN seats_taken integer NOT NULL DEFAULT 0,
