@@ -34,7 +34,10 @@ CREATE TRIGGER time_slots_status
     FOR EACH ROW EXECUTE FUNCTION booking_slot_status();
 
 -- Moves the seats of an appointment between slots and states: what the
--- old row occupied is given back, what the new row occupies is taken.
+-- old row occupied is given back, what the new row occupies is taken (a
+-- deleted row, which only maintenance does, gives its seats back). A
+-- TRUNCATE fires no row trigger: whoever truncates appointments resets the
+-- counts (tools/bench/db.py does).
 CREATE FUNCTION booking_appointment_seats() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -43,9 +46,17 @@ DECLARE
     v_new_taken integer := 0;
     v_new_held integer := 0;
 BEGIN
-    IF TG_OP = 'UPDATE' AND OLD.status <> 'CANCELLED' THEN
+    IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.status <> 'CANCELLED' THEN
         v_old_taken := OLD.party_size;
         v_old_held := CASE WHEN OLD.status = 'HOLD' THEN OLD.party_size ELSE 0 END;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        IF v_old_taken > 0 THEN
+            UPDATE time_slots
+            SET seats_taken = seats_taken - v_old_taken, seats_held = seats_held - v_old_held
+            WHERE id = OLD.time_slot_id;
+        END IF;
+        RETURN NULL;
     END IF;
     IF NEW.status <> 'CANCELLED' THEN
         v_new_taken := NEW.party_size;
@@ -75,7 +86,7 @@ END
 $$;
 
 CREATE TRIGGER appointments_seats
-    AFTER INSERT OR UPDATE OF status, time_slot_id, party_size ON appointments
+    AFTER INSERT OR DELETE OR UPDATE OF status, time_slot_id, party_size ON appointments
     FOR EACH ROW EXECUTE FUNCTION booking_appointment_seats();
 
 -- Makes room for p_party_size seats on a locked slot: free as it is, or
