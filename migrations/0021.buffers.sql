@@ -52,17 +52,26 @@ ALTER TABLE appointments ADD CONSTRAINT appointments_buffers_apart EXCLUDE USING
 ) WHERE (status <> 'CANCELLED');
 
 CREATE FUNCTION booking_buffer_range(p_slot time_slots) RETURNS tstzrange
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_range tstzrange;
+BEGIN
     SELECT tstzrange(p_slot.start_time - make_interval(mins => p.buffer_before_minutes),
                      p_slot.end_time + make_interval(mins => p.buffer_after_minutes), '[)')
-    FROM specialists p WHERE p.id = p_slot.specialist_id
+    INTO v_range
+    FROM specialists p WHERE p.id = p_slot.specialist_id;
+    RETURN v_range;
+END
 $$;
 
 CREATE FUNCTION booking_appointment_range() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.buffered_range := booking_buffer_range(
-        (SELECT s FROM time_slots s WHERE s.id = NEW.time_slot_id));
+    SELECT tstzrange(s.start_time - make_interval(mins => p.buffer_before_minutes),
+                     s.end_time + make_interval(mins => p.buffer_after_minutes), '[)')
+    INTO NEW.buffered_range
+    FROM time_slots s JOIN specialists p ON p.id = s.specialist_id
+    WHERE s.id = NEW.time_slot_id;
     RETURN NEW;
 END
 $$;
@@ -70,15 +79,22 @@ $$;
 CREATE FUNCTION booking_buffer_conflict(
     p_slot time_slots, p_exclude_appointment_id uuid, p_lapsed boolean
 ) RETURNS appointments
-LANGUAGE sql STABLE AS $$
-    SELECT a.* FROM appointments a
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    -- Computed once, so the gist index gets a constant to search with.
+    v_range tstzrange := booking_buffer_range(p_slot);
+    v_conflict appointments;
+BEGIN
+    SELECT a.* INTO v_conflict FROM appointments a
     WHERE a.specialist_id = p_slot.specialist_id
       AND a.status <> 'CANCELLED'
-      AND a.buffered_range && booking_buffer_range(p_slot)
+      AND a.buffered_range && v_range
       AND a.time_slot_id <> p_slot.id
       AND a.id IS DISTINCT FROM p_exclude_appointment_id
       AND (p_lapsed OR a.status <> 'HOLD' OR a.expires_at > now())
-    LIMIT 1
+    LIMIT 1;
+    RETURN v_conflict;
+END
 $$;
 
 CREATE FUNCTION booking_slot_buffer_blocked(p_slot time_slots) RETURNS boolean
@@ -96,6 +112,11 @@ DECLARE
     v_lapsed appointments;
     v_conflict appointments;
 BEGIN
+    -- The common case in one index probe: nothing in the way at all.
+    v_conflict := booking_buffer_conflict(p_slot, p_exclude_appointment_id, true);
+    IF v_conflict.id IS NULL THEN
+        RETURN;
+    END IF;
     FOR v_lapsed IN
         SELECT a.* FROM appointments a
         WHERE a.specialist_id = p_slot.specialist_id
@@ -123,14 +144,16 @@ END
 $$;
 
 CREATE FUNCTION booking_user_overlaps(p_user_id uuid, p_slot time_slots) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (
         SELECT 1 FROM appointments a
         JOIN time_slots s ON s.id = a.time_slot_id
         WHERE a.user_id = p_user_id
           AND (a.status = 'CONFIRMED' OR (a.status = 'HOLD' AND a.expires_at > now()))
           AND s.start_time < p_slot.end_time
-          AND s.end_time > p_slot.start_time)
+          AND s.end_time > p_slot.start_time);
+END
 $$;
 
 CREATE TRIGGER appointments_range
