@@ -44,6 +44,11 @@ _WAITLIST_JOIN = (
     " ON ev.event_type = 'HELD' AND w.appointment_id = ev.appointment_id"
 )
 
+# An event's party size and series are its appointment's (they never
+# change), not stored on the event (docs/seats.md): one primary-key probe
+# per event returned.
+_APPOINTMENT_JOIN = " LEFT JOIN appointments ap ON ap.id = ev.appointment_id"
+
 # The stable horizon: every transaction with a smaller xid has finished.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
 
@@ -125,7 +130,7 @@ async def read_after(
         f" AS pending FROM (SELECT {_HORIZON} AS x) s)"
         " SELECT h.pending, head.xid AS head_xid, head.seq AS head_seq,"
         " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
-        " w.id AS waitlist_entry_id"
+        " w.id AS waitlist_entry_id, ap.party_size, ap.series_id"
         f" FROM h LEFT JOIN {_PRUNED} c ON true"
         f" LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true"
         " LEFT JOIN LATERAL ("
@@ -134,7 +139,7 @@ async def read_after(
         "   AND (c.pruned_xid IS NULL OR (e.xid, e.seq) > (c.pruned_xid, c.pruned_seq))"
         f"{where.sql()}"
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
-        f" ) ev ON true{_WAITLIST_JOIN} ORDER BY ev.xid, ev.seq"
+        f" ) ev ON true{_WAITLIST_JOIN}{_APPOINTMENT_JOIN} ORDER BY ev.xid, ev.seq"
     )
 
     async def work(conn: Connection) -> list[asyncpg.Record]:

@@ -128,6 +128,14 @@ async def test_status_follows_the_seats_and_a_party_takes_all_its_seats_or_none(
         apb.GetAppointmentRequest(id=first.id), metadata=api.md
     )
     assert listed.appointment.party_size == 3
+    # Events carry the party size too (read from the appointment).
+    events = await api.appointments.ListAppointmentEvents(
+        apb.ListAppointmentEventsRequest(
+            filter=apb.AppointmentEventFilter(appointment_id=first.id)
+        ),
+        metadata=api.md,
+    )
+    assert [e.appointment.party_size for e in events.events] == [3, 3]
 
 
 async def test_a_slot_of_one_seat_reads_as_before_seats(api: Api) -> None:

@@ -209,7 +209,16 @@ async def test_confirm_and_cancel_a_whole_series_or_one_occurrence(
     spare = await api.slot(spec.id, _first() + timedelta(days=2))
     client, _ = await api.client()
     series = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=4", ALL)
+    assert series.held
     ids = [o.appointment.id for o in series.occurrences]
+    # The events are ordinary HELD events whose appointments carry the series.
+    listed = await client.appointments.ListAppointmentEvents(
+        apb.ListAppointmentEventsRequest(filter=apb.AppointmentEventFilter(appointment_id=ids[0])),
+        metadata=client.md,
+    )
+    (held,) = listed.events
+    assert held.type == apb.APPOINTMENT_EVENT_TYPE_HELD
+    assert held.appointment.series_id == series.series_id
 
     # One occurrence: cancelled as any appointment; another moved.
     await client.appointments.CancelAppointment(
