@@ -1,4 +1,4 @@
--- depends: 0012.history-indexes
+-- depends: 0022.series
 --
 -- Calendar feeds: secret per-user and per-specialist feed tokens, and the
 -- iCalendar SEQUENCE of each appointment (storage/sql/feeds.sql).

@@ -65,6 +65,16 @@ class Config:
         default=5000,
         metadata={"help": "most slots one MaterializeSchedule call may lay out"},
     )
+    # One HoldSeries call's bounds (docs/seats.md): more occurrences is
+    # RESOURCE_EXHAUSTED, a longer span INVALID_ARGUMENT.
+    series_max_occurrences: int = field(
+        default=52,
+        metadata={"help": "most occurrences one HoldSeries call may hold"},
+    )
+    series_max_days: int = field(
+        default=366,
+        metadata={"help": "most days from a series' first occurrence to its last"},
+    )
     allow_self_signup: bool = True
     # Anonymous CreateUser calls one client address may make per minute, per
     # server: each costs an argon2 hash, and each answers whether an email
@@ -206,6 +216,8 @@ class Config:
             "signups_per_minute",
             "schedule_max_days",
             "schedule_max_slots",
+            "series_max_occurrences",
+            "series_max_days",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

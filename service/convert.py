@@ -127,6 +127,8 @@ def specialist(s: m.Specialist) -> sppb.Specialist:
         update_time=seconds_nanos(s.updated_at),
         time_zone=s.time_zone,
         booking_policy=booking_policy(s.policy),
+        buffer_before_minutes=s.buffer_before_minutes,
+        buffer_after_minutes=s.buffer_after_minutes,
     )
 
 
@@ -138,6 +140,8 @@ def slot_fields(s: m.Slot) -> Fields:
         "end_time": seconds_nanos(s.end_time),
         "status": _SLOT_STATUS_WIRE[s.status],
         "create_time": seconds_nanos(s.created_at),
+        "capacity": s.capacity,
+        "seats_available": s.seats_available,
     }
 
 
@@ -157,7 +161,10 @@ def appointment_fields(a: m.Appointment) -> Fields:
         "end_time": seconds_nanos(a.end_time),
         "create_time": seconds_nanos(a.created_at),
         "update_time": seconds_nanos(a.updated_at),
+        "party_size": a.party_size,
     }
+    if a.series_id is not None:
+        out["series_id"] = str(a.series_id)
     if a.expires_at is not None:
         out["expire_time"] = seconds_nanos(a.expires_at)
     return out
@@ -227,4 +234,16 @@ def waitlist_entry(w: m.WaitlistEntry) -> wpb.WaitlistEntry:
         out.specialist_id = str(w.specialist_id)
     else:
         out.service_type = w.service_type or ""
+    return out
+
+
+def series_occurrence(o: m.Occurrence) -> apb.SeriesOccurrence:
+    out = apb.SeriesOccurrence(
+        start_time=timestamp(o.start_time),
+        slot_id=str(o.slot_id) if o.slot_id else "",
+        failure_reason=o.reason or "",
+        failure_metadata=o.detail,
+    )
+    if o.appointment is not None:
+        out.appointment.CopyFrom(appointment(o.appointment))
     return out

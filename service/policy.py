@@ -66,6 +66,7 @@ POLICIES: dict[str, Policy] = {
     P + "SlotService/GetSlot": Policy(EVERYONE),
     P + "SlotService/ListSlots": Policy(EVERYONE),
     P + "SlotService/DeleteSlot": Policy(STAFF),
+    P + "SlotService/UpdateSlotCapacity": Policy(STAFF),
     P + "SlotService/SearchAvailableSlots": Policy(EVERYONE),
     P + "AppointmentService/HoldSlot": Policy(
         EVERYONE,
@@ -84,6 +85,14 @@ POLICIES: dict[str, Policy] = {
         " staff: exempt from both",
     ),
     P + "AppointmentService/MarkNoShow": Policy(STAFF),
+    P + "AppointmentService/HoldSeries": Policy(
+        EVERYONE,
+        note="as HoldSlot, for every occurrence: CLIENT for itself, NORMAL priority only",
+    ),
+    P + "AppointmentService/ConfirmSeries": Policy(EVERYONE, note="CLIENT: own only"),
+    P + "AppointmentService/CancelSeries": Policy(
+        EVERYONE, note="CLIENT: own only, each occurrence as CancelAppointment"
+    ),
     P + "AppointmentService/GetAppointment": Policy(EVERYONE, note="CLIENT: own only"),
     P + "AppointmentService/ListAppointments": Policy(EVERYONE, note="CLIENT: own only"),
     P + "AppointmentService/ListAppointmentEvents": Policy(EVERYONE, note="CLIENT: own only"),

@@ -5,6 +5,7 @@ names them) and the reads."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -20,7 +21,8 @@ from storage.sql import Conditions
 
 _COLUMNS = (
     "a.id, a.user_id, a.specialist_id, a.time_slot_id, a.status, a.priority,"
-    " s.start_time, s.end_time, a.expires_at, a.created_at, a.updated_at"
+    " s.start_time, s.end_time, a.expires_at, a.created_at, a.updated_at, a.party_size,"
+    " a.series_id"
 )
 
 
@@ -37,6 +39,8 @@ def _appointment(row: asyncpg.Record) -> Appointment:
         expires_at=row["expires_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        party_size=row["party_size"],
+        series_id=row["series_id"],
     )
 
 
@@ -102,11 +106,15 @@ async def hold(
     check_user_overlap: bool,
     request_id: UUID | None,
     policy_exempt: bool,
+    party_size: int = 1,
 ) -> AppointmentEvent:
-    """Hold a slot. Concurrent holds of one slot in this process reach the
-    database one at a time, and those that wait are answered from the
-    outcome when it shows the slot taken (storage/flights.py); with a
-    request id, that answer is recorded under the id in the database."""
+    """Hold `party_size` seats of a slot. Concurrent holds of one slot in
+    this process reach the database one at a time, and those that wait are
+    answered from the outcome when it shows every seat taken
+    (storage/flights.py); with a request id, that answer is recorded under
+    the id in the database. A party of several seats goes to the database
+    on its own: its refusal would say nothing about a smaller party, and
+    the recorded refusal (booking_refuse_hold) is a one-seat request's."""
 
     def run(on_send: Callable[[], None] | None) -> Awaitable[AppointmentEvent]:
         return _transition(
@@ -121,8 +129,15 @@ async def hold(
             check_user_overlap=check_user_overlap,
             request_id=request_id,
             policy_exempt=policy_exempt,
+            party_size=party_size,
         )
 
+    if party_size != 1:
+        # Events carry no party size (docs/seats.md): the appointment's is
+        # the one asked for, which a replay under the same request id also
+        # asked for (it is part of the request's fingerprint).
+        event = await run(None)
+        return replace(event, appointment=replace(event.appointment, party_size=party_size))
     if request_id is None:
         return await db.hold_flights.hold(slot_id, run)
 

@@ -64,7 +64,17 @@ _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 # retry then replays whatever the other copy stored (its success, or its
 # remembered failure), or reports REQUEST_ID_REUSED when the parameters
 # differ. A waitlist entry keeps its own request id (waitlist.sql).
-_RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "waitlist_entries_request"})
+# Two holds racing into each other's buffer (storage/sql/buffers.sql) meet
+# on appointments_buffers_apart: the retry sees the winner and is refused
+# WITHIN_BUFFER by the check.
+_RETRYABLE_CONSTRAINTS = frozenset(
+    {
+        "idempotency_keys_pkey",
+        "waitlist_entries_request",
+        "appointments_buffers_apart",
+        "appointment_series_request",
+    }
+)
 
 # Class 08 (connection), 53300 (too many connections) and 57P0x (shutdown):
 # the database, not the request, is the problem.
@@ -426,7 +436,7 @@ class Database:
                     # is held too long; nothing the client sent is at fault.
                     raise errors.DatabaseTimeout() from exc
                 retryable = isinstance(exc, _RETRYABLE) or (
-                    isinstance(exc, asyncpg.UniqueViolationError)
+                    isinstance(exc, asyncpg.UniqueViolationError | asyncpg.ExclusionViolationError)
                     and getattr(exc, "constraint_name", None) in _RETRYABLE_CONSTRAINTS
                 )
                 if not retryable:

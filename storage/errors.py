@@ -66,6 +66,11 @@ class AppointmentNotFound(NotFound):
     resource = "appointment"
 
 
+class SeriesNotFound(NotFound):
+    reason = "SERIES_NOT_FOUND"
+    resource = "series"
+
+
 class WaitlistEntryNotFound(NotFound):
     reason = "WAITLIST_ENTRY_NOT_FOUND"
     resource = "waitlist entry"
@@ -204,6 +209,82 @@ class SameSlot(BookingError):
 
     def __str__(self) -> str:
         return f"appointment {self.appointment_id} is already in slot {self.slot_id}"
+
+
+@dataclass(eq=False)
+class NotEnoughSeats(BookingError):
+    """A hold for more seats than the slot has free (some are free: with
+    none free it is SlotUnavailable)."""
+
+    reason = "NOT_ENOUGH_SEATS"
+    slot_id: str
+    seats_available: int
+    party_size: int
+
+    def __str__(self) -> str:
+        return f"slot {self.slot_id} has {self.seats_available} seats free, not {self.party_size}"
+
+
+@dataclass(eq=False)
+class WithinBuffer(BookingError):
+    """The slot comes too close to another live appointment of the
+    specialist: within the window that appointment keeps, its slot with the
+    buffers before and after (storage/sql/buffers.sql)."""
+
+    reason = "WITHIN_BUFFER"
+    slot_id: str
+    window_start_time: str
+    window_end_time: str
+
+    def __str__(self) -> str:
+        return (
+            f"slot {self.slot_id} is within the buffer of another appointment,"
+            f" which keeps {self.window_start_time} to {self.window_end_time} free"
+        )
+
+
+@dataclass(eq=False)
+class SeriesTooLarge(BookingError):
+    """A series with more occurrences than the server allows in one call."""
+
+    reason = "SERIES_TOO_LARGE"
+    occurrences: str
+    max_occurrences: str
+
+    def __str__(self) -> str:
+        return (
+            f"the recurrence has {self.occurrences} occurrences, more than the"
+            f" {self.max_occurrences} one series may hold"
+        )
+
+
+@dataclass(eq=False)
+class SeriesTooLong(BookingError):
+    """A series spanning more days than the server allows."""
+
+    reason = "SERIES_TOO_LONG"
+    days: str
+    max_days: str
+
+    def __str__(self) -> str:
+        return f"the series spans {self.days} days, more than {self.max_days}"
+
+    def field_violations(self) -> list[tuple[str, str]]:
+        return [("recurrence", str(self))]
+
+
+@dataclass(eq=False)
+class CapacityBelowSeatsTaken(BookingError):
+    reason = "CAPACITY_BELOW_SEATS_TAKEN"
+    slot_id: str
+    capacity: int
+    seats_taken: int
+
+    def __str__(self) -> str:
+        return (
+            f"slot {self.slot_id} has {self.seats_taken} seats taken;"
+            f" its capacity cannot go down to {self.capacity}"
+        )
 
 
 @dataclass(eq=False)
@@ -425,6 +506,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SlotNotFound,
         AppointmentNotFound,
         WaitlistEntryNotFound,
+        SeriesNotFound,
         WaitlistEntryWrongState,
         SlotUnavailable,
         WrongState,
@@ -436,6 +518,9 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         SpecialistMismatch,
         SameSlot,
         SlotInUse,
+        NotEnoughSeats,
+        CapacityBelowSeatsTaken,
+        WithinBuffer,
         RequestIdReused,
         OutsideBookingWindow,
         OutsideCancellationWindow,

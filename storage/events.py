@@ -44,6 +44,11 @@ _WAITLIST_JOIN = (
     " ON ev.event_type = 'HELD' AND w.appointment_id = ev.appointment_id"
 )
 
+# An event's party size and series are its appointment's (they never
+# change), not stored on the event (docs/seats.md): one primary-key probe
+# per event returned.
+_APPOINTMENT_JOIN = " LEFT JOIN appointments ap ON ap.id = ev.appointment_id"
+
 # The stable horizon: every transaction with a smaller xid has finished.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
 
@@ -87,6 +92,8 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
         expires_at=row["expires_at"],
         created_at=row["appointment_created_at"],
         updated_at=row["created_at"],
+        party_size=row.get("party_size") or 1,
+        series_id=row.get("series_id"),
     )
     old = row["old_status"]
     return AppointmentEvent(
@@ -135,7 +142,7 @@ async def read_after(
         f" AS pending, {present} AS present, {_GATE} AS gate FROM (SELECT {_HORIZON} AS x) s)"
         " SELECT h.pending, h.present, head.xid AS head_xid, head.seq AS head_seq,"
         " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
-        " w.id AS waitlist_entry_id"
+        " w.id AS waitlist_entry_id, ap.party_size, ap.series_id"
         f" FROM h LEFT JOIN {_PRUNED} c ON true"
         f" LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true"
         " LEFT JOIN LATERAL ("
@@ -144,7 +151,7 @@ async def read_after(
         "   AND (c.pruned_xid IS NULL OR (e.xid, e.seq) > (c.pruned_xid, c.pruned_seq))"
         f"{where.sql()}"
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
-        f" ) ev ON true{_WAITLIST_JOIN} ORDER BY ev.xid, ev.seq"
+        f" ) ev ON true{_WAITLIST_JOIN}{_APPOINTMENT_JOIN} ORDER BY ev.xid, ev.seq"
     )
 
     async def work(conn: Connection) -> list[asyncpg.Record]:

@@ -7,10 +7,11 @@ committed, and retried to be told SLOT_UNAVAILABLE. Here the first caller
 for a slot (the leader) goes to the database and the others (followers)
 wait for its outcome:
 
-- the leader's hold committed: the slot has been occupied by a committed
-  hold during every follower's call, so each is refused SLOT_UNAVAILABLE,
-  with the detail the database would give (the slot, status HOLD), without
-  a round trip;
+- the leader's hold committed: that says nothing about the next one, as
+  the slot may have seats left (docs/seats.md), so the next follower leads
+  and the others follow it. For a slot of one seat that second leader is
+  refused SLOT_UNAVAILABLE and answers all the rest (below): a herd costs
+  two statements, not one per caller;
 - the leader was refused SLOT_UNAVAILABLE by the database: a committed
   occupant held the slot at the leader's snapshot, which falls inside the
   call of every follower that arrived before the leader's statement was
@@ -52,7 +53,7 @@ T = TypeVar("T")
 
 
 class Outcome(enum.Enum):
-    # The leader's hold committed: the slot is taken.
+    # The leader's hold committed (a seat is taken; others may be free).
     HELD = "held"
     # The database refused the leader SLOT_UNAVAILABLE with this status.
     OCCUPIED = "occupied"
@@ -117,7 +118,7 @@ class SlotFlights:
                 await self._wait(flight)
             finally:
                 self.waiting -= 1
-            if flight.outcome is Outcome.HELD or (
+            if (
                 flight.outcome is Outcome.OCCUPIED
                 and flight.sent is not None
                 and arrival <= flight.sent

@@ -78,6 +78,9 @@ class Specialist:
     updated_at: datetime
     time_zone: str = "UTC"
     policy: BookingPolicy = field(default_factory=BookingPolicy)
+    # Minutes kept free around each appointment (storage/sql/buffers.sql).
+    buffer_before_minutes: int = 0
+    buffer_after_minutes: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Slot:
     end_time: datetime
     status: SlotStatus
     created_at: datetime
+    # Seats (docs/seats.md): how many, and how many are free now.
+    capacity: int = 1
+    seats_available: int = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,10 @@ class Appointment:
     expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    # The seats of the slot it occupies (docs/seats.md).
+    party_size: int = 1
+    # The recurring series it was held in, if any.
+    series_id: UUID | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -188,3 +198,27 @@ class EventFilter:
 class Page(Generic[T]):
     items: list[T]
     has_more: bool
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One occurrence of a series: held (appointment), or refused (reason
+    and detail, the fields the error would have had)."""
+
+    start_time: datetime
+    slot_id: UUID | None
+    appointment: Appointment | None
+    reason: str | None
+    detail: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Series:
+    id: UUID
+    user_id: UUID
+    specialist_id: UUID
+    recurrence: str
+    all_or_nothing: bool
+    # False when all or nothing refused it: nothing is held.
+    held: bool
+    occurrences: list[Occurrence]

@@ -15,13 +15,20 @@ from storage.errors import SlotNotFound, SpecialistInactive, SpecialistNotFound
 from storage.models import AvailableSlot, Page, Slot, SlotStatus
 from storage.sql import Conditions
 
-_COLUMNS = "id, specialist_id, start_time, end_time, status, created_at"
-_INSERT_SLOTS = fn.INSERT_SLOTS.statement(
+_COLUMNS = (
+    "id, specialist_id, start_time, end_time, status, created_at, capacity,"
+    " capacity - seats_taken AS seats_available"
+)
+_INSERT_SLOTS = f"SELECT {_COLUMNS} FROM " + fn.INSERT_SLOTS.call(
     {
         "p_specialist_ids": "$1::uuid[]",
         "p_start_times": "$2::timestamptz[]",
         "p_end_times": "$3::timestamptz[]",
+        "p_capacities": "$4::integer[]",
     }
+)
+_SET_CAPACITY = f"SELECT {_COLUMNS} FROM " + fn.SET_SLOT_CAPACITY.call(
+    {"p_slot_id": "$1", "p_capacity": "$2"}
 )
 
 # By value, without the Enum call's machinery: this runs for every row read.
@@ -33,6 +40,7 @@ class NewSlot:
     specialist_id: UUID
     start_time: datetime
     end_time: datetime
+    capacity: int = 1
 
 
 _new = object.__new__
@@ -87,6 +95,7 @@ async def insert_slots(conn: Connection, new: Sequence[NewSlot]) -> list[Slot]:
             specialist_ids=[s.specialist_id for s in new],
             start_times=[s.start_time for s in new],
             end_times=[s.end_time for s in new],
+            capacities=[s.capacity for s in new],
         ),
     )
     return [_slot(r) for r in rows]
@@ -147,6 +156,16 @@ async def list_(
     return Page([_slot(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
+async def set_capacity(db: Database, slot_id: UUID, capacity: int) -> Slot:
+    """Raise or lower a slot's capacity, never below the seats taken
+    (CapacityBelowSeatsTaken); added seats go to the waitlist first."""
+
+    async def work(conn: Connection) -> asyncpg.Record:
+        return await conn.fetchrow(_SET_CAPACITY, slot_id, capacity)
+
+    return _slot(await db.run(work, single_statement=True))
+
+
 async def delete(db: Database, slot_id: UUID) -> None:
     """Delete a slot nobody occupies (storage/sql/slots.sql). It is kept,
     marked deleted, because past appointments and events may reference it;
@@ -164,7 +183,8 @@ async def delete(db: Database, slot_id: UUID) -> None:
 # test first, so the function runs only for the rare held-or-lapsed slot.
 _FREE = "s.status <> 'BOOKED' AND (s.status = 'AVAILABLE' OR booking_slot_is_free(s))"
 _SEARCH_COLUMNS = (
-    "s.id, s.specialist_id, s.start_time, s.end_time, s.created_at, p.full_name, p.service_type"
+    "s.id, s.specialist_id, s.start_time, s.end_time, s.created_at, p.full_name, p.service_type,"
+    " s.capacity, s.seats_taken"
 )
 
 
@@ -189,8 +209,13 @@ async def search_available(
     where.add("s.start_time < {}", window_end)
     if after is not None:
         where.add("(s.start_time, s.id) > ({}, {})", after[0], after[1])
+    # A slot a buffer blocks is not free (storage/sql/buffers.sql).
+    where.add("NOT booking_slot_buffer_blocked(s)")
     if client_id is not None:
         where.add("booking_may_hold({}, s)", client_id)
+        # Nor one overlapping the CLIENT's own live appointments: HoldSlot
+        # would refuse it USER_OVERLAP.
+        where.add("NOT booking_user_overlaps({}, s)", client_id)
     if specialist_ids is not None:
         # Each specialist's own index range, merged: a few specialists'
         # week never reads anyone else's slots.
@@ -232,6 +257,10 @@ async def search_available(
                 # A lapsed hold is free: reported as it will be once reclaimed.
                 status=SlotStatus.AVAILABLE,
                 created_at=r["created_at"],
+                capacity=r["capacity"],
+                # Lapsed holds count as taken until reclaimed: at least one
+                # seat is free to HoldSlot.
+                seats_available=max(1, r["capacity"] - r["seats_taken"]),
             ),
             specialist_name=r["full_name"],
             service_type=r["service_type"],

@@ -15,7 +15,7 @@ from storage.sql import Conditions
 
 _COLUMNS = (
     "id, full_name, service_type, is_active, created_at, updated_at, time_zone, "
-    + ", ".join(POLICY_FIELDS)
+    "buffer_before_minutes, buffer_after_minutes, " + ", ".join(POLICY_FIELDS)
 )
 
 
@@ -29,6 +29,8 @@ def _specialist(row: asyncpg.Record) -> Specialist:
         updated_at=row["updated_at"],
         time_zone=row["time_zone"],
         policy=BookingPolicy(**{f: row[f] for f in POLICY_FIELDS}),
+        buffer_before_minutes=row["buffer_before_minutes"],
+        buffer_after_minutes=row["buffer_after_minutes"],
     )
 
 
@@ -39,18 +41,23 @@ async def create(
     service_type: str,
     time_zone: str = "UTC",
     policy: BookingPolicy | None = None,
+    buffer_before_minutes: int = 0,
+    buffer_after_minutes: int = 0,
 ) -> Specialist:
     policy = policy or BookingPolicy()
 
     async def work(conn: Connection) -> asyncpg.Record:
         return await conn.fetchrow(
             "INSERT INTO specialists (id, full_name, service_type, time_zone, "
+            "buffer_before_minutes, buffer_after_minutes, "
             + ", ".join(POLICY_FIELDS)
-            + f") VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+            + f") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_COLUMNS}",
             uuid4(),
             full_name,
             service_type,
             time_zone,
+            buffer_before_minutes,
+            buffer_after_minutes,
             *(getattr(policy, f) for f in POLICY_FIELDS),
         )
 
@@ -104,14 +111,17 @@ async def update(
     active: bool | None = None,
     time_zone: str | None = None,
     policy: Mapping[str, int | None] | None = None,
+    buffer_before_minutes: int | None = None,
+    buffer_after_minutes: int | None = None,
 ) -> Specialist:
-    """`policy` names the limits to set (None: back to the default)."""
+    """`policy` names the limits to set (None: back to the default).
+    Buffers apply to holds made from now on (storage/sql/buffers.sql)."""
     policy = dict(policy or {})
     if not set(policy) <= set(POLICY_FIELDS):
         raise ValueError(f"unknown policy fields {sorted(set(policy) - set(POLICY_FIELDS))}")
     # Column names come from POLICY_FIELDS only; values are parameters.
     policy_sql = "".join(
-        f" {name} = CASE WHEN ${6 + 2 * i} THEN ${7 + 2 * i}::integer ELSE {name} END,"
+        f" {name} = CASE WHEN ${8 + 2 * i} THEN ${9 + 2 * i}::integer ELSE {name} END,"
         for i, name in enumerate(POLICY_FIELDS)
     )
     policy_args: list[object] = []
@@ -125,6 +135,8 @@ async def update(
             " service_type = coalesce($3, service_type),"
             " is_active = coalesce($4, is_active),"
             " time_zone = coalesce($5, time_zone),"
+            " buffer_before_minutes = coalesce($6, buffer_before_minutes),"
+            " buffer_after_minutes = coalesce($7, buffer_after_minutes),"
             f"{policy_sql}"
             " updated_at = now()"
             f" WHERE id = $1 RETURNING {_COLUMNS}",
@@ -133,6 +145,8 @@ async def update(
             service_type,
             active,
             time_zone,
+            buffer_before_minutes,
+            buffer_after_minutes,
             *policy_args,
         )
 

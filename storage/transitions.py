@@ -38,7 +38,14 @@ class Function:
         if args is None:
             args = {p: f"${i}" for i, p in enumerate(self.params, start=1)}
         if self.returns_event:
-            return f"SELECT {EVENT_COLUMNS} FROM {self.call(args)} e"
+            # Events store no party size or series (docs/seats.md); an
+            # appointment's never change, so the row as the statement began
+            # shows them (a hold's own new row is not there yet:
+            # storage/appointments.py fills in the size it asked for).
+            return (
+                f"SELECT {EVENT_COLUMNS}, a.party_size, a.series_id FROM {self.call(args)} e"
+                " LEFT JOIN appointments a ON a.id = e.appointment_id"
+            )
         if self.returns_row:
             return f"SELECT * FROM {self.call(args)}"
         return f"SELECT {self.call(args)}"
@@ -64,8 +71,9 @@ def _transition(name: str, *params: str) -> Function:
 
 # p_policy_exempt: whether the caller is exempt from booking policies
 # (service/policy.py POLICY_EXEMPT_ROLES).
+# p_party_size: the seats taken, all or none (storage/sql/seats.sql).
 HOLD_SLOT = _transition(
-    "booking_hold_slot_v2",
+    "booking_hold_slot_v3",
     "p_slot_id",
     "p_user_id",
     "p_priority",
@@ -74,6 +82,7 @@ HOLD_SLOT = _transition(
     "p_check_user_overlap",
     "p_request_id",
     "p_policy_exempt",
+    "p_party_size",
 )
 # A hold refused without reaching the slot, answered as the hold would be.
 REFUSE_HOLD = _transition(
@@ -116,9 +125,12 @@ FORGET_SCHEDULE_RUNS = Function("booking_forget_schedule_runs", ("p_retention", 
 
 # Slots and the waitlist (storage/sql/slots.sql, waitlist.sql).
 INSERT_SLOTS = Function(
-    "booking_insert_slots",
-    ("p_specialist_ids", "p_start_times", "p_end_times"),
+    "booking_insert_slots_v2",
+    ("p_specialist_ids", "p_start_times", "p_end_times", "p_capacities"),
     returns_row=True,
+)
+SET_SLOT_CAPACITY = Function(
+    "booking_set_slot_capacity", ("p_slot_id", "p_capacity"), returns_row=True
 )
 CREATE_WAITLIST_ENTRY = Function(
     "booking_create_waitlist_entry",
@@ -139,3 +151,28 @@ CANCEL_WAITLIST_ENTRY = Function(
     "booking_cancel_waitlist_entry", ("p_id", "p_owner_id"), returns_row=True
 )
 EXPIRE_WAITLIST_ENTRIES = Function("booking_expire_waitlist_entries", ("p_limit",))
+
+# Recurring series (storage/sql/series.sql).
+HOLD_SERIES = Function(
+    "booking_hold_series",
+    (
+        "p_first_slot_id",
+        "p_user_id",
+        "p_priority",
+        "p_actor_id",
+        "p_hold_ttl",
+        "p_check_user_overlap",
+        "p_request_id",
+        "p_policy_exempt",
+        "p_party_size",
+        "p_recurrence",
+        "p_all_or_nothing",
+        "p_starts",
+    ),
+    returns_row=True,
+)
+CONFIRM_SERIES = Function("booking_confirm_series", ("p_series_id", "p_owner_id", "p_actor_id"))
+CANCEL_SERIES = Function(
+    "booking_cancel_series",
+    ("p_series_id", "p_owner_id", "p_actor_id", "p_reason", "p_policy_exempt"),
+)

@@ -133,12 +133,16 @@ EXPECTED_ROWS: dict[str, tuple[grpc.StatusCode, ...]] = {
     P + "SlotService/GetSlot":                     (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/ListSlots":                   (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/DeleteSlot":                  (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "SlotService/UpdateSlotCapacity":          (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "SlotService/SearchAvailableSlots":        (UNAUTH, OK,     OK,        OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/HoldSlot":             (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ConfirmAppointment":   (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/CancelAppointment":    (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/RescheduleAppointment": (UNAUTH, OK,    NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/MarkNoShow":           (UNAUTH, DENIED, DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "AppointmentService/HoldSeries":           (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "AppointmentService/ConfirmSeries":        (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
+    P + "AppointmentService/CancelSeries":         (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/GetAppointment":       (UNAUTH, OK,     NOT_FOUND, OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ListAppointments":     (UNAUTH, OK,     DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
     P + "AppointmentService/ListAppointmentEvents": (UNAUTH, OK,    DENIED,    OK,     OK,     UNAUTH, UNAUTH, UNAUTH),
@@ -344,8 +348,40 @@ async def _delete_slot(w: World) -> Message:
     return spb.DeleteSlotRequest(id=await w.slot())
 
 
+async def _update_slot_capacity(w: World) -> Message:
+    return spb.UpdateSlotCapacityRequest(id=await w.slot(), capacity=3)
+
+
 async def _hold_slot(w: World) -> Message:
     return apb.HoldSlotRequest(slot_id=await w.slot(), user_id=w.owner_id)
+
+
+def _series_request(slot_id: str, user_id: str) -> apb.HoldSeriesRequest:
+    return apb.HoldSeriesRequest(
+        first_slot_id=slot_id,
+        recurrence="FREQ=WEEKLY;COUNT=1",
+        mode=apb.SERIES_MODE_ALL_OR_NOTHING,
+        user_id=user_id,
+    )
+
+
+async def _hold_series(w: World) -> Message:
+    return _series_request(await w.slot(), w.owner_id)
+
+
+async def _owner_series(w: World) -> str:
+    reply = await w.api.appointments.HoldSeries(
+        _series_request(await w.slot(), w.owner_id), metadata=w.api.md
+    )
+    return reply.series_id
+
+
+async def _confirm_series(w: World) -> Message:
+    return apb.ConfirmSeriesRequest(series_id=await _owner_series(w))
+
+
+async def _cancel_series(w: World) -> Message:
+    return apb.CancelSeriesRequest(series_id=await _owner_series(w))
 
 
 async def _confirm(w: World) -> Message:
@@ -493,12 +529,16 @@ BUILDERS: dict[str, Builder] = {
     P + "SlotService/GetSlot": _get_slot,
     P + "SlotService/ListSlots": _list_slots,
     P + "SlotService/DeleteSlot": _delete_slot,
+    P + "SlotService/UpdateSlotCapacity": _update_slot_capacity,
     P + "SlotService/SearchAvailableSlots": _search_slots,
     P + "AppointmentService/HoldSlot": _hold_slot,
     P + "AppointmentService/ConfirmAppointment": _confirm,
     P + "AppointmentService/CancelAppointment": _cancel,
     P + "AppointmentService/RescheduleAppointment": _reschedule,
     P + "AppointmentService/MarkNoShow": _mark_no_show,
+    P + "AppointmentService/HoldSeries": _hold_series,
+    P + "AppointmentService/ConfirmSeries": _confirm_series,
+    P + "AppointmentService/CancelSeries": _cancel_series,
     P + "AppointmentService/GetAppointment": _get_appointment,
     P + "AppointmentService/ListAppointments": _list_appointments,
     P + "AppointmentService/ListAppointmentEvents": _list_events,

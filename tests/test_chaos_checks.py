@@ -49,7 +49,7 @@ def test_double_booking_is_reported() -> None:
     slots = [slot(0, "BOOKED")]
     appts = [appt("a0", "s0", "CONFIRMED", "u1"), appt("a1", "s0", "HOLD", "u2")]
     found = checks.check_slots(slots, appts, NOW)
-    assert names(found) == ["one_live_appointment_per_slot"]
+    assert names(found) == ["no_slot_over_capacity"]
     assert "a0" in found[0].detail and "a1" in found[0].detail
 
 
@@ -253,3 +253,38 @@ def test_tracebacks_in_logs_are_found_and_attributed(tmp_path: Path) -> None:
     clean = tmp_path / "replica-1.log"
     clean.write_text(LOG.splitlines(keepends=True)[0])
     assert checks.check_logs([clean]) == ([], [])
+
+
+def test_seats_up_to_capacity_are_fine_and_one_more_is_reported() -> None:
+    three = SlotRow("s0", "sp1", "HOLD", NOW, NOW + timedelta(minutes=30), capacity=3)
+    appts = [
+        AppointmentRow("a0", "s0", "u1", "CONFIRMED", None, party_size=2),
+        AppointmentRow("a1", "s0", "u2", "HOLD", NOW + timedelta(minutes=5)),
+    ]
+    assert checks.check_slots([three], appts, NOW) == []
+    # A free seat left: the slot must read AVAILABLE.
+    assert names(checks.check_slots([three], appts[:1], NOW)) == ["slot_status_matches_appointment"]
+    over = [*appts, AppointmentRow("a2", "s0", "u3", "HOLD", NOW + timedelta(minutes=5))]
+    assert names(checks.check_slots([three], over, NOW)) == ["no_slot_over_capacity"]
+
+
+def test_live_appointments_inside_each_others_buffers_are_reported() -> None:
+    a = SlotRow("x", "sp1", "HOLD", NOW, NOW + timedelta(minutes=30))
+    b = SlotRow("y", "sp1", "HOLD", NOW + timedelta(minutes=30), NOW + timedelta(minutes=60))
+
+    def buffered(ident: str, slot_id: str, user: str, start: int, end: int) -> AppointmentRow:
+        return AppointmentRow(
+            ident,
+            slot_id,
+            user,
+            "HOLD",
+            NOW + timedelta(minutes=5),
+            specialist_id="sp1",
+            buffer_start=NOW + timedelta(minutes=start),
+            buffer_end=NOW + timedelta(minutes=end),
+        )
+
+    close = [buffered("a0", "x", "u1", 0, 45), buffered("a1", "y", "u2", 30, 60)]
+    assert names(checks.check_slots([a, b], close, NOW)) == ["no_buffer_overlap"]
+    apart = [buffered("a0", "x", "u1", 0, 30), buffered("a1", "y", "u2", 30, 60)]
+    assert checks.check_slots([a, b], apart, NOW) == []

@@ -17,7 +17,7 @@ import pytest
 
 from chaos.checks import CHECKS
 from chaos.faults import KINDS
-from chaos.history import READS, TRANSITIONS
+from chaos.history import READS, SERIES, TRANSITIONS
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,8 @@ def test_short_chaos_run_breaks_no_invariant(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
 
     # The run did what it says: every operation and every fault kind.
-    assert set(summary["operations"]) == set(TRANSITIONS) | set(READS), report
-    for op in ("HoldSlot", "ConfirmAppointment", "CancelAppointment"):
+    assert set(summary["operations"]) == set(TRANSITIONS) | set(READS) | set(SERIES), report
+    for op in ("HoldSlot", "ConfirmAppointment", "CancelAppointment", "HoldSeries"):
         assert summary["operations"][op]["ok"] > 0, report
     assert {k: v["count"] >= 1 for k, v in summary["faults"].items()} == dict.fromkeys(
         KINDS, True

@@ -215,6 +215,7 @@ async def test_an_open_older_transaction_holds_back_newer_events_instead_of_losi
                     check_user_overlap=True,
                     request_id=None,
                     policy_exempt=True,
+                    party_size=1,
                 ),
             )
             later = await api.hold(late_slot.id)

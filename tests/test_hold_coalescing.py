@@ -106,9 +106,12 @@ async def _live(database_url: str, slot_id: str) -> list[str]:
     return [r["status"] for r in rows]
 
 
-async def test_callers_waiting_on_a_hold_that_commits_are_refused_without_the_database(
+async def test_callers_waiting_on_a_hold_that_commits_are_refused_after_one_more_statement(
     api: Api, database_url: str
 ) -> None:
+    """A committed hold no longer answers the followers (the slot may have
+    seats left, docs/seats.md): one of them leads next, is refused
+    SLOT_UNAVAILABLE by the database, and that answers all the others."""
     flights = api.server.db.hold_flights  # type: ignore[union-attr]
     herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
     try:
@@ -137,7 +140,7 @@ async def test_callers_waiting_on_a_hold_that_commits_are_refused_without_the_da
         (("slot_id", herd.slot_id), ("status", "HOLD")),
     )
     assert refusals == [expected] * FOLLOWERS
-    assert flights.coalesced - coalesced == FOLLOWERS
+    assert flights.coalesced - coalesced == FOLLOWERS - 1
     assert await _live(database_url, herd.slot_id) == ["HOLD"]
 
 
@@ -357,8 +360,10 @@ async def test_a_leader_failing_for_itself_teaches_followers_nothing() -> None:
 
     assert isinstance(results[0], UserInactive)
     assert results[1] == "held"
-    assert isinstance(results[2], SlotUnavailable) and results[2].status == "HOLD"
-    assert led == [0, 1]
+    # A committed hold does not answer the next caller either: the slot may
+    # have another seat (docs/seats.md), so it leads and, here, wins one.
+    assert results[2] == "held"
+    assert led == [0, 1, 1]
     assert not flights.in_flight(slot)
 
 

@@ -46,13 +46,16 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0010.schedules-policies",
         "0011.hold-cost",
         "0012.history-indexes",
+        "0020.seats",
+        "0021.buffers",
+        "0022.series",
         "0030.calendar-feeds",
         "0031.webhooks",
         "0040.sync-barrier",
         "0041.waitlist-replay-barrier",
     ]
     before = await _counts(database_url)
-    assert before[0] == 17 and before[1] == 5 and before[2] > 10
+    assert before[0] == 18 and before[1] == 5 and before[2] > 10
 
     rolled = migrate.rollback(database_url, count=len(applied))
 

@@ -93,6 +93,15 @@ def test_readme_walkthrough_books_an_appointment_with_grpcurl(database_url: str)
         assert "OUTSIDE_BOOKING_WINDOW" in out
         assert "outside the booking window, as it should be" in out
         assert "APPOINTMENT_STATUS_HOLD" in out
+        # Seats, a buffer and a series: two seats held, five left, the
+        # session after the class refused, four Tuesdays at 18:00 Berlin.
+        assert "\n2\n5\n" in out
+        assert "WITHIN_BUFFER" in out and "inside the buffer, as it should be" in out
+        assert (
+            "True ['2030-03-19T17:00:00Z', '2030-03-26T17:00:00Z',"
+            " '2030-04-02T16:00:00Z', '2030-04-09T16:00:00Z']"
+        ) in out
+        assert result.stdout.rstrip().endswith("APPOINTMENT_STATUS_CONFIRMED")
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -27,6 +27,7 @@ async def _hold_args(api: Api) -> list[object]:
         check_user_overlap=True,
         request_id=None,
         policy_exempt=False,
+        party_size=1,
     )
 
 

@@ -18,10 +18,17 @@ from service.policy import policy_exempt
 from service.validation import Validator
 from storage import appointments as store
 from storage import events as event_store
+from storage import recurrence
+from storage import series as series_store
 from storage.database import Database
+from storage.errors import SeriesTooLarge
 from storage.models import AppointmentEvent, EventFilter, Position, Priority, Role
 
 MAX_REASON = 1000
+# Seats one hold may take (docs/seats.md).
+MAX_PARTY_SIZE = 1000
+MAX_RECURRENCE = 200
+SERIES_MODES = (pb.SERIES_MODE_ALL_OR_NOTHING, pb.SERIES_MODE_AS_MANY_AS_POSSIBLE)
 WIRE_CACHE_SIZE = 8192
 
 
@@ -74,6 +81,9 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
         priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
         request_id = _request_id(v, request.request_id)
+        party_size = request.party_size or 1
+        if not 1 <= party_size <= MAX_PARTY_SIZE:
+            v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
         v.check()
         if caller.role is Role.CLIENT:
             if user_id != caller.id:
@@ -91,6 +101,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             check_user_overlap=self.config.check_user_overlap,
             request_id=request_id,
             policy_exempt=policy_exempt(caller.role),
+            party_size=party_size,
         )
         return pb.HoldSlotResponse(appointment=self._committed(event))
 
@@ -133,6 +144,99 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             policy_exempt=policy_exempt(user.role),
         )
         return pb.CancelAppointmentResponse(appointment=self._committed(event))
+
+    async def HoldSeries(
+        self, request: pb.HoldSeriesRequest, context: Context
+    ) -> pb.HoldSeriesResponse:
+        caller = auth.current().require_user()
+        v = Validator()
+        slot_id = v.uuid("first_slot_id", request.first_slot_id)
+        user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
+        priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
+        request_id = _request_id(v, request.request_id)
+        party_size = request.party_size or 1
+        if not 1 <= party_size <= MAX_PARTY_SIZE:
+            v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
+        rule = None
+        text = v.text("recurrence", request.recurrence, max_length=MAX_RECURRENCE)
+        if text is not None:
+            try:
+                rule = recurrence.parse(text)
+            except recurrence.RecurrenceError as exc:
+                v.fail("recurrence", str(exc))
+            else:
+                if rule.count is not None and rule.count > self.config.series_max_occurrences:
+                    raise SeriesTooLarge(
+                        occurrences=str(rule.count),
+                        max_occurrences=str(self.config.series_max_occurrences),
+                    )
+        if request.mode not in SERIES_MODES:
+            v.fail("mode", "required: ALL_OR_NOTHING or AS_MANY_AS_POSSIBLE")
+        v.check()
+        if caller.role is Role.CLIENT:
+            if user_id != caller.id:
+                raise PermissionDenied(detail="a CLIENT may only hold slots for itself")
+            if priority is not Priority.NORMAL:
+                raise PermissionDenied(detail="only operators may set VIP or URGENT priority")
+        assert slot_id is not None and rule is not None and text is not None
+        series = await series_store.hold(
+            self.db,
+            first_slot_id=slot_id,
+            rule=rule,
+            recurrence_text=text,
+            all_or_nothing=request.mode == pb.SERIES_MODE_ALL_OR_NOTHING,
+            user_id=user_id,
+            priority=priority,
+            actor_id=caller.id,
+            hold_ttl=self.config.hold_ttl,
+            check_user_overlap=self.config.check_user_overlap,
+            request_id=request_id,
+            policy_exempt=policy_exempt(caller.role),
+            party_size=party_size,
+            max_occurrences=self.config.series_max_occurrences,
+            max_days=self.config.series_max_days,
+        )
+        self.hub.committed()
+        return pb.HoldSeriesResponse(
+            series_id=str(series.id),
+            held=series.held,
+            occurrences=[convert.series_occurrence(o) for o in series.occurrences],
+        )
+
+    async def ConfirmSeries(
+        self, request: pb.ConfirmSeriesRequest, context: Context
+    ) -> pb.ConfirmSeriesResponse:
+        caller = auth.current()
+        v = Validator()
+        series_id = v.uuid("series_id", request.series_id)
+        v.check()
+        assert series_id is not None
+        appointments = await series_store.confirm(
+            self.db, series_id, owner_id=_owner(caller), actor_id=caller.require_user().id
+        )
+        self.hub.committed()
+        return pb.ConfirmSeriesResponse(appointments=[convert.appointment(a) for a in appointments])
+
+    async def CancelSeries(
+        self, request: pb.CancelSeriesRequest, context: Context
+    ) -> pb.CancelSeriesResponse:
+        caller = auth.current()
+        v = Validator()
+        series_id = v.uuid("series_id", request.series_id)
+        reason = v.text("reason", request.reason, required=False, max_length=MAX_REASON)
+        v.check()
+        assert series_id is not None
+        user = caller.require_user()
+        appointments = await series_store.cancel(
+            self.db,
+            series_id,
+            owner_id=_owner(caller),
+            actor_id=user.id,
+            reason=reason,
+            policy_exempt=policy_exempt(user.role),
+        )
+        self.hub.committed()
+        return pb.CancelSeriesResponse(appointments=[convert.appointment(a) for a in appointments])
 
     async def MarkNoShow(
         self, request: pb.MarkNoShowRequest, context: Context

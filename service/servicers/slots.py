@@ -20,18 +20,30 @@ MAX_BATCH = 1000
 MAX_SEARCH_SPECIALISTS = 100
 MAX_SEARCH_WINDOW = timedelta(days=92)
 MAX_SERVICE_TYPE = 200
+# Seats per slot (docs/seats.md).
+MAX_CAPACITY = 1000
+
+
+def _capacity(v: Validator, field: str, value: int, *, required: bool) -> int | None:
+    if value == 0 and not required:
+        return 1
+    if not 1 <= value <= MAX_CAPACITY:
+        v.fail(field, f"must be 1 to {MAX_CAPACITY}" + ("" if required else ", or 0 for 1"))
+        return None
+    return value
 
 
 def _new_slot(v: Validator, prefix: str, request: pb.CreateSlotRequest) -> NewSlot | None:
     specialist_id = v.uuid(f"{prefix}specialist_id", request.specialist_id)
     start = v.timestamp(f"{prefix}start_time", request, "start_time", required=True)
     end = v.timestamp(f"{prefix}end_time", request, "end_time", required=True)
+    capacity = _capacity(v, f"{prefix}capacity", request.capacity, required=False)
     if start is not None and end is not None and start >= end:
         v.fail(f"{prefix}end_time", "must be after start_time")
         return None
-    if specialist_id is None or start is None or end is None:
+    if specialist_id is None or start is None or end is None or capacity is None:
         return None
-    return NewSlot(specialist_id, start, end)
+    return NewSlot(specialist_id, start, end, capacity)
 
 
 class SlotService(slot_pb2_grpc.SlotServiceServicer):
@@ -114,6 +126,20 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         assert slot_id is not None
         await store.delete(self.db, slot_id)
         return pb.DeleteSlotResponse()
+
+    async def UpdateSlotCapacity(
+        self, request: pb.UpdateSlotCapacityRequest, context: Context
+    ) -> pb.UpdateSlotCapacityResponse:
+        v = Validator()
+        slot_id = v.uuid("id", request.id)
+        capacity = _capacity(v, "capacity", request.capacity, required=True)
+        v.check()
+        assert slot_id is not None and capacity is not None
+        slot = await store.set_capacity(self.db, slot_id, capacity)
+        # Seats added may have gone to waiters: their HELD events are out.
+        if self._on_commit is not None:
+            self._on_commit()
+        return pb.UpdateSlotCapacityResponse(slot=convert.slot(slot))
 
     async def SearchAvailableSlots(
         self, request: pb.SearchAvailableSlotsRequest, context: Context

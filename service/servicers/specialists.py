@@ -21,7 +21,24 @@ POLICY_MAXIMUM = {
     "cancellation_cutoff_hours": 8760,
 }
 POLICY_PATHS = {f"booking_policy.{name}": name for name in POLICY_FIELDS}
-UPDATE_PATHS = {"full_name", "service_type", "active", "time_zone", "booking_policy", *POLICY_PATHS}
+BUFFER_PATHS = ("buffer_before_minutes", "buffer_after_minutes")
+UPDATE_PATHS = {
+    "full_name",
+    "service_type",
+    "active",
+    "time_zone",
+    "booking_policy",
+    *POLICY_PATHS,
+    *BUFFER_PATHS,
+}
+MAX_BUFFER_MINUTES = 1440
+
+
+def _buffer(v: Validator, field: str, value: int) -> int | None:
+    if not 0 <= value <= MAX_BUFFER_MINUTES:
+        v.fail(field, f"must be 0 to {MAX_BUFFER_MINUTES}")
+        return None
+    return value
 
 
 def _policy(
@@ -50,6 +67,8 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         service_type = v.text("service_type", request.service_type, max_length=100)
         time_zone = v.time_zone("time_zone", request.time_zone)
         policy = _policy(v, "booking_policy", request.booking_policy, POLICY_FIELDS)
+        before = _buffer(v, "buffer_before_minutes", request.buffer_before_minutes)
+        after = _buffer(v, "buffer_after_minutes", request.buffer_after_minutes)
         v.check()
         assert full_name is not None and service_type is not None
         created = await store.create(
@@ -58,6 +77,8 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
             service_type=service_type.strip(),
             time_zone=time_zone,
             policy=BookingPolicy(**policy),
+            buffer_before_minutes=before or 0,
+            buffer_after_minutes=after or 0,
         )
         return pb.CreateSpecialistResponse(specialist=convert.specialist(created))
 
@@ -123,6 +144,11 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         policy = _policy(
             v, "specialist.booking_policy", request.specialist.booking_policy, policy_names
         )
+        buffers = {
+            path: _buffer(v, f"specialist.{path}", getattr(request.specialist, path))
+            for path in BUFFER_PATHS
+            if path in paths
+        }
         v.check()
         assert specialist_id is not None
         updated = await store.update(
@@ -133,5 +159,7 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
             active=request.specialist.active if "active" in paths else None,
             time_zone=time_zone,
             policy=policy,
+            buffer_before_minutes=buffers.get("buffer_before_minutes"),
+            buffer_after_minutes=buffers.get("buffer_after_minutes"),
         )
         return pb.UpdateSpecialistResponse(specialist=convert.specialist(updated))

@@ -144,3 +144,24 @@ BEGIN
         p_policy_exempt => booking_policy_exempt_actor(p_actor_id));
 END
 $$;
+
+-- The hold as the previous release calls it, before seats: one seat.
+CREATE FUNCTION booking_hold_slot_v2(
+    p_slot_id uuid,
+    p_user_id uuid,
+    p_priority appointment_priority,
+    p_actor_id uuid,
+    p_hold_ttl interval,
+    p_check_user_overlap boolean,
+    p_request_id uuid,
+    p_policy_exempt boolean
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN booking_hold_slot_v3(
+        p_slot_id => p_slot_id, p_user_id => p_user_id, p_priority => p_priority,
+        p_actor_id => p_actor_id, p_hold_ttl => p_hold_ttl,
+        p_check_user_overlap => p_check_user_overlap, p_request_id => p_request_id,
+        p_policy_exempt => p_policy_exempt, p_party_size => 1);
+END
+$$;

@@ -7,10 +7,11 @@
 -- written once, here: the slot is offered to the waitlist (waitlist.sql)
 -- before anyone else can see it free. The caller holds the slot's row lock.
 
+-- The seats the appointment gave back are already free (the trigger on
+-- appointments, seats.sql); this offers them.
 CREATE FUNCTION booking_release_slot(p_slot_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE time_slots SET status = 'AVAILABLE' WHERE id = p_slot_id;
     PERFORM booking_offer_slot(p_slot_id);
 END
 $$;
@@ -44,6 +45,28 @@ BEGIN
 END
 $$;
 
+-- booking_insert_slots with a capacity for each slot (docs/seats.md).
+CREATE FUNCTION booking_insert_slots_v2(
+    p_specialist_ids uuid[], p_start_times timestamptz[], p_end_times timestamptz[],
+    p_capacities integer[]
+) RETURNS SETOF time_slots
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids uuid[] := ARRAY(
+        SELECT gen_random_uuid() FROM generate_series(1, cardinality(p_specialist_ids)));
+BEGIN
+    INSERT INTO time_slots (id, specialist_id, start_time, end_time, capacity)
+    SELECT * FROM unnest(v_ids, p_specialist_ids, p_start_times, p_end_times, p_capacities);
+    FOR i IN 1 .. cardinality(v_ids) LOOP
+        PERFORM booking_slot_created(v_ids[i]);
+    END LOOP;
+    RETURN QUERY
+        SELECT s.* FROM unnest(v_ids) WITH ORDINALITY AS u (id, n)
+        JOIN time_slots s ON s.id = u.id
+        ORDER BY u.n;
+END
+$$;
+
 -- Cancels a lapsed hold and releases its slot. The caller holds the locks
 -- on the slot and the appointment.
 CREATE FUNCTION booking_expire_hold(p_appointment appointments) RETURNS appointment_events
@@ -62,45 +85,40 @@ BEGIN
 END
 $$;
 
--- Expires the lapsed hold on a locked slot, if it has one, and returns the
--- slot as it now is.
+-- Expires the lapsed holds on a locked slot, if it has any, and returns the
+-- slot as it then is (their seats may have gone to waiters).
 CREATE FUNCTION booking_reclaim_slot(p_slot time_slots) RETURNS time_slots
 LANGUAGE plpgsql AS $$
 DECLARE
     v_holder appointments;
     v_slot time_slots;
+    v_reclaimed boolean := false;
 BEGIN
-    IF p_slot.status <> 'HOLD' THEN
+    IF p_slot.seats_held = 0 THEN
         RETURN p_slot;
     END IF;
-    SELECT * INTO v_holder FROM appointments
-    WHERE time_slot_id = p_slot.id AND status = 'HOLD'
-    FOR UPDATE;
-    IF v_holder.id IS NULL OR v_holder.expires_at > now() THEN
+    FOR v_holder IN
+        SELECT * FROM appointments
+        WHERE time_slot_id = p_slot.id AND status = 'HOLD' AND expires_at <= now()
+        ORDER BY expires_at, id
+        FOR UPDATE
+    LOOP
+        PERFORM booking_expire_hold(v_holder);
+        v_reclaimed := true;
+    END LOOP;
+    IF NOT v_reclaimed THEN
         RETURN p_slot;
     END IF;
-    PERFORM booking_expire_hold(v_holder);
     SELECT * INTO v_slot FROM time_slots WHERE id = p_slot.id;
     RETURN v_slot;
 END
 $$;
 
--- Makes a locked slot free for a new occupant: AVAILABLE as it is, or after
--- reclaiming a lapsed hold. Anything else fails.
+-- Makes a locked slot free for one new seat (booking_claim_seats, seats.sql).
 CREATE FUNCTION booking_claim_slot(p_slot time_slots) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_slot time_slots;
 BEGIN
-    IF NOT (SELECT is_active FROM specialists WHERE id = p_slot.specialist_id) THEN
-        PERFORM booking_fail('SPECIALIST_INACTIVE', jsonb_build_object(
-            'specialist_id', p_slot.specialist_id));
-    END IF;
-    v_slot := booking_reclaim_slot(p_slot);
-    IF v_slot.status <> 'AVAILABLE' THEN
-        PERFORM booking_fail('SLOT_UNAVAILABLE', jsonb_build_object(
-            'slot_id', v_slot.id, 'status', v_slot.status));
-    END IF;
+    PERFORM booking_claim_seats(p_slot, 1);
 END
 $$;
 
@@ -129,9 +147,9 @@ BEGIN
 END
 $$;
 
--- Deletes a slot that nobody occupies (a lapsed hold is expired first). It
--- is kept, marked deleted, because past appointments and events may
--- reference it; it no longer blocks overlapping slots.
+-- Deletes a slot of which nobody occupies a seat (lapsed holds are expired
+-- first). It is kept, marked deleted, because past appointments and events
+-- may reference it; it no longer blocks overlapping slots.
 CREATE FUNCTION booking_delete_slot(p_slot_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -145,7 +163,7 @@ BEGIN
         PERFORM booking_fail('SLOT_NOT_FOUND', jsonb_build_object('id', p_slot_id));
     END IF;
     v_slot := booking_reclaim_slot(v_slot);
-    IF v_slot.status <> 'AVAILABLE' THEN
+    IF v_slot.seats_taken > 0 THEN
         PERFORM booking_fail('SLOT_NOT_AVAILABLE', jsonb_build_object(
             'slot_id', p_slot_id, 'status', v_slot.status));
     END IF;

@@ -106,6 +106,21 @@ BEGIN
 END
 $$;
 
+-- Whether the user has a live appointment overlapping the slot: the test
+-- of booking_check_user_overlap, for a CLIENT's search.
+CREATE FUNCTION booking_user_overlaps(p_user_id uuid, p_slot time_slots) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (
+        SELECT 1 FROM appointments a
+        JOIN time_slots s ON s.id = a.time_slot_id
+        WHERE a.user_id = p_user_id
+          AND (a.status = 'CONFIRMED' OR (a.status = 'HOLD' AND a.expires_at > now()))
+          AND s.start_time < p_slot.end_time
+          AND s.end_time > p_slot.start_time);
+END
+$$;
+
 -- Finds an appointment the caller may touch, then locks its slot and the
 -- appointment itself (in that order). p_owner_id NULL means any owner; a
 -- foreign appointment looks exactly like a missing one.

@@ -45,8 +45,13 @@ CREATE TABLE specialists (
     min_notice_minutes          integer,
     max_advance_days            integer,
     cancellation_cutoff_hours   integer,
+    -- Time kept free before and after each appointment (buffers.sql).
+    buffer_before_minutes       integer NOT NULL DEFAULT 0,
+    buffer_after_minutes        integer NOT NULL DEFAULT 0,
     CONSTRAINT specialists_policy_not_negative CHECK (
-        min_notice_minutes >= 0 AND max_advance_days >= 0 AND cancellation_cutoff_hours >= 0)
+        min_notice_minutes >= 0 AND max_advance_days >= 0 AND cancellation_cutoff_hours >= 0),
+    CONSTRAINT specialists_buffers_range CHECK (
+        buffer_before_minutes BETWEEN 0 AND 1440 AND buffer_after_minutes BETWEEN 0 AND 1440)
 );
 CREATE INDEX specialists_created ON specialists (created_at, id);
 
@@ -60,8 +65,20 @@ CREATE TABLE time_slots (
     -- Deleted slots are kept (soft delete) because cancelled appointments
     -- and their events still reference them.
     deleted_at      timestamptz,
+    -- Seats (docs/seats.md): up to capacity live appointments' party sizes
+    -- may occupy the slot. seats_taken and seats_held (the part of it in
+    -- HOLD) are kept by booking_appointment_seats, a trigger on
+    -- appointments, in the transaction of every change; status is derived
+    -- from them by booking_slot_status, so it always agrees with them.
+    capacity        integer NOT NULL DEFAULT 1,
+    seats_taken     integer NOT NULL DEFAULT 0,
+    seats_held      integer NOT NULL DEFAULT 0,
 
     CONSTRAINT chk_time_range CHECK (start_time < end_time),
+    -- Never more seats taken than the slot has, whatever writes them.
+    CONSTRAINT time_slots_seats CHECK (
+        capacity >= 1 AND seats_held >= 0 AND seats_held <= seats_taken
+        AND seats_taken <= capacity),
     -- Lets appointments reference (slot, specialist) so the two always agree.
     CONSTRAINT time_slots_id_specialist_key UNIQUE (id, specialist_id),
     -- A specialist never has two overlapping slots; '[)' lets adjacent
@@ -87,18 +104,34 @@ CREATE TABLE appointments (
     expires_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- How many of the slot's seats this appointment occupies, all or none.
+    party_size      integer NOT NULL DEFAULT 1,
+    -- Its slot widened by the specialist's buffers when it took the slot
+    -- (buffers.sql); set by a trigger.
+    buffered_range  tstzrange,
+    -- The recurring series it was held in, if any (series.sql).
+    series_id       uuid,
 
+    CONSTRAINT appointments_party_size_positive CHECK (party_size >= 1),
     CONSTRAINT appointments_slot_specialist_fkey
         FOREIGN KEY (time_slot_id, specialist_id)
         REFERENCES time_slots (id, specialist_id),
     -- A hold always has an expiry and nothing else has one.
     CONSTRAINT appointments_expiry_iff_hold
-        CHECK ((status = 'HOLD') = (expires_at IS NOT NULL))
+        CHECK ((status = 'HOLD') = (expires_at IS NOT NULL)),
+    -- No two live appointments of a specialist, in different slots, with
+    -- overlapping buffered ranges (buffers.sql). With no buffers the ranges
+    -- are the slots, which never overlap: nothing changes.
+    CONSTRAINT appointments_buffers_apart EXCLUDE USING gist (
+        specialist_id WITH =, buffered_range WITH &&, time_slot_id WITH <>
+    ) WHERE (status <> 'CANCELLED')
 );
 
--- One appointment per slot among those that still occupy it: a CANCELLED
--- appointment (including an expired hold) frees the slot for a new one.
-CREATE UNIQUE INDEX appointments_one_live_per_slot
+-- The appointments that occupy a slot's seats: a CANCELLED appointment
+-- (including an expired hold) frees its seats for a new one. At most
+-- capacity seats are taken (time_slots_seats); with capacity 1 that is the
+-- one live appointment per slot this index used to enforce as unique.
+CREATE INDEX appointments_live_by_slot
     ON appointments (time_slot_id) WHERE status <> 'CANCELLED';
 CREATE INDEX appointments_user ON appointments (user_id, status);
 CREATE INDEX appointments_specialist ON appointments (specialist_id, status);

@@ -10,8 +10,10 @@
 -- (docs/upgrades.md; the old names are in contract.sql).
 
 -- p_policy_exempt: the caller is not bound by the booking policies
--- (policies.sql); service/policy.py decides who is.
-CREATE FUNCTION booking_hold_slot_v2(
+-- (policies.sql); service/policy.py decides who is. p_party_size seats of
+-- the slot are taken, all or none (seats.sql); a party of 1 has the
+-- request fingerprint of booking_hold_slot_v2, its previous form.
+CREATE FUNCTION booking_hold_slot_v3(
     p_slot_id uuid,
     p_user_id uuid,
     p_priority appointment_priority,
@@ -19,26 +21,53 @@ CREATE FUNCTION booking_hold_slot_v2(
     p_hold_ttl interval,
     p_check_user_overlap boolean,
     p_request_id uuid,
-    p_policy_exempt boolean
+    p_policy_exempt boolean,
+    p_party_size integer
 ) RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
     v_event appointment_events;
-    v_slot time_slots;
-    v_appt appointments;
 BEGIN
     v_event := booking_begin_request('HoldSlot', p_actor_id, p_request_id,
-        p_slot_id::text, p_user_id::text, p_priority::text, p_actor_id::text);
+        p_slot_id::text, p_user_id::text, p_priority::text, p_actor_id::text,
+        CASE WHEN p_party_size <> 1 THEN 'party=' || p_party_size END);
     IF v_event.id IS NOT NULL THEN
         RETURN v_event;
     END IF;
 
     PERFORM booking_lock_user(p_user_id, p_check_user_overlap);
+    v_event := booking_take_seats(
+        p_slot_id => p_slot_id, p_user_id => p_user_id, p_priority => p_priority,
+        p_actor_id => p_actor_id, p_hold_ttl => p_hold_ttl,
+        p_check_user_overlap => p_check_user_overlap, p_policy_exempt => p_policy_exempt,
+        p_party_size => p_party_size, p_series_id => NULL);
+    RETURN booking_finish_request(v_event);
+END
+$$;
 
+-- The hold itself, once the request is known to be new and the user is
+-- locked: every check of a single HoldSlot, then the appointment (of the
+-- series p_series_id, if any, series.sql) and its HELD event.
+CREATE FUNCTION booking_take_seats(
+    p_slot_id uuid,
+    p_user_id uuid,
+    p_priority appointment_priority,
+    p_actor_id uuid,
+    p_hold_ttl interval,
+    p_check_user_overlap boolean,
+    p_policy_exempt boolean,
+    p_party_size integer,
+    p_series_id uuid
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_slot time_slots;
+    v_appt appointments;
+BEGIN
     -- Waits for a concurrent request changing the slot. If it commits a
-    -- change, this statement fails with 40001 and the retry sees the slot
-    -- taken (a true refusal); if it rolls back, this request goes on and
-    -- may win the slot.
+    -- change, this statement fails with 40001 and the retry sees the seats
+    -- it took (a true refusal when none is left); if it rolls back, this
+    -- request goes on and may win the seat.
     SELECT * INTO v_slot FROM time_slots
     WHERE id = p_slot_id AND deleted_at IS NULL
     FOR UPDATE;
@@ -48,19 +77,22 @@ BEGIN
     IF NOT p_policy_exempt THEN
         PERFORM booking_check_hold_window(v_slot);
     END IF;
-    PERFORM booking_claim_slot(v_slot);
+    PERFORM booking_claim_seats(v_slot, p_party_size);
     IF p_check_user_overlap THEN
         PERFORM booking_check_user_overlap(p_user_id, v_slot, NULL);
     END IF;
+    PERFORM booking_check_buffers(v_slot, NULL);
 
-    UPDATE time_slots SET status = 'HOLD' WHERE id = p_slot_id;
-    INSERT INTO appointments (id, user_id, specialist_id, time_slot_id, status, priority, expires_at)
+    -- The seats are counted, and the slot's status set, by the trigger on
+    -- appointments (seats.sql).
+    INSERT INTO appointments (
+        id, user_id, specialist_id, time_slot_id, status, priority, expires_at, party_size,
+        series_id)
     VALUES (gen_random_uuid(), p_user_id, v_slot.specialist_id, p_slot_id, 'HOLD',
-            p_priority, now() + p_hold_ttl)
+            p_priority, now() + p_hold_ttl, p_party_size, p_series_id)
     RETURNING * INTO v_appt;
 
-    v_event := booking_emit_event(v_appt, 'HELD', NULL, p_actor_id, NULL, NULL);
-    RETURN booking_finish_request(v_event);
+    RETURN booking_emit_event(v_appt, 'HELD', NULL, p_actor_id, NULL, NULL);
 END
 $$;
 
@@ -89,7 +121,6 @@ BEGIN
 
     UPDATE appointments SET status = 'CONFIRMED', expires_at = NULL, updated_at = now()
     WHERE id = p_id RETURNING * INTO v_appt;
-    UPDATE time_slots SET status = 'BOOKED' WHERE id = v_appt.time_slot_id;
 
     v_event := booking_emit_event(v_appt, 'CONFIRMED', 'HOLD', p_actor_id, NULL, NULL);
     RETURN booking_finish_request(v_event);
@@ -219,14 +250,13 @@ BEGIN
         PERFORM booking_check_cancel_window(v_appt, 'reschedule');
         PERFORM booking_check_hold_window(v_new);
     END IF;
-    PERFORM booking_claim_slot(v_new);
+    PERFORM booking_claim_seats(v_new, v_appt.party_size);
     IF p_check_user_overlap THEN
         PERFORM booking_check_user_overlap(v_appt.user_id, v_new, p_id);
     END IF;
+    PERFORM booking_check_buffers(v_new, p_id);
 
-    UPDATE time_slots
-    SET status = CASE WHEN v_appt.status = 'HOLD' THEN 'HOLD' ELSE 'BOOKED' END::timeslot_status
-    WHERE id = p_new_slot_id;
+    -- The trigger on appointments moves the party's seats (seats.sql).
     UPDATE appointments SET time_slot_id = p_new_slot_id, updated_at = now()
     WHERE id = p_id RETURNING * INTO v_appt;
 

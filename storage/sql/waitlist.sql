@@ -173,38 +173,49 @@ BEGIN
 END
 $$;
 
--- Offers a free slot to its claimant: a HOLD for the entry's user at the
--- entry's priority, lasting the entry's offer TTL, and a HELD event naming
--- the entry. Returns the event, or NULL when nobody is waiting for it. The
--- caller holds the slot's row lock (or has just inserted the slot).
+-- Offers a free slot's free seats to its claimants, one seat to each, in
+-- queue order: for each a HOLD for the entry's user at the entry's
+-- priority, lasting the entry's offer TTL, and a HELD event naming the
+-- entry. Returns the first offer's event, or NULL when nobody is waiting
+-- for it. The caller holds the slot's row lock (or has just inserted the
+-- slot). With capacity 1 this is one offer at most, as before seats.
 CREATE FUNCTION booking_offer_slot(p_slot_id uuid) RETURNS appointment_events
 LANGUAGE plpgsql AS $$
 DECLARE
     v_slot time_slots;
     v_entry waitlist_entries;
     v_appt appointments;
+    v_event appointment_events;
+    v_first appointment_events;
 BEGIN
-    SELECT * INTO v_slot FROM time_slots WHERE id = p_slot_id AND status = 'AVAILABLE';
-    IF v_slot.id IS NULL THEN
-        RETURN NULL;
-    END IF;
-    v_entry := booking_waitlist_claimant(v_slot, true);
-    IF v_entry.id IS NULL THEN
-        RETURN NULL;
-    END IF;
+    LOOP
+        SELECT * INTO v_slot FROM time_slots WHERE id = p_slot_id AND status = 'AVAILABLE';
+        EXIT WHEN v_slot.id IS NULL;
+        -- A slot a buffer blocks is offered to nobody (buffers.sql); a
+        -- lapsed hold in the way counts, as the constraint counts it.
+        EXIT WHEN (booking_buffer_conflict(v_slot, NULL, true)).id IS NOT NULL;
+        v_entry := booking_waitlist_claimant(v_slot, true);
+        EXIT WHEN v_entry.id IS NULL;
 
-    UPDATE time_slots SET status = 'HOLD' WHERE id = p_slot_id;
-    INSERT INTO appointments (id, user_id, specialist_id, time_slot_id, status, priority, expires_at)
-    VALUES (gen_random_uuid(), v_entry.user_id, v_slot.specialist_id, p_slot_id, 'HOLD',
-            v_entry.priority, now() + v_entry.offer_ttl)
-    RETURNING * INTO v_appt;
-    UPDATE waitlist_entries
-    SET status = 'OFFERED', appointment_id = v_appt.id, updated_at = now()
-    WHERE id = v_entry.id;
+        -- The seat is counted, and the slot's status set, by the trigger on
+        -- appointments (seats.sql).
+        INSERT INTO appointments (
+            id, user_id, specialist_id, time_slot_id, status, priority, expires_at)
+        VALUES (gen_random_uuid(), v_entry.user_id, v_slot.specialist_id, p_slot_id, 'HOLD',
+                v_entry.priority, now() + v_entry.offer_ttl)
+        RETURNING * INTO v_appt;
+        UPDATE waitlist_entries
+        SET status = 'OFFERED', appointment_id = v_appt.id, updated_at = now()
+        WHERE id = v_entry.id;
 
-    -- The server makes the offer (no actor). Readers find the entry of a
-    -- HELD event through waitlist_entries.appointment_id (storage/events.py).
-    RETURN booking_emit_event(v_appt, 'HELD', NULL, NULL, NULL, NULL);
+        -- The server makes the offer (no actor). Readers find the entry of a
+        -- HELD event through waitlist_entries.appointment_id (storage/events.py).
+        v_event := booking_emit_event(v_appt, 'HELD', NULL, NULL, NULL, NULL);
+        IF v_first.id IS NULL THEN
+            v_first := v_event;
+        END IF;
+    END LOOP;
+    RETURN v_first;
 END
 $$;
 
@@ -218,19 +229,24 @@ BEGIN
 END
 $$;
 
--- Whether HoldSlot would find this slot free: AVAILABLE, or held by a hold
--- that has lapsed and that no waiter would be offered on reclaim.
+-- Whether HoldSlot would find a seat of this slot free: one is free now,
+-- or every seat is taken but some by holds that have lapsed, and no waiter
+-- would be offered them on reclaim.
 CREATE FUNCTION booking_slot_is_free(p_slot time_slots) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_slot.deleted_at IS NOT NULL OR p_slot.status = 'BOOKED' THEN
+    IF p_slot.deleted_at IS NOT NULL THEN
         RETURN false;
     END IF;
-    IF p_slot.status = 'AVAILABLE' THEN
+    IF p_slot.seats_taken < p_slot.capacity THEN
         RETURN true;
     END IF;
-    IF EXISTS (SELECT 1 FROM appointments
-               WHERE time_slot_id = p_slot.id AND status = 'HOLD' AND expires_at > now()) THEN
+    IF p_slot.seats_held = 0 THEN
+        RETURN false;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM appointments
+                   WHERE time_slot_id = p_slot.id AND status = 'HOLD'
+                     AND expires_at <= now()) THEN
         RETURN false;
     END IF;
     RETURN (booking_waitlist_claimant(p_slot, false)).id IS NULL;

@@ -265,7 +265,12 @@ async def reset(url: str) -> None:
         await conn.execute(
             "TRUNCATE idempotency_keys, appointment_events, waitlist_entries, appointments"
         )
-        await conn.execute("UPDATE time_slots SET status = 'AVAILABLE' WHERE status <> 'AVAILABLE'")
+        # TRUNCATE fires no row trigger: the seat counts (storage/sql/seats.sql)
+        # are reset here, and the status follows them.
+        await conn.execute(
+            "UPDATE time_slots SET seats_taken = 0, seats_held = 0, status = 'AVAILABLE'"
+            " WHERE seats_taken <> 0 OR status <> 'AVAILABLE'"
+        )
         await conn.execute("VACUUM (ANALYZE) time_slots, users, appointments, appointment_events")
     finally:
         await conn.close()

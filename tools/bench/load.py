@@ -527,6 +527,7 @@ class _Worker:
                 True,
                 None,
                 False,  # p_policy_exempt: a CLIENT's hold
+                1,  # p_party_size
             )
 
         async def seed(conn: asyncpg.Connection, k: int) -> None:

@@ -41,6 +41,7 @@ FUNCTION_SCRIPT = (
             "p_check_user_overlap": "true",
             "p_request_id": "NULL",
             "p_policy_exempt": "false",
+            "p_party_size": "1",
         }
     )
     + ";\n"

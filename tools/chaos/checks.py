@@ -20,9 +20,10 @@ from chaos.history import EVENT_OF, FORBIDDEN, TRANSITIONS, ConsumerLog, Request
 
 # Every check, in the order the report lists them.
 CHECKS = (
-    "one_live_appointment_per_slot",
+    "no_slot_over_capacity",
     "slot_status_matches_appointment",
     "no_user_overlap",
+    "no_buffer_overlap",
     "event_chain",
     "acknowledged_request_has_one_event",
     "failed_request_has_no_event",
@@ -50,6 +51,7 @@ class SlotRow:
     status: str
     start_time: datetime
     end_time: datetime
+    capacity: int = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,11 @@ class AppointmentRow:
     user_id: str
     status: str
     expires_at: datetime | None
+    party_size: int = 1
+    specialist_id: str = ""
+    # Its buffered range (storage/sql/buffers.sql), when it has one.
+    buffer_start: datetime | None = None
+    buffer_end: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,15 @@ class EventRef:
 
 
 LIVE = ("HOLD", "CONFIRMED", "NO_SHOW")
-# What a slot's status must be, given the status of its live appointment.
-SLOT_FOR = {None: "AVAILABLE", "HOLD": "HOLD", "CONFIRMED": "BOOKED", "NO_SHOW": "BOOKED"}
+
+
+def slot_status_for(capacity: int, appts: Sequence[AppointmentRow]) -> str:
+    """What a slot's status must be given its live appointments
+    (docs/seats.md): AVAILABLE while a seat is free, HOLD when full with a
+    hold among them, BOOKED when full of confirmed (or no-show) ones."""
+    if sum(a.party_size for a in appts) < capacity:
+        return "AVAILABLE"
+    return "HOLD" if any(a.status == "HOLD" for a in appts) else "BOOKED"
 
 
 def _examples(items: Sequence[object]) -> str:
@@ -101,9 +115,11 @@ def check_slots(
     *,
     user_overlap: bool = True,
 ) -> list[Violation]:
-    """At most one live appointment per slot; the slot's status agrees
-    with it; and (when the server checks user overlap) no user holds two
-    overlapping live appointments."""
+    """No slot has more seats taken than its capacity; the slot's status
+    agrees with its live appointments; no two live appointments of one
+    specialist in different slots overlap in their buffered ranges; and
+    (when the server checks user overlap) no user holds two overlapping
+    live appointments."""
     out: list[Violation] = []
     slot_by_id = {s.id: s for s in slots}
     live: dict[str, list[AppointmentRow]] = defaultdict(list)
@@ -111,27 +127,51 @@ def check_slots(
         if a.status in LIVE:
             live[a.slot_id].append(a)
     for slot_id, appts in live.items():
-        if len(appts) > 1:
+        capacity = slot_by_id[slot_id].capacity if slot_id in slot_by_id else 1
+        taken = sum(a.party_size for a in appts)
+        if taken > capacity:
             out.append(
                 Violation(
-                    "one_live_appointment_per_slot",
-                    f"slot {slot_id} has {len(appts)} live appointments: "
-                    + ", ".join(f"{a.id} ({a.status})" for a in appts),
+                    "no_slot_over_capacity",
+                    f"slot {slot_id} of capacity {capacity} has {taken} seats taken: "
+                    + ", ".join(f"{a.id} ({a.status}, {a.party_size})" for a in appts),
                 )
             )
     for slot in slot_by_id.values():
         appts = live.get(slot.id, [])
-        status = appts[0].status if len(appts) == 1 else None
-        if len(appts) > 1:
+        if sum(a.party_size for a in appts) > slot.capacity:
             continue
-        if SLOT_FOR[status] != slot.status:
+        expected = slot_status_for(slot.capacity, appts)
+        if expected != slot.status:
             out.append(
                 Violation(
                     "slot_status_matches_appointment",
-                    f"slot {slot.id} is {slot.status} but its live appointment is "
-                    + (f"{appts[0].id} ({status})" if appts else "none"),
+                    f"slot {slot.id} is {slot.status} but its live appointments are "
+                    + (", ".join(f"{a.id} ({a.status})" for a in appts) if appts else "none"),
                 )
             )
+    by_specialist: dict[str, list[AppointmentRow]] = defaultdict(list)
+    for appts in live.values():
+        for a in appts:
+            if a.buffer_start is not None and a.buffer_end is not None:
+                by_specialist[a.specialist_id].append(a)
+    for buffered in by_specialist.values():
+        buffered.sort(key=lambda a: a.buffer_start or a.buffer_end or datetime.min)
+        for i, a1 in enumerate(buffered):
+            for a2 in buffered[i + 1 :]:
+                assert a1.buffer_end is not None and a2.buffer_start is not None
+                if a2.buffer_start >= a1.buffer_end:
+                    break
+                if a1.slot_id != a2.slot_id:
+                    out.append(
+                        Violation(
+                            "no_buffer_overlap",
+                            f"{a1.id} ({a1.status}, {a1.buffer_start:%H:%M}-"
+                            f"{a1.buffer_end:%H:%M}) and {a2.id} ({a2.status},"
+                            f" {a2.buffer_start:%H:%M}-{a2.buffer_end:%H:%M}) are inside"
+                            " each other's buffers",
+                        )
+                    )
     if user_overlap:
         # The server's own rule: CONFIRMED, or a HOLD that has not lapsed.
         by_user: dict[str, list[tuple[SlotRow, AppointmentRow]]] = defaultdict(list)
@@ -489,17 +529,35 @@ async def fetch_state(conn: asyncpg.Connection) -> DatabaseState:
 async def _fetch_state(conn: asyncpg.Connection) -> DatabaseState:
     now = await conn.fetchval("SELECT now()")
     slots = [
-        SlotRow(r["id"], r["specialist_id"], r["status"], r["start_time"], r["end_time"])
+        SlotRow(
+            r["id"],
+            r["specialist_id"],
+            r["status"],
+            r["start_time"],
+            r["end_time"],
+            r["capacity"],
+        )
         for r in await conn.fetch(
-            "SELECT id::text, specialist_id::text, status::text, start_time, end_time"
-            " FROM time_slots WHERE deleted_at IS NULL"
+            "SELECT id::text, specialist_id::text, status::text, start_time, end_time,"
+            " capacity FROM time_slots WHERE deleted_at IS NULL"
         )
     ]
     appointments = [
-        AppointmentRow(r["id"], r["slot_id"], r["user_id"], r["status"], r["expires_at"])
+        AppointmentRow(
+            r["id"],
+            r["slot_id"],
+            r["user_id"],
+            r["status"],
+            r["expires_at"],
+            r["party_size"],
+            r["specialist_id"],
+            r["buffer_start"],
+            r["buffer_end"],
+        )
         for r in await conn.fetch(
             "SELECT id::text, time_slot_id::text AS slot_id, user_id::text, status::text,"
-            " expires_at FROM appointments"
+            " expires_at, party_size, specialist_id::text, lower(buffered_range) AS buffer_start,"
+            " upper(buffered_range) AS buffer_end FROM appointments"
         )
     ]
     events = [

@@ -16,6 +16,9 @@ TRANSITIONS = (
     "MarkNoShow",
 )
 READS = ("GetSlot", "ListSlots", "ListAppointments")
+# Whole-series holds (docs/seats.md): each occurrence's HELD event is an
+# ordinary one, and the request's answer is the series, not one event.
+SERIES = ("HoldSeries",)
 
 # The event each acknowledged transition must have produced.
 EVENT_OF = {

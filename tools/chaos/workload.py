@@ -157,23 +157,41 @@ async def seed(
                 uuid.UUID(spec),
                 f"Chaos {s}" if s < specialists else "Chaos probe",
             )
+            # The same times on the next SERIES_DAYS days too, so that a
+            # daily series finds its occurrences' slots (docs/seats.md).
             rows = await conn.fetch(
                 "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
                 " SELECT gen_random_uuid(), $1,"
-                "  date_trunc('hour', now()) + g * $2::interval,"
-                "  date_trunc('hour', now()) + (g + 1) * $2::interval"
-                " FROM generate_series($3::int, $4::int) g"
+                "  date_trunc('hour', now()) + k * $2::interval,"
+                "  date_trunc('hour', now()) + (k + 1) * $2::interval"
+                " FROM (SELECT DISTINCT d * 48 + g AS k"
+                "       FROM generate_series(0, $5::int) d, generate_series($3::int, $4::int) g"
+                "       WHERE d = 0 OR g >= 0) o"
                 " RETURNING id::text, start_time < now() AS past",
                 uuid.UUID(spec),
                 slot_length,
                 -past_slots if s < specialists else 2,
                 future_slots + 1,
+                SERIES_DAYS if s < specialists else 0,
             )
             ids = [r["id"] for r in rows if not r["past"]]
             if s == specialists:
                 world.probe_slots = ids
                 world.probe_specialist = spec
                 continue
+            # Seats and buffers (docs/seats.md): every third specialist keeps
+            # 15 minutes after each appointment, so back-to-back holds race
+            # into its buffer; every third other has slots of 3 seats.
+            if s % 3 == 1:
+                await conn.execute(
+                    "UPDATE specialists SET buffer_after_minutes = 15 WHERE id = $1",
+                    uuid.UUID(spec),
+                )
+            elif s % 3 == 2:
+                await conn.execute(
+                    "UPDATE time_slots SET capacity = 3 WHERE specialist_id = $1",
+                    uuid.UUID(spec),
+                )
             world.specialists.append(spec)
             world.future[spec] = ids
             world.past[spec] = [r["id"] for r in rows if r["past"]]
@@ -264,8 +282,13 @@ class Sender:
     last_reply: Any = None
 
 
+# Days after the first on which each specialist's slots repeat (seed).
+SERIES_DAYS = 2
+SERIES_MODES = (apb.SERIES_MODE_ALL_OR_NOTHING, apb.SERIES_MODE_AS_MANY_AS_POSSIBLE)
+
 WEIGHTS_CLIENT = {
     "HoldSlot": 30,
+    "HoldSeries": 3,
     "ConfirmAppointment": 22,
     "CancelAppointment": 12,
     "RescheduleAppointment": 12,
@@ -325,11 +348,29 @@ class Client:
         if op == "HoldSlot":
             # The operator books for a random client user.
             owner = self.rng.choice(self.world.seats) if self.operator else seat
+            # Now and then a party of two (a slot of one seat refuses it).
+            party = 2 if self.rng.random() < 0.1 else 1
             req: Any = apb.HoldSlotRequest(
-                slot_id=self._slot(), user_id=owner.user_id, request_id=rid
+                slot_id=self._slot(), user_id=owner.user_id, request_id=rid, party_size=party
             )
             rec = await self.sender.send(op, req, self.name, seat, copies=self._copies())
             self._learn(rec, owner)
+            return
+        if op == "HoldSeries":
+            spec = self.rng.choice(self.world.specialists)
+            req = apb.HoldSeriesRequest(
+                first_slot_id=self.rng.choice(self.world.future[spec]),
+                recurrence=f"FREQ=DAILY;COUNT={self.rng.randint(2, SERIES_DAYS + 1)}",
+                mode=self.rng.choice(SERIES_MODES),
+                user_id=seat.user_id,
+                request_id=rid,
+            )
+            rec = await self.sender.send(op, req, self.name, seat, copies=self._copies())
+            reply = self.sender.last_reply
+            if rec.acknowledged is not None and isinstance(reply, apb.HoldSeriesResponse):
+                for o in reply.occurrences:
+                    if o.HasField("appointment"):
+                        seat.known[o.appointment.id] = o.appointment.slot_id
             return
         if op in ("ConfirmAppointment", "CancelAppointment", "RescheduleAppointment"):
             known = self.world.confirmed if self.operator else seat.known

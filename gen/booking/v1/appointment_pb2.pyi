@@ -117,6 +117,27 @@ WATCH_START_POSITION_NOW: WatchStartPosition.ValueType  # 2
 """Only events committed after the watch starts."""
 Global___WatchStartPosition: _TypeAlias = WatchStartPosition  # noqa: Y015
 
+class _SeriesMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SeriesModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SeriesMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERIES_MODE_UNSPECIFIED: _SeriesMode.ValueType  # 0
+    SERIES_MODE_ALL_OR_NOTHING: _SeriesMode.ValueType  # 1
+    """Every occurrence is held, or none is."""
+    SERIES_MODE_AS_MANY_AS_POSSIBLE: _SeriesMode.ValueType  # 2
+    """The occurrences that can be held are; the others are reported."""
+
+class SeriesMode(_SeriesMode, metaclass=_SeriesModeEnumTypeWrapper): ...
+
+SERIES_MODE_UNSPECIFIED: SeriesMode.ValueType  # 0
+SERIES_MODE_ALL_OR_NOTHING: SeriesMode.ValueType  # 1
+"""Every occurrence is held, or none is."""
+SERIES_MODE_AS_MANY_AS_POSSIBLE: SeriesMode.ValueType  # 2
+"""The occurrences that can be held are; the others are reported."""
+Global___SeriesMode: _TypeAlias = SeriesMode  # noqa: Y015
+
 @_typing.final
 class Appointment(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -132,6 +153,8 @@ class Appointment(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only."""
     user_id: _builtins.str
@@ -140,6 +163,12 @@ class Appointment(_message.Message):
     status: Global___AppointmentStatus.ValueType
     """Output only. Changes only through the transition methods."""
     priority: Global___AppointmentPriority.ValueType
+    party_size: _builtins.int
+    """Output only. The seats of the slot this appointment occupies (1
+    unless the hold asked for more).
+    """
+    series_id: _builtins.str
+    """Output only. The series it was held in (HoldSeries); empty otherwise."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. The slot's start."""
@@ -174,10 +203,12 @@ class Appointment(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        party_size: _builtins.int = ...,
+        series_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "id", b"id", "priority", b"priority", "slot_id", b"slot_id", "specialist_id", b"specialist_id", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "id", b"id", "party_size", b"party_size", "priority", b"priority", "series_id", b"series_id", "slot_id", b"slot_id", "specialist_id", b"specialist_id", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,6 +222,7 @@ class HoldSlotRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
     slot_id: _builtins.str
     """Required."""
     user_id: _builtins.str
@@ -201,6 +233,11 @@ class HoldSlotRequest(_message.Message):
     """Optional UUID (AIP-155). A retry with the same id returns the first
     result and changes nothing.
     """
+    party_size: _builtins.int
+    """How many of the slot's seats to hold for the user, all or none; 0 means
+    1. More than are free is FAILED_PRECONDITION NOT_ENOUGH_SEATS (none
+    free: SLOT_UNAVAILABLE). At most 1000.
+    """
     def __init__(
         self,
         *,
@@ -208,10 +245,11 @@ class HoldSlotRequest(_message.Message):
         user_id: _builtins.str = ...,
         priority: Global___AppointmentPriority.ValueType = ...,
         request_id: _builtins.str = ...,
+        party_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "request_id", b"request_id", "slot_id", b"slot_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party_size", b"party_size", "priority", b"priority", "request_id", b"request_id", "slot_id", b"slot_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -764,3 +802,235 @@ class WatchAppointmentEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WatchAppointmentEventsResponse: _TypeAlias = WatchAppointmentEventsResponse  # noqa: Y015
+
+@_typing.final
+class HoldSeriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SLOT_ID_FIELD_NUMBER: _builtins.int
+    RECURRENCE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    first_slot_id: _builtins.str
+    """Required. The first occurrence: its start, in its specialist's time
+    zone, is the recurrence's DTSTART.
+    """
+    recurrence: _builtins.str
+    """Required. An RFC 5545 RRULE subset: FREQ=DAILY or WEEKLY, INTERVAL,
+    BYDAY (MO,TU,...), and exactly one of COUNT and UNTIL, such as
+    "FREQ=WEEKLY;BYDAY=TU;COUNT=10". Interpreted in the specialist's zone:
+    10:00 stays 10:00 across clock changes. Each occurrence needs a slot of
+    the specialist starting at that instant.
+    """
+    mode: Global___SeriesMode.ValueType
+    """Required."""
+    user_id: _builtins.str
+    """The user the appointments are for; defaults to the caller."""
+    priority: Global___AppointmentPriority.ValueType
+    """Defaults to NORMAL. Only operators may ask for VIP or URGENT."""
+    party_size: _builtins.int
+    """Seats of each slot, as HoldSlotRequest.party_size."""
+    request_id: _builtins.str
+    """Optional UUID (AIP-155): copies of one request give one series."""
+    def __init__(
+        self,
+        *,
+        first_slot_id: _builtins.str = ...,
+        recurrence: _builtins.str = ...,
+        mode: Global___SeriesMode.ValueType = ...,
+        user_id: _builtins.str = ...,
+        priority: Global___AppointmentPriority.ValueType = ...,
+        party_size: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_slot_id", b"first_slot_id", "mode", b"mode", "party_size", b"party_size", "priority", b"priority", "recurrence", b"recurrence", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldSeriesRequest: _TypeAlias = HoldSeriesRequest  # noqa: Y015
+
+@_typing.final
+class SeriesOccurrence(_message.Message):
+    """One occurrence of a series and what became of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FailureMetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    SLOT_ID_FIELD_NUMBER: _builtins.int
+    APPOINTMENT_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    FAILURE_METADATA_FIELD_NUMBER: _builtins.int
+    slot_id: _builtins.str
+    """The specialist's slot starting then; empty when there is none."""
+    failure_reason: _builtins.str
+    """Why it was refused, as HoldSlot's ErrorInfo reason (or NO_SLOT);
+    empty when held, or when all or nothing undid it for another's sake.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def appointment(self) -> Global___Appointment:
+        """The appointment, when this occurrence is held."""
+
+    @_builtins.property
+    def failure_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The refusal's ErrorInfo metadata."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        slot_id: _builtins.str = ...,
+        appointment: Global___Appointment | None = ...,
+        failure_reason: _builtins.str = ...,
+        failure_metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "failure_metadata", b"failure_metadata", "failure_reason", b"failure_reason", "slot_id", b"slot_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SeriesOccurrence: _TypeAlias = SeriesOccurrence  # noqa: Y015
+
+@_typing.final
+class HoldSeriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    OCCURRENCES_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    held: _builtins.bool
+    """False when all or nothing refused the series: nothing is held."""
+    @_builtins.property
+    def occurrences(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeriesOccurrence]:
+        """Every occurrence, in time order."""
+
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+        held: _builtins.bool = ...,
+        occurrences: _abc.Iterable[Global___SeriesOccurrence] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "occurrences", b"occurrences", "series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldSeriesResponse: _TypeAlias = HoldSeriesResponse  # noqa: Y015
+
+@_typing.final
+class ConfirmSeriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """Required."""
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmSeriesRequest: _TypeAlias = ConfirmSeriesRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmSeriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPOINTMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def appointments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Appointment]:
+        """Every appointment of the series, in time order."""
+
+    def __init__(
+        self,
+        *,
+        appointments: _abc.Iterable[Global___Appointment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmSeriesResponse: _TypeAlias = ConfirmSeriesResponse  # noqa: Y015
+
+@_typing.final
+class CancelSeriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """Required."""
+    reason: _builtins.str
+    """Optional, up to 1000 characters; recorded in each CANCELLED event."""
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSeriesRequest: _TypeAlias = CancelSeriesRequest  # noqa: Y015
+
+@_typing.final
+class CancelSeriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPOINTMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def appointments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Appointment]:
+        """Every appointment of the series, in time order."""
+
+    def __init__(
+        self,
+        *,
+        appointments: _abc.Iterable[Global___Appointment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSeriesResponse: _TypeAlias = CancelSeriesResponse  # noqa: Y015

@@ -81,6 +81,21 @@ class AppointmentServiceStub:
                 request_serializer=booking_dot_v1_dot_appointment__pb2.WatchAppointmentEventsRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_appointment__pb2.WatchAppointmentEventsResponse.FromString,
                 _registered_method=True)
+        self.HoldSeries = channel.unary_unary(
+                '/booking.v1.AppointmentService/HoldSeries',
+                request_serializer=booking_dot_v1_dot_appointment__pb2.HoldSeriesRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_appointment__pb2.HoldSeriesResponse.FromString,
+                _registered_method=True)
+        self.ConfirmSeries = channel.unary_unary(
+                '/booking.v1.AppointmentService/ConfirmSeries',
+                request_serializer=booking_dot_v1_dot_appointment__pb2.ConfirmSeriesRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_appointment__pb2.ConfirmSeriesResponse.FromString,
+                _registered_method=True)
+        self.CancelSeries = channel.unary_unary(
+                '/booking.v1.AppointmentService/CancelSeries',
+                request_serializer=booking_dot_v1_dot_appointment__pb2.CancelSeriesRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_appointment__pb2.CancelSeriesResponse.FromString,
+                _registered_method=True)
 
 
 class AppointmentServiceServicer:
@@ -155,6 +170,31 @@ class AppointmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldSeries(self, request, context):
+        """Holds a slot for each occurrence of a recurrence, starting with a first
+        slot: all or nothing, or as many as possible, with a report on every
+        occurrence. Each occurrence is checked exactly as HoldSlot checks it and
+        becomes an ordinary appointment (with its ordinary HELD event) carrying
+        the series id; confirm, cancel or reschedule one as any other.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmSeries(self, request, context):
+        """Confirms every occurrence of a series still in HOLD, all or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSeries(self, request, context):
+        """Cancels every live occurrence of a series, all or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AppointmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +242,21 @@ def add_AppointmentServiceServicer_to_server(servicer, server):
                     servicer.WatchAppointmentEvents,
                     request_deserializer=booking_dot_v1_dot_appointment__pb2.WatchAppointmentEventsRequest.FromString,
                     response_serializer=booking_dot_v1_dot_appointment__pb2.WatchAppointmentEventsResponse.SerializeToString,
+            ),
+            'HoldSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldSeries,
+                    request_deserializer=booking_dot_v1_dot_appointment__pb2.HoldSeriesRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_appointment__pb2.HoldSeriesResponse.SerializeToString,
+            ),
+            'ConfirmSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSeries,
+                    request_deserializer=booking_dot_v1_dot_appointment__pb2.ConfirmSeriesRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_appointment__pb2.ConfirmSeriesResponse.SerializeToString,
+            ),
+            'CancelSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSeries,
+                    request_deserializer=booking_dot_v1_dot_appointment__pb2.CancelSeriesRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_appointment__pb2.CancelSeriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +504,87 @@ class AppointmentService:
             '/booking.v1.AppointmentService/WatchAppointmentEvents',
             booking_dot_v1_dot_appointment__pb2.WatchAppointmentEventsRequest.SerializeToString,
             booking_dot_v1_dot_appointment__pb2.WatchAppointmentEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.AppointmentService/HoldSeries',
+            booking_dot_v1_dot_appointment__pb2.HoldSeriesRequest.SerializeToString,
+            booking_dot_v1_dot_appointment__pb2.HoldSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.AppointmentService/ConfirmSeries',
+            booking_dot_v1_dot_appointment__pb2.ConfirmSeriesRequest.SerializeToString,
+            booking_dot_v1_dot_appointment__pb2.ConfirmSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.AppointmentService/CancelSeries',
+            booking_dot_v1_dot_appointment__pb2.CancelSeriesRequest.SerializeToString,
+            booking_dot_v1_dot_appointment__pb2.CancelSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

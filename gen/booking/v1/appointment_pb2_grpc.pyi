@@ -61,6 +61,17 @@ class AppointmentServiceStub:
     the stream open, sending heartbeats while idle. Resume with the cursor of
     the last event or heartbeat received.
     """
+    HoldSeries: _grpc.UnaryUnaryMultiCallable[_appointment_pb2.HoldSeriesRequest, _appointment_pb2.HoldSeriesResponse]
+    """Holds a slot for each occurrence of a recurrence, starting with a first
+    slot: all or nothing, or as many as possible, with a report on every
+    occurrence. Each occurrence is checked exactly as HoldSlot checks it and
+    becomes an ordinary appointment (with its ordinary HELD event) carrying
+    the series id; confirm, cancel or reschedule one as any other.
+    """
+    ConfirmSeries: _grpc.UnaryUnaryMultiCallable[_appointment_pb2.ConfirmSeriesRequest, _appointment_pb2.ConfirmSeriesResponse]
+    """Confirms every occurrence of a series still in HOLD, all or none."""
+    CancelSeries: _grpc.UnaryUnaryMultiCallable[_appointment_pb2.CancelSeriesRequest, _appointment_pb2.CancelSeriesResponse]
+    """Cancels every live occurrence of a series, all or none."""
 
 @_typing.type_check_only
 class AppointmentServiceAsyncStub(AppointmentServiceStub):
@@ -95,6 +106,17 @@ class AppointmentServiceAsyncStub(AppointmentServiceStub):
     the stream open, sending heartbeats while idle. Resume with the cursor of
     the last event or heartbeat received.
     """
+    HoldSeries: _aio.UnaryUnaryMultiCallable[_appointment_pb2.HoldSeriesRequest, _appointment_pb2.HoldSeriesResponse]  # type: ignore[assignment]
+    """Holds a slot for each occurrence of a recurrence, starting with a first
+    slot: all or nothing, or as many as possible, with a report on every
+    occurrence. Each occurrence is checked exactly as HoldSlot checks it and
+    becomes an ordinary appointment (with its ordinary HELD event) carrying
+    the series id; confirm, cancel or reschedule one as any other.
+    """
+    ConfirmSeries: _aio.UnaryUnaryMultiCallable[_appointment_pb2.ConfirmSeriesRequest, _appointment_pb2.ConfirmSeriesResponse]  # type: ignore[assignment]
+    """Confirms every occurrence of a series still in HOLD, all or none."""
+    CancelSeries: _aio.UnaryUnaryMultiCallable[_appointment_pb2.CancelSeriesRequest, _appointment_pb2.CancelSeriesResponse]  # type: ignore[assignment]
+    """Cancels every live occurrence of a series, all or none."""
 
 class AppointmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Books slots. An appointment's status changes only through the transition
@@ -180,5 +202,34 @@ class AppointmentServiceServicer(metaclass=_abc_1.ABCMeta):
         the stream open, sending heartbeats while idle. Resume with the cursor of
         the last event or heartbeat received.
         """
+
+    @_abc_1.abstractmethod
+    def HoldSeries(
+        self,
+        request: _appointment_pb2.HoldSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_appointment_pb2.HoldSeriesResponse, _abc.Awaitable[_appointment_pb2.HoldSeriesResponse]]:
+        """Holds a slot for each occurrence of a recurrence, starting with a first
+        slot: all or nothing, or as many as possible, with a report on every
+        occurrence. Each occurrence is checked exactly as HoldSlot checks it and
+        becomes an ordinary appointment (with its ordinary HELD event) carrying
+        the series id; confirm, cancel or reschedule one as any other.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmSeries(
+        self,
+        request: _appointment_pb2.ConfirmSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_appointment_pb2.ConfirmSeriesResponse, _abc.Awaitable[_appointment_pb2.ConfirmSeriesResponse]]:
+        """Confirms every occurrence of a series still in HOLD, all or none."""
+
+    @_abc_1.abstractmethod
+    def CancelSeries(
+        self,
+        request: _appointment_pb2.CancelSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_appointment_pb2.CancelSeriesResponse, _abc.Awaitable[_appointment_pb2.CancelSeriesResponse]]:
+        """Cancels every live occurrence of a series, all or none."""
 
 def add_AppointmentServiceServicer_to_server(servicer: AppointmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -28,17 +28,26 @@ class _SlotStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlotStatus
     DESCRIPTOR: _descriptor.EnumDescriptor
     SLOT_STATUS_UNSPECIFIED: _SlotStatus.ValueType  # 0
     SLOT_STATUS_AVAILABLE: _SlotStatus.ValueType  # 1
+    """At least one seat is free."""
     SLOT_STATUS_HOLD: _SlotStatus.ValueType  # 2
-    """Held by an appointment in HOLD until it is confirmed, cancelled or expires."""
+    """Every seat is taken, at least one by an appointment in HOLD until it is
+    confirmed, cancelled or expires.
+    """
     SLOT_STATUS_BOOKED: _SlotStatus.ValueType  # 3
+    """Every seat is taken by a confirmed (or no-show) appointment."""
 
-class SlotStatus(_SlotStatus, metaclass=_SlotStatusEnumTypeWrapper): ...
+class SlotStatus(_SlotStatus, metaclass=_SlotStatusEnumTypeWrapper):
+    """With seats (capacity above 1), the status is the slot's as a whole."""
 
 SLOT_STATUS_UNSPECIFIED: SlotStatus.ValueType  # 0
 SLOT_STATUS_AVAILABLE: SlotStatus.ValueType  # 1
+"""At least one seat is free."""
 SLOT_STATUS_HOLD: SlotStatus.ValueType  # 2
-"""Held by an appointment in HOLD until it is confirmed, cancelled or expires."""
+"""Every seat is taken, at least one by an appointment in HOLD until it is
+confirmed, cancelled or expires.
+"""
 SLOT_STATUS_BOOKED: SlotStatus.ValueType  # 3
+"""Every seat is taken by a confirmed (or no-show) appointment."""
 Global___SlotStatus: _TypeAlias = SlotStatus  # noqa: Y015
 
 @_typing.final
@@ -51,11 +60,22 @@ class Slot(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    SEATS_AVAILABLE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only."""
     specialist_id: _builtins.str
     status: Global___SlotStatus.ValueType
     """Output only. Changes only through AppointmentService."""
+    capacity: _builtins.int
+    """Output only. How many appointments' seats the slot has (1 unless
+    created with more or changed by UpdateSlotCapacity).
+    """
+    seats_available: _builtins.int
+    """Output only. Seats not taken by a live appointment. A hold that has
+    lapsed counts as taken until it is reclaimed; SearchAvailableSlots
+    reports at least 1 for such a slot.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Inclusive."""
@@ -77,10 +97,12 @@ class Slot(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         status: Global___SlotStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        capacity: _builtins.int = ...,
+        seats_available: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "id", b"id", "specialist_id", b"specialist_id", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "create_time", b"create_time", "end_time", b"end_time", "id", b"id", "seats_available", b"seats_available", "specialist_id", b"specialist_id", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -93,8 +115,13 @@ class CreateSlotRequest(_message.Message):
     SPECIALIST_ID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
     specialist_id: _builtins.str
     """Required."""
+    capacity: _builtins.int
+    """Seats: up to this many people may hold or book the slot. 0 means 1; at
+    most 1000.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Required."""
@@ -109,10 +136,11 @@ class CreateSlotRequest(_message.Message):
         specialist_id: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        capacity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "specialist_id", b"specialist_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "end_time", b"end_time", "specialist_id", b"specialist_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,6 +350,50 @@ class DeleteSlotResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteSlotResponse: _TypeAlias = DeleteSlotResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSlotCapacityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Required."""
+    capacity: _builtins.int
+    """Required. 1 to 1000, and not below the seats taken."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        capacity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSlotCapacityRequest: _TypeAlias = UpdateSlotCapacityRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSlotCapacityResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slot(self) -> Global___Slot: ...
+    def __init__(
+        self,
+        *,
+        slot: Global___Slot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSlotCapacityResponse: _TypeAlias = UpdateSlotCapacityResponse  # noqa: Y015
 
 @_typing.final
 class SearchAvailableSlotsRequest(_message.Message):

@@ -61,6 +61,11 @@ class SlotServiceStub:
                 request_serializer=booking_dot_v1_dot_slot__pb2.DeleteSlotRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_slot__pb2.DeleteSlotResponse.FromString,
                 _registered_method=True)
+        self.UpdateSlotCapacity = channel.unary_unary(
+                '/booking.v1.SlotService/UpdateSlotCapacity',
+                request_serializer=booking_dot_v1_dot_slot__pb2.UpdateSlotCapacityRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_slot__pb2.UpdateSlotCapacityResponse.FromString,
+                _registered_method=True)
         self.SearchAvailableSlots = channel.unary_unary(
                 '/booking.v1.SlotService/SearchAvailableSlots',
                 request_serializer=booking_dot_v1_dot_slot__pb2.SearchAvailableSlotsRequest.SerializeToString,
@@ -100,7 +105,17 @@ class SlotServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSlot(self, request, context):
-        """Deletes an AVAILABLE slot. A held or booked slot is FAILED_PRECONDITION.
+        """Deletes a slot of which no seat is taken. A held or booked slot (or
+        seat) is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSlotCapacity(self, request, context):
+        """Raises or lowers a slot's capacity. Lowering it below the seats taken is
+        FAILED_PRECONDITION CAPACITY_BELOW_SEATS_TAKEN; seats added are offered
+        to the waitlist first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +158,11 @@ def add_SlotServiceServicer_to_server(servicer, server):
                     servicer.DeleteSlot,
                     request_deserializer=booking_dot_v1_dot_slot__pb2.DeleteSlotRequest.FromString,
                     response_serializer=booking_dot_v1_dot_slot__pb2.DeleteSlotResponse.SerializeToString,
+            ),
+            'UpdateSlotCapacity': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSlotCapacity,
+                    request_deserializer=booking_dot_v1_dot_slot__pb2.UpdateSlotCapacityRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_slot__pb2.UpdateSlotCapacityResponse.SerializeToString,
             ),
             'SearchAvailableSlots': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchAvailableSlots,
@@ -287,6 +307,33 @@ class SlotService:
             '/booking.v1.SlotService/DeleteSlot',
             booking_dot_v1_dot_slot__pb2.DeleteSlotRequest.SerializeToString,
             booking_dot_v1_dot_slot__pb2.DeleteSlotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSlotCapacity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.SlotService/UpdateSlotCapacity',
+            booking_dot_v1_dot_slot__pb2.UpdateSlotCapacityRequest.SerializeToString,
+            booking_dot_v1_dot_slot__pb2.UpdateSlotCapacityResponse.FromString,
             options,
             channel_credentials,
             insecure,

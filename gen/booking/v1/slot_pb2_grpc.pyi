@@ -42,7 +42,14 @@ class SlotServiceStub:
     ListSlots: _grpc.UnaryUnaryMultiCallable[_slot_pb2.ListSlotsRequest, _slot_pb2.ListSlotsResponse]
     """Lists slots ordered by start time."""
     DeleteSlot: _grpc.UnaryUnaryMultiCallable[_slot_pb2.DeleteSlotRequest, _slot_pb2.DeleteSlotResponse]
-    """Deletes an AVAILABLE slot. A held or booked slot is FAILED_PRECONDITION."""
+    """Deletes a slot of which no seat is taken. A held or booked slot (or
+    seat) is FAILED_PRECONDITION.
+    """
+    UpdateSlotCapacity: _grpc.UnaryUnaryMultiCallable[_slot_pb2.UpdateSlotCapacityRequest, _slot_pb2.UpdateSlotCapacityResponse]
+    """Raises or lowers a slot's capacity. Lowering it below the seats taken is
+    FAILED_PRECONDITION CAPACITY_BELOW_SEATS_TAKEN; seats added are offered
+    to the waitlist first.
+    """
     SearchAvailableSlots: _grpc.UnaryUnaryMultiCallable[_slot_pb2.SearchAvailableSlotsRequest, _slot_pb2.SearchAvailableSlotsResponse]
     """Free slots of active specialists, of one service type or among given
     specialists, earliest first across all of them. Free means what
@@ -64,7 +71,14 @@ class SlotServiceAsyncStub(SlotServiceStub):
     ListSlots: _aio.UnaryUnaryMultiCallable[_slot_pb2.ListSlotsRequest, _slot_pb2.ListSlotsResponse]  # type: ignore[assignment]
     """Lists slots ordered by start time."""
     DeleteSlot: _aio.UnaryUnaryMultiCallable[_slot_pb2.DeleteSlotRequest, _slot_pb2.DeleteSlotResponse]  # type: ignore[assignment]
-    """Deletes an AVAILABLE slot. A held or booked slot is FAILED_PRECONDITION."""
+    """Deletes a slot of which no seat is taken. A held or booked slot (or
+    seat) is FAILED_PRECONDITION.
+    """
+    UpdateSlotCapacity: _aio.UnaryUnaryMultiCallable[_slot_pb2.UpdateSlotCapacityRequest, _slot_pb2.UpdateSlotCapacityResponse]  # type: ignore[assignment]
+    """Raises or lowers a slot's capacity. Lowering it below the seats taken is
+    FAILED_PRECONDITION CAPACITY_BELOW_SEATS_TAKEN; seats added are offered
+    to the waitlist first.
+    """
     SearchAvailableSlots: _aio.UnaryUnaryMultiCallable[_slot_pb2.SearchAvailableSlotsRequest, _slot_pb2.SearchAvailableSlotsResponse]  # type: ignore[assignment]
     """Free slots of active specialists, of one service type or among given
     specialists, earliest first across all of them. Free means what
@@ -113,7 +127,20 @@ class SlotServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _slot_pb2.DeleteSlotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_slot_pb2.DeleteSlotResponse, _abc.Awaitable[_slot_pb2.DeleteSlotResponse]]:
-        """Deletes an AVAILABLE slot. A held or booked slot is FAILED_PRECONDITION."""
+        """Deletes a slot of which no seat is taken. A held or booked slot (or
+        seat) is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateSlotCapacity(
+        self,
+        request: _slot_pb2.UpdateSlotCapacityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_slot_pb2.UpdateSlotCapacityResponse, _abc.Awaitable[_slot_pb2.UpdateSlotCapacityResponse]]:
+        """Raises or lowers a slot's capacity. Lowering it below the seats taken is
+        FAILED_PRECONDITION CAPACITY_BELOW_SEATS_TAKEN; seats added are offered
+        to the waitlist first.
+        """
 
     @_abc_1.abstractmethod
     def SearchAvailableSlots(

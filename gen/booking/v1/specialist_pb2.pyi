@@ -32,6 +32,8 @@ class Specialist(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     BOOKING_POLICY_FIELD_NUMBER: _builtins.int
+    BUFFER_BEFORE_MINUTES_FIELD_NUMBER: _builtins.int
+    BUFFER_AFTER_MINUTES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. UUID assigned by the server."""
     full_name: _builtins.str
@@ -44,6 +46,14 @@ class Specialist(_message.Message):
     """IANA time zone name, such as "Europe/Berlin", checked against the
     server's tz database. Schedules are laid out in it. Defaults to "UTC".
     """
+    buffer_before_minutes: _builtins.int
+    """Minutes kept free before and after each appointment, 0 to 1440: two
+    live appointments in different slots are at least
+    buffer_after_minutes + buffer_before_minutes apart. A hold closer than
+    that is FAILED_PRECONDITION WITHIN_BUFFER. Changing them leaves existing
+    appointments as they are; holds made after the change use the new ones.
+    """
+    buffer_after_minutes: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
@@ -67,10 +77,12 @@ class Specialist(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         time_zone: _builtins.str = ...,
         booking_policy: Global___BookingPolicy | None = ...,
+        buffer_before_minutes: _builtins.int = ...,
+        buffer_after_minutes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["booking_policy", b"booking_policy", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "booking_policy", b"booking_policy", "create_time", b"create_time", "full_name", b"full_name", "id", b"id", "service_type", b"service_type", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "booking_policy", b"booking_policy", "buffer_after_minutes", b"buffer_after_minutes", "buffer_before_minutes", b"buffer_before_minutes", "create_time", b"create_time", "full_name", b"full_name", "id", b"id", "service_type", b"service_type", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,12 +143,18 @@ class CreateSpecialistRequest(_message.Message):
     SERVICE_TYPE_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     BOOKING_POLICY_FIELD_NUMBER: _builtins.int
+    BUFFER_BEFORE_MINUTES_FIELD_NUMBER: _builtins.int
+    BUFFER_AFTER_MINUTES_FIELD_NUMBER: _builtins.int
     full_name: _builtins.str
     """Required."""
     service_type: _builtins.str
     """Required."""
     time_zone: _builtins.str
     """IANA time zone name; defaults to "UTC"."""
+    buffer_before_minutes: _builtins.int
+    """Optional, 0 to 1440 (Specialist.buffer_before_minutes)."""
+    buffer_after_minutes: _builtins.int
+    """Optional, 0 to 1440 (Specialist.buffer_after_minutes)."""
     @_builtins.property
     def booking_policy(self) -> Global___BookingPolicy:
         """Optional; unset limits follow the server-wide defaults."""
@@ -148,10 +166,12 @@ class CreateSpecialistRequest(_message.Message):
         service_type: _builtins.str = ...,
         time_zone: _builtins.str = ...,
         booking_policy: Global___BookingPolicy | None = ...,
+        buffer_before_minutes: _builtins.int = ...,
+        buffer_after_minutes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["booking_policy", b"booking_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_policy", b"booking_policy", "full_name", b"full_name", "service_type", b"service_type", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_policy", b"booking_policy", "buffer_after_minutes", b"buffer_after_minutes", "buffer_before_minutes", b"buffer_before_minutes", "full_name", b"full_name", "service_type", b"service_type", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -287,7 +307,8 @@ class UpdateSpecialistRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Required. Paths: "full_name", "service_type", "active", "time_zone",
         "booking_policy", "booking_policy.min_notice_minutes",
-        "booking_policy.max_advance_days", "booking_policy.cancellation_cutoff_hours".
+        "booking_policy.max_advance_days", "booking_policy.cancellation_cutoff_hours",
+        "buffer_before_minutes", "buffer_after_minutes".
         A limit named in the mask but unset returns to the server-wide default.
         """
 

@@ -1,0 +1,126 @@
+-- Buffers (docs/seats.md, "Buffers"): a specialist may need time before
+-- and after each appointment. Each live appointment carries its buffered
+-- range, its slot widened by the specialist's buffers when it took the
+-- slot (booking_appointment_range, below), and the exclusion constraint
+-- appointments_buffers_apart (tables.sql) refuses two live appointments of
+-- one specialist, in different slots, whose buffered ranges overlap. So
+-- the break after one appointment and the preparation before the next both
+-- fit between them, whatever writes them and however they race.
+--
+-- The transitions check first (booking_check_buffers), to refuse with a
+-- reason (WITHIN_BUFFER, with the blocking window) and to reclaim lapsed
+-- holds in the way; a concurrent hold that slips past the check meets the
+-- constraint, which storage/ retries, and the retry sees it committed.
+-- Changing a specialist's buffers never touches existing appointments:
+-- their ranges stay as they were; holds after the change use the new ones.
+
+-- The range a new appointment in the slot would block, with the
+-- specialist's buffers as they are now.
+CREATE FUNCTION booking_buffer_range(p_slot time_slots) RETURNS tstzrange
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_range tstzrange;
+BEGIN
+    SELECT tstzrange(p_slot.start_time - make_interval(mins => p.buffer_before_minutes),
+                     p_slot.end_time + make_interval(mins => p.buffer_after_minutes), '[)')
+    INTO v_range
+    FROM specialists p WHERE p.id = p_slot.specialist_id;
+    RETURN v_range;
+END
+$$;
+
+-- Sets an appointment's buffered range when it takes a slot (a hold, an
+-- offer, a reschedule), in this release or a previous one.
+CREATE FUNCTION booking_appointment_range() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT tstzrange(s.start_time - make_interval(mins => p.buffer_before_minutes),
+                     s.end_time + make_interval(mins => p.buffer_after_minutes), '[)')
+    INTO NEW.buffered_range
+    FROM time_slots s JOIN specialists p ON p.id = s.specialist_id
+    WHERE s.id = NEW.time_slot_id;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER appointments_range
+    BEFORE INSERT OR UPDATE OF time_slot_id ON appointments
+    FOR EACH ROW EXECUTE FUNCTION booking_appointment_range();
+
+-- The first live appointment of the slot's specialist, in another slot,
+-- that an appointment in this slot would come too close to; NULL if none.
+-- With p_lapsed, holds that have lapsed but are not yet reclaimed count
+-- (as the constraint counts them); without, they do not (offers, search).
+CREATE FUNCTION booking_buffer_conflict(
+    p_slot time_slots, p_exclude_appointment_id uuid, p_lapsed boolean
+) RETURNS appointments
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    -- Computed once, so the gist index gets a constant to search with.
+    v_range tstzrange := booking_buffer_range(p_slot);
+    v_conflict appointments;
+BEGIN
+    SELECT a.* INTO v_conflict FROM appointments a
+    WHERE a.specialist_id = p_slot.specialist_id
+      AND a.status <> 'CANCELLED'
+      AND a.buffered_range && v_range
+      AND a.time_slot_id <> p_slot.id
+      AND a.id IS DISTINCT FROM p_exclude_appointment_id
+      AND (p_lapsed OR a.status <> 'HOLD' OR a.expires_at > now())
+    LIMIT 1;
+    RETURN v_conflict;
+END
+$$;
+
+-- Whether a buffer blocks the slot for a new appointment (search). Not
+-- inlined, and costed as the one index probe it is, so that the search's
+-- plan stays the start-time index in order (docs/api.md).
+CREATE FUNCTION booking_slot_buffer_blocked(p_slot time_slots) RETURNS boolean
+LANGUAGE plpgsql STABLE COST 5 AS $$
+BEGIN
+    RETURN (booking_buffer_conflict(p_slot, NULL, false)).id IS NOT NULL;
+END
+$$;
+
+-- Raises WITHIN_BUFFER unless an appointment may take the locked slot as
+-- far as buffers go. Lapsed holds in the way are reclaimed first, each
+-- with its slot's lock taken SKIP LOCKED (this one is already held, so
+-- waiting could close a cycle); one that cannot be locked now blocks.
+CREATE FUNCTION booking_check_buffers(p_slot time_slots, p_exclude_appointment_id uuid)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_range tstzrange := booking_buffer_range(p_slot);
+    v_lapsed appointments;
+    v_conflict appointments;
+BEGIN
+    -- The common case in one index probe: nothing in the way at all.
+    v_conflict := booking_buffer_conflict(p_slot, p_exclude_appointment_id, true);
+    IF v_conflict.id IS NULL THEN
+        RETURN;
+    END IF;
+    FOR v_lapsed IN
+        SELECT a.* FROM appointments a
+        WHERE a.specialist_id = p_slot.specialist_id
+          AND a.status = 'HOLD' AND a.expires_at <= now()
+          AND a.buffered_range && v_range
+          AND a.time_slot_id <> p_slot.id
+          AND a.id IS DISTINCT FROM p_exclude_appointment_id
+    LOOP
+        PERFORM 1 FROM time_slots WHERE id = v_lapsed.time_slot_id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        SELECT * INTO v_lapsed FROM appointments
+        WHERE id = v_lapsed.id AND status = 'HOLD'
+        FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN v_lapsed.id IS NULL;
+        PERFORM booking_expire_hold(v_lapsed);
+    END LOOP;
+    v_conflict := booking_buffer_conflict(p_slot, p_exclude_appointment_id, true);
+    IF v_conflict.id IS NOT NULL THEN
+        PERFORM booking_fail('WITHIN_BUFFER', jsonb_build_object(
+            'slot_id', p_slot.id,
+            'window_start_time', lower(v_conflict.buffered_range),
+            'window_end_time', upper(v_conflict.buffered_range)));
+    END IF;
+END
+$$;
