@@ -115,6 +115,10 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
     summary["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
+    if isinstance(cluster, PatroniChaosCluster):
+        summary["meta"]["cluster"] = "patroni" + (" via haproxy" if opts.haproxy else "")
+        summary["meta"]["leader_changes"] = cluster.leader_changes
+        say(f"chaos: Patroni cluster, {cluster.leader_changes} leader changes")
     print(render(summary), flush=True)
     if opts.out is not None:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
