@@ -261,6 +261,11 @@ async def _connect_to_completion(*args: Any, **kwargs: Any) -> Connection:
         raise
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _close_orphan(task: asyncio.Future[Connection]) -> None:
     if task.cancelled() or task.exception() is not None:
         return  # retrieved, so not logged
@@ -501,8 +506,22 @@ class Database:
                 conn.terminate()
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
-            with contextlib.suppress(asyncpg.InterfaceError, TimeoutError):
-                await self.pool.release(conn, timeout=RELEASE_TIMEOUT_SECONDS)
+            await self._release(conn)
+
+    async def _release(self, conn: Connection) -> None:
+        """Return `conn` to the pool within RELEASE_TIMEOUT_SECONDS (past
+        that the pool terminates it). The release runs as a task of its own
+        that finishes even if this call is cancelled meanwhile, and whose
+        failure is always retrieved (asyncpg's own shield would leave a
+        timed-out release's TimeoutError to asyncio's "never retrieved"
+        log)."""
+        task = asyncio.ensure_future(self.pool.release(conn, timeout=RELEASE_TIMEOUT_SECONDS))
+        task.add_done_callback(_retrieve)
+        # InterfaceError: a connection asyncpg saw close is back in the pool,
+        # detached from the proxy; InternalClientError: one terminated above
+        # freed its holder before the task ran.
+        with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError):
+            await asyncio.shield(task)
 
     async def ping(self, within: float = 2.0) -> bool:
         """Whether the database answers ``SELECT 1`` within `within` seconds.

@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hang-seconds",
         type=float,
-        default=15.0,
+        default=25.0,
         help="with --cluster: how long primary_hang, node_hang and etcd_loss last"
-        " (default 15, longer than Patroni's 10 s TTL)",
+        " (default 25, longer than Patroni's 20 s TTL)",
     )
     p.add_argument("--out", type=Path, help="write the summary as JSON here")
     p.add_argument(

@@ -121,6 +121,12 @@ class Injector:
         resumes), SERVING from its end."""
         assert isinstance(self.cluster, PatroniChaosCluster)
         cluster = self.cluster
+        try:
+            before = await asyncio.to_thread(cluster.prepare)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            watcher.cancel()
+            rec.error = f"{type(exc).__name__}: {exc}"[:300]
+            return rec
         rec.started = time.monotonic()
 
         # The probe starts a moment in, once the fault has hit.
@@ -130,7 +136,7 @@ class Injector:
 
         hold = asyncio.create_task(probe())
         try:
-            rec.detail = await asyncio.to_thread(cluster.cluster_fault, rec.kind)
+            rec.detail = await asyncio.to_thread(cluster.cluster_fault, rec.kind, before)
         except Exception as exc:  # noqa: BLE001 - a fault that failed is reported, not fatal
             rec.error = f"{type(exc).__name__}: {exc}"[:300]
         finally:

@@ -38,7 +38,7 @@ class PatroniChaosCluster:
         settings: ReplicaSettings,
         *,
         haproxy: bool = False,
-        hang_seconds: float = 15.0,
+        hang_seconds: float = 25.0,
     ) -> None:
         self.work_dir = work_dir
         self.n_replicas = replicas
@@ -112,12 +112,16 @@ class PatroniChaosCluster:
             self.pc.thaw(pids)
         return len(pids)
 
-    def cluster_fault(self, kind: str) -> str:
-        """Inject `kind` and return once it is over (the hung node resumed,
-        etcd back); a description for the report."""
+    def prepare(self) -> Node:
+        """Before a cluster fault: wait until the cluster is healthy (a
+        leader, both standbys streaming, a synchronous standby); the leader."""
+        self.pc.wait_healthy(180)
+        return self.pc.leader()
+
+    def cluster_fault(self, kind: str, before: Node) -> str:
+        """Inject `kind` (`before` is the leader) and return once it is over
+        (the hung node resumed, etcd back); a description for the report."""
         pc = self.pc
-        pc.wait_healthy(180)
-        before = pc.leader()
         if kind == "primary_kill":
             pc.kill_primary_postmaster()
             detail = f"{before.name}"

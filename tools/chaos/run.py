@@ -58,7 +58,7 @@ class Options:
     # "patroni": a Patroni cluster instead of one PostgreSQL (chaos.patroni).
     cluster: str | None = None
     haproxy: bool = False
-    hang_seconds: float = 15.0
+    hang_seconds: float = 25.0
 
     def resolved(self) -> Options:
         if self.duration is None and self.operations is None:

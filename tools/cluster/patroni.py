@@ -2,7 +2,7 @@
 
 One etcd member, three Patroni nodes running the embedded PostgreSQL 18
 binaries (``bin_dir`` from the embedded wheel) on free ports, with
-``synchronous_mode``, ``use_pg_rewind`` and a 10 s TTL; optionally HAProxy in
+``synchronous_mode``, ``use_pg_rewind`` and a 20 s TTL; optionally HAProxy in
 front, checking Patroni's REST API. The configurations are rendered from
 ``deploy/patroni/patroni.yml.template`` and
 ``deploy/haproxy/haproxy.cfg.template``: what docs/cluster.md documents is
@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PATRONI_TEMPLATE = ROOT / "deploy" / "patroni" / "patroni.yml.template"
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy" / "haproxy.cfg.template"
 DATABASE = "booking"
-TTL_SECONDS = 10.0
+# Patroni raises any ttl below 20 to 20 (patroni/config.py); the template says 20.
+TTL_SECONDS = 20.0
 
 # Processes SIGSTOPped and not yet resumed: resumed at exit whatever happens.
 _STOPPED: set[int] = set()
