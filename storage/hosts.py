@@ -224,6 +224,8 @@ class Finder:
                 log.info(
                     "database host %s: %s; looking for the primary", remembered, answer.problem
                 )
+            # Every host's answer: a node on a newer timeline may answer
+            # later than a demoted one that resumed (it is checked, not raced).
             answers = await asyncio.gather(*(one(h) for h in target.hosts))
         best: _Answer | None = None
         for answer in answers:

@@ -128,10 +128,13 @@ class Injector:
             rec.error = f"{type(exc).__name__}: {exc}"[:300]
             return rec
         rec.started = time.monotonic()
+        cluster.hit_at = None
 
-        # The probe starts a moment in, once the fault has hit.
+        # The probe starts once the fault has hit, and the clock with it.
         async def probe() -> float | None:
-            await asyncio.sleep(0.2)
+            while cluster.hit_at is None:  # noqa: ASYNC110 - set by the fault's thread
+                await asyncio.sleep(0.01)
+            rec.started = cluster.hit_at
             return await self._until_hold()
 
         hold = asyncio.create_task(probe())
@@ -142,6 +145,9 @@ class Injector:
         finally:
             watcher.cancel()
         back = time.monotonic()
+        if cluster.hit_at is None:  # the fault failed before it hit
+            cluster.hit_at = back
+        rec.started = cluster.hit_at
         rec.duration = back - rec.started
         serving = await self._until_serving()
         held = await hold

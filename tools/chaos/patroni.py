@@ -50,6 +50,9 @@ class PatroniChaosCluster:
         self.database_name = "booking"
         # (fault kind, old leader, new leader) for the report.
         self.leader_changes = 0
+        # time.monotonic() when the current fault hit (the signal sent, the
+        # switchover requested): recovery is timed from there.
+        self.hit_at: float | None = None
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -124,23 +127,28 @@ class PatroniChaosCluster:
         pc = self.pc
         if kind == "primary_kill":
             pc.kill_primary_postmaster()
+            self.hit_at = time.monotonic()
             detail = f"{before.name}"
         elif kind in ("primary_hang", "node_hang"):
             pids = pc.freeze(before, whole_node=kind == "node_hang")
+            self.hit_at = time.monotonic()
             try:
                 time.sleep(self.hang_seconds)
             finally:
                 pc.thaw(pids)
             detail = f"{before.name} for {self.hang_seconds:.0f}s"
         elif kind == "switchover":
+            self.hit_at = time.monotonic()
             old, new = pc.switchover()
             pc.wait_for_leader(60, other_than=old)
             detail = f"{old.name} -> {new.name}"
         elif kind == "sync_standby_kill":
             victim = pc.kill_sync_standby()
+            self.hit_at = time.monotonic()
             detail = victim.name if victim else "no synchronous standby"
         elif kind == "etcd_loss":
             pc.stop_etcd()
+            self.hit_at = time.monotonic()
             try:
                 time.sleep(self.hang_seconds)
             finally:
