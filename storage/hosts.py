@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # libpq's connect_timeout is per host; so is ours. Without it in the URL a
 # host gets this long to accept a session and answer one query.
 DEFAULT_PER_HOST_SECONDS = 2.0
+# What a host whose last try timed out still gets, once another host has
+# offered a writable session.
+SUSPECT_GRACE_SECONDS = 0.25
 # Query parameters this module consumes; asyncpg is given the rest.
 _OURS = ("target_session_attrs", "connect_timeout")
 _CHECKED = ("read-write", "primary")
@@ -161,6 +165,35 @@ class Finder:
         self.dsn = dsn
         self.target = parse(dsn)
         self.current: Host | None = None
+        # Hosts whose last try timed out (hung, black-holed): a scan does
+        # not wait the full per-host timeout for them once another host has
+        # offered a writable session.
+        self.suspects: set[Host] = set()
+
+    async def _scan(self, one: Callable[[Host], Awaitable[_Answer]]) -> list[_Answer]:
+        """Every host at once. Each host that is not a suspect is waited for
+        (up to the per-host timeout): a node on a newer timeline may answer
+        later than a demoted one that resumed, and the timelines decide, not
+        the race. A suspect gets SUSPECT_GRACE_SECONDS more once a writable
+        session is on offer, so a hung node does not make every connect (and
+        the call waiting for it) last a whole per-host timeout."""
+        tasks = {asyncio.ensure_future(one(h)): h for h in self.target.hosts}
+        suspects = {t for t, h in tasks.items() if h in self.suspects}
+        try:
+            others = [t for t in tasks if t not in suspects]
+            if others:
+                await asyncio.wait(others)
+            if suspects:
+                offered = any(t.result().writable for t in others)
+                await asyncio.wait(suspects, timeout=SUSPECT_GRACE_SECONDS if offered else None)
+        finally:
+            late = [t for t in tasks if not t.done()]
+            for task in late:
+                task.cancel()
+            for task in late:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return [t.result() for t in tasks if not t.cancelled()]
 
     def forget(self) -> None:
         """The remembered primary stopped answering: scan every host next time."""
@@ -196,7 +229,10 @@ class Finder:
                         raise
             except Exception as exc:  # noqa: BLE001 - any failure: try the next host
                 answer.problem = f"{type(exc).__name__}: {exc}".strip()
+                if isinstance(exc, TimeoutError):
+                    self.suspects.add(host)
                 return answer
+            self.suspects.discard(host)
             in_recovery, read_only, timeline = row[0], row[1], row[2]
             answer.conn = conn
             answer.timeline = int(timeline)
@@ -224,9 +260,7 @@ class Finder:
                 log.info(
                     "database host %s: %s; looking for the primary", remembered, answer.problem
                 )
-            # Every host's answer: a node on a newer timeline may answer
-            # later than a demoted one that resumed (it is checked, not raced).
-            answers = await asyncio.gather(*(one(h) for h in target.hosts))
+            answers = await self._scan(one)
         best: _Answer | None = None
         for answer in answers:
             if answer.writable and (best is None or answer.timeline > best.timeline):

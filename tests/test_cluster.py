@@ -97,14 +97,17 @@ async def booking(healthy: PatroniCluster) -> AsyncIterator[tuple[Api, str, str]
 
 
 async def _slot(api: Api, specialist_id: str) -> str:
-    start = hours_from_now(24 + (uuid.uuid4().int % 10_000)) + timedelta(
-        minutes=uuid.uuid4().int % 50
-    )
+    """A new one-minute slot at a random time, retried through an outage (an
+    attempt answered UNAVAILABLE may have committed: the retry picks
+    another time rather than meet its own slot)."""
     while True:
+        start = hours_from_now(24 + (uuid.uuid4().int % 10_000)) + timedelta(
+            minutes=uuid.uuid4().int % 50
+        )
         try:
             return (await api.slot(specialist_id, start, minutes=1)).id
         except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS):
                 raise
             await asyncio.sleep(0.2)
 
@@ -232,10 +235,13 @@ async def test_a_demoted_node_that_resumes_takes_no_write(healthy: PatroniCluste
             ",".join(f"127.0.0.1:{n.pg_port}" for n in healthy.nodes),
             ",".join(f"127.0.0.1:{n.pg_port}" for n in [old, *others]),
         )
+        # Time enough for every node to answer on a loaded machine: this is
+        # about which answer wins, not about timeouts.
+        url += "&connect_timeout=10"
         finder = hosts.Finder(url)
-        probe = await finder.connect(timeout=10)
+        probe = await finder.connect(timeout=30)
         await probe.close()
-        assert finder.current == hosts.Host("127.0.0.1", new.pg_port)
+        assert finder.current == hosts.Host("127.0.0.1", new.pg_port), await _roles(healthy)
         async with running_server(url) as server, Api.connect(server) as api:
             specialist = await api.specialist()
             _client, user_id = await api.client()
@@ -255,3 +261,22 @@ async def test_a_demoted_node_that_resumes_takes_no_write(healthy: PatroniCluste
     healthy.wait_healthy(180)
     roles = {m["name"]: m["role"] for m in healthy.members()}
     assert roles[old.name] in ("replica", "sync_standby")
+
+
+async def _roles(pc: PatroniCluster) -> str:
+    """Each node's answer to the role query, and Patroni's view (for a
+    failure message)."""
+    lines = []
+    for node in pc.nodes:
+        try:
+            conn = await asyncpg.connect(pc.node_url(node), ssl=False, timeout=5)
+            try:
+                lines.append(
+                    f"{node.name}:{node.pg_port} {tuple(await conn.fetchrow(hosts._ROLE_QUERY))}"
+                )  # noqa: SLF001
+            finally:
+                await conn.close()
+        except Exception as exc:  # noqa: BLE001 - a diagnostic
+            lines.append(f"{node.name}:{node.pg_port} {type(exc).__name__}")
+    members = await asyncio.to_thread(pc.members)
+    return "; ".join(lines) + f"; patroni: {[(m['name'], m['role']) for m in members]}"
