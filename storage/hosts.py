@@ -26,7 +26,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -130,13 +130,6 @@ def parse(dsn: str) -> Target:
         _path=parts.path,
         _query=query,
     )
-
-
-def hide_password(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    userinfo, at, hostlist = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{quote(user)}:***@{hostlist}" if at else hostlist))
 
 
 def _set_keepalive(conn: asyncpg.Connection) -> None:
