@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from storage import deadline, durability, errors
+from storage import deadline, durability, errors, hosts
 from storage.flights import SlotFlights
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,20 @@ _RETRYABLE_CONSTRAINTS = frozenset(
 )
 
 # Class 08 (connection), 53300 (too many connections) and 57P0x (shutdown):
-# the database, not the request, is the problem.
-_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P")
+# the database, not the request, is the problem. So is 25006 (read-only
+# transaction): the session is on a node that is no longer the primary (a
+# standby, or one being demoted); it is dropped and the next connect looks
+# for the primary again (storage/hosts.py).
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P", "25006")
+
+# How long returning a connection to the pool may take (rolling back an
+# unfinished transaction, waiting for a cancel request): against a frozen
+# server both would wait for it to come back, holding the pool slot and the
+# call. Past this the connection is terminated instead.
+RELEASE_TIMEOUT_SECONDS = 2.0
+# Client-side bound on one statement beyond the session's statement_timeout
+# (which a frozen server cannot enforce), for calls without a deadline.
+COMMAND_TIMEOUT_MARGIN_SECONDS = 5.0
 
 
 def went_away(exc: BaseException, conn: Connection | None = None) -> bool:
@@ -230,7 +242,11 @@ def tls_options(dsn: str) -> dict[str, Any]:
     parts = urlsplit(dsn)
     if "ssl" in parse_qs(parts.query) or "sslmode" in parse_qs(parts.query):
         return {}
-    return {"ssl": False} if parts.hostname in _LOOPBACK else {}
+    try:
+        names = {h.host for h in hosts.parse(dsn).hosts}
+    except ValueError:
+        return {}
+    return {"ssl": False} if names <= _LOOPBACK else {}
 
 
 async def _connect_to_completion(*args: Any, **kwargs: Any) -> Connection:
@@ -244,14 +260,20 @@ async def _connect_to_completion(*args: Any, **kwargs: Any) -> Connection:
     Finished in the background instead, the connection is closed if no
     caller is left for it; the pool makes a new one when needed.
     """
-    if args:
-        kwargs = {**tls_options(str(args[0])), **kwargs}
-    task = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+    finder = kwargs.pop("finder", None)
+    if finder is None:
+        finder = hosts.Finder(str(args[0]) if args else kwargs.pop("dsn"))
+    task = asyncio.ensure_future(finder.connect(**kwargs))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         task.add_done_callback(_close_orphan)
         raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _close_orphan(task: asyncio.Future[Connection]) -> None:
@@ -261,10 +283,17 @@ def _close_orphan(task: asyncio.Future[Connection]) -> None:
 
 
 async def _create_pool(
-    dsn: str, *, min_size: int, max_size: int, statement_timeout_ms: int, connect_timeout: float
+    finder: hosts.Finder,
+    *,
+    min_size: int,
+    max_size: int,
+    statement_timeout_ms: int,
+    connect_timeout: float,
 ) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn,
+        # Every connect goes through the Finder: the primary among the URL's
+        # hosts, a per-host timeout, a session checked to be writable.
+        finder=finder,
         min_size=min_size,
         max_size=max_size,
         reset=_reset,
@@ -273,6 +302,7 @@ async def _create_pool(
         # Bounds every (re)connect the pool makes, so a stalled server
         # turns into UNAVAILABLE instead of a call hanging for a minute.
         timeout=connect_timeout,
+        command_timeout=statement_timeout_ms / 1000 + COMMAND_TIMEOUT_MARGIN_SECONDS,
         server_settings={
             "application_name": "booking-service",
             "default_transaction_isolation": DEFAULT_ISOLATION.sql_name,
@@ -296,6 +326,7 @@ class Database:
         self.pool = pool
         self.retry = retry
         self.dsn = dsn
+        self.finder = hosts.Finder(dsn)
         self._pool_args = pool_args
         # While False (a server waiting for its database to come up, or for
         # migrations), every run() is DatabaseUnavailable without touching
@@ -334,8 +365,10 @@ class Database:
             "statement_timeout_ms": statement_timeout_ms,
             "connect_timeout": connect_timeout,
         }
-        pool = await _create_pool(dsn, **(args | {"min_size": 0} if deferred else args))
+        finder = hosts.Finder(dsn)
+        pool = await _create_pool(finder, **(args | {"min_size": 0} if deferred else args))
         db = cls(pool, retry or RetryPolicy(), dsn, args)
+        db.finder = finder
         db.accepting = not deferred
         return db
 
@@ -346,7 +379,7 @@ class Database:
             return
         # The placeholder (min_size 0, never used while not accepting) is
         # replaced, so min_size keeps its floor of idle connections.
-        pool = await _create_pool(self.dsn, **self._pool_args)
+        pool = await _create_pool(self.finder, **self._pool_args)
         placeholder, self.pool = self.pool, pool
         await placeholder.close()
         self.accepting = True
@@ -497,8 +530,22 @@ class Database:
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
             self.commits.uninstall(conn)
-            with contextlib.suppress(asyncpg.InterfaceError):
-                await self.pool.release(conn)
+            await self._release(conn)
+
+    async def _release(self, conn: Connection) -> None:
+        """Return `conn` to the pool within RELEASE_TIMEOUT_SECONDS (past
+        that the pool terminates it). The release runs as a task of its own
+        that finishes even if this call is cancelled meanwhile, and whose
+        failure is always retrieved (asyncpg's own shield would leave a
+        timed-out release's TimeoutError to asyncio's "never retrieved"
+        log)."""
+        task = asyncio.ensure_future(self.pool.release(conn, timeout=RELEASE_TIMEOUT_SECONDS))
+        task.add_done_callback(_retrieve)
+        # InterfaceError: a connection asyncpg saw close is back in the pool,
+        # detached from the proxy; InternalClientError: one terminated above
+        # freed its holder before the task ran.
+        with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError):
+            await asyncio.shield(task)
 
     async def ping(self, within: float = 2.0) -> bool:
         """Whether the database answers ``SELECT 1`` within `within` seconds.
@@ -513,7 +560,7 @@ class Database:
             async with asyncio.timeout(within):
                 if self._probe is None or self._probe.is_closed():
                     self._probe = await _connect_to_completion(
-                        self.dsn,
+                        finder=self.finder,
                         timeout=within,
                         server_settings={"application_name": "booking-health"},
                     )
@@ -521,7 +568,18 @@ class Database:
             return True
         except Exception:  # noqa: BLE001 - any failure means "not reachable"
             self._drop_probe()
+            await self._expire()
             return False
+
+    async def _expire(self) -> None:
+        """The primary stopped answering the probe: look for it afresh on
+        the next connect, and replace the pool's connections (idle ones at
+        their next acquire, busy ones when released), so no call keeps
+        waiting on a hung node that a failover has replaced, and none is
+        sent to it when it resumes demoted."""
+        self.finder.forget()
+        with contextlib.suppress(Exception):
+            await self.pool.expire_connections()
 
     def _drop_probe(self) -> None:
         if self._probe is not None:

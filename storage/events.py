@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from storage.database import Connection, Database, tls_options
+from storage import hosts
+from storage.database import Connection, Database
 from storage.errors import CursorCompacted, CursorNotInHistory
 from storage.models import (
     Appointment,
@@ -276,11 +277,12 @@ class Listener:
         connect_within: float = 60.0,
     ) -> Listener:
         """Listen on `channel`; `on_notify` gets each notification's payload."""
-        conn = await asyncpg.connect(
+        # The primary of a multi-host URL (storage/hosts.py): LISTEN is
+        # refused on a standby, and NOTIFY is sent only on the primary.
+        conn = await hosts.connect(
             dsn,
             server_settings={"application_name": application_name},
             timeout=connect_within,
-            **tls_options(dsn),
         )
         own = conn.get_server_pid()
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from yoyo import get_backend, read_migrations
 
+from storage import hosts
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,9 @@ def _yoyo_url(dsn: str) -> str:
 
 @contextmanager
 def _backend(dsn: str) -> Iterator[Any]:
-    backend = get_backend(_yoyo_url(dsn))
+    # yoyo parses the URL itself and takes one host: a multi-host URL (or
+    # one with target_session_attrs) is narrowed to its current primary.
+    backend = get_backend(_yoyo_url(hosts.primary_url(dsn)))
     try:
         yield backend
     finally:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from chaos.faults import KINDS
+from chaos.patroni import KINDS as CLUSTER_MODE_KINDS
 from chaos.run import Options, run
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     p.add_argument(
         "--faults",
-        default=",".join(KINDS),
+        default=None,
         help=f"comma-separated fault kinds, or 'none' (default: all: {','.join(KINDS)})",
     )
     p.add_argument(
@@ -68,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="the replicas' hold TTL in seconds (default 20)",
     )
+    p.add_argument(
+        "--cluster",
+        choices=["patroni"],
+        help="run against a Patroni cluster (etcd + three PostgreSQL nodes, synchronous"
+        " mode; installs Patroni, etcd and HAProxy when missing); its fault kinds are"
+        f" {','.join(CLUSTER_MODE_KINDS)}",
+    )
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="with --cluster: the replicas connect through HAProxy instead of a multi-host URL",
+    )
+    p.add_argument(
+        "--hang-seconds",
+        type=float,
+        default=25.0,
+        help="with --cluster: how long primary_hang, node_hang and etcd_loss last"
+        " (default 25, longer than Patroni's 20 s TTL)",
+    )
     p.add_argument("--out", type=Path, help="write the summary as JSON here")
     p.add_argument(
         "--work-dir",
@@ -81,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    kinds = [] if args.faults in ("", "none") else [k.strip() for k in args.faults.split(",")]
-    unknown = [k for k in kinds if k not in KINDS]
+    known = CLUSTER_MODE_KINDS if args.cluster else KINDS
+    faults = ",".join(known) if args.faults is None else args.faults
+    kinds = [] if faults in ("", "none") else [k.strip() for k in faults.split(",")]
+    unknown = [k for k in kinds if k not in known]
     if unknown:
         print(f"unknown fault kinds: {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -106,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
         work_dir=args.work_dir,
         keep=args.keep,
+        cluster=args.cluster,
+        haproxy=args.haproxy,
+        hang_seconds=args.hang_seconds,
     )
     code, _ = run(opts)
     return code

@@ -23,13 +23,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2
 
 from booking.v1 import appointment_pb2 as apb
 from chaos.cluster import Cluster
+from chaos.patroni import CLUSTER_KINDS, PatroniChaosCluster
 from chaos.workload import Replicas, Sender, World
+from storage import hosts
 
 KINDS = (
     "terminate_backend",
@@ -61,7 +62,7 @@ class FaultRecord:
 
 @dataclass
 class Injector:
-    cluster: Cluster
+    cluster: Cluster | PatroniChaosCluster
     replicas: Replicas
     world: World
     sender: Sender
@@ -84,6 +85,8 @@ class Injector:
         rec = FaultRecord(kind, time.monotonic())
         self.records.append(rec)
         watcher = asyncio.create_task(self._watch_health(rec))
+        if kind in CLUSTER_KINDS:
+            return await self._inject_cluster(rec, watcher)
         try:
             if kind == "terminate_backend":
                 rec.detail = await self._terminate_backends()
@@ -112,8 +115,48 @@ class Injector:
         rec.to_first_hold = None if hold is None else hold - back
         return rec
 
+    async def _inject_cluster(self, rec: FaultRecord, watcher: asyncio.Task[None]) -> FaultRecord:
+        """A cluster fault: the first successful hold is timed from the
+        fault's start (a hang must not hold the service until the hung node
+        resumes), SERVING from its end."""
+        assert isinstance(self.cluster, PatroniChaosCluster)
+        cluster = self.cluster
+        try:
+            before = await asyncio.to_thread(cluster.prepare)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            watcher.cancel()
+            rec.error = f"{type(exc).__name__}: {exc}"[:300]
+            return rec
+        rec.started = time.monotonic()
+        cluster.hit_at = None
+
+        # The probe starts once the fault has hit, and the clock with it.
+        async def probe() -> float | None:
+            while cluster.hit_at is None:  # noqa: ASYNC110 - set by the fault's thread
+                await asyncio.sleep(0.01)
+            rec.started = cluster.hit_at
+            return await self._until_hold()
+
+        hold = asyncio.create_task(probe())
+        try:
+            rec.detail = await asyncio.to_thread(cluster.cluster_fault, rec.kind, before)
+        except Exception as exc:  # noqa: BLE001 - a fault that failed is reported, not fatal
+            rec.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            watcher.cancel()
+        back = time.monotonic()
+        if cluster.hit_at is None:  # the fault failed before it hit
+            cluster.hit_at = back
+        rec.started = cluster.hit_at
+        rec.duration = back - rec.started
+        serving = await self._until_serving()
+        held = await hold
+        rec.to_serving = None if serving is None else serving - back
+        rec.to_first_hold = None if held is None else held - rec.started
+        return rec
+
     async def _terminate_backends(self) -> str:
-        conn = await asyncpg.connect(self.cluster.url)
+        conn = await hosts.connect(self.cluster.url, timeout=10)
         try:
             pids: list[Any] = []
             # Right after another fault the pools may still be reconnecting.

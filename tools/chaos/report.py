@@ -128,7 +128,8 @@ def render(summary: dict[str, Any]) -> str:
         )
     )
     parts.append(
-        "\nFaults (recovery measured from the end of the fault; median / max seconds)\n"
+        "\nFaults (median / max seconds; to SERVING from the end of the fault, to first"
+        " hold from its end, or from its start for the cluster kinds)\n"
         + _table(
             [
                 "fault",

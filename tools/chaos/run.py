@@ -25,6 +25,7 @@ from chaos.cluster import Cluster, ReplicaSettings
 from chaos.consumers import Consumer
 from chaos.faults import KINDS, FaultRecord, Injector
 from chaos.history import History
+from chaos.patroni import PatroniChaosCluster
 from chaos.report import render, summarize
 from chaos.workload import Client, Replicas, RetryPolicy, Sender, World, login, seed, status_name
 
@@ -54,6 +55,10 @@ class Options:
     out: Path | None = None
     work_dir: Path | None = None
     keep: bool = False
+    # "patroni": a Patroni cluster instead of one PostgreSQL (chaos.patroni).
+    cluster: str | None = None
+    haproxy: bool = False
+    hang_seconds: float = 25.0
 
     def resolved(self) -> Options:
         if self.duration is None and self.operations is None:
@@ -83,7 +88,17 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
     opts.resolved()
     work_dir = opts.work_dir or Path(tempfile.mkdtemp(prefix="booking-chaos-"))
     settings = ReplicaSettings(hold_ttl_seconds=opts.hold_ttl_seconds)
-    cluster = Cluster(work_dir, opts.replicas, settings)
+    cluster: Cluster | PatroniChaosCluster
+    if opts.cluster == "patroni":
+        cluster = PatroniChaosCluster(
+            work_dir,
+            opts.replicas,
+            settings,
+            haproxy=opts.haproxy,
+            hang_seconds=opts.hang_seconds,
+        )
+    else:
+        cluster = Cluster(work_dir, opts.replicas, settings)
     started = time.monotonic()
     try:
         say(f"chaos: starting PostgreSQL and {opts.replicas} replicas in {work_dir}")
@@ -100,6 +115,10 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
     summary["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
+    if isinstance(cluster, PatroniChaosCluster):
+        summary["meta"]["cluster"] = "patroni" + (" via haproxy" if opts.haproxy else "")
+        summary["meta"]["leader_changes"] = cluster.leader_changes
+        say(f"chaos: Patroni cluster, {cluster.leader_changes} leader changes")
     print(render(summary), flush=True)
     if opts.out is not None:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +126,7 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
     return (1 if summary["total_violations"] else 0), summary
 
 
-async def _run(cluster: Cluster, opts: Options) -> dict[str, Any]:
+async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[str, Any]:
     assert opts.seed is not None and opts.users is not None
     assert opts.future_slots is not None and opts.past_slots is not None
     rng = random.Random(opts.seed)
@@ -251,7 +270,7 @@ async def _until_done(
 
 
 async def _settle_and_check(
-    cluster: Cluster,
+    cluster: Cluster | PatroniChaosCluster,
     replicas: Replicas,
     world: World,
     history: History,

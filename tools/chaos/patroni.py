@@ -1,0 +1,165 @@
+"""``chaos --cluster patroni``: the system under test is a Patroni cluster
+(tools/cluster: etcd, three PostgreSQL nodes in synchronous mode) and N
+server replicas on its multi-host URL (or on HAProxy with ``--haproxy``).
+
+It offers what chaos.cluster.Cluster offers (url, replicas, pg_freeze, ...)
+plus the cluster faults, so the injector and the checks are the same ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from chaos.cluster import Replica, ReplicaSettings
+from cluster.patroni import Node, PatroniCluster
+
+# Fault kinds only a cluster has.
+CLUSTER_KINDS = (
+    "primary_kill",  # SIGKILL of the leader's postmaster
+    "primary_hang",  # SIGSTOP of the leader's PostgreSQL, longer than the TTL
+    "node_hang",  # SIGSTOP of the leader's PostgreSQL and Patroni, longer than the TTL
+    "switchover",  # planned, through Patroni's REST API
+    "sync_standby_kill",  # SIGKILL of the synchronous standby's postmaster
+    "etcd_loss",  # the only etcd member frozen, longer than the TTL
+)
+# Kinds of the single-database mode that also apply to a cluster (pg_restart_*
+# are Patroni's to do: a restart behind its back is primary_kill).
+SHARED_KINDS = ("terminate_backend", "kill_replica", "pg_sigstop")
+KINDS = CLUSTER_KINDS + SHARED_KINDS
+
+
+class PatroniChaosCluster:
+    def __init__(
+        self,
+        work_dir: Path,
+        replicas: int,
+        settings: ReplicaSettings,
+        *,
+        haproxy: bool = False,
+        hang_seconds: float = 25.0,
+    ) -> None:
+        self.work_dir = work_dir
+        self.n_replicas = replicas
+        self.settings = settings
+        self.pc = PatroniCluster(work_dir / "cluster", haproxy=haproxy)
+        self.haproxy = haproxy
+        self.hang_seconds = hang_seconds
+        self.replicas: list[Replica] = []
+        self.database_name = "booking"
+        # (fault kind, old leader, new leader) for the report.
+        self.leader_changes = 0
+        # time.monotonic() when the current fault hit (the signal sent, the
+        # switchover requested): recovery is timed from there.
+        self.hit_at: float | None = None
+
+    def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.pc.start()
+        for i in range(self.n_replicas):
+            replica = Replica.create(
+                i, self.service_url, self.work_dir / "logs" / f"replica-{i}.log", self.settings
+            )
+            self.replicas.append(replica)
+            replica.start(timeout=120)
+
+    def close(self, *, keep_database: bool = False) -> None:
+        del keep_database
+        for replica in self.replicas:
+            try:
+                replica.stop()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                replica.kill()
+        self.pc.close()
+
+    # -- facts ---------------------------------------------------------------------
+
+    @property
+    def service_url(self) -> str:
+        return self.pc.haproxy_url() if self.haproxy else self.pc.url()
+
+    @property
+    def url(self) -> str:
+        """The multi-host URL (seeding, checks, terminate_backend)."""
+        return self.pc.url()
+
+    @property
+    def admin_url(self) -> str:
+        return self.pc.url("postgres")
+
+    @property
+    def targets(self) -> list[str]:
+        return [r.target for r in self.replicas]
+
+    def log_paths(self) -> list[Path]:
+        return [r.log_path for r in self.replicas]
+
+    def postgres_pids(self) -> list[int]:
+        return self.pc.leader().postgres_pids()
+
+    # -- faults --------------------------------------------------------------------
+
+    def restart_replica(self, replica: Replica) -> None:
+        replica.start(timeout=120)
+
+    def pg_restart(self, mode: str) -> None:
+        raise ValueError(f"pg_restart_{mode} is not a cluster fault (use primary_kill)")
+
+    def pg_freeze(self, seconds: float) -> int:
+        leader = self.pc.leader()
+        pids = self.pc.freeze(leader)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.pc.thaw(pids)
+        return len(pids)
+
+    def prepare(self) -> Node:
+        """Before a cluster fault: wait until the cluster is healthy (a
+        leader, both standbys streaming, a synchronous standby); the leader."""
+        self.pc.wait_healthy(180)
+        return self.pc.leader()
+
+    def cluster_fault(self, kind: str, before: Node) -> str:
+        """Inject `kind` (`before` is the leader) and return once it is over
+        (the hung node resumed, etcd back); a description for the report."""
+        pc = self.pc
+        if kind == "primary_kill":
+            pc.kill_primary_postmaster()
+            self.hit_at = time.monotonic()
+            detail = f"{before.name}"
+        elif kind in ("primary_hang", "node_hang"):
+            pids = pc.freeze(before, whole_node=kind == "node_hang")
+            self.hit_at = time.monotonic()
+            try:
+                time.sleep(self.hang_seconds)
+            finally:
+                pc.thaw(pids)
+            detail = f"{before.name} for {self.hang_seconds:.0f}s"
+        elif kind == "switchover":
+            self.hit_at = time.monotonic()
+            old, new = pc.switchover()
+            pc.wait_for_leader(60, other_than=old)
+            detail = f"{old.name} -> {new.name}"
+        elif kind == "sync_standby_kill":
+            victim = pc.kill_sync_standby()
+            self.hit_at = time.monotonic()
+            detail = victim.name if victim else "no synchronous standby"
+        elif kind == "etcd_loss":
+            pc.stop_etcd()
+            self.hit_at = time.monotonic()
+            try:
+                time.sleep(self.hang_seconds)
+            finally:
+                pc.start_etcd()
+            detail = f"etcd frozen {self.hang_seconds:.0f}s"
+        else:
+            raise ValueError(f"unknown cluster fault {kind}")
+        after: Node | None = None
+        with contextlib.suppress(Exception):
+            after = pc.wait_for_leader(60)
+        if after is not None and after is not before:
+            self.leader_changes += 1
+            detail += f"; leader {before.name} -> {after.name}"
+        return detail
