@@ -114,7 +114,10 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
             for i in range(config.workers)
         ]
 
+        forwarded: set[int] = set()
+
         def forward(sig: signal.Signals) -> None:
+            forwarded.add(-sig.value)
             for worker in workers:
                 if worker.returncode is None:
                     worker.send_signal(sig)
@@ -123,7 +126,9 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, forward, sig)
         codes = [await w.wait() for w in workers]
-    return next((c for c in codes if c != 0), 0)
+    # A worker still starting up (before its own handler is installed) dies
+    # of the signal forwarded to it: it stopped as asked, which is a clean stop.
+    return next((c for c in codes if c != 0 and c not in forwarded), 0)
 
 
 async def _migrate(config: Config, action: str, count: int) -> int:
