@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -161,6 +162,10 @@ def previous_server(previous_release: Path, empty_database_url: str) -> Iterator
         yield port
 
 
+# Consecutive ABORTED answers one step may get before the test calls it a failure.
+ABORTED_RETRIES = 5
+
+
 class _Client:
     """Just enough of the API to book: the protos are wire-compatible."""
 
@@ -196,20 +201,34 @@ class _Client:
         )
         return [s.id for s in batch.slots]
 
+    async def _call(self, rpc: Any, request: Any) -> Any:
+        """One step, retried as a client is told to when it is ABORTED.
+
+        Every loop books as the same admin, so their transitions contend on
+        that user's lock row; on a loaded machine a step can lose the race
+        ten times and be answered ABORTED (TRANSACTION_CONFLICT, "retry"),
+        with nothing written. Anything else, or a step that keeps being
+        ABORTED, is a failure the test reports."""
+        for attempt in range(ABORTED_RETRIES):
+            try:
+                return await rpc(request, metadata=self.metadata)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.ABORTED or attempt == ABORTED_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     async def book_and_cancel(self, slot_id: str) -> None:
-        held = await self.appointments.HoldSlot(
-            apb.HoldSlotRequest(slot_id=slot_id), metadata=self.metadata
-        )
+        held = await self._call(self.appointments.HoldSlot, apb.HoldSlotRequest(slot_id=slot_id))
         appointment = held.appointment.id
-        await self.appointments.ConfirmAppointment(
-            apb.ConfirmAppointmentRequest(id=appointment), metadata=self.metadata
+        await self._call(
+            self.appointments.ConfirmAppointment, apb.ConfirmAppointmentRequest(id=appointment)
         )
-        await self.appointments.GetAppointment(
-            apb.GetAppointmentRequest(id=appointment), metadata=self.metadata
+        await self._call(
+            self.appointments.GetAppointment, apb.GetAppointmentRequest(id=appointment)
         )
-        await self.appointments.CancelAppointment(
+        await self._call(
+            self.appointments.CancelAppointment,
             apb.CancelAppointmentRequest(id=appointment, reason="upgrade"),
-            metadata=self.metadata,
         )
 
 
