@@ -55,6 +55,7 @@ from service.servicers.waitlist import WaitlistService
 from service.sweeper import sweep_forever
 from storage import embedded, migrate
 from storage.database import Database
+from storage.flights import SlotFlights
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class BookingServer:
         self.config = config
         self.port: int | None = None
         self.db: Database | None = None
+        # Holds of one slot reach the database one at a time from this
+        # server (storage/flights.py): one coalescer per server, not per pool.
+        self.hold_flights = SlotFlights()
         self._health = HealthService()
         self._interceptor: ServiceInterceptor | None = None
         self._hub: EventHub | None = None
@@ -259,7 +263,7 @@ class BookingServer:
             WaitlistService(db, self.config), server
         )
         appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(
-            AppointmentService(db, self.config, hub, authenticator), server
+            AppointmentService(db, self.config, hub, authenticator, self.hold_flights), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable(server, [*SERVICE_NAMES, health.SERVICE_NAME])

@@ -11,9 +11,10 @@ from uuid import UUID
 import asyncpg
 
 from storage import transitions as fn
-from storage.database import Connection, Database
+from storage.database import Connection, Database, Intent
 from storage.errors import AppointmentNotFound
 from storage.events import event_from_row
+from storage.flights import SlotFlights
 from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
 from storage.sql import Conditions
 
@@ -80,11 +81,12 @@ async def _transition(
                 raise
             return await conn.fetchrow(sql, *args)
 
-    return event_from_row(await db.run(work, single_statement=True))
+    return event_from_row(await db.run(work, intent=Intent.WRITE, single_statement=True))
 
 
 async def hold(
     db: Database,
+    flights: SlotFlights,
     *,
     slot_id: UUID,
     user_id: UUID,
@@ -96,9 +98,10 @@ async def hold(
     policy_exempt: bool,
 ) -> AppointmentEvent:
     """Hold a slot. Concurrent holds of one slot in this process reach the
-    database one at a time, and those that wait are answered from the
-    outcome when it shows the slot taken (storage/flights.py); with a
-    request id, that answer is recorded under the id in the database."""
+    database one at a time through `flights` (the server's one coalescer),
+    and those that wait are answered from the outcome when it shows the slot
+    taken (storage/flights.py); with a request id, that answer is recorded
+    under the id in the database."""
 
     def run(on_send: Callable[[], None] | None) -> Awaitable[AppointmentEvent]:
         return _transition(
@@ -116,7 +119,7 @@ async def hold(
         )
 
     if request_id is None:
-        return await db.hold_flights.hold(slot_id, run)
+        return await flights.hold(slot_id, run)
 
     def refuse(status: str) -> Awaitable[AppointmentEvent]:
         return _transition(
@@ -130,7 +133,7 @@ async def hold(
             status=status,
         )
 
-    return await db.hold_flights.hold(slot_id, run, refuse)
+    return await flights.hold(slot_id, run, refuse)
 
 
 async def confirm(
@@ -210,10 +213,7 @@ async def _count(db: Database, function: fn.Function, **values: object) -> int:
     sql = function.sql
     args = function.values(**values)
 
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval(sql, *args))
-
-    return await db.run(work, single_statement=True)
+    return int(await db.fetchval(sql, *args, intent=Intent.WRITE))
 
 
 async def expire_holds(db: Database, limit: int) -> int:
@@ -237,16 +237,13 @@ async def prune_events(db: Database, retention: timedelta, limit: int) -> int:
 async def get(db: Database, appointment_id: UUID, *, owner_id: UUID | None = None) -> Appointment:
     """`owner_id` restricts the lookup to one user's appointments; another
     user's appointment is reported as missing."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
-            " WHERE a.id = $1 AND ($2::uuid IS NULL OR a.user_id = $2)",
-            appointment_id,
-            owner_id,
-        )
-
-    row = await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
+        " WHERE a.id = $1 AND ($2::uuid IS NULL OR a.user_id = $2)",
+        appointment_id,
+        owner_id,
+        intent=Intent.READ,
+    )
     if row is None:
         raise AppointmentNotFound(id=str(appointment_id))
     return _appointment(row)
@@ -275,10 +272,5 @@ async def list_(
         f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
         f"{where.sql(' WHERE ')} ORDER BY s.start_time, a.id LIMIT {where.arg(limit + 1)}"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     return Page([_appointment(r) for r in rows[:limit]], has_more=len(rows) > limit)

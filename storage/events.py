@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from storage.database import Connection, Database, tls_options
+from storage.database import Database, Intent, tls_options
 from storage.errors import CursorCompacted
 from storage.models import (
     Appointment,
@@ -134,12 +134,7 @@ async def read_after(
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
         f" ) ev ON true{_WAITLIST_JOIN} ORDER BY ev.xid, ev.seq"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     pruned = _pruned(rows[0])
     _refuse_compacted(after, pruned)
     pending = bool(rows[0]["pending"])
@@ -155,14 +150,10 @@ async def resume_point(db: Database, after: Position) -> Position:
     or the pruning horizon when `after` is the start of the log and history
     has been pruned. Raises CursorCompacted when events after `after` may
     have been pruned."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq FROM {_PRUNED} c"
-        )
-        return row
-
-    row = await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        f"SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq FROM {_PRUNED} c",
+        intent=Intent.READ,
+    )
     pruned = Position.start() if row is None else _pruned(row)
     _refuse_compacted(after, pruned)
     return max(after, pruned)
@@ -187,14 +178,10 @@ def _refuse_compacted(after: Position, pruned: Position) -> None:
 async def stable_head(db: Database) -> Position:
     """The position a reader starting 'now' should resume after: the newest
     event below the horizon, or the start of the log if there is none."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT head.* FROM (SELECT {_HORIZON} AS x) h, LATERAL ({_STABLE_HEAD}) head"
-        )
-        return row
-
-    row = await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        f"SELECT head.* FROM (SELECT {_HORIZON} AS x) h, LATERAL ({_STABLE_HEAD}) head",
+        intent=Intent.READ,
+    )
     return Position.start() if row is None else Position(int(row["xid"]), int(row["seq"]))
 
 

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from storage import slots, wallclock
 from storage import transitions as fn
-from storage.database import Connection, Database, Isolation
+from storage.database import Connection, Database, Intent, Isolation
 from storage.errors import InvalidValue, RequestIdReused, ScheduleTooLarge, SpecialistNotFound
 from storage.models import Slot, SlotStatus
 from storage.wallclock import ExceptionKind, Schedule, ScheduleException, SkipReason, WeeklyRule
@@ -78,7 +78,7 @@ async def get(db: Database, specialist_id: UUID) -> SpecialistSchedule:
             raise SpecialistNotFound(id=str(specialist_id))
         return SpecialistSchedule(specialist_id, zone, await _read(conn, specialist_id))
 
-    return await db.run(work, read_only=True)
+    return await db.run(work, intent=Intent.READ)
 
 
 async def replace(db: Database, specialist_id: UUID, schedule: Schedule) -> SpecialistSchedule:
@@ -127,7 +127,7 @@ async def replace(db: Database, specialist_id: UUID, schedule: Schedule) -> Spec
         )
         return SpecialistSchedule(specialist_id, zone, await _read(conn, specialist_id))
 
-    return await db.run(work)
+    return await db.run(work, intent=Intent.WRITE)
 
 
 def _fingerprint(specialist_id: UUID, first: date, end: date) -> str:
@@ -326,7 +326,11 @@ async def materialize(
         return report
 
     try:
-        return await db.run(work, isolation=Isolation.READ_COMMITTED, read_only=preview)
+        return await db.run(
+            work,
+            intent=Intent.READ if preview else Intent.WRITE,
+            isolation=Isolation.READ_COMMITTED,
+        )
     except wallclock.TooManySlots as exc:
         raise ScheduleTooLarge(slots=f"more than {exc.limit}", max_slots=str(exc.limit)) from exc
 
@@ -334,12 +338,5 @@ async def materialize(
 async def forget_runs(db: Database, retention: timedelta, limit: int) -> int:
     """Forget up to `limit` materialisation reports older than `retention`."""
     sql = fn.FORGET_SCHEDULE_RUNS.statement()
-
-    async def work(conn: Connection) -> int:
-        return int(
-            await conn.fetchval(
-                sql, *fn.FORGET_SCHEDULE_RUNS.values(retention=retention, limit=limit)
-            )
-        )
-
-    return await db.run(work, single_statement=True)
+    values = fn.FORGET_SCHEDULE_RUNS.values(retention=retention, limit=limit)
+    return int(await db.fetchval(sql, *values, intent=Intent.WRITE))

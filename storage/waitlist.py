@@ -12,7 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from storage import transitions as fn
-from storage.database import Connection, Database
+from storage.database import Database, Intent
 from storage.errors import WaitlistEntryNotFound
 from storage.models import Page, Priority, WaitlistEntry, WaitlistStatus
 from storage.sql import Conditions
@@ -43,10 +43,9 @@ async def _call(db: Database, function: fn.Function, **values: object) -> Waitli
     sql = function.statement()
     args = function.values(**values)
 
-    async def work(conn: Connection) -> asyncpg.Record:
-        return await conn.fetchrow(sql, *args)
-
-    return _entry(await db.run(work, single_statement=True))
+    row = await db.fetchrow(sql, *args, intent=Intent.WRITE)
+    assert row is not None  # the functions return the entry or raise
+    return _entry(row)
 
 
 async def create(
@@ -87,24 +86,18 @@ async def expire(db: Database, limit: int) -> int:
     returns how many."""
     sql = fn.EXPIRE_WAITLIST_ENTRIES.statement()
 
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval(sql, limit))
-
-    return await db.run(work, single_statement=True)
+    return int(await db.fetchval(sql, limit, intent=Intent.WRITE))
 
 
 async def get(db: Database, entry_id: UUID, *, owner_id: UUID | None = None) -> WaitlistEntry:
     """Another user's entry, for an `owner_id`, is reported as missing."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM waitlist_entries"
-            " WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-            entry_id,
-            owner_id,
-        )
-
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM waitlist_entries"
+        " WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
+        entry_id,
+        owner_id,
+        intent=Intent.READ,
+    )
     if row is None:
         raise WaitlistEntryNotFound(id=str(entry_id))
     return _entry(row)
@@ -132,10 +125,5 @@ async def list_(
         f"SELECT {_COLUMNS} FROM waitlist_entries{where.sql(' WHERE ')}"
         f" ORDER BY created_at, id LIMIT {where.arg(limit + 1)}"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True, read_only=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     return Page([_entry(r) for r in rows[:limit]], has_more=len(rows) > limit)

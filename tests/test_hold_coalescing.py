@@ -109,7 +109,7 @@ async def _live(database_url: str, slot_id: str) -> list[str]:
 async def test_callers_waiting_on_a_hold_that_commits_are_refused_without_the_database(
     api: Api, database_url: str
 ) -> None:
-    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    flights = api.server.hold_flights
     herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
     try:
         leader = asyncio.ensure_future(_answer(herd.call(0)))
@@ -145,7 +145,7 @@ async def test_callers_waiting_on_a_hold_that_commits_are_refused_without_the_da
 async def test_when_the_leader_gives_up_a_waiting_caller_can_still_win(
     api: Api, database_url: str, how: str
 ) -> None:
-    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    flights = api.server.hold_flights
     herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
     try:
         leader_call = herd.call(0, seconds=4 if how == "deadline" else 30)
@@ -185,7 +185,7 @@ async def test_when_the_leader_gives_up_a_waiting_caller_can_still_win(
 async def test_a_waiting_hold_with_a_request_id_is_refused_and_its_refusal_remembered(
     api: Api, database_url: str
 ) -> None:
-    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    flights = api.server.hold_flights
     herd, tx, conn = await _setup(api, database_url, 3)
     request_id = str(uuid.uuid4())
     try:
@@ -251,6 +251,7 @@ async def test_the_refusal_of_a_waiting_hold_replays_what_its_request_id_already
     assert db is not None
     held = await store.hold(
         db,
+        api.server.hold_flights,
         slot_id=uuid.UUID(slot.id),
         user_id=uuid.UUID(user),
         priority=Priority.NORMAL,

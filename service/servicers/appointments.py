@@ -19,6 +19,7 @@ from service.validation import Validator
 from storage import appointments as store
 from storage import events as event_store
 from storage.database import Database
+from storage.flights import SlotFlights
 from storage.models import AppointmentEvent, EventFilter, Position, Priority, Role
 
 MAX_REASON = 1000
@@ -40,9 +41,15 @@ def _request_id(v: Validator, value: str) -> UUID | None:
 
 class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
     def __init__(
-        self, db: Database, config: Config, hub: EventHub, authenticator: auth.Authenticator
+        self,
+        db: Database,
+        config: Config,
+        hub: EventHub,
+        authenticator: auth.Authenticator,
+        hold_flights: SlotFlights,
     ) -> None:
         self.db = db
+        self.hold_flights = hold_flights
         self.config = config
         self.hub = hub
         self.authenticator = authenticator
@@ -83,6 +90,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         assert slot_id is not None
         event = await store.hold(
             self.db,
+            self.hold_flights,
             slot_id=slot_id,
             user_id=user_id,
             priority=priority,
