@@ -126,17 +126,25 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
     return next((c for c in codes if c != 0), 0)
 
 
-async def _migrate(config: Config, action: str, count: int) -> int:
+async def _migrate(config: Config, action: str, count: int, contract: bool) -> int:
     async with database(config) as dsn:
         if action == "apply":
-            applied = await asyncio.to_thread(migrate.apply, dsn)
+            applied = await asyncio.to_thread(lambda: migrate.apply(dsn, contract=contract))
             print("applied: " + (", ".join(applied) or "nothing to apply"))
+            waiting = set(await asyncio.to_thread(migrate.pending_contract, dsn))
+            if waiting:
+                print(
+                    "contract migrations waiting for `migrate apply --contract` (once no"
+                    " replica of the previous release is left): " + ", ".join(sorted(waiting))
+                )
         elif action == "rollback":
             rolled = await asyncio.to_thread(migrate.rollback, dsn, count)
             print("rolled back: " + (", ".join(rolled) or "nothing"))
         else:
+            contracts = set(await asyncio.to_thread(migrate.contract_ids))
             for name, done in await asyncio.to_thread(migrate.status, dsn):
-                print(f"{'applied' if done else 'pending'}  {name}")
+                kind = "  (contract)" if name in contracts else ""
+                print(f"{'applied' if done else 'pending'}  {name}{kind}")
     return 0
 
 
@@ -218,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         " migration as applied or pending",
     )
     mig.add_argument("--count", type=int, default=1, help="migrations to roll back (default 1)")
+    mig.add_argument(
+        "--contract",
+        action="store_true",
+        help="with apply: also apply the contract migrations (they drop what only the"
+        " previous release used); run it once no replica of the previous release is left",
+    )
     add_arguments(mig, only=DATABASE_FIELDS)
 
     admin = sub.add_parser("create-admin", help="create an ADMIN user")
@@ -300,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(lambda: _serve_workers(config, list(argv)))
         return _run(lambda: _serve(config))
     if args.command == "migrate":
-        return _run(lambda: _migrate(config, args.action, args.count))
+        return _run(lambda: _migrate(config, args.action, args.count, args.contract))
     if args.command == "create-admin":
         try:
             password = _read_password(args.password_stdin)

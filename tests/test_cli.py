@@ -54,7 +54,7 @@ def test_every_serve_flag_has_a_description(capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.parametrize(
     ("command", "own"),
     [
-        ("migrate", {"--count"}),
+        ("migrate", {"--count", "--contract"}),
         ("create-admin", {"--email", "--password-stdin"}),
     ],
 )
@@ -91,4 +91,31 @@ def test_migrate_list_shows_applied_and_pending(
     assert cli.main(["migrate", "list", "--database-url", database_url]) == 0
     lines = capsys.readouterr().out.split("\n")
     listed = [line.split() for line in lines if line.strip()]
-    assert listed == [["applied" if name != rolled else "pending", name] for name in every], lines
+    contracts = set(migrate.contract_ids())
+    assert listed == [
+        ["applied" if name != rolled else "pending", name]
+        + (["(contract)"] if name in contracts else [])
+        for name in every
+    ], lines
+
+
+def test_migrate_apply_leaves_the_contract_step_to_its_flag(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """An upgraded database gets the expand migrations from a plain apply
+    (and from every replica starting); the contract migrations at the end of
+    the chain wait for `migrate apply --contract`."""
+    monkeypatch.setattr(logs, "configure", lambda level, as_json: None)
+    every = [name for name, _ in migrate.status(database_url)]
+    contract = [m for m in every if m in set(migrate.contract_ids())]
+    assert contract and contract[-1] == every[-1]
+    # Back to the previous release's schema, plus nothing: the chain's tail
+    # is this release's expand migrations, then its contract.
+    migrate.rollback(database_url, len(every) - every.index("0012.history-indexes") - 1)
+    assert cli.main(["migrate", "apply", "--database-url", database_url]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to apply" in out and contract[-1] in out, out
+    assert contract[-1] not in migrate.applied(database_url)
+    assert cli.main(["migrate", "apply", "--contract", "--database-url", database_url]) == 0
+    assert contract[-1] in capsys.readouterr().out
+    assert migrate.applied(database_url) == every
