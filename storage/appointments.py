@@ -10,8 +10,9 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import requests
 from storage import transitions as fn
-from storage.database import Connection, Database, Intent
+from storage.database import Database, Intent
 from storage.errors import AppointmentNotFound
 from storage.events import event_from_row
 from storage.flights import SlotFlights
@@ -40,48 +41,15 @@ def _appointment(row: asyncpg.Record) -> Appointment:
     )
 
 
-_REMEMBER = fn.REMEMBER_FAILURE.statement(
-    {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
-)
-
-
 async def _transition(
     db: Database,
     function: fn.Function,
     on_send: Callable[[], None] | None = None,
     **values: object,
 ) -> AppointmentEvent:
-    """Run a transition; with a request id, its business failure is
-    remembered too, so every copy of the request gets one answer.
-
-    A failure of a request that began executing names the request's key in
-    the error's HINT (storage/sql/requests.sql). Storing it takes a second
-    statement, its own implicit transaction: the failure has already
-    aborted the first. If another copy's outcome was stored first, the
-    request is replayed to answer with that outcome instead. A copy that
-    committed concurrently makes the second statement fail with 40001 or
-    the key's unique violation, and Database.run's retry replays."""
-    sql = function.sql
-    args = function.values(**values)
-    remember = _REMEMBER
-
-    async def work(conn: Connection) -> asyncpg.Record:
-        if on_send is not None:
-            on_send()
-        try:
-            return await conn.fetchrow(sql, *args)
-        except asyncpg.PostgresError as exc:
-            key = getattr(exc, "hint", None) if exc.sqlstate == "BK001" else None
-            if not key:
-                raise
-            stored = await conn.fetchval(
-                remember, key, getattr(exc, "message", None), getattr(exc, "detail", None)
-            )
-            if stored:
-                raise
-            return await conn.fetchrow(sql, *args)
-
-    return event_from_row(await db.run(work, intent=Intent.WRITE, single_statement=True))
+    """Run a transition; with a request id, every copy of the request gets
+    one answer (storage/requests.py)."""
+    return event_from_row(await requests.call(db, function.sql, function.values(**values), on_send))
 
 
 async def hold(

@@ -420,8 +420,8 @@ SQL_REASONS: dict[str, type[BookingError]] = {
 # Two copies of one request racing can collide on their key itself: the
 # retry then replays whatever the other copy stored (its success, or its
 # remembered failure), or reports REQUEST_ID_REUSED when the parameters
-# differ. A waitlist entry keeps its own request id (waitlist.sql).
-RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "waitlist_entries_request"})
+# differ. Every operation's request ids are keys there (requests.sql).
+RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey"})
 
 
 def translate(exc: asyncpg.PostgresError) -> BookingError | None:

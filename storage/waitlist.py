@@ -11,6 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import requests
 from storage import transitions as fn
 from storage.database import Database, Intent
 from storage.errors import WaitlistEntryNotFound
@@ -40,12 +41,9 @@ def _entry(row: asyncpg.Record) -> WaitlistEntry:
 
 
 async def _call(db: Database, function: fn.Function, **values: object) -> WaitlistEntry:
-    sql = function.statement()
-    args = function.values(**values)
-
-    row = await db.fetchrow(sql, *args, intent=Intent.WRITE)
-    assert row is not None  # the functions return the entry or raise
-    return _entry(row)
+    """Run a waitlist function; with a request id, every copy of the request
+    gets one answer (storage/requests.py)."""
+    return _entry(await requests.call(db, function.sql, function.values(**values)))
 
 
 async def create(

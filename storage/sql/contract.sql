@@ -4,6 +4,6 @@
 -- This release changed no signature the previous release (v0.2.0) calls,
 -- so nothing is kept here for it: the wrappers that were here, and the old
 -- generations of the request-id functions, were dropped by the contract
--- migration 0013. A function whose signature changes gets a versioned
+-- migration 0014. A function whose signature changes gets a versioned
 -- name; its old version moves here, and the next release's contract
 -- migration drops it.

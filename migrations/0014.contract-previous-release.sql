@@ -1,4 +1,4 @@
--- depends: 0012.history-indexes
+-- depends: 0013.one-request-id-mechanism
 -- contract: drops the functions only the previous releases called
 --
 -- The previous release (v0.2.0) calls the transitions by their unversioned
