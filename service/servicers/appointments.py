@@ -11,28 +11,23 @@ from booking.v1 import appointment_pb2 as pb
 from booking.v1 import appointment_pb2_grpc
 from service import auth, convert, pagination, telemetry
 from service.config import Config
-from service.errors import FieldViolation, InvalidArgument, PermissionDenied
+from service.errors import FieldViolation, InvalidArgument
 from service.event_hub import EventHub, Heartbeat
 from service.grpc_types import Context
-from service.policy import policy_exempt
+from service.policy import act_for, check_priority, owner_scope, policy_exempt, scope_to_caller
 from service.validation import Validator
 from storage import appointments as store
 from storage import events as event_store
 from storage.database import Database
 from storage.flights import SlotFlights
-from storage.models import AppointmentEvent, EventFilter, Position, Priority, Role
+from storage.models import AppointmentEvent, EventFilter, Position, Priority
 
 MAX_REASON = 1000
 WIRE_CACHE_SIZE = 8192
 
 
 def _owner(caller: auth.Caller) -> UUID | None:
-    """The owner a caller is restricted to: itself for a CLIENT, else None.
-
-    Passed down to storage so a CLIENT asking about someone else's
-    appointment gets NOT_FOUND, exactly as if it did not exist."""
-    user = caller.require_user()
-    return user.id if user.role is Role.CLIENT else None
+    return owner_scope(caller.require_user())
 
 
 def _request_id(v: Validator, value: str) -> UUID | None:
@@ -78,15 +73,12 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         caller = auth.current().require_user()
         v = Validator()
         slot_id = v.uuid("slot_id", request.slot_id)
-        user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
+        requested = v.uuid("user_id", request.user_id, required=False)
         priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
         request_id = _request_id(v, request.request_id)
         v.check()
-        if caller.role is Role.CLIENT:
-            if user_id != caller.id:
-                raise PermissionDenied(detail="a CLIENT may only hold slots for itself")
-            if priority is not Priority.NORMAL:
-                raise PermissionDenied(detail="only operators may set VIP or URGENT priority")
+        user_id = act_for(caller, requested, what="hold slots for itself")
+        check_priority(caller, priority)
         assert slot_id is not None
         event = await store.hold(
             self.db,
@@ -194,11 +186,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         """The user filter, forced to the caller for a CLIENT."""
         caller = auth.current().require_user()
         user_id = v.uuid(field, value, required=False)
-        if caller.role is Role.CLIENT:
-            if user_id is not None and user_id != caller.id:
-                raise PermissionDenied(detail="a CLIENT may only see its own appointments")
-            return caller.id
-        return user_id
+        return scope_to_caller(caller, user_id, what="see its own appointments")
 
     async def ListAppointments(
         self, request: pb.ListAppointmentsRequest, context: Context

@@ -7,6 +7,7 @@ from service import auth, convert, pagination, passwords
 from service.config import Config
 from service.errors import PermissionDenied, Unauthenticated
 from service.grpc_types import Context
+from service.policy import scope_to_caller
 from service.ratelimit import PerKeyRate, peer_host, retry_after
 from service.validation import Validator, field_mask_paths
 from storage import users as store
@@ -62,9 +63,8 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         v = Validator()
         user_id = v.uuid("id", request.id)
         v.check()
-        if not auth.current().is_staff and user_id != caller.id:
-            raise PermissionDenied(detail="a CLIENT may only read itself")
         assert user_id is not None
+        scope_to_caller(caller, user_id, what="read itself")
         return user_pb2.GetUserResponse(user=convert.user(await store.get(self.db, user_id)))
 
     async def ListUsers(
