@@ -79,7 +79,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         v.check()
         user_id = act_for(caller, requested, what="hold slots for itself")
         check_priority(caller, priority)
-        assert slot_id is not None
         event = await store.hold(
             self.db,
             self.hold_flights,
@@ -102,7 +101,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         appointment_id = v.uuid("id", request.id)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None
         event = await store.confirm(
             self.db,
             appointment_id,
@@ -121,7 +119,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         reason = v.text("reason", request.reason, required=False, max_length=MAX_REASON)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None
         user = caller.require_user()
         event = await store.cancel(
             self.db,
@@ -142,7 +139,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         appointment_id = v.uuid("id", request.id)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None
         event = await store.mark_no_show(
             self.db, appointment_id, actor_id=caller.id, request_id=request_id
         )
@@ -157,7 +153,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         new_slot_id = v.uuid("new_slot_id", request.new_slot_id)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None and new_slot_id is not None
         user = caller.require_user()
         event = await store.reschedule(
             self.db,
@@ -178,7 +173,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         v = Validator()
         appointment_id = v.uuid("id", request.id)
         v.check()
-        assert appointment_id is not None
         found = await store.get(self.db, appointment_id, owner_id=_owner(caller))
         return pb.GetAppointmentResponse(appointment=convert.appointment(found))
 

@@ -51,7 +51,6 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         time_zone = v.time_zone("time_zone", request.time_zone)
         policy = _policy(v, "booking_policy", request.booking_policy, POLICY_FIELDS)
         v.check()
-        assert full_name is not None and service_type is not None
         created = await store.create(
             self.db,
             full_name=full_name.strip(),
@@ -67,7 +66,6 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         v = Validator()
         specialist_id = v.uuid("id", request.id)
         v.check()
-        assert specialist_id is not None
         found = await store.get(self.db, specialist_id)
         return pb.GetSpecialistResponse(specialist=convert.specialist(found))
 
@@ -124,7 +122,6 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
             v, "specialist.booking_policy", request.specialist.booking_policy, policy_names
         )
         v.check()
-        assert specialist_id is not None
         updated = await store.update(
             self.db,
             specialist_id,

@@ -81,7 +81,6 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
         v = Validator()
         entry_id = v.uuid("id", request.id)
         v.check()
-        assert entry_id is not None
         entry = await store.get(self.db, entry_id, owner_id=_owner(caller))
         return pb.GetWaitlistEntryResponse(waitlist_entry=convert.waitlist_entry(entry))
 
@@ -123,6 +122,5 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
         v = Validator()
         entry_id = v.uuid("id", request.id)
         v.check()
-        assert entry_id is not None
         entry = await store.cancel(self.db, entry_id, owner_id=_owner(caller))
         return pb.CancelWaitlistEntryResponse(waitlist_entry=convert.waitlist_entry(entry))
