@@ -1,5 +1,5 @@
 """SQL for appointments: the transitions (server-side functions in
-storage/sql/, one round trip each on success, called as storage/transitions.py
+storage/sql/, one round trip each on success, called as storage/functions.py
 names them) and the reads."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import functions as fn
 from storage import requests
-from storage import transitions as fn
+from storage.conditions import Conditions
 from storage.database import Database, Intent
 from storage.errors import AppointmentNotFound
 from storage.events import event_from_row
 from storage.flights import SlotFlights
 from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
-from storage.sql import Conditions
 
 _COLUMNS = (
     "a.id, a.user_id, a.specialist_id, a.time_slot_id, a.status, a.priority,"

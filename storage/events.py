@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from storage.conditions import Conditions
 from storage.database import Database, Intent, tls_options
 from storage.errors import CursorCompacted
 from storage.models import (
@@ -25,7 +26,6 @@ from storage.models import (
     Position,
     Priority,
 )
-from storage.sql import Conditions
 
 EVENT_COLUMNS = (
     "e.id, e.xid::text::bigint AS xid, e.seq, e.appointment_id, e.event_type, e.old_status,"

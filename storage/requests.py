@@ -13,7 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
-from storage import transitions as fn
+from storage import functions as fn
 from storage.database import Connection, Database, Intent
 
 _REMEMBER = fn.REMEMBER_FAILURE.statement(

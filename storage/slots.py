@@ -9,11 +9,11 @@ from uuid import UUID
 
 import asyncpg
 
-from storage import transitions as fn
+from storage import functions as fn
+from storage.conditions import Conditions
 from storage.database import Connection, Database, Intent
 from storage.errors import SlotNotFound, SpecialistInactive, SpecialistNotFound
 from storage.models import AvailableSlot, Page, Slot, SlotStatus
-from storage.sql import Conditions
 
 _COLUMNS = "id, specialist_id, start_time, end_time, status, created_at"
 _INSERT_SLOTS = fn.INSERT_SLOTS.statement(

@@ -8,10 +8,10 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from storage.conditions import Conditions
 from storage.database import Database, Intent
 from storage.errors import SpecialistNotFound
 from storage.models import POLICY_FIELDS, BookingPolicy, Page, Specialist
-from storage.sql import Conditions
 
 _COLUMNS = (
     "id, full_name, service_type, is_active, created_at, updated_at, time_zone, "

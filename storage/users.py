@@ -8,10 +8,10 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from storage.conditions import Conditions
 from storage.database import Connection, Database, Intent
 from storage.errors import UserNotFound
 from storage.models import Page, Role, User
-from storage.sql import Conditions
 
 _COLUMNS = "id, email, role, is_active, created_at, updated_at"
 

@@ -11,12 +11,12 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import functions as fn
 from storage import requests
-from storage import transitions as fn
+from storage.conditions import Conditions
 from storage.database import Database, Intent
 from storage.errors import WaitlistEntryNotFound
 from storage.models import Page, Priority, WaitlistEntry, WaitlistStatus
-from storage.sql import Conditions
 
 _COLUMNS = (
     "id, user_id, specialist_id, service_type, window_start, window_end, priority, status,"

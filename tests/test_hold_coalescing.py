@@ -19,7 +19,7 @@ from booking.v1 import appointment_pb2 as apb
 from booking.v1 import appointment_pb2_grpc
 from storage import appointments as store
 from storage import deadline
-from storage import transitions as fn
+from storage import functions as fn
 from storage.errors import DeadlineExceeded, SlotUnavailable, UserInactive
 from storage.flights import SlotFlights
 from storage.models import Priority, Role
