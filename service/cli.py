@@ -1,5 +1,5 @@
 """The booking-service command: serve, migrate, create-admin, policy-defaults,
-bench, chaos."""
+and the subcommands tools register (bench, chaos: TOOLS_GROUP below)."""
 
 from __future__ import annotations
 
@@ -265,10 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
     add_arguments(policy, only=DATABASE_FIELDS)
 
-    # Listed for --help only; main() hands `bench ...` to the harness.
-    sub.add_parser("bench", help="run the benchmark harness (booking-service bench --help)")
-    sub.add_parser("chaos", help="run the fault-injection suite (booking-service chaos --help)")
+    # Listed for --help only; main() hands `bench ...` to the tool's entry point.
+    for name in sorted(KNOWN_TOOLS.keys() | _tools().keys()):
+        what = KNOWN_TOOLS.get(name, "a tool's subcommand")
+        sub.add_parser(name, help=f"{what} (booking-service {name} --help)")
     return parser
+
+
+# Subcommands other distributions add: an entry point in this group names a
+# function main(argv) -> int. The benchmark and the fault-injection suite
+# register theirs (tools/pyproject.toml); the product never imports them. It
+# names the ones it documents, so an install without them says where they are.
+TOOLS_GROUP = "booking_service.commands"
+KNOWN_TOOLS = {
+    "bench": "run the benchmark harness",
+    "chaos": "run the fault-injection suite",
+}
+
+
+def _tools() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=TOOLS_GROUP)}
 
 
 def _tools_missing(command: str) -> int:
@@ -282,26 +298,13 @@ def _tools_missing(command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # The harness parses its own flags (booking-service bench --help).
-        try:
-            from bench.harness import main as bench_main
-        except ModuleNotFoundError as exc:
-            if exc.name != "bench":
-                raise
-            return _tools_missing("bench")
-
-        return int(bench_main(argv[1:]))
-    if argv[:1] == ["chaos"]:
-        # Imported only when asked for, like the benchmark harness.
-        try:
-            from chaos.__main__ import main as chaos_main
-        except ModuleNotFoundError as exc:
-            if exc.name != "chaos":
-                raise
-            return _tools_missing("chaos")
-
-        return int(chaos_main(argv[1:]))
+    if argv[:1]:
+        # A tool parses its own flags (booking-service bench --help).
+        tool = _tools().get(argv[0])
+        if tool is not None:
+            return int(tool.load()(argv[1:]))
+        if argv[0] in KNOWN_TOOLS:
+            return _tools_missing(argv[0])
     args = build_parser().parse_args(argv)
     try:
         config = from_sources(args)
