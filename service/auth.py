@@ -32,7 +32,7 @@ from storage import users as user_store
 from storage.auth import AUTH_CHANNEL
 from storage.database import Database
 from storage.errors import InvalidCredentials, LoginThrottled
-from storage.events import Listener
+from storage.listener import Listener
 from storage.models import Role, User
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from service.errors import ShuttingDown, TooManyStreams
 from storage import events as store
 from storage.database import Database
 from storage.errors import CursorCompacted, DatabaseTimeout, DatabaseUnavailable
+from storage.listener import Listener
 from storage.models import AppointmentEvent, EventFilter, Position
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class EventHub:
         self._idle = True
         self._task: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
-        self._listener: store.Listener | None = None
+        self._listener: Listener | None = None
         self._read_outage = _Outage("reading appointment events again")
         self._listen_outage = _Outage("listening for events again")
 
@@ -172,8 +173,11 @@ class EventHub:
             return
         try:
             # Bounded: a stalled database must not stall the tail loop too.
-            self._listener = await store.Listener.open(
-                self.db.dsn, lambda _: self._poke.set(), connect_within=LISTEN_CONNECT_SECONDS
+            self._listener = await Listener.open(
+                self.db.dsn,
+                lambda _: self._poke.set(),
+                store.CHANNEL,
+                connect_within=LISTEN_CONNECT_SECONDS,
             )
             self._listen_outage.over()
         except Exception:  # noqa: BLE001 - polling covers for a missing listener
