@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.metadata
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
 from service import cli, logs
-from service.config import Config
+from service.config import Config, ConfigError, from_sources
 from storage import migrate
 
 
@@ -121,3 +122,26 @@ def test_migrate_apply_leaves_the_contract_step_to_its_flag(
     assert cli.main(["migrate", "apply", "--contract", "--database-url", database_url]) == 0
     assert contract[-1] in capsys.readouterr().out
     assert migrate.applied(database_url) == every
+
+
+def test_environment_values_are_parsed_by_each_fields_type() -> None:
+    config = from_sources(
+        None,
+        {
+            "BOOKING_PORT": "0",
+            "BOOKING_LOG_JSON": "yes",
+            "BOOKING_HOLD_TTL_SECONDS": "1.5",
+            "BOOKING_METRICS_PORT": "",
+            "BOOKING_MAX_CONNECTION_AGE_GRACE_SECONDS": "2.5",
+            "BOOKING_DATA_DIR": "/tmp/somewhere",
+            "DATABASE_URL": "",
+        },
+    )
+    assert config.port == 0 and config.log_json is True and config.hold_ttl_seconds == 1.5
+    assert config.metrics_port is None and config.database_url is None
+    assert config.max_connection_age_grace_seconds == 2.5
+    assert config.data_dir == Path("/tmp/somewhere")
+    with pytest.raises(ConfigError, match="BOOKING_PORT"):
+        from_sources(None, {"BOOKING_PORT": "eighty"})
+    with pytest.raises(ConfigError, match="BOOKING_LOG_JSON"):
+        from_sources(None, {"BOOKING_LOG_JSON": "maybe"})
