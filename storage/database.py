@@ -18,6 +18,7 @@ import contextlib
 import enum
 import logging
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -357,57 +358,37 @@ class Database:
             raise
 
     # One statement, asyncpg-style. Each runs as its own implicit transaction
-    # (one round trip); a READ is a statement that only reads.
+    # (one round trip) within the request's deadline; a READ is a statement
+    # that only reads.
 
-    async def fetch(
+    async def fetch(self, sql: str, *args: object, intent: Intent) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._statement("fetch", sql, args, intent)
+        return rows
+
+    async def fetchrow(self, sql: str, *args: object, intent: Intent) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._statement("fetchrow", sql, args, intent)
+        return row
+
+    async def fetchval(self, sql: str, *args: object, intent: Intent) -> Any:
+        return await self._statement("fetchval", sql, args, intent)
+
+    async def execute(self, sql: str, *args: object, intent: Intent) -> str:
+        return str(await self._statement("execute", sql, args, intent))
+
+    async def _statement(
         self,
+        method: str,
         sql: str,
-        *args: object,
+        args: tuple[object, ...],
         intent: Intent,
-        timeout: float | None = None,  # noqa: ASYNC109 - see run()
-    ) -> list[asyncpg.Record]:
-        async def work(conn: Connection) -> list[asyncpg.Record]:
-            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
-            return rows
-
-        return await self.run(work, intent=intent, single_statement=True, timeout=timeout)
-
-    async def fetchrow(
-        self,
-        sql: str,
-        *args: object,
-        intent: Intent,
-        timeout: float | None = None,  # noqa: ASYNC109 - see run()
-    ) -> asyncpg.Record | None:
-        async def work(conn: Connection) -> asyncpg.Record | None:
-            row: asyncpg.Record | None = await conn.fetchrow(sql, *args)
-            return row
-
-        return await self.run(work, intent=intent, single_statement=True, timeout=timeout)
-
-    async def fetchval(
-        self,
-        sql: str,
-        *args: object,
-        intent: Intent,
-        timeout: float | None = None,  # noqa: ASYNC109 - see run()
     ) -> Any:
         async def work(conn: Connection) -> Any:
-            return await conn.fetchval(sql, *args)
+            return await getattr(conn, method)(sql, *args)
 
-        return await self.run(work, intent=intent, single_statement=True, timeout=timeout)
-
-    async def execute(
-        self,
-        sql: str,
-        *args: object,
-        intent: Intent,
-        timeout: float | None = None,  # noqa: ASYNC109 - see run()
-    ) -> str:
-        async def work(conn: Connection) -> str:
-            return str(await conn.execute(sql, *args))
-
-        return await self.run(work, intent=intent, single_statement=True, timeout=timeout)
+        # Named after the storage function that called fetch() & co. (two
+        # frames up), as its own closure was: the tracing span's name.
+        work.__qualname__ = f"{sys._getframe(2).f_code.co_qualname}.work"
+        return await self.run(work, intent=intent, single_statement=True)
 
     async def _run(
         self,
