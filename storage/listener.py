@@ -147,38 +147,41 @@ class KeptListener:
     async def run(self) -> None:
         backoff = self.retry_after
         while True:
-            if not self.alive:
-                self.drop()
-                try:
-                    self.listener = await Listener.open(
-                        self.dsn,
-                        self.on_notify,
-                        self.channel,
-                        application_name=self.application_name,
-                        connect_within=self.connect_within,
-                    )
-                except Exception as exc:  # noqa: BLE001 - the owner decides what it means
-                    self.on_unreachable(exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.max_backoff)
-                    continue
-                self.on_up()
-                # Whatever happened while nobody listened is unknown.
-                self.on_lost()
-            started = time.monotonic()
-            assert self.listener is not None
-            try:
-                await self.listener.ping(self.ping_timeout)
-            except Exception:  # noqa: BLE001 - any failure means "not listening"
-                log.warning("the %s listener stopped answering; reconnecting", self.channel)
-                self.drop()
+            if await self._listening():
+                backoff = self.retry_after
+                await asyncio.sleep(self.ping_every)
+            else:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
-                continue
-            backoff = self.retry_after
-            self.confirmed = started
-            self.on_confirmed(started)
-            await asyncio.sleep(self.ping_every)
+
+    async def _listening(self) -> bool:
+        """(Re)connect if need be, then one round trip: whether it worked."""
+        if self.listener is None or not self.listener.alive:
+            self.drop()
+            try:
+                self.listener = await Listener.open(
+                    self.dsn,
+                    self.on_notify,
+                    self.channel,
+                    application_name=self.application_name,
+                    connect_within=self.connect_within,
+                )
+            except Exception as exc:  # noqa: BLE001 - the owner decides what it means
+                self.on_unreachable(exc)
+                return False
+            self.on_up()
+            # Whatever happened while nobody listened is unknown.
+            self.on_lost()
+        started = time.monotonic()
+        try:
+            await self.listener.ping(self.ping_timeout)
+        except Exception:  # noqa: BLE001 - any failure means "not listening"
+            log.warning("the %s listener stopped answering; reconnecting", self.channel)
+            self.drop()
+            return False
+        self.confirmed = started
+        self.on_confirmed(started)
+        return True
 
     def drop(self) -> None:
         """Forget the connection (terminated, not closed: a half-open one
