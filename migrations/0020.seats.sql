@@ -1,4 +1,4 @@
--- depends: 0012.history-indexes
+-- depends: 0013.one-request-id-mechanism
 --
 -- Seats (docs/seats.md): a slot has a capacity (default 1) and up to that
 -- many seats are taken by its live appointments, each with a party size.

@@ -2,7 +2,8 @@
 --
 -- Durability across failover (storage/durability.py): booking_sync_barrier(),
 -- a transaction's way to wait until every commit it can see is on the
--- synchronous standbys, and a request-id replay that calls it before it
+-- synchronous standbys, and the request-id replay (every operation's:
+-- transitions, waitlist entries, materialisations) calls it before it
 -- answers, so a retry never answers OK for a commit that was made visible
 -- without the standbys (its wait cancelled). Same signature.
 
@@ -16,27 +17,15 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION booking_begin_request(
+CREATE OR REPLACE FUNCTION booking_request_outcome(
     p_operation text, p_actor_id uuid, p_request_id uuid, VARIADIC p_params text[]
-) RETURNS appointment_events
+) RETURNS idempotency_keys
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_actor uuid;
-    v_fingerprint text;
+    v_actor uuid := booking_request_actor(p_actor_id);
+    v_fingerprint text := md5(concat_ws('|', VARIADIC p_params));
     v_key idempotency_keys;
-    v_event appointment_events;
 BEGIN
-    -- Every transition starts here, so the common case is kept cheap: the
-    -- isolation is tested inline (a PERFORM is a query of its own, run only
-    -- to raise the error), and a request without an id computes no key.
-    IF current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
-        PERFORM booking_require_snapshot_isolation();
-    END IF;
-    IF p_request_id IS NULL THEN
-        RETURN NULL;
-    END IF;
-    v_actor := booking_request_actor(p_actor_id);
-    v_fingerprint := md5(concat_ws('|', VARIADIC p_params));
     SELECT * INTO v_key FROM idempotency_keys
     WHERE actor_id = v_actor AND request_id = p_request_id;
     IF NOT FOUND THEN
@@ -49,14 +38,15 @@ BEGIN
         PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
             'request_id', p_request_id, 'operation', v_key.operation));
     END IF;
-    IF v_key.event_id IS NULL THEN
+    IF v_key.error_reason IS NOT NULL THEN
         PERFORM booking_fail(v_key.error_reason, v_key.error_detail);
     END IF;
-    SELECT * INTO v_event FROM appointment_events WHERE id = v_key.event_id;
     -- A replay answers OK for a commit that may have been made visible
     -- without the synchronous standbys (its wait cancelled): this
-    -- transaction's own commit then waits for them (durability.sql).
+    -- transaction's own commit then waits for them (durability.sql). A
+    -- replayed failure has aborted this transaction; storage/requests.py
+    -- runs the barrier after it.
     PERFORM booking_sync_barrier();
-    RETURN v_event;
+    RETURN v_key;
 END
 $$;

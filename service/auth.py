@@ -32,7 +32,7 @@ from storage import users as user_store
 from storage.auth import AUTH_CHANNEL
 from storage.database import Database
 from storage.errors import InvalidCredentials, LoginThrottled
-from storage.events import Listener
+from storage.listener import KeptListener
 from storage.models import Role, User
 
 log = logging.getLogger(__name__)
@@ -215,13 +215,27 @@ class Authenticator:
         self.cache = TokenCache(config.token_cache_seconds)
         self._follower: asyncio.Task[None] | None = None
         self._rechecker: asyncio.Task[None] | None = None
-        self._listener: Listener | None = None
-        self._confirmed = -float("inf")  # monotonic start of the last good ping
+        self._listener = KeptListener(
+            db.dsn,
+            AUTH_CHANNEL,
+            self._on_change,
+            application_name="booking-auth-listener",
+            ping_every=self.PING_SECONDS,
+            ping_timeout=self.PING_TIMEOUT,
+            connect_within=self.PING_TIMEOUT * 5,
+            retry_after=self.PING_SECONDS,
+            max_backoff=self.MAX_BACKOFF,
+            on_lost=self._lost,
+            on_unreachable=lambda exc: log.warning(
+                "cannot LISTEN for auth changes; not caching tokens"
+            ),
+            on_confirmed=self._confirm,
+        )
         self._guards: dict[UUID, set[StreamGuard]] = {}
 
     async def start(self) -> None:
         # Also without a cache: open streams learn of revocations from it.
-        self._follower = asyncio.create_task(self._follow(), name="auth-invalidations")
+        self._follower = asyncio.create_task(self._listener.run(), name="auth-invalidations")
         self._rechecker = asyncio.create_task(self._recheck(), name="auth-stream-recheck")
 
     async def stop(self) -> None:
@@ -232,19 +246,19 @@ class Authenticator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._follower = self._rechecker = None
-        if self._listener is not None:
-            await self._listener.close()
-            self._listener = None
+        await self._listener.close()
 
     @property
     def listening(self) -> bool:
         """Whether every invalidation up to about now has reached us."""
-        listener = self._listener
         return (
-            listener is not None
-            and listener.alive
-            and time.monotonic() - self._confirmed < self.TRUST_SECONDS
+            self._listener.alive
+            and time.monotonic() - self._listener.confirmed < self.TRUST_SECONDS
         )
+
+    def _confirm(self, started: float) -> None:
+        # Every invalidation committed before `started` has reached us.
+        self.cache.trusted = True
 
     def _on_change(self, payload: str) -> None:
         try:
@@ -268,49 +282,6 @@ class Authenticator:
             wakes.add(guard.wake)
         for wake in wakes:
             wake()
-
-    async def _follow(self) -> None:
-        """Keep a listener for invalidations, and keep checking it is alive."""
-        backoff = self.PING_SECONDS
-        while True:
-            if self._listener is None or not self._listener.alive:
-                self._drop_listener()
-                try:
-                    self._listener = await Listener.open(
-                        self.db.dsn,
-                        self._on_change,
-                        channel=AUTH_CHANNEL,
-                        application_name="booking-auth-listener",
-                        connect_within=self.PING_TIMEOUT * 5,
-                    )
-                except Exception:  # noqa: BLE001 - without it, every call asks the database
-                    log.warning("cannot LISTEN for auth changes; not caching tokens")
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.MAX_BACKOFF)
-                    continue
-                # Whatever happened while we were not listening is unknown.
-                self._lost()
-            started = time.monotonic()
-            try:
-                await self._listener.ping(self.PING_TIMEOUT)
-            except Exception:  # noqa: BLE001 - any failure means "not listening"
-                log.warning("the auth listener stopped answering; reconnecting")
-                self._drop_listener()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.MAX_BACKOFF)
-                continue
-            backoff = self.PING_SECONDS
-            self._confirmed = started
-            self.cache.trusted = True
-            await asyncio.sleep(self.PING_SECONDS)
-
-    def _drop_listener(self) -> None:
-        self._confirmed = -float("inf")
-        if self._listener is not None:
-            # Not close(): a half-open connection would make us wait for it.
-            self._listener.terminate()
-            self._listener = None
-        self._lost()
 
     async def _recheck(self) -> None:
         while True:

@@ -1,5 +1,5 @@
 """The booking-service command: serve, migrate, create-admin, policy-defaults,
-bench, chaos."""
+and the subcommands tools register (bench, chaos: TOOLS_GROUP below)."""
 
 from __future__ import annotations
 
@@ -131,17 +131,25 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
     return next((c for c in codes if c != 0 and c not in forwarded), 0)
 
 
-async def _migrate(config: Config, action: str, count: int) -> int:
+async def _migrate(config: Config, action: str, count: int, contract: bool) -> int:
     async with database(config) as dsn:
         if action == "apply":
-            applied = await asyncio.to_thread(migrate.apply, dsn)
+            applied = await asyncio.to_thread(lambda: migrate.apply(dsn, contract=contract))
             print("applied: " + (", ".join(applied) or "nothing to apply"))
+            waiting = set(await asyncio.to_thread(migrate.pending_contract, dsn))
+            if waiting:
+                print(
+                    "contract migrations waiting for `migrate apply --contract` (once no"
+                    " replica of the previous release is left): " + ", ".join(sorted(waiting))
+                )
         elif action == "rollback":
             rolled = await asyncio.to_thread(migrate.rollback, dsn, count)
             print("rolled back: " + (", ".join(rolled) or "nothing"))
         else:
+            contracts = set(await asyncio.to_thread(migrate.contract_ids))
             for name, done in await asyncio.to_thread(migrate.status, dsn):
-                print(f"{'applied' if done else 'pending'}  {name}")
+                kind = "  (contract)" if name in contracts else ""
+                print(f"{'applied' if done else 'pending'}  {name}{kind}")
     return 0
 
 
@@ -223,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         " migration as applied or pending",
     )
     mig.add_argument("--count", type=int, default=1, help="migrations to roll back (default 1)")
+    mig.add_argument(
+        "--contract",
+        action="store_true",
+        help="with apply: also apply the contract migrations (they drop what only the"
+        " previous release used); run it once no replica of the previous release is left",
+    )
     add_arguments(mig, only=DATABASE_FIELDS)
 
     admin = sub.add_parser("create-admin", help="create an ADMIN user")
@@ -256,10 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
     add_arguments(policy, only=DATABASE_FIELDS)
 
-    # Listed for --help only; main() hands `bench ...` to the harness.
-    sub.add_parser("bench", help="run the benchmark harness (booking-service bench --help)")
-    sub.add_parser("chaos", help="run the fault-injection suite (booking-service chaos --help)")
+    # Listed for --help only; main() hands `bench ...` to the tool's entry point.
+    for name in sorted(KNOWN_TOOLS.keys() | _tools().keys()):
+        what = KNOWN_TOOLS.get(name, "a tool's subcommand")
+        sub.add_parser(name, help=f"{what} (booking-service {name} --help)")
     return parser
+
+
+# Subcommands other distributions add: an entry point in this group names a
+# function main(argv) -> int. The benchmark and the fault-injection suite
+# register theirs (tools/pyproject.toml); the product never imports them. It
+# names the ones it documents, so an install without them says where they are.
+TOOLS_GROUP = "booking_service.commands"
+KNOWN_TOOLS = {
+    "bench": "run the benchmark harness",
+    "chaos": "run the fault-injection suite",
+}
+
+
+def _tools() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=TOOLS_GROUP)}
 
 
 def _tools_missing(command: str) -> int:
@@ -273,26 +303,13 @@ def _tools_missing(command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # The harness parses its own flags (booking-service bench --help).
-        try:
-            from bench.harness import main as bench_main
-        except ModuleNotFoundError as exc:
-            if exc.name != "bench":
-                raise
-            return _tools_missing("bench")
-
-        return int(bench_main(argv[1:]))
-    if argv[:1] == ["chaos"]:
-        # Imported only when asked for, like the benchmark harness.
-        try:
-            from chaos.__main__ import main as chaos_main
-        except ModuleNotFoundError as exc:
-            if exc.name != "chaos":
-                raise
-            return _tools_missing("chaos")
-
-        return int(chaos_main(argv[1:]))
+    if argv[:1]:
+        # A tool parses its own flags (booking-service bench --help).
+        tool = _tools().get(argv[0])
+        if tool is not None:
+            return int(tool.load()(argv[1:]))
+        if argv[0] in KNOWN_TOOLS:
+            return _tools_missing(argv[0])
     args = build_parser().parse_args(argv)
     try:
         config = from_sources(args)
@@ -305,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(lambda: _serve_workers(config, list(argv)))
         return _run(lambda: _serve(config))
     if args.command == "migrate":
-        return _run(lambda: _migrate(config, args.action, args.count))
+        return _run(lambda: _migrate(config, args.action, args.count, args.contract))
     if args.command == "create-admin":
         try:
             password = _read_password(args.password_stdin)

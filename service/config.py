@@ -1,10 +1,13 @@
 """Configuration: one typed object, built once at start-up from the
-environment and command-line flags (flags win), and validated there."""
+environment and command-line flags (flags win), and validated there. Each
+field's --help text is its ``metadata["help"]``, the one place it is
+written; values are parsed by the field's resolved type."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -19,15 +22,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
-    host: str = "127.0.0.1"
-    port: int = 50051
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "address to listen on (:: or 0.0.0.0 for every interface)"},
+    )
+    port: int = field(default=50051, metadata={"help": "port to listen on; 0 picks a free one"})
     # Unset: start an embedded PostgreSQL with its data under data_dir.
-    database_url: str | None = None
-    data_dir: Path = Path(".data")
-    migrate_on_start: bool = True
-    pool_min_size: int = 2
-    pool_max_size: int = 10
-    hold_ttl_seconds: float = 300.0
+    database_url: str | None = field(
+        default=None,
+        metadata={"help": "PostgreSQL URL; unset starts an embedded PostgreSQL under --data-dir"},
+    )
+    data_dir: Path = field(
+        default=Path(".data"), metadata={"help": "where the embedded PostgreSQL keeps its data"}
+    )
+    migrate_on_start: bool = field(
+        default=True, metadata={"help": "apply pending schema migrations at start-up"}
+    )
+    pool_min_size: int = field(default=2, metadata={"help": "database connections kept open"})
+    pool_max_size: int = field(default=10, metadata={"help": "most database connections at once"})
+    hold_ttl_seconds: float = field(
+        default=300.0,
+        metadata={"help": "how long a HELD slot stays held before the sweeper releases it"},
+    )
     # How long a waiter has to confirm a slot the waitlist offers (docs/waitlist.md):
     # longer than a hold, since the user must first hear of it.
     waitlist_offer_ttl_seconds: float = field(
@@ -37,9 +53,15 @@ class Config:
             " an entry keeps the value in force when it was created"
         },
     )
-    sweep_interval_seconds: float = 5.0
-    sweep_batch_size: int = 500
-    check_user_overlap: bool = True
+    sweep_interval_seconds: float = field(
+        default=5.0, metadata={"help": "how often lapsed holds are released"}
+    )
+    sweep_batch_size: int = field(
+        default=500, metadata={"help": "most holds released per sweep transaction"}
+    )
+    check_user_overlap: bool = field(
+        default=True, metadata={"help": "refuse a user two appointments that overlap in time"}
+    )
     # How long a request_id's outcome is remembered (docs/api.md); the
     # sweeper forgets older ones.
     request_id_retention_hours: float = field(
@@ -75,28 +97,52 @@ class Config:
         default=366,
         metadata={"help": "most days from a series' first occurrence to its last"},
     )
-    allow_self_signup: bool = True
+    allow_self_signup: bool = field(
+        default=True, metadata={"help": "let anonymous callers create CLIENT users"}
+    )
     # Anonymous CreateUser calls one client address may make per minute, per
     # server: each costs an argon2 hash, and each answers whether an email
     # is registered (docs/auth.md).
-    signups_per_minute: int = 10
-    token_ttl_seconds: int = 3600
+    signups_per_minute: int = field(
+        default=10, metadata={"help": "anonymous sign-ups one client address may make per minute"}
+    )
+    token_ttl_seconds: int = field(default=3600, metadata={"help": "lifetime of an access token"})
     # How long a server may reuse a token lookup; invalidated at once by
     # NOTIFY on any change (docs/auth.md). 0 looks every token up every time.
-    token_cache_seconds: float = 30.0
-    login_max_failures: int = 5
-    login_lockout_seconds: int = 300
-    max_streams: int = 1000
-    heartbeat_seconds: float = 5.0
-    event_poll_seconds: float = 0.5
-    grace_seconds: float = 10.0
+    token_cache_seconds: float = field(
+        default=30.0,
+        metadata={"help": "how long a token lookup may be reused; 0 looks up every call"},
+    )
+    login_max_failures: int = field(
+        default=5, metadata={"help": "failed logins before an account is locked out"}
+    )
+    login_lockout_seconds: int = field(default=300, metadata={"help": "how long a lockout lasts"})
+    max_streams: int = field(
+        default=1000, metadata={"help": "most event streams open at once per server"}
+    )
+    heartbeat_seconds: float = field(
+        default=5.0, metadata={"help": "interval of heartbeats on an idle event stream"}
+    )
+    event_poll_seconds: float = field(
+        default=0.5, metadata={"help": "how often the event reader polls when no NOTIFY arrives"}
+    )
+    grace_seconds: float = field(
+        default=10.0, metadata={"help": "on SIGTERM, how long in-flight calls get to finish"}
+    )
     # Server processes sharing the port through SO_REUSEPORT (Linux).
-    workers: int = 1
-    log_level: str = "INFO"
-    log_json: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
+    workers: int = field(
+        default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT, Linux)"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_json: bool = field(default=False, metadata={"help": "log one JSON object per line"})
+    tls_cert: Path | None = field(
+        default=None, metadata={"help": "PEM certificate chain; with --tls-key serves TLS"}
+    )
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle; clients must present a certificate it signed (mTLS)"},
+    )
     # Connections (docs in README "Operating it"): grpc's own default refuses
     # client pings more often than every 5 minutes with GOAWAY too_many_pings.
     keepalive_min_ping_seconds: float = field(
@@ -274,62 +320,38 @@ def env_name(field: str) -> str:
     return "DATABASE_URL" if field == "database_url" else f"BOOKING_{field.upper()}"
 
 
+# Each field's type, resolved (the annotations are strings here).
+_TYPES: dict[str, Any] = typing.get_type_hints(Config)
+
+
 def _parse(field_type: Any, raw: str, name: str) -> Any:
+    """`raw` as a value of `field_type` (bool, int, float, str, Path, or one
+    of them or None: empty is None)."""
     text = raw.strip()
+    args = typing.get_args(field_type)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), field_type) if args else field_type
     try:
-        if field_type in (bool, "bool"):
+        if optional and not text:
+            return None
+        if base is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
-        if field_type in (int, "int"):
+        if base is int:
             return int(text)
-        if field_type == "int | None":
-            return int(text) if text else None
-        if field_type in (float, "float"):
+        if base is float:
             return float(text)
-        if field_type == "float | None":
-            return float(text) if text else None
-        if "Path" in str(field_type):
+        if base is Path:
             return Path(text) if text else None
-        if text == "" and "None" in str(field_type):
-            return None
-        return text
+        if base is str:
+            return text
     except ValueError:
         raise ConfigError(f"{name}: cannot parse {raw!r} as {field_type}") from None
+    raise TypeError(f"no parser for {name}: {field_type}")
 
-
-# What each field without its own "help" metadata means, for --help.
-HELP: dict[str, str] = {
-    "host": "address to listen on (:: or 0.0.0.0 for every interface)",
-    "port": "port to listen on; 0 picks a free one",
-    "database_url": "PostgreSQL URL; unset starts an embedded PostgreSQL under --data-dir",
-    "data_dir": "where the embedded PostgreSQL keeps its data",
-    "migrate_on_start": "apply pending schema migrations at start-up",
-    "pool_min_size": "database connections kept open",
-    "pool_max_size": "most database connections at once",
-    "hold_ttl_seconds": "how long a HELD slot stays held before the sweeper releases it",
-    "sweep_interval_seconds": "how often lapsed holds are released",
-    "sweep_batch_size": "most holds released per sweep transaction",
-    "check_user_overlap": "refuse a user two appointments that overlap in time",
-    "allow_self_signup": "let anonymous callers create CLIENT users",
-    "signups_per_minute": "anonymous sign-ups one client address may make per minute",
-    "token_ttl_seconds": "lifetime of an access token",
-    "token_cache_seconds": "how long a token lookup may be reused; 0 looks up every call",
-    "login_max_failures": "failed logins before an account is locked out",
-    "login_lockout_seconds": "how long a lockout lasts",
-    "max_streams": "most event streams open at once per server",
-    "heartbeat_seconds": "interval of heartbeats on an idle event stream",
-    "event_poll_seconds": "how often the event reader polls when no NOTIFY arrives",
-    "grace_seconds": "on SIGTERM, how long in-flight calls get to finish",
-    "workers": "server processes sharing the port (SO_REUSEPORT, Linux)",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "log_json": "log one JSON object per line",
-    "tls_cert": "PEM certificate chain; with --tls-key serves TLS",
-    "tls_key": "PEM private key of --tls-cert",
-    "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
-}
 
 # What the commands other than serve read of the configuration.
 DATABASE_FIELDS = ("database_url", "data_dir", "log_level", "log_json")
@@ -344,10 +366,10 @@ def add_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | None = 
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"env {env_name(f.name)} (default: {f.default})"
-        description = f.metadata.get("help") or HELP.get(f.name)
+        description = f.metadata.get("help")
         if description:
             help_text = f"{description}; {help_text}"
-        if f.type in (bool, "bool"):
+        if _TYPES[f.name] is bool:
             parser.add_argument(
                 flag,
                 dest=f.name,
@@ -369,7 +391,7 @@ def from_sources(
         if isinstance(flag_value, bool):
             values[f.name] = flag_value
         elif flag_value is not None:
-            values[f.name] = _parse(f.type, flag_value, "--" + f.name.replace("_", "-"))
+            values[f.name] = _parse(_TYPES[f.name], flag_value, "--" + f.name.replace("_", "-"))
         elif env_name(f.name) in environ:
-            values[f.name] = _parse(f.type, environ[env_name(f.name)], env_name(f.name))
+            values[f.name] = _parse(_TYPES[f.name], environ[env_name(f.name)], env_name(f.name))
     return Config(**values).validate()

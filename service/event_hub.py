@@ -30,6 +30,7 @@ from storage.errors import (
     DatabaseTimeout,
     DatabaseUnavailable,
 )
+from storage.listener import KeptListener
 from storage.models import AppointmentEvent, EventFilter, Position
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class StreamGuard(Protocol):
 
 # A listener that cannot connect within this long is given up for this round.
 LISTEN_CONNECT_SECONDS = 5.0
+# The listener proves itself with a round trip this often; until a lost one
+# is back, the tail polls (every poll interval), so nothing is missed.
+LISTEN_PING_SECONDS = 5.0
 
 
 class _Outage:
@@ -117,14 +121,33 @@ class EventHub:
         self._idle = True
         self._task: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
-        self._listener: store.Listener | None = None
         self._read_outage = _Outage("reading appointment events again")
         self._listen_outage = _Outage("listening for events again")
+        self._listener = KeptListener(
+            db.dsn,
+            store.CHANNEL,
+            lambda _: self._poke.set(),
+            application_name="booking-listener",
+            ping_every=LISTEN_PING_SECONDS,
+            ping_timeout=LISTEN_CONNECT_SECONDS,
+            connect_within=LISTEN_CONNECT_SECONDS,
+            # Retried as often as the tail polls meanwhile.
+            retry_after=poll_interval,
+            max_backoff=poll_interval,
+            # Notifications may have been missed: read the table now.
+            on_lost=self._poke.set,
+            on_up=self._listen_outage.over,
+            on_unreachable=lambda exc: self._listen_outage.report(
+                "cannot LISTEN for events; polling every %.1fs", self.poll_interval
+            ),
+        )
+        self._keeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # The ring starts (from the newest stable event) when the first stream opens.
         self._task = asyncio.create_task(self._tail(), name="event-hub-tail")
         self._announcer = asyncio.create_task(self._announce(), name="event-hub-announcer")
+        self._keeper = asyncio.create_task(self._listener.run(), name="event-hub-listener")
 
     def committed(self) -> None:
         """Called after a transition commits: wake this server's tail reader
@@ -139,7 +162,7 @@ class EventHub:
             await self._announce_wanted.wait()
             await asyncio.sleep(PACE)
             self._announce_wanted.clear()
-            listener = self._listener
+            listener = self._listener.listener
             if listener is None or not listener.alive:
                 continue  # other replicas fall back to polling
             try:
@@ -154,15 +177,13 @@ class EventHub:
 
     async def stop(self) -> None:
         self.close_streams()
-        for task in (self._task, self._announcer):
+        for task in (self._task, self._announcer, self._keeper):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._task = self._announcer = None
-        if self._listener is not None:
-            await self._listener.close()
-            self._listener = None
+        self._task = self._announcer = self._keeper = None
+        await self._listener.close()
 
     def wake(self) -> None:
         """Get every waiting stream to look at its state (and its guard)."""
@@ -172,27 +193,11 @@ class EventHub:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def _ensure_listener(self) -> None:
-        if self._listener is not None and self._listener.alive:
-            return
-        try:
-            # Bounded: a stalled database must not stall the tail loop too.
-            self._listener = await store.Listener.open(
-                self.db.dsn, lambda _: self._poke.set(), connect_within=LISTEN_CONNECT_SECONDS
-            )
-            self._listen_outage.over()
-        except Exception:  # noqa: BLE001 - polling covers for a missing listener
-            self._listener = None
-            self._listen_outage.report(
-                "cannot LISTEN for events; polling every %.1fs", self.poll_interval
-            )
-
     async def _tail(self) -> None:
         # After a wake-up whose events are not stable yet (an older
         # transaction is still open), look again soon, backing off.
         retry = 0.0
         while True:
-            await self._ensure_listener()
             timeout = retry or self.poll_interval
             await wait_up_to(self._poke, timeout)
             await asyncio.sleep(PACE)  # let a burst of commits share one read

@@ -62,6 +62,7 @@ from service.servicers.webhooks import WebhookService
 from service.sweeper import sweep_forever
 from storage import durability, embedded, migrate
 from storage.database import Database
+from storage.flights import SlotFlights
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,9 @@ class BookingServer:
         self.config = config
         self.port: int | None = None
         self.db: Database | None = None
+        # Holds of one slot reach the database one at a time from this
+        # server (storage/flights.py): one coalescer per server, not per pool.
+        self.hold_flights = SlotFlights()
         self._health = HealthService()
         self._interceptor: ServiceInterceptor | None = None
         self._hub: EventHub | None = None
@@ -306,7 +310,7 @@ class BookingServer:
             WaitlistService(db, self.config), server
         )
         appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(
-            AppointmentService(db, self.config, hub, authenticator), server
+            AppointmentService(db, self.config, hub, authenticator, self.hold_flights), server
         )
         calendar_pb2_grpc.add_CalendarFeedServiceServicer_to_server(CalendarFeedService(db), server)
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(db), server)

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from service import telemetry
 from storage import appointments as store
-from storage import schedules, waitlist
+from storage import waitlist
 from storage.database import Database
 from storage.errors import DatabaseTimeout, DatabaseUnavailable
 
@@ -53,11 +53,6 @@ async def sweep_forever(
         forgotten = await _count(
             "forgetting expired request ids",
             store.forget_request_ids(db, request_id_retention, batch_size),
-        )
-        # Materialisation reports are replayed as long as request ids are.
-        forgotten += await _count(
-            "forgetting old schedule reports",
-            schedules.forget_runs(db, request_id_retention, batch_size),
         )
         pruned = 0
         if event_retention is not None:

@@ -1,12 +1,21 @@
 """Request validation: everything a client can get wrong is caught here and
 reported as INVALID_ARGUMENT with one field violation per problem, before
-any database work."""
+any database work.
+
+A required id, text or email comes back typed as present (``UUID``, not
+``UUID | None``): when it is missing or bad, the method records the violation
+and returns a placeholder of the type, which nothing may use, because
+:meth:`Validator.check` raises before the handler goes on. So a handler
+validates every field, calls check() once, and uses the values without
+asserting them. Values that later checks compare (timestamps, local times,
+dates, enums, bounds) stay ``None`` when bad, so a bad field never adds a
+second, misleading violation to another one."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 from uuid import UUID
 
 from google.protobuf.message import Message
@@ -24,6 +33,9 @@ MAX_SECONDS = 253402300799
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
+# The placeholder of a required id that failed validation (see above).
+_NO_UUID = UUID(int=0)
+
 
 class Validator:
     """Collects violations so a client learns about every bad field at once."""
@@ -38,41 +50,60 @@ class Validator:
         if self.violations:
             raise InvalidArgument(violations=list(self.violations))
 
+    @overload
+    def uuid(self, field: str, value: str, *, required: Literal[True] = ...) -> UUID: ...
+    @overload
+    def uuid(self, field: str, value: str, *, required: bool) -> UUID | None: ...
     def uuid(self, field: str, value: str, *, required: bool = True) -> UUID | None:
         if not value:
             if required:
                 self.fail(field, "required")
-            return None
+            return _NO_UUID if required else None
         try:
             return UUID(value)
         except ValueError:
             self.fail(field, f"not a UUID: {value[:64]!r}")
-            return None
+            return _NO_UUID if required else None
 
+    @overload
+    def text(
+        self, field: str, value: str, *, required: Literal[True] = ..., max_length: int = ...
+    ) -> str: ...
+    @overload
+    def text(
+        self, field: str, value: str, *, required: bool, max_length: int = ...
+    ) -> str | None: ...
     def text(
         self, field: str, value: str, *, required: bool = True, max_length: int = 200
     ) -> str | None:
+        missing = "" if required else None
         if "\x00" in value:
             self.fail(field, "must not contain NUL characters")
-            return None
+            return missing
         if not value.strip():
             if required:
                 self.fail(field, "required")
-            return None
+            return missing
         if len(value) > max_length:
             self.fail(field, f"at most {max_length} characters")
-            return None
+            return missing
         return value
 
+    @overload
+    def email(self, field: str, value: str, *, required: Literal[True] = ...) -> str: ...
+    @overload
+    def email(self, field: str, value: str, *, required: bool) -> str | None: ...
     def email(self, field: str, value: str, *, required: bool = True) -> str | None:
+        missing = "" if required else None
+        errors = len(self.violations)
         text = self.text(field, value, required=required, max_length=254)
-        if text is None:
-            return None
+        if text is None or len(self.violations) > errors:
+            return missing
         text = text.strip()
         local, at, domain = text.rpartition("@")
         if not at or not local or "." not in domain or any(c.isspace() for c in text):
             self.fail(field, "not an email address")
-            return None
+            return missing
         return text
 
     def timestamp(

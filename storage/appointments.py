@@ -1,5 +1,5 @@
 """SQL for appointments: the transitions (server-side functions in
-storage/sql/, one round trip each on success, called as storage/transitions.py
+storage/sql/, one round trip each on success, called as storage/functions.py
 names them) and the reads."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from uuid import UUID
 
 import asyncpg
 
-from storage import durability
-from storage import transitions as fn
-from storage.database import Connection, Database
+from storage import functions as fn
+from storage import requests
+from storage.conditions import Conditions
+from storage.database import Database, Intent
 from storage.errors import AppointmentNotFound
 from storage.events import event_from_row
+from storage.flights import SlotFlights
 from storage.models import Appointment, AppointmentEvent, AppointmentStatus, Page, Priority
-from storage.sql import Conditions
 
 _COLUMNS = (
     "a.id, a.user_id, a.specialist_id, a.time_slot_id, a.status, a.priority,"
@@ -44,59 +45,28 @@ def _appointment(row: asyncpg.Record) -> Appointment:
     )
 
 
-_REMEMBER = fn.REMEMBER_FAILURE.statement(
-    {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
-)
-
-
 async def _transition(
     db: Database,
     function: fn.Function,
     on_send: Callable[[], None] | None = None,
     **values: object,
 ) -> AppointmentEvent:
-    """Run a transition; with a request id, its business failure is
-    remembered too, so every copy of the request gets one answer.
-
-    A failure of a request that began executing names the request's key in
-    the error's HINT (storage/sql/requests.sql). Storing it takes a second
-    statement, its own implicit transaction: the failure has already
-    aborted the first. If another copy's outcome was stored first, the
-    request is replayed to answer with that outcome instead. A copy that
-    committed concurrently makes the second statement fail with 40001 or
-    the key's unique violation, and Database.run's retry replays."""
-    sql = function.sql
-    args = function.values(**values)
-    remember = _REMEMBER
-    replayable = values.get("request_id") is not None
-
-    async def work(conn: Connection) -> asyncpg.Record:
-        if on_send is not None:
-            on_send()
-        try:
-            return await conn.fetchrow(sql, *args)
-        except asyncpg.PostgresError as exc:
-            key = getattr(exc, "hint", None) if exc.sqlstate == "BK001" else None
-            if not key:
-                if exc.sqlstate == "BK001" and replayable:
-                    # A request id's stored failure (or a reused id): the
-                    # failed transaction waited for nobody, so a barrier
-                    # makes sure the stored outcome is on the synchronous
-                    # standbys before it is answered (storage/durability.py).
-                    await durability.barrier(conn)
-                raise
-            stored = await conn.fetchval(
-                remember, key, getattr(exc, "message", None), getattr(exc, "detail", None)
-            )
-            if stored:
-                raise
-            return await conn.fetchrow(sql, *args)
-
-    return event_from_row(await db.run(work, single_statement=True))
+    """Run a transition; with a request id, every copy of the request gets
+    one answer (storage/requests.py)."""
+    return event_from_row(
+        await requests.call(
+            db,
+            function.sql,
+            function.values(**values),
+            on_send,
+            replayable=values.get("request_id") is not None,
+        )
+    )
 
 
 async def hold(
     db: Database,
+    flights: SlotFlights,
     *,
     slot_id: UUID,
     user_id: UUID,
@@ -111,7 +81,8 @@ async def hold(
     """Hold `party_size` seats of a slot. Concurrent holds of one slot in
     this process reach the database one at a time, and those that wait are
     answered from the outcome when it shows every seat taken
-    (storage/flights.py); with a request id, that answer is recorded under
+    (storage/flights.py, through `flights`, the server's one coalescer);
+    with a request id, that answer is recorded under
     the id in the database. A party of several seats goes to the database
     on its own: its refusal would say nothing about a smaller party, and
     the recorded refusal (booking_refuse_hold) is a one-seat request's."""
@@ -139,7 +110,7 @@ async def hold(
         event = await run(None)
         return replace(event, appointment=replace(event.appointment, party_size=party_size))
     if request_id is None:
-        return await db.hold_flights.hold(slot_id, run)
+        return await flights.hold(slot_id, run)
 
     def refuse(status: str) -> Awaitable[AppointmentEvent]:
         return _transition(
@@ -153,7 +124,7 @@ async def hold(
             status=status,
         )
 
-    return await db.hold_flights.hold(slot_id, run, refuse)
+    return await flights.hold(slot_id, run, refuse)
 
 
 async def confirm(
@@ -233,10 +204,7 @@ async def _count(db: Database, function: fn.Function, **values: object) -> int:
     sql = function.sql
     args = function.values(**values)
 
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval(sql, *args))
-
-    return await db.run(work, single_statement=True)
+    return int(await db.fetchval(sql, *args, intent=Intent.WRITE))
 
 
 async def expire_holds(db: Database, limit: int) -> int:
@@ -260,16 +228,13 @@ async def prune_events(db: Database, retention: timedelta, limit: int) -> int:
 async def get(db: Database, appointment_id: UUID, *, owner_id: UUID | None = None) -> Appointment:
     """`owner_id` restricts the lookup to one user's appointments; another
     user's appointment is reported as missing."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
-            " WHERE a.id = $1 AND ($2::uuid IS NULL OR a.user_id = $2)",
-            appointment_id,
-            owner_id,
-        )
-
-    row = await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
+        " WHERE a.id = $1 AND ($2::uuid IS NULL OR a.user_id = $2)",
+        appointment_id,
+        owner_id,
+        intent=Intent.READ,
+    )
     if row is None:
         raise AppointmentNotFound(id=str(appointment_id))
     return _appointment(row)
@@ -298,10 +263,5 @@ async def list_(
         f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
         f"{where.sql(' WHERE ')} ORDER BY s.start_time, a.id LIMIT {where.arg(limit + 1)}"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     return Page([_appointment(r) for r in rows[:limit]], has_more=len(rows) > limit)

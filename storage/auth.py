@@ -5,9 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from uuid import UUID
 
-import asyncpg
-
-from storage.database import Connection, Database, Isolation
+from storage.database import Connection, Database, Intent, Isolation
 from storage.models import Role, User
 
 # Notified (by triggers, migrations/0004) with a user id whenever that user's
@@ -19,36 +17,30 @@ async def create_token(
     db: Database, *, user_id: UUID, token_hash: bytes, ttl: timedelta
 ) -> datetime:
     """Store a token's digest; returns when it expires."""
-
-    async def work(conn: Connection) -> datetime:
-        expires: datetime = await conn.fetchval(
-            "INSERT INTO access_tokens (token_hash, user_id, expires_at)"
-            " VALUES ($1, $2, now() + $3) RETURNING expires_at",
-            token_hash,
-            user_id,
-            ttl,
-        )
-        return expires
-
-    return await db.run(work, single_statement=True)
+    expires: datetime = await db.fetchval(
+        "INSERT INTO access_tokens (token_hash, user_id, expires_at)"
+        " VALUES ($1, $2, now() + $3) RETURNING expires_at",
+        token_hash,
+        user_id,
+        ttl,
+        intent=Intent.WRITE,
+    )
+    return expires
 
 
 async def resolve_token(db: Database, token_hash: bytes) -> tuple[User, float] | None:
     """The active user a live token belongs to, and the seconds until the
     token expires (by the database's clock, so a cache can count them down
     without trusting this host's clock), or None."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            "SELECT u.id, u.email, u.role, u.is_active, u.created_at, u.updated_at,"
-            " extract(epoch FROM t.expires_at - clock_timestamp())::float8 AS remaining"
-            " FROM access_tokens t JOIN users u ON u.id = t.user_id"
-            " WHERE t.token_hash = $1 AND t.revoked_at IS NULL"
-            " AND t.expires_at > clock_timestamp() AND u.is_active",
-            token_hash,
-        )
-
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(
+        "SELECT u.id, u.email, u.role, u.is_active, u.created_at, u.updated_at,"
+        " extract(epoch FROM t.expires_at - clock_timestamp())::float8 AS remaining"
+        " FROM access_tokens t JOIN users u ON u.id = t.user_id"
+        " WHERE t.token_hash = $1 AND t.revoked_at IS NULL"
+        " AND t.expires_at > clock_timestamp() AND u.is_active",
+        token_hash,
+        intent=Intent.READ,
+    )
     if row is None:
         return None
     user = User(
@@ -63,14 +55,11 @@ async def resolve_token(db: Database, token_hash: bytes) -> tuple[User, float] |
 
 
 async def revoke_token(db: Database, token_hash: bytes) -> None:
-    async def work(conn: Connection) -> None:
-        await conn.execute(
-            "UPDATE access_tokens SET revoked_at = now()"
-            " WHERE token_hash = $1 AND revoked_at IS NULL",
-            token_hash,
-        )
-
-    await db.run(work, single_statement=True)
+    await db.execute(
+        "UPDATE access_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL",
+        token_hash,
+        intent=Intent.WRITE,
+    )
 
 
 async def take_attempt(db: Database, email: str, *, max_failures: int, window: timedelta) -> float:
@@ -112,15 +101,13 @@ async def take_attempt(db: Database, email: str, *, max_failures: int, window: t
         )
         return max(0.001, remaining or 0.0)
 
-    return await db.run(work, isolation=Isolation.READ_COMMITTED)
+    return await db.run(work, intent=Intent.WRITE, isolation=Isolation.READ_COMMITTED)
 
 
 async def clear_failures(db: Database, email: str) -> None:
     """A successful login: forget the key's attempts (its own included)."""
-
-    async def work(conn: Connection) -> None:
-        await conn.execute(
-            "DELETE FROM login_throttle WHERE email_key = booking_email_key($1)", email
-        )
-
-    await db.run(work, single_statement=True)
+    await db.execute(
+        "DELETE FROM login_throttle WHERE email_key = booking_email_key($1)",
+        email,
+        intent=Intent.WRITE,
+    )

@@ -1,9 +1,14 @@
 """The connection pool and the one transaction helper.
 
-Every statement storage/ runs goes through :meth:`Database.run`, which
-picks the isolation level explicitly, retries serialization failures and
-deadlocks with bounded, jittered backoff, and turns database errors into
-domain errors.
+Every statement storage/ runs goes through :class:`Database`: :meth:`~Database.run`
+for a transaction of several statements, and the asyncpg-style shortcuts
+:meth:`~Database.fetch`, :meth:`~Database.fetchrow`, :meth:`~Database.fetchval`
+and :meth:`~Database.execute` for one statement. Each call states its
+:class:`Intent` (a required argument): whether it only reads or may write.
+The intent decides how the call is run and retried, and it is what routes a
+read to a standby. Every call picks its isolation level explicitly, retries
+serialization failures and deadlocks with bounded, jittered backoff, and
+turns database errors into domain errors (storage/errors.py).
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,12 +28,28 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from storage import deadline, durability, errors, hosts
-from storage.flights import SlotFlights
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Connection: TypeAlias = asyncpg.Connection  # Any: asyncpg is untyped
+
+
+class Intent(enum.Enum):
+    """What a call does to the database; every call says which.
+
+    READ: it only reads. A multi-statement read runs in a READ ONLY
+    transaction (the database refuses a write in it), and a read is tried
+    again on another connection after a lost one: it cannot apply anything
+    twice. Reads are what may be served by a standby.
+
+    WRITE: it may change something. It runs on the primary, and after a lost
+    connection it is tried again only when asyncpg refused it before
+    anything was sent (the change might otherwise have committed).
+    """
+
+    READ = "read"
+    WRITE = "write"
 
 
 class Isolation(enum.StrEnum):
@@ -59,22 +80,6 @@ class RetryPolicy:
 
 
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
-
-# Two copies of one request racing can collide on their key itself: the
-# retry then replays whatever the other copy stored (its success, or its
-# remembered failure), or reports REQUEST_ID_REUSED when the parameters
-# differ. A waitlist entry keeps its own request id (waitlist.sql).
-# Two holds racing into each other's buffer (storage/sql/buffers.sql) meet
-# on appointments_buffers_apart: the retry sees the winner and is refused
-# WITHIN_BUFFER by the check.
-_RETRYABLE_CONSTRAINTS = frozenset(
-    {
-        "idempotency_keys_pkey",
-        "waitlist_entries_request",
-        "appointments_buffers_apart",
-        "appointment_series_request",
-    }
-)
 
 # Class 08 (connection), 53300 (too many connections) and 57P0x (shutdown):
 # the database, not the request, is the problem. So is 25006 (read-only
@@ -148,62 +153,8 @@ class _Broken(Exception):
         self.retry_safe = retry_safe
 
 
-def translate(exc: asyncpg.PostgresError) -> errors.BookingError | None:
-    """The domain error for a database error, or None if it is unexpected."""
-    if exc.sqlstate == "BK001":
-        return _from_sql_function(exc)
-    constraint = getattr(exc, "constraint_name", None)
-    if isinstance(exc, asyncpg.UniqueViolationError) and constraint == "users_email_key":
-        return errors.EmailTaken(email=_detail_value(exc) or "")
-    if isinstance(exc, asyncpg.ExclusionViolationError) and constraint == "time_slots_no_overlap":
-        # Key (specialist_id, tstzrange(...))=(<id>, [...)): the id comes first.
-        return errors.SlotOverlap(specialist_id=(_detail_value(exc) or "").split(",")[0])
-    if isinstance(exc, asyncpg.ForeignKeyViolationError):
-        if constraint == "time_slots_specialist_id_fkey":
-            return errors.SpecialistNotFound(id=_detail_value(exc) or "")
-        if constraint in ("appointments_user_id_fkey", "access_tokens_user_id_fkey"):
-            return errors.UserNotFound(id=_detail_value(exc) or "")
-    if isinstance(
-        exc, (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
-    ):
-        return errors.InvalidValue(
-            field=getattr(exc, "column_name", None) or "text",
-            description="contains a character PostgreSQL cannot store (NUL)",
-        )
-    if isinstance(exc, (asyncpg.DatetimeFieldOverflowError, asyncpg.InvalidDatetimeFormatError)):
-        return errors.InvalidValue(
-            field=getattr(exc, "column_name", None) or "timestamp",
-            description="timestamp out of range",
-        )
-    return None
-
-
 def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
-
-
-def _detail_value(exc: asyncpg.PostgresError) -> str | None:
-    """The value from a 'Key (col)=(value) ...' detail, when there is one."""
-    detail = getattr(exc, "detail", None) or ""
-    start = detail.find(")=(")
-    if start < 0:
-        return None
-    end = detail.find(")", start + 3)
-    return detail[start + 3 : end if end > 0 else None]
-
-
-def _from_sql_function(exc: asyncpg.PostgresError) -> errors.BookingError:
-    reason = str(getattr(exc, "message", ""))
-    try:
-        fields: dict[str, Any] = json.loads(getattr(exc, "detail", None) or "{}")
-    except ValueError:
-        fields = {}
-    cls = errors.SQL_REASONS.get(reason)
-    if cls is None:
-        raise RuntimeError(f"SQL function raised unknown reason {reason!r}") from exc
-    # The detail's keys are the error's fields (a test pins every
-    # booking_fail call in storage/sql/ to this); a JSON null stays None.
-    return cls(**{key: None if value is None else str(value) for key, value in fields.items()})
 
 
 async def _reset(conn: Connection) -> None:
@@ -340,8 +291,6 @@ class Database:
         self.span: Callable[[Callable[..., Any], int], AbstractContextManager[None]] | None = None
         # Calls waiting for a pooled connection right now.
         self.acquiring = 0
-        # Holds of one slot reach the database one at a time from here.
-        self.hold_flights = SlotFlights()
         # Commits made visible without the synchronous standbys (storage/durability.py).
         self.commits = durability.CommitWatch()
 
@@ -392,12 +341,15 @@ class Database:
         self,
         work: Callable[[Connection], Awaitable[T]],
         *,
+        intent: Intent,
         isolation: Isolation = DEFAULT_ISOLATION,
         single_statement: bool = False,
-        read_only: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - also cancels on the server
     ) -> T:
         """Run `work` in a transaction at `isolation`, retrying conflicts.
+
+        `intent` says whether `work` only reads (Intent.READ: a READ ONLY
+        transaction, retried after a lost connection) or may write.
 
         It gets `timeout` seconds, by default the time left to the current
         request's deadline (storage.deadline), retries and waiting for a
@@ -408,22 +360,25 @@ class Database:
 
         With ``single_statement`` the work is one statement that runs as its
         own implicit transaction at the session default (REPEATABLE READ):
-        one round trip instead of three. `work` must not await anything but
-        the database: no transaction stays open across a network call.
+        one round trip instead of three (the shortcuts below are such work).
+        `work` must not await anything but the database: no transaction
+        stays open across a network call.
 
         A connection that broke under `work` is terminated, so it leaves the
         pool, and the error is DatabaseUnavailable. The work is tried again
         on another connection when that cannot apply a change twice: when
         asyncpg refused it before sending anything (a pooled session the
-        server had already ended), or when the work is ``read_only``.
+        server had already ended), or when the intent is READ.
         """
+        if not isinstance(intent, Intent):
+            raise TypeError(f"intent must be an Intent, not {intent!r}")
         if single_statement and isolation is not DEFAULT_ISOLATION:
             raise ValueError("single statements run at the session default isolation")
         if not self.accepting:
             raise errors.DatabaseUnavailable()
         limit = deadline.remaining() if timeout is None else timeout
         if limit is None:
-            return await self._run(work, isolation, single_statement, read_only)
+            return await self._run(work, intent, isolation, single_statement)
         if limit <= 0:
             raise errors.DeadlineExceeded()
         # Cancelling the task cancels the statement: asyncpg sends the server
@@ -431,18 +386,51 @@ class Database:
         bounded = asyncio.timeout(limit)
         try:
             async with bounded:
-                return await self._run(work, isolation, single_statement, read_only)
+                return await self._run(work, intent, isolation, single_statement)
         except TimeoutError as exc:
             if bounded.expired():
                 raise errors.DeadlineExceeded() from exc
             raise
 
+    # One statement, asyncpg-style. Each runs as its own implicit transaction
+    # (one round trip) within the request's deadline; a READ is a statement
+    # that only reads.
+
+    async def fetch(self, sql: str, *args: object, intent: Intent) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._statement("fetch", sql, args, intent)
+        return rows
+
+    async def fetchrow(self, sql: str, *args: object, intent: Intent) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._statement("fetchrow", sql, args, intent)
+        return row
+
+    async def fetchval(self, sql: str, *args: object, intent: Intent) -> Any:
+        return await self._statement("fetchval", sql, args, intent)
+
+    async def execute(self, sql: str, *args: object, intent: Intent) -> str:
+        return str(await self._statement("execute", sql, args, intent))
+
+    async def _statement(
+        self,
+        method: str,
+        sql: str,
+        args: tuple[object, ...],
+        intent: Intent,
+    ) -> Any:
+        async def work(conn: Connection) -> Any:
+            return await getattr(conn, method)(sql, *args)
+
+        # Named after the storage function that called fetch() & co. (two
+        # frames up), as its own closure was: the tracing span's name.
+        work.__qualname__ = f"{sys._getframe(2).f_code.co_qualname}.work"
+        return await self.run(work, intent=intent, single_statement=True)
+
     async def _run(
         self,
         work: Callable[[Connection], Awaitable[T]],
+        intent: Intent,
         isolation: Isolation,
         single_statement: bool,
-        read_only: bool,
     ) -> T:
         attempt = 0
         # One retry per pooled connection (each may be a dead one) plus one.
@@ -450,11 +438,11 @@ class Database:
         while True:
             try:
                 with self.span(work, attempt) if self.span else contextlib.nullcontext():
-                    return await self._once(work, isolation, single_statement)
+                    return await self._once(work, intent, isolation, single_statement)
             except _Broken as broken:
                 cause = broken.__cause__
                 lost_budget -= 1
-                if lost_budget > 0 and (broken.retry_safe or read_only):
+                if lost_budget > 0 and (broken.retry_safe or intent is Intent.READ):
                     continue
                 # Not a warning per call: during an outage every call fails so,
                 # the RPC log line names DATABASE_UNAVAILABLE and the health
@@ -470,10 +458,10 @@ class Database:
                     raise errors.DatabaseTimeout() from exc
                 retryable = isinstance(exc, _RETRYABLE) or (
                     isinstance(exc, asyncpg.UniqueViolationError | asyncpg.ExclusionViolationError)
-                    and getattr(exc, "constraint_name", None) in _RETRYABLE_CONSTRAINTS
+                    and getattr(exc, "constraint_name", None) in errors.RETRYABLE_CONSTRAINTS
                 )
                 if not retryable:
-                    domain = translate(exc)
+                    domain = errors.translate(exc)
                     if domain is None:
                         raise
                     raise domain from exc
@@ -484,15 +472,23 @@ class Database:
                     self.on_retry(type(exc).__name__)
                 await asyncio.sleep(self.retry.delay(attempt))
 
+    def _pool_for(self, intent: Intent) -> asyncpg.Pool:
+        """The pool a call with this intent is served from. One pool (the
+        primary) for now; standby routing sends Intent.READ elsewhere here."""
+        del intent
+        return self.pool
+
     async def _once(
         self,
         work: Callable[[Connection], Awaitable[T]],
+        intent: Intent,
         isolation: Isolation,
         single_statement: bool,
     ) -> T:
+        pool = self._pool_for(intent)
         self.acquiring += 1
         try:
-            conn = await self.pool.acquire()
+            conn = await pool.acquire()
         except asyncpg.PostgresError:
             raise  # 08xxx, 57P03 (starting up), 53300: run() maps them
         except Exception as exc:
@@ -507,7 +503,9 @@ class Database:
             if single_statement:
                 result = await work(conn)
             else:
-                async with conn.transaction(isolation=isolation.value):
+                async with conn.transaction(
+                    isolation=isolation.value, readonly=intent is Intent.READ
+                ):
                     result = await work(conn)
             if self.commits.unreplicated(conn):
                 # Committed, but maybe not on the synchronous standbys: never
@@ -530,16 +528,16 @@ class Database:
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
             self.commits.uninstall(conn)
-            await self._release(conn)
+            await self._release(pool, conn)
 
-    async def _release(self, conn: Connection) -> None:
+    async def _release(self, pool: asyncpg.Pool, conn: Connection) -> None:
         """Return `conn` to the pool within RELEASE_TIMEOUT_SECONDS (past
         that the pool terminates it). The release runs as a task of its own
         that finishes even if this call is cancelled meanwhile, and whose
         failure is always retrieved (asyncpg's own shield would leave a
         timed-out release's TimeoutError to asyncio's "never retrieved"
         log)."""
-        task = asyncio.ensure_future(self.pool.release(conn, timeout=RELEASE_TIMEOUT_SECONDS))
+        task = asyncio.ensure_future(pool.release(conn, timeout=RELEASE_TIMEOUT_SECONDS))
         task.add_done_callback(_retrieve)
         # InterfaceError: a connection asyncpg saw close is back in the pool,
         # detached from the proxy; InternalClientError: one terminated above

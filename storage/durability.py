@@ -128,6 +128,8 @@ SELECT current_setting('synchronous_standby_names') AS names,
 
 
 async def replication_warnings(db: Database) -> list[str]:
+    from storage.database import Intent  # storage.database imports this module
+
     """What the service can see that makes its commits not synchronously
     replicated (a failover could then lose what it answered OK), as
     sentences for the log; empty when nothing is wrong or nothing is known.
@@ -137,7 +139,7 @@ async def replication_warnings(db: Database) -> list[str]:
     async def work(conn: Connection) -> Any:
         return await conn.fetchrow(_SETTINGS_SQL)
 
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.run(work, single_statement=True, intent=Intent.READ)
     if row is None or row["recovery"]:
         return []
     names, sync_commit = str(row["names"]), str(row["sync_commit"])

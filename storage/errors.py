@@ -1,14 +1,20 @@
 """Domain errors: what went wrong, with the fields a caller needs.
 
-storage/ raises these from database errors (``raise ... from exc``); the
-service layer maps each one to a gRPC status in a single table.
+storage/ raises these from database errors (``raise ... from exc``): the
+SQL functions' reasons (``SQL_REASONS``) and the constraints a statement can
+violate (:func:`translate`) are both here, with the constraints a retry
+resolves. The service layer maps each error to a gRPC status in a single
+table (service/errors.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import asyncpg
 
 
 class BookingError(Exception):
@@ -526,3 +532,69 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         OutsideCancellationWindow,
     )
 }
+
+
+# Two copies of one request racing can collide on their key itself: the
+# retry then replays whatever the other copy stored (its success, or its
+# remembered failure), or reports REQUEST_ID_REUSED when the parameters
+# differ. Every operation's request ids are keys there (requests.sql).
+# Two holds racing into each other's buffer (storage/sql/buffers.sql) meet
+# on appointments_buffers_apart: the retry sees the winner and is refused
+# WITHIN_BUFFER by the check.
+RETRYABLE_CONSTRAINTS = frozenset(
+    {"idempotency_keys_pkey", "appointments_buffers_apart", "appointment_series_request"}
+)
+
+
+def translate(exc: asyncpg.PostgresError) -> BookingError | None:
+    """The domain error for a database error, or None if it is unexpected."""
+    if exc.sqlstate == "BK001":
+        return _from_sql_function(exc)
+    constraint = getattr(exc, "constraint_name", None)
+    if isinstance(exc, asyncpg.UniqueViolationError) and constraint == "users_email_key":
+        return EmailTaken(email=_detail_value(exc) or "")
+    if isinstance(exc, asyncpg.ExclusionViolationError) and constraint == "time_slots_no_overlap":
+        # Key (specialist_id, tstzrange(...))=(<id>, [...)): the id comes first.
+        return SlotOverlap(specialist_id=(_detail_value(exc) or "").split(",")[0])
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        if constraint == "time_slots_specialist_id_fkey":
+            return SpecialistNotFound(id=_detail_value(exc) or "")
+        if constraint in ("appointments_user_id_fkey", "access_tokens_user_id_fkey"):
+            return UserNotFound(id=_detail_value(exc) or "")
+    if isinstance(
+        exc, (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+    ):
+        return InvalidValue(
+            field=getattr(exc, "column_name", None) or "text",
+            description="contains a character PostgreSQL cannot store (NUL)",
+        )
+    if isinstance(exc, (asyncpg.DatetimeFieldOverflowError, asyncpg.InvalidDatetimeFormatError)):
+        return InvalidValue(
+            field=getattr(exc, "column_name", None) or "timestamp",
+            description="timestamp out of range",
+        )
+    return None
+
+
+def _detail_value(exc: asyncpg.PostgresError) -> str | None:
+    """The value from a 'Key (col)=(value) ...' detail, when there is one."""
+    detail = getattr(exc, "detail", None) or ""
+    start = detail.find(")=(")
+    if start < 0:
+        return None
+    end = detail.find(")", start + 3)
+    return detail[start + 3 : end if end > 0 else None]
+
+
+def _from_sql_function(exc: asyncpg.PostgresError) -> BookingError:
+    reason = str(getattr(exc, "message", ""))
+    try:
+        fields_: dict[str, Any] = json.loads(getattr(exc, "detail", None) or "{}")
+    except ValueError:
+        fields_ = {}
+    cls = SQL_REASONS.get(reason)
+    if cls is None:
+        raise RuntimeError(f"SQL function raised unknown reason {reason!r}") from exc
+    # The detail's keys are the error's fields (a test pins every
+    # booking_fail call in storage/sql/ to this); a JSON null stays None.
+    return cls(**{key: None if value is None else str(value) for key, value in fields_.items()})

@@ -10,12 +10,10 @@ docs/events.md has the reasoning.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import asyncpg
 
-from storage import hosts
-from storage.database import Connection, Database
+from storage.conditions import Conditions
+from storage.database import Database, Intent
 from storage.errors import CursorCompacted, CursorNotInHistory
 from storage.models import (
     Appointment,
@@ -26,7 +24,6 @@ from storage.models import (
     Position,
     Priority,
 )
-from storage.sql import Conditions
 
 EVENT_COLUMNS = (
     "e.id, e.xid::text::bigint AS xid, e.seq, e.appointment_id, e.event_type, e.old_status,"
@@ -154,12 +151,7 @@ async def read_after(
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
         f" ) ev ON true{_WAITLIST_JOIN}{_APPOINTMENT_JOIN} ORDER BY ev.xid, ev.seq"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     pruned = _pruned(rows[0])
     _refuse_compacted(after, pruned)
     _refuse_lost(after, pruned, bool(rows[0]["present"]))
@@ -177,19 +169,16 @@ async def resume_point(db: Database, after: Position) -> Position:
     has been pruned. Raises CursorCompacted when events after `after` may
     have been pruned, and CursorNotInHistory when `after` is the position
     of an event the database does not have (docs/events.md, "Failover")."""
-
-    async def work(conn: Connection) -> asyncpg.Record:
-        row: asyncpg.Record = await conn.fetchrow(
-            "SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq,"
-            " EXISTS (SELECT 1 FROM appointment_events e"
-            "  WHERE e.xid = $1::text::xid8 AND e.seq = $2::bigint) AS present"
-            f" FROM (SELECT 1) one LEFT JOIN {_PRUNED} c ON true",
-            str(after.xid),
-            after.seq,
-        )
-        return row
-
-    row = await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        "SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq,"
+        " EXISTS (SELECT 1 FROM appointment_events e"
+        "  WHERE e.xid = $1::text::xid8 AND e.seq = $2::bigint) AS present"
+        f" FROM (SELECT 1) one LEFT JOIN {_PRUNED} c ON true",
+        str(after.xid),
+        after.seq,
+        intent=Intent.READ,
+    )
+    assert row is not None  # one row always: the LEFT JOIN from (SELECT 1)
     pruned = _pruned(row)
     _refuse_compacted(after, pruned)
     _refuse_lost(after, pruned, bool(row["present"]))
@@ -231,15 +220,11 @@ def _refuse_compacted(after: Position, pruned: Position) -> None:
 async def stable_head(db: Database) -> Position:
     """The position a reader starting 'now' should resume after: the newest
     event below the horizon, or the start of the log if there is none."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await conn.fetchrow(
-            f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} AS gate)"
-            f" SELECT head.* FROM h, LATERAL ({_STABLE_HEAD}) head"
-        )
-        return row
-
-    row = await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} AS gate)"
+        f" SELECT head.* FROM h, LATERAL ({_STABLE_HEAD}) head",
+        intent=Intent.READ,
+    )
     return Position.start() if row is None else Position(int(row["xid"]), int(row["seq"]))
 
 
@@ -249,76 +234,5 @@ def _head(row: asyncpg.Record) -> Position:
     return Position(int(row["head_xid"]), int(row["head_seq"]))
 
 
+# NOTIFY channel of new events (storage/listener.py listens on it).
 CHANNEL = "booking_appointment_events"
-
-
-class Listener:
-    """A dedicated connection that LISTENs for, and announces, new events.
-
-    NOTIFY is delivered only at commit and never replayed, so it is just a
-    wake-up; readers always go back to the table. It is sent by the service
-    after a transition commits, not by a trigger inside the transaction:
-    PostgreSQL serialises the commits of notifying transactions (a global
-    lock held through the commit's WAL flush), which cut hold throughput by
-    more than half in our measurements (docs/events.md).
-    """
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
-
-    @classmethod
-    async def open(
-        cls,
-        dsn: str,
-        on_notify: Callable[[str], None],
-        channel: str = CHANNEL,
-        *,
-        application_name: str = "booking-listener",
-        connect_within: float = 60.0,
-    ) -> Listener:
-        """Listen on `channel`; `on_notify` gets each notification's payload."""
-        # The primary of a multi-host URL (storage/hosts.py): LISTEN is
-        # refused on a standby, and NOTIFY is sent only on the primary.
-        conn = await hosts.connect(
-            dsn,
-            server_settings={"application_name": application_name},
-            timeout=connect_within,
-        )
-        own = conn.get_server_pid()
-
-        def deliver(_c: object, pid: int, _ch: str, payload: str) -> None:
-            # Our own NOTIFYs come back to us too, but they announce commits
-            # this process already knows about (EventHub.committed wakes its
-            # tail directly): each would cost a redundant read of the log.
-            if pid != own:
-                on_notify(payload)
-
-        await conn.add_listener(channel, deliver)
-        return cls(conn)
-
-    @property
-    def alive(self) -> bool:
-        return not self._conn.is_closed()
-
-    async def ping(self, within: float) -> None:
-        """One round trip, or an exception within `within` seconds.
-
-        A half-open connection (its backend stopped, or the network gone
-        quiet) still looks alive and silently delivers nothing; only a round
-        trip shows it. PostgreSQL sends pending notifications before it
-        answers, so after a ping every notification committed before it
-        began has been delivered.
-        """
-        await self._conn.fetchval("SELECT 1", timeout=within)
-
-    def terminate(self) -> None:
-        """Drop the connection at once, without waiting for the server."""
-        self._conn.terminate()
-
-    async def announce(self) -> None:
-        """Wake every listener (other replicas included)."""
-        await self._conn.execute(f"NOTIFY {CHANNEL}")
-
-    async def close(self) -> None:
-        if not self._conn.is_closed():
-            await self._conn.close(timeout=2)

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from storage.database import Connection, Database
+from storage.database import Connection, Database, Intent
 from storage.errors import CalendarFeedNotFound, SpecialistNotFound, UserNotFound
 from storage.models import AppointmentStatus
 
@@ -97,7 +97,7 @@ async def rotate(db: Database, subject: Subject, *, actor_id: UUID) -> tuple[str
         )
         return value
 
-    rotated_at = await db.run(work, single_statement=True)
+    rotated_at = await db.run(work, intent=Intent.WRITE, single_statement=True)
     if rotated_at is None:
         raise subject.not_found()
     return token, rotated_at
@@ -114,7 +114,7 @@ async def revoke(db: Database, subject: Subject) -> None:
         )
         return status
 
-    status = await db.run(work, single_statement=True)
+    status = await db.run(work, intent=Intent.WRITE, single_statement=True)
     if status.endswith(" 0"):
         raise CalendarFeedNotFound(id=str(subject_id))
 
@@ -152,7 +152,7 @@ async def read(db: Database, token: str) -> Feed | None:
         )
         return feed, rows
 
-    feed, rows = await db.run(work, read_only=True)
+    feed, rows = await db.run(work, intent=Intent.READ)
     if feed is None:
         return None
     return Feed(

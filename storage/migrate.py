@@ -1,14 +1,28 @@
-"""Schema migrations: plain SQL files in migrations/, applied by yoyo."""
+"""Schema migrations: plain SQL files in migrations/, applied by yoyo.
+
+One chain, in order. Most migrations expand (docs/upgrades.md): the previous
+release keeps working on the result, so they apply as soon as a replica of
+this release starts. A migration whose header says ``-- contract: <what it
+drops>`` removes what only the previous release used; it must wait until no
+replica of that release is left. So :func:`apply` leaves the contract
+migrations at the end of the chain pending unless asked (``contract=True``,
+``booking-service migrate apply --contract``). Once a newer release's
+migrations follow them, the release they were waiting for is two releases
+old, and they apply in order with the rest. A database with nothing applied
+yet gets the whole chain: no older release can be running against it.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from yoyo import get_backend, read_migrations
+from yoyo.migrations import MigrationList
 
 from storage import hosts
 
@@ -44,16 +58,55 @@ def _backend(dsn: str) -> Iterator[Any]:
         backend.connection.close()
 
 
-def apply(dsn: str) -> list[str]:
-    """Apply every pending migration; returns the ids applied."""
+_CONTRACT = re.compile(r"^\s*--\s*contract\s*:", re.MULTILINE)
+
+
+def is_contract(migration: Any) -> bool:
+    """Whether a migration is a contract step (its header says ``-- contract:``)."""
+    return bool(_CONTRACT.search(Path(migration.path).read_text()))
+
+
+def due_contract(migrations: Any) -> list[str]:
+    """The contract migrations at the end of the chain: the ones that wait
+    for ``apply(contract=True)``."""
+    waiting: list[str] = []
+    for m in migrations:
+        waiting = [*waiting, m.id] if is_contract(m) else []
+    return waiting
+
+
+def apply(dsn: str, *, contract: bool = False) -> list[str]:
+    """Apply every pending migration, except the trailing contract ones
+    unless `contract` (or the database is new); returns the ids applied."""
     migrations = read_migrations(str(migrations_dir()))
     with _backend(dsn) as backend, backend.lock():
         pending = backend.to_apply(migrations)
-        backend.apply_migrations(pending)
-    ids = [m.id for m in pending]
+        fresh = not any(backend.is_applied(m) for m in migrations)
+        held = set() if contract or fresh else set(due_contract(migrations))
+        chosen = MigrationList([m for m in pending if m.id not in held])
+        backend.apply_migrations(chosen)
+    ids = [m.id for m in chosen]
     if ids:
         log.info("applied migrations: %s", ", ".join(ids))
+    waiting = [m.id for m in pending if m.id in held]
+    if waiting:
+        log.info(
+            "contract migrations pending until no replica of the previous release is"
+            " left (then: booking-service migrate apply --contract): %s",
+            ", ".join(waiting),
+        )
     return ids
+
+
+def pending_contract(dsn: str) -> list[str]:
+    """The contract migrations not applied yet that wait for ``--contract``."""
+    migrations = read_migrations(str(migrations_dir()))
+    with _backend(dsn) as backend:
+        return [
+            m.id
+            for m in migrations
+            if m.id in due_contract(migrations) and not backend.is_applied(m)
+        ]
 
 
 def rollback(dsn: str, count: int = 1) -> list[str]:
@@ -73,6 +126,11 @@ def status(dsn: str) -> list[tuple[str, bool]]:
     migrations = read_migrations(str(migrations_dir()))
     with _backend(dsn) as backend:
         return [(m.id, bool(backend.is_applied(m))) for m in migrations]
+
+
+def contract_ids() -> list[str]:
+    """Every contract migration, in order."""
+    return [m.id for m in read_migrations(str(migrations_dir())) if is_contract(m)]
 
 
 def applied(dsn: str) -> list[str]:

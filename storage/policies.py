@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from storage.database import Connection, Database
+from storage.database import Database, Intent
 from storage.models import POLICY_FIELDS, BookingPolicy
 
 _COLUMNS = ", ".join(POLICY_FIELDS)
 
 
 async def defaults(db: Database) -> BookingPolicy:
-    async def work(conn: Connection) -> BookingPolicy:
-        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM booking_policy_defaults")
-        return BookingPolicy(**dict(row)) if row else BookingPolicy(0, 0, 0)
-
-    return await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(f"SELECT {_COLUMNS} FROM booking_policy_defaults", intent=Intent.READ)
+    return BookingPolicy(**dict(row)) if row else BookingPolicy(0, 0, 0)
 
 
 async def set_defaults(db: Database, values: Mapping[str, int]) -> BookingPolicy:
@@ -31,14 +28,12 @@ async def set_defaults(db: Database, values: Mapping[str, int]) -> BookingPolicy
     assignments = "".join(
         f" {name} = coalesce({p}, d.{name})," for p, name in zip(params, POLICY_FIELDS, strict=True)
     )
-
-    async def work(conn: Connection) -> BookingPolicy:
-        row = await conn.fetchrow(
-            f"INSERT INTO booking_policy_defaults AS d (id, {_COLUMNS}) VALUES (true, {initial})"
-            f" ON CONFLICT (id) DO UPDATE SET{assignments} updated_at = now()"
-            f" RETURNING {_COLUMNS}",
-            *(values.get(name) for name in POLICY_FIELDS),
-        )
-        return BookingPolicy(**dict(row))
-
-    return await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        f"INSERT INTO booking_policy_defaults AS d (id, {_COLUMNS}) VALUES (true, {initial})"
+        f" ON CONFLICT (id) DO UPDATE SET{assignments} updated_at = now()"
+        f" RETURNING {_COLUMNS}",
+        *(values.get(name) for name in POLICY_FIELDS),
+        intent=Intent.WRITE,
+    )
+    assert row is not None  # INSERT ... RETURNING
+    return BookingPolicy(**dict(row))

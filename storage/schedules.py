@@ -3,17 +3,15 @@ into slots (storage/sql/schedules.sql; the computation is storage/wallclock.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 from uuid import UUID
 
-from storage import slots, wallclock
-from storage import transitions as fn
-from storage.database import Connection, Database, Isolation
-from storage.errors import InvalidValue, RequestIdReused, ScheduleTooLarge, SpecialistNotFound
+from storage import requests, slots, wallclock
+from storage.database import Connection, Database, Intent, Isolation
+from storage.errors import InvalidValue, ScheduleTooLarge, SpecialistNotFound
 from storage.models import Slot, SlotStatus
 from storage.wallclock import ExceptionKind, Schedule, ScheduleException, SkipReason, WeeklyRule
 
@@ -78,7 +76,7 @@ async def get(db: Database, specialist_id: UUID) -> SpecialistSchedule:
             raise SpecialistNotFound(id=str(specialist_id))
         return SpecialistSchedule(specialist_id, zone, await _read(conn, specialist_id))
 
-    return await db.run(work, read_only=True)
+    return await db.run(work, intent=Intent.READ)
 
 
 async def replace(db: Database, specialist_id: UUID, schedule: Schedule) -> SpecialistSchedule:
@@ -127,11 +125,7 @@ async def replace(db: Database, specialist_id: UUID, schedule: Schedule) -> Spec
         )
         return SpecialistSchedule(specialist_id, zone, await _read(conn, specialist_id))
 
-    return await db.run(work)
-
-
-def _fingerprint(specialist_id: UUID, first: date, end: date) -> str:
-    return hashlib.md5(f"{specialist_id}|{first}|{end}".encode()).hexdigest()
+    return await db.run(work, intent=Intent.WRITE)
 
 
 def _to_json(report: MaterializeReport) -> str:
@@ -221,8 +215,8 @@ async def materialize(
     statements after it a snapshot that sees everything committed before:
     so the overlap check here is exact, and the exclusion constraint is
     left as the backstop it is. A request id's report is stored with the
-    slots and replayed to every copy of the request."""
-    fingerprint = _fingerprint(specialist_id, first, end)
+    slots as the request's result (storage/requests.py) and replayed to
+    every copy of the request."""
 
     async def work(conn: Connection) -> MaterializeReport:
         if preview:
@@ -236,16 +230,11 @@ async def materialize(
                 specialist_id
             ]
             if request_id is not None:
-                stored = await conn.fetchrow(
-                    "SELECT fingerprint, report FROM schedule_runs"
-                    " WHERE actor_id = $1 AND request_id = $2",
-                    actor_id,
-                    request_id,
+                stored = await requests.begin(
+                    conn, OPERATION, actor_id, request_id, str(specialist_id), str(first), str(end)
                 )
                 if stored is not None:
-                    if stored["fingerprint"] != fingerprint:
-                        raise RequestIdReused(request_id=str(request_id), operation=OPERATION)
-                    return _from_json(specialist_id, stored["report"])
+                    return _from_json(specialist_id, stored)
         zone_name: str = row["time_zone"]
         schedule = await _read(conn, specialist_id)
         try:
@@ -309,37 +298,17 @@ async def materialize(
             ],
         )
         if not preview and request_id is not None:
-            stored_now = await conn.fetchval(
-                "INSERT INTO schedule_runs (actor_id, request_id, specialist_id, fingerprint,"
-                " report) VALUES ($1, $2, $3, $4, $5::jsonb)"
-                " ON CONFLICT (actor_id, request_id) DO NOTHING RETURNING true",
-                actor_id,
-                request_id,
-                specialist_id,
-                fingerprint,
-                _to_json(report),
-            )
-            if not stored_now:
-                # Copies of one request lock the same specialist and replay
-                # above; only the same id for another specialist gets here.
-                raise RequestIdReused(request_id=str(request_id), operation=OPERATION)
+            # Copies of one request lock the same specialist and replay
+            # above; the same id for another specialist at once fails here
+            # on the key, and the retry finds it REQUEST_ID_REUSED.
+            await requests.finish(conn, _to_json(report))
         return report
 
     try:
-        return await db.run(work, isolation=Isolation.READ_COMMITTED, read_only=preview)
+        return await db.run(
+            work,
+            intent=Intent.READ if preview else Intent.WRITE,
+            isolation=Isolation.READ_COMMITTED,
+        )
     except wallclock.TooManySlots as exc:
         raise ScheduleTooLarge(slots=f"more than {exc.limit}", max_slots=str(exc.limit)) from exc
-
-
-async def forget_runs(db: Database, retention: timedelta, limit: int) -> int:
-    """Forget up to `limit` materialisation reports older than `retention`."""
-    sql = fn.FORGET_SCHEDULE_RUNS.statement()
-
-    async def work(conn: Connection) -> int:
-        return int(
-            await conn.fetchval(
-                sql, *fn.FORGET_SCHEDULE_RUNS.values(retention=retention, limit=limit)
-            )
-        )
-
-    return await db.run(work, single_statement=True)

@@ -10,10 +10,10 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import functions as fn
 from storage import recurrence, wallclock
-from storage import transitions as fn
 from storage.appointments import _COLUMNS, _appointment
-from storage.database import Connection, Database
+from storage.database import Connection, Database, Intent
 from storage.errors import SeriesTooLarge, SeriesTooLong, SlotNotFound
 from storage.models import Appointment, Occurrence, Priority, Series
 
@@ -116,7 +116,7 @@ async def hold(
         appointments = [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, row["id"])]
         return _series(row, appointments)
 
-    return await db.run(work)
+    return await db.run(work, intent=Intent.WRITE)
 
 
 async def _act(
@@ -129,7 +129,7 @@ async def _act(
         await conn.fetchval(sql, *args)
         return [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, series_id)]
 
-    return await db.run(work)
+    return await db.run(work, intent=Intent.WRITE)
 
 
 async def confirm(

@@ -9,11 +9,11 @@ from uuid import UUID
 
 import asyncpg
 
-from storage import transitions as fn
-from storage.database import Connection, Database
+from storage import functions as fn
+from storage.conditions import Conditions
+from storage.database import Connection, Database, Intent
 from storage.errors import SlotNotFound, SpecialistInactive, SpecialistNotFound
 from storage.models import AvailableSlot, Page, Slot, SlotStatus
-from storage.sql import Conditions
 
 _COLUMNS = (
     "id, specialist_id, start_time, end_time, status, created_at, capacity,"
@@ -108,16 +108,15 @@ async def create_many(db: Database, new: list[NewSlot]) -> list[Slot]:
         await lock_specialists(conn, [s.specialist_id for s in new])
         return await insert_slots(conn, new)
 
-    return await db.run(work)
+    return await db.run(work, intent=Intent.WRITE)
 
 
 async def get(db: Database, slot_id: UUID) -> Slot:
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM time_slots WHERE id = $1 AND deleted_at IS NULL", slot_id
-        )
-
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM time_slots WHERE id = $1 AND deleted_at IS NULL",
+        slot_id,
+        intent=Intent.READ,
+    )
     if row is None:
         raise SlotNotFound(id=str(slot_id))
     return _slot(row)
@@ -147,12 +146,7 @@ async def list_(
         f"SELECT {_COLUMNS} FROM time_slots WHERE deleted_at IS NULL{where.sql()}"
         f" ORDER BY start_time, id LIMIT {where.arg(limit + 1)}"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True, read_only=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     return Page([_slot(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
@@ -163,7 +157,7 @@ async def set_capacity(db: Database, slot_id: UUID, capacity: int) -> Slot:
     async def work(conn: Connection) -> asyncpg.Record:
         return await conn.fetchrow(_SET_CAPACITY, slot_id, capacity)
 
-    return _slot(await db.run(work, single_statement=True))
+    return _slot(await db.run(work, intent=Intent.WRITE, single_statement=True))
 
 
 async def delete(db: Database, slot_id: UUID) -> None:
@@ -171,11 +165,7 @@ async def delete(db: Database, slot_id: UUID) -> None:
     marked deleted, because past appointments and events may reference it;
     it no longer blocks overlaps."""
     sql = fn.DELETE_SLOT.statement()
-
-    async def work(conn: Connection) -> None:
-        await conn.execute(sql, *fn.DELETE_SLOT.values(slot_id=slot_id))
-
-    await db.run(work, single_statement=True)
+    await db.execute(sql, *fn.DELETE_SLOT.values(slot_id=slot_id), intent=Intent.WRITE)
 
 
 # Free as HoldSlot sees it (storage/sql/waitlist.sql, booking_slot_is_free):
@@ -241,12 +231,7 @@ async def search_available(
             f" AND s.deleted_at IS NULL AND {_FREE}{where.sql()}"
             f" ORDER BY s.start_time, s.id LIMIT {where.arg(limit + 1)}"
         )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True, read_only=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     items = [
         AvailableSlot(
             slot=Slot(

@@ -8,10 +8,10 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from storage.database import Connection, Database
+from storage.conditions import Conditions
+from storage.database import Database, Intent
 from storage.errors import SpecialistNotFound
 from storage.models import POLICY_FIELDS, BookingPolicy, Page, Specialist
-from storage.sql import Conditions
 
 _COLUMNS = (
     "id, full_name, service_type, is_active, created_at, updated_at, time_zone, "
@@ -45,32 +45,28 @@ async def create(
     buffer_after_minutes: int = 0,
 ) -> Specialist:
     policy = policy or BookingPolicy()
-
-    async def work(conn: Connection) -> asyncpg.Record:
-        return await conn.fetchrow(
-            "INSERT INTO specialists (id, full_name, service_type, time_zone, "
-            "buffer_before_minutes, buffer_after_minutes, "
-            + ", ".join(POLICY_FIELDS)
-            + f") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_COLUMNS}",
-            uuid4(),
-            full_name,
-            service_type,
-            time_zone,
-            buffer_before_minutes,
-            buffer_after_minutes,
-            *(getattr(policy, f) for f in POLICY_FIELDS),
-        )
-
-    return _specialist(await db.run(work, single_statement=True))
+    row = await db.fetchrow(
+        "INSERT INTO specialists (id, full_name, service_type, time_zone, "
+        "buffer_before_minutes, buffer_after_minutes, "
+        + ", ".join(POLICY_FIELDS)
+        + f") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_COLUMNS}",
+        uuid4(),
+        full_name,
+        service_type,
+        time_zone,
+        buffer_before_minutes,
+        buffer_after_minutes,
+        *(getattr(policy, f) for f in POLICY_FIELDS),
+        intent=Intent.WRITE,
+    )
+    assert row is not None  # INSERT ... RETURNING
+    return _specialist(row)
 
 
 async def get(db: Database, specialist_id: UUID) -> Specialist:
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM specialists WHERE id = $1", specialist_id
-        )
-
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM specialists WHERE id = $1", specialist_id, intent=Intent.READ
+    )
     if row is None:
         raise SpecialistNotFound(id=str(specialist_id))
     return _specialist(row)
@@ -93,12 +89,7 @@ async def list_(
         f"SELECT {_COLUMNS} FROM specialists{where.sql(' WHERE ')}"
         f" ORDER BY created_at, id LIMIT {where.arg(limit + 1)}"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True, read_only=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     return Page([_specialist(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
@@ -127,30 +118,27 @@ async def update(
     policy_args: list[object] = []
     for name in POLICY_FIELDS:
         policy_args += [name in policy, policy.get(name)]
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            "UPDATE specialists SET"
-            " full_name = coalesce($2, full_name),"
-            " service_type = coalesce($3, service_type),"
-            " is_active = coalesce($4, is_active),"
-            " time_zone = coalesce($5, time_zone),"
-            " buffer_before_minutes = coalesce($6, buffer_before_minutes),"
-            " buffer_after_minutes = coalesce($7, buffer_after_minutes),"
-            f"{policy_sql}"
-            " updated_at = now()"
-            f" WHERE id = $1 RETURNING {_COLUMNS}",
-            specialist_id,
-            full_name,
-            service_type,
-            active,
-            time_zone,
-            buffer_before_minutes,
-            buffer_after_minutes,
-            *policy_args,
-        )
-
-    row = await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        "UPDATE specialists SET"
+        " full_name = coalesce($2, full_name),"
+        " service_type = coalesce($3, service_type),"
+        " is_active = coalesce($4, is_active),"
+        " time_zone = coalesce($5, time_zone),"
+        " buffer_before_minutes = coalesce($6, buffer_before_minutes),"
+        " buffer_after_minutes = coalesce($7, buffer_after_minutes),"
+        f"{policy_sql}"
+        " updated_at = now()"
+        f" WHERE id = $1 RETURNING {_COLUMNS}",
+        specialist_id,
+        full_name,
+        service_type,
+        active,
+        time_zone,
+        buffer_before_minutes,
+        buffer_after_minutes,
+        *policy_args,
+        intent=Intent.WRITE,
+    )
     if row is None:
         raise SpecialistNotFound(id=str(specialist_id))
     return _specialist(row)

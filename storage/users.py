@@ -8,10 +8,10 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from storage.database import Connection, Database
+from storage.conditions import Conditions
+from storage.database import Connection, Database, Intent
 from storage.errors import UserNotFound
 from storage.models import Page, Role, User
-from storage.sql import Conditions
 
 _COLUMNS = "id, email, role, is_active, created_at, updated_at"
 
@@ -35,25 +35,23 @@ def _user(row: asyncpg.Record) -> User:
 
 
 async def create(db: Database, *, email: str, password_hash: str, role: Role) -> User:
-    async def work(conn: Connection) -> User:
-        row = await conn.fetchrow(
-            f"INSERT INTO users (id, email, password_hash, role) VALUES ($1, $2, $3, $4)"
-            f" RETURNING {_COLUMNS}",
-            uuid4(),
-            email,
-            password_hash,
-            role.value,
-        )
-        return _user(row)
-
-    return await db.run(work, single_statement=True)
+    row = await db.fetchrow(
+        f"INSERT INTO users (id, email, password_hash, role) VALUES ($1, $2, $3, $4)"
+        f" RETURNING {_COLUMNS}",
+        uuid4(),
+        email,
+        password_hash,
+        role.value,
+        intent=Intent.WRITE,
+    )
+    assert row is not None  # INSERT ... RETURNING
+    return _user(row)
 
 
 async def get(db: Database, user_id: UUID) -> User:
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(f"SELECT {_COLUMNS} FROM users WHERE id = $1", user_id)
-
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM users WHERE id = $1", user_id, intent=Intent.READ
+    )
     if row is None:
         raise UserNotFound(id=str(user_id))
     return _user(row)
@@ -62,29 +60,23 @@ async def get(db: Database, user_id: UUID) -> User:
 async def credentials(db: Database, email: str) -> tuple[User, str] | None:
     """The user with this email (in any case, composed or not) and its
     password hash."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            f"SELECT {_COLUMNS}, password_hash FROM users WHERE booking_email_key(email) = booking_email_key($1)",
-            email,
-        )
-
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS}, password_hash FROM users WHERE booking_email_key(email) = booking_email_key($1)",
+        email,
+        intent=Intent.READ,
+    )
     return None if row is None else (_user(row), row["password_hash"])
 
 
 async def set_password_hash(db: Database, user_id: UUID, old_hash: str, new_hash: str) -> None:
     """Swap in a rehashed password unless it changed meanwhile."""
-
-    async def work(conn: Connection) -> None:
-        await conn.execute(
-            "UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2",
-            user_id,
-            old_hash,
-            new_hash,
-        )
-
-    await db.run(work, single_statement=True)
+    await db.execute(
+        "UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2",
+        user_id,
+        old_hash,
+        new_hash,
+        intent=Intent.WRITE,
+    )
 
 
 async def list_(
@@ -104,12 +96,7 @@ async def list_(
         f"SELECT {_COLUMNS} FROM users{where.sql(' WHERE ')}"
         f" ORDER BY created_at, id LIMIT {where.arg(limit + 1)}"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True, read_only=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     return Page([_user(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
@@ -147,7 +134,7 @@ async def update(
             )
         return row
 
-    row = await db.run(work)
+    row = await db.run(work, intent=Intent.WRITE)
     if row is None:
         raise UserNotFound(id=str(user_id))
     return _user(row)

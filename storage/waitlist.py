@@ -11,11 +11,12 @@ from uuid import UUID
 
 import asyncpg
 
-from storage import transitions as fn
-from storage.database import Connection, Database
+from storage import functions as fn
+from storage import requests
+from storage.conditions import Conditions
+from storage.database import Database, Intent
 from storage.errors import WaitlistEntryNotFound
 from storage.models import Page, Priority, WaitlistEntry, WaitlistStatus
-from storage.sql import Conditions
 
 _COLUMNS = (
     "id, user_id, specialist_id, service_type, window_start, window_end, priority, status,"
@@ -40,13 +41,16 @@ def _entry(row: asyncpg.Record) -> WaitlistEntry:
 
 
 async def _call(db: Database, function: fn.Function, **values: object) -> WaitlistEntry:
-    sql = function.statement()
-    args = function.values(**values)
-
-    async def work(conn: Connection) -> asyncpg.Record:
-        return await conn.fetchrow(sql, *args)
-
-    return _entry(await db.run(work, single_statement=True))
+    """Run a waitlist function; with a request id, every copy of the request
+    gets one answer (storage/requests.py)."""
+    return _entry(
+        await requests.call(
+            db,
+            function.sql,
+            function.values(**values),
+            replayable=values.get("request_id") is not None,
+        )
+    )
 
 
 async def create(
@@ -87,24 +91,18 @@ async def expire(db: Database, limit: int) -> int:
     returns how many."""
     sql = fn.EXPIRE_WAITLIST_ENTRIES.statement()
 
-    async def work(conn: Connection) -> int:
-        return int(await conn.fetchval(sql, limit))
-
-    return await db.run(work, single_statement=True)
+    return int(await db.fetchval(sql, limit, intent=Intent.WRITE))
 
 
 async def get(db: Database, entry_id: UUID, *, owner_id: UUID | None = None) -> WaitlistEntry:
     """Another user's entry, for an `owner_id`, is reported as missing."""
-
-    async def work(conn: Connection) -> asyncpg.Record | None:
-        return await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM waitlist_entries"
-            " WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-            entry_id,
-            owner_id,
-        )
-
-    row = await db.run(work, single_statement=True, read_only=True)
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM waitlist_entries"
+        " WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
+        entry_id,
+        owner_id,
+        intent=Intent.READ,
+    )
     if row is None:
         raise WaitlistEntryNotFound(id=str(entry_id))
     return _entry(row)
@@ -132,10 +130,5 @@ async def list_(
         f"SELECT {_COLUMNS} FROM waitlist_entries{where.sql(' WHERE ')}"
         f" ORDER BY created_at, id LIMIT {where.arg(limit + 1)}"
     )
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
-        return rows
-
-    rows = await db.run(work, single_statement=True, read_only=True)
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
     return Page([_entry(r) for r in rows[:limit]], has_more=len(rows) > limit)

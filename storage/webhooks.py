@@ -18,10 +18,10 @@ from uuid import UUID
 
 import asyncpg
 
-from storage.database import Connection, Database
+from storage.conditions import Conditions
+from storage.database import Connection, Database, Intent
 from storage.errors import WebhookEndpointNotFound
 from storage.models import EventType, Page, Position
-from storage.sql import Conditions
 
 MAX_SECRETS = 5
 _COLUMNS = (
@@ -83,7 +83,7 @@ async def _one(db: Database, sql: str, *args: object, missing: UUID | None = Non
     async def work(conn: Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(sql, *args)
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, intent=Intent.WRITE, single_statement=True)
     if row is None:
         raise WebhookEndpointNotFound(id=str(missing))
     return _endpoint(row)
@@ -139,7 +139,7 @@ async def list_(
         rows: list[asyncpg.Record] = await conn.fetch(sql, *where.args)
         return rows
 
-    rows = await db.run(work, single_statement=True, read_only=True)
+    rows = await db.run(work, single_statement=True, intent=Intent.READ)
     return Page([_endpoint(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
@@ -176,7 +176,7 @@ async def delete(db: Database, endpoint_id: UUID) -> None:
         status: str = await conn.execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
         return status
 
-    if (await db.run(work, single_statement=True)).endswith(" 0"):
+    if (await db.run(work, intent=Intent.WRITE, single_statement=True)).endswith(" 0"):
         raise WebhookEndpointNotFound(id=str(endpoint_id))
 
 
@@ -204,7 +204,7 @@ async def claim(
         rows: list[asyncpg.Record] = await conn.fetch(sql, owner, lease, limit, busy)
         return rows
 
-    return [_endpoint(r) for r in await db.run(work, single_statement=True)]
+    return [_endpoint(r) for r in await db.run(work, intent=Intent.WRITE, single_statement=True)]
 
 
 async def renew(db: Database, endpoint_id: UUID, owner: str, lease: timedelta) -> Endpoint | None:
@@ -222,7 +222,7 @@ async def renew(db: Database, endpoint_id: UUID, owner: str, lease: timedelta) -
             lease,
         )
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, intent=Intent.WRITE, single_statement=True)
     return None if row is None else _endpoint(row)
 
 
@@ -254,7 +254,7 @@ async def advance(
         )
         return status
 
-    return (await db.run(work, single_statement=True)).endswith(" 1")
+    return (await db.run(work, intent=Intent.WRITE, single_statement=True)).endswith(" 1")
 
 
 async def fail(
@@ -293,7 +293,7 @@ async def fail(
             max_failures,
         )
 
-    row = await db.run(work, single_statement=True)
+    row = await db.run(work, intent=Intent.WRITE, single_statement=True)
     if row is None:
         return False, 0
     return bool(row["enabled"]), int(row["failures"])
@@ -310,7 +310,7 @@ async def disable(db: Database, endpoint_id: UUID, owner: str, reason: str) -> N
             reason,
         )
 
-    await db.run(work, single_statement=True)
+    await db.run(work, intent=Intent.WRITE, single_statement=True)
 
 
 async def release(db: Database, endpoint_id: UUID, owner: str) -> None:
@@ -327,4 +327,4 @@ async def release(db: Database, endpoint_id: UUID, owner: str) -> None:
             owner,
         )
 
-    await db.run(work, single_statement=True)
+    await db.run(work, intent=Intent.WRITE, single_statement=True)

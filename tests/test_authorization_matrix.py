@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import importlib
+import inspect
 import itertools
 import pkgutil
 import secrets
@@ -648,6 +649,47 @@ def test_every_rpc_has_a_declared_policy_and_every_policy_a_real_rpc() -> None:
         f"RPCs without a policy: {sorted(rpcs - policies)}; "
         f"policies for no RPC: {sorted(policies - rpcs)}"
     )
+
+
+# The rule, and the servicer helpers that apply it.
+_OWNERSHIP_RULE = (
+    "owner_scope(",
+    "scope_to_caller(",
+    "act_for(",
+    "_owner(",
+    "_scoped_user(",
+    "_event_filter(",
+)
+
+
+def _handler_source(rpc: str) -> str:
+    """The servicer method serving `rpc`, as source text."""
+    import service.servicers
+
+    name, method = rpc.removeprefix(P).split("/")
+    classes = {
+        cls.__name__: cls
+        for info in pkgutil.iter_modules(service.servicers.__path__)
+        for cls in vars(importlib.import_module(f"service.servicers.{info.name}")).values()
+        if isinstance(cls, type) and cls.__name__.endswith("Service")
+    }
+    return inspect.getsource(getattr(classes[name], method))
+
+
+def test_the_ownership_rule_is_declared_where_it_is_applied() -> None:
+    """service/policy.py holds the one ownership rule (owner_scope,
+    scope_to_caller, act_for) and marks the RPCs that apply it ``owned``;
+    each such RPC's handler calls it, no other does, and in the matrix each
+    refuses another CLIENT (PERMISSION_DENIED, or NOT_FOUND as if absent)
+    while serving the owner."""
+    applied = {
+        rpc for rpc in POLICIES if any(call in _handler_source(rpc) for call in _OWNERSHIP_RULE)
+    }
+    declared = {rpc for rpc, policy in POLICIES.items() if policy.owned}
+    assert applied == declared
+    for rpc in declared:
+        assert EXPECTED[(rpc, Caller.CLIENT)] == OK, rpc
+        assert EXPECTED[(rpc, Caller.OTHER_CLIENT)] in (DENIED, NOT_FOUND), rpc
 
 
 def test_every_rpc_has_an_expected_row_and_a_request_builder() -> None:

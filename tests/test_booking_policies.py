@@ -20,7 +20,7 @@ from service import cli, logs
 from storage import policies
 from storage.database import Database
 from storage.models import BookingPolicy, Role
-from tests.support import Api, expect_failure, ts
+from tests.support import Api, expect_failure, rollback_through, ts
 
 
 def _in(**delta: float) -> datetime:
@@ -266,7 +266,10 @@ async def test_the_previous_releases_function_names_enforce_policies_for_clients
     api: Api, database_url: str
 ) -> None:
     """A previous-release replica calls booking_hold_slot and booking_cancel
-    as it always did; the actor's role decides whether the limits bind."""
+    as it always did; the actor's role decides whether the limits bind. The
+    names exist until the contract step, so the database is taken back to
+    the state of the rollout, before it."""
+    assert rollback_through(database_url, "0050.contract-previous-release")
     spec = await api.specialist()
     await _policy(api, spec.id, min_notice_minutes=120, cancellation_cutoff_hours=24)
     _, client_id = await api.client()

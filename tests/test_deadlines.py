@@ -18,7 +18,7 @@ from service.auth import Authenticator
 from service.errors import CODES, code_for
 from service.interceptor import ServiceInterceptor
 from storage import deadline, errors
-from storage.database import Database
+from storage.database import Database, Intent
 from tests.support import Api, hours_from_now
 
 
@@ -90,7 +90,7 @@ async def test_database_run_answers_deadline_exceeded_when_the_deadline_passes(
 
     started = time.monotonic()
     with pytest.raises(errors.DeadlineExceeded):
-        await db.run(lock, timeout=0.2)
+        await db.run(lock, intent=Intent.WRITE, timeout=0.2)
     assert time.monotonic() - started < 5.0
     assert await _waiting_holds(locker) == 0
 
@@ -98,13 +98,13 @@ async def test_database_run_answers_deadline_exceeded_when_the_deadline_passes(
     token = deadline.set_remaining(0.2)
     try:
         with pytest.raises(errors.DeadlineExceeded):
-            await db.run(lock)
+            await db.run(lock, intent=Intent.WRITE)
     finally:
         deadline.reset(token)
     # No deadline, no limit but the session's: the lock is free now.
     await locker.execute("COMMIT")
     await locker.execute("BEGIN")
-    await db.run(lock)
+    await db.run(lock, intent=Intent.WRITE)
 
 
 def test_deadline_exceeded_has_its_own_code() -> None:

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from storage import errors, schema
-from storage.database import translate
+from storage.errors import translate
 
 _FAIL = re.compile(
     r"booking_fail\(\s*'(?P<reason>[A-Z_]+)'\s*,\s*jsonb_build_object\((?P<args>.*?)\)\s*\);",

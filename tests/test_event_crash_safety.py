@@ -358,7 +358,7 @@ async def test_an_open_transaction_keeps_handed_out_positions_below_it(
         await tx.start()
         # Takes its xid now and commits only after a later transaction.
         await conn.fetchrow(
-            "SELECT * FROM booking_hold_slot($1, $2, 'NORMAL', NULL, '5 minutes', true, NULL)",
+            "SELECT * FROM booking_hold_slot_v2($1, $2, 'NORMAL', NULL, '5 minutes', true, NULL, true)",
             uuid.UUID(open_slot),
             uuid.UUID(user_id),
         )

@@ -16,8 +16,8 @@ import grpc
 
 from booking.v1 import appointment_pb2 as apb
 from service.server import BookingServer
+from storage.functions import HOLD_SLOT
 from storage.models import Role
-from storage.transitions import HOLD_SLOT
 from tests.population import fetch, insert_clients
 from tests.support import Api, ServerConfig, expect_failure, hours_from_now, running_server
 

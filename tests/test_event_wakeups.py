@@ -7,12 +7,13 @@ import asyncio
 
 import asyncpg
 
-from storage.events import CHANNEL, Listener
+from storage.events import CHANNEL
+from storage.listener import Listener
 
 
 async def test_the_listener_ignores_its_own_announcements(database_url: str) -> None:
     heard: list[str] = []
-    listener = await Listener.open(database_url, heard.append)
+    listener = await Listener.open(database_url, heard.append, CHANNEL)
     other = await asyncpg.connect(database_url)
     try:
         await listener.announce()

@@ -19,7 +19,7 @@ from booking.v1 import appointment_pb2 as apb
 from booking.v1 import appointment_pb2_grpc
 from storage import appointments as store
 from storage import deadline
-from storage import transitions as fn
+from storage import functions as fn
 from storage.errors import DeadlineExceeded, SlotUnavailable, UserInactive
 from storage.flights import SlotFlights
 from storage.models import Priority, Role
@@ -112,7 +112,7 @@ async def test_callers_waiting_on_a_hold_that_commits_are_refused_after_one_more
     """A committed hold no longer answers the followers (the slot may have
     seats left, docs/seats.md): one of them leads next, is refused
     SLOT_UNAVAILABLE by the database, and that answers all the others."""
-    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    flights = api.server.hold_flights
     herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
     try:
         leader = asyncio.ensure_future(_answer(herd.call(0)))
@@ -148,7 +148,7 @@ async def test_callers_waiting_on_a_hold_that_commits_are_refused_after_one_more
 async def test_when_the_leader_gives_up_a_waiting_caller_can_still_win(
     api: Api, database_url: str, how: str
 ) -> None:
-    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    flights = api.server.hold_flights
     herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
     try:
         leader_call = herd.call(0, seconds=4 if how == "deadline" else 30)
@@ -188,7 +188,7 @@ async def test_when_the_leader_gives_up_a_waiting_caller_can_still_win(
 async def test_a_waiting_hold_with_a_request_id_is_refused_and_its_refusal_remembered(
     api: Api, database_url: str
 ) -> None:
-    flights = api.server.db.hold_flights  # type: ignore[union-attr]
+    flights = api.server.hold_flights
     herd, tx, conn = await _setup(api, database_url, 3)
     request_id = str(uuid.uuid4())
     try:
@@ -254,6 +254,7 @@ async def test_the_refusal_of_a_waiting_hold_replays_what_its_request_id_already
     assert db is not None
     held = await store.hold(
         db,
+        api.server.hold_flights,
         slot_id=uuid.UUID(slot.id),
         user_id=uuid.UUID(user),
         priority=Priority.NORMAL,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -46,16 +48,17 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0010.schedules-policies",
         "0011.hold-cost",
         "0012.history-indexes",
+        "0013.one-request-id-mechanism",
         "0020.seats",
         "0021.buffers",
         "0022.series",
         "0030.calendar-feeds",
         "0031.webhooks",
         "0040.sync-barrier",
-        "0041.waitlist-replay-barrier",
+        "0050.contract-previous-release",
     ]
     before = await _counts(database_url)
-    assert before[0] == 18 and before[1] == 5 and before[2] > 10
+    assert before[0] == 17 and before[1] == 5 and before[2] > 10
 
     rolled = migrate.rollback(database_url, count=len(applied))
 
@@ -97,3 +100,30 @@ async def test_rolling_back_per_caller_request_ids_keeps_each_ids_oldest_success
         (request_id, kept.id)
     ]
     assert migrate.apply(database_url)[0] == "0005.idempotency-per-caller"
+
+
+def test_only_the_contract_migrations_at_the_end_of_the_chain_wait(tmp_path: Path) -> None:
+    """A contract migration waits for `--contract` while it ends the chain;
+    once a newer release's migrations follow it, it applies in order."""
+
+    @dataclass
+    class Fake:
+        id: str
+        path: str
+
+    def chain(*kinds: str) -> list[Fake]:
+        out = []
+        for n, kind in enumerate(kinds, start=1):
+            path = tmp_path / f"{n:04d}.{kind}.sql"
+            header = "-- contract: drops old names\n" if kind == "contract" else ""
+            path.write_text(f"-- depends: x\n{header}SELECT 1;\n")
+            out.append(Fake(path.stem, str(path)))
+        return out
+
+    assert migrate.due_contract(chain("expand", "expand", "contract")) == ["0003.contract"]
+    assert migrate.due_contract(chain("expand", "contract", "contract")) == [
+        "0002.contract",
+        "0003.contract",
+    ]
+    assert migrate.due_contract(chain("expand", "contract", "expand")) == []
+    assert migrate.due_contract(chain("expand")) == []

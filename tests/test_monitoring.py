@@ -26,6 +26,7 @@ from booking.v1 import webhook_pb2 as wpb
 from booking.v1 import webhook_pb2_grpc
 from scripts import debian
 from service import telemetry
+from storage.database import Intent
 from tests.support import Api, hours_from_now, running_server
 from tests.webhook_receiver import new_secret, receiving
 
@@ -268,7 +269,7 @@ async def test_every_metric_a_rule_or_panel_names_is_exported(database_url: str)
             return int(await conn.fetchval("SELECT 1"))
 
         assert server.db is not None
-        assert await server.db.run(work) == 1
+        assert await server.db.run(work, intent=Intent.WRITE) == 1
         awaited = {"booking_sweeper_released_total", "booking_webhooks_delivery_lag_seconds_bucket"}
         deadline = time.monotonic() + 30
         while True:

@@ -32,6 +32,7 @@ from booking.v1 import appointment_pb2 as apb
 from booking.v1 import auth_pb2
 from service import request_context, telemetry
 from service.server import BookingServer
+from storage.database import Intent
 from tests.support import Api, expect_failure, hours_from_now, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +108,7 @@ async def test_metrics_move_with_real_calls(database_url: str) -> None:
                 raise exc
             return int(await conn.fetchval("SELECT 1"))
 
-        assert await server.db.run(work) == 1
+        assert await server.db.run(work, intent=Intent.READ) == 1
         after = await scrape(server)
         stream.cancel()
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -231,13 +232,37 @@ class _Client:
             apb.CancelAppointmentRequest(id=appointment, reason="upgrade"),
         )
 
+    async def hold(self, slot_id: str, request_id: str) -> str:
+        held = await self.appointments.HoldSlot(
+            apb.HoldSlotRequest(slot_id=slot_id, request_id=request_id), metadata=self.metadata
+        )
+        return str(held.appointment.id)
+
+    async def replays(self, kept: dict[str, str], refused: tuple[str, str]) -> None:
+        """Request ids stored before the upgrade answer as they first did: a
+        success with its appointment, a refusal with its reason."""
+        for request_id, slot_id in kept.items():
+            appointment = await self.hold(slot_id.split("/")[0], request_id)
+            assert appointment == slot_id.split("/")[1]
+        request_id, slot_id = refused
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await self.hold(slot_id, request_id)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+
 
 async def test_previous_release_keeps_serving_while_migrations_apply(
     previous_release: Path, previous_server: int, empty_database_url: str
 ) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{previous_server}") as channel:
         old = _Client(channel)
-        slots = await old.setup(slots=8)
+        *slots, kept_slot = await old.setup(slots=9)
+        # Request ids the previous release stores: a success, and a refusal
+        # (the slot is taken) it remembers.
+        kept_id, refused_id = str(uuid.uuid4()), str(uuid.uuid4())
+        kept = {kept_id: f"{kept_slot}/{await old.hold(kept_slot, kept_id)}"}
+        refused = (refused_id, kept_slot)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await old.hold(kept_slot, refused_id)
         failures: list[grpc.aio.AioRpcError] = []
         migrated = asyncio.Event()
         rounds_after = 0
@@ -263,11 +288,15 @@ async def test_previous_release_keeps_serving_while_migrations_apply(
 
         results = await asyncio.gather(upgrade(), *(traffic(s) for s in slots))
         assert not failures, [f"{e.code().name}: {e.details()}" for e in failures]
-        expected = sorted(
+        every = sorted(
             m.stem for m in (ROOT / "migrations").glob("[0-9]*.sql") if ".rollback" not in m.name
         )
-        assert migrate.applied(empty_database_url) == expected
+        contract = migrate.contract_ids()
+        assert contract, "this release has a contract migration"
+        # Expand only: the contract waits for the previous release to go.
+        assert migrate.applied(empty_database_url) == [m for m in every if m not in contract]
         assert isinstance(results[0], list)
+        await old.replays(kept, refused)
 
         # Both releases now serve the same database side by side.
         async with running_server(empty_database_url) as new:
@@ -275,6 +304,7 @@ async def test_previous_release_keeps_serving_while_migrations_apply(
                 current = _Client(new_channel)
                 current.metadata = old.metadata
                 await current.book_and_cancel(slots[0])
+                await current.replays(kept, refused)
             await old.book_and_cancel(slots[1])
 
     # A previous-release replica restarting now (migrating at start-up, as
@@ -284,6 +314,29 @@ async def test_previous_release_keeps_serving_while_migrations_apply(
             restarted = _Client(channel)
             restarted.metadata = old.metadata
             await restarted.book_and_cancel(slots[2])
+
+    # Contract: no replica of the previous release is left, so what only it
+    # called is dropped; this release serves on, and replays what the
+    # previous one stored.
+    assert await asyncio.to_thread(migrate.apply, empty_database_url) == []
+    assert (
+        await asyncio.to_thread(lambda: migrate.apply(empty_database_url, contract=True))
+        == contract
+    )
+    assert migrate.applied(empty_database_url) == every
+    async with running_server(empty_database_url) as new:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{new.port}") as new_channel:
+            current = _Client(new_channel)
+            current.metadata = old.metadata
+            await current.book_and_cancel(slots[3])
+            await current.replays(kept, refused)
+    # What was dropped was the previous release's: it can no longer hold.
+    with _serve_previous(previous_release, empty_database_url, migrate_on_start=False) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            gone = _Client(channel)
+            gone.metadata = old.metadata
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gone.book_and_cancel(slots[4])
 
 
 async def test_replicas_starting_together_apply_migrations_once(empty_database_url: str) -> None:

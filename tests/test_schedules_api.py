@@ -15,7 +15,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from booking.v1 import schedule_pb2 as pb
 from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
-from storage import schedules, wallclock
+from storage import appointments, wallclock
 from tests.support import Api, expect_failure, failure, running_server, ts
 
 BERLIN = "Europe/Berlin"
@@ -521,13 +521,14 @@ async def test_reports_are_forgotten_after_the_request_id_retention(
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
-            "UPDATE schedule_runs SET created_at = now() - interval '2 days' WHERE request_id = $1",
+            "UPDATE idempotency_keys SET created_at = now() - interval '2 days'"
+            " WHERE request_id = $1",
             uuid.UUID(old_id),
         )
     finally:
         await conn.close()
     assert api.server.db is not None
-    assert await schedules.forget_runs(api.server.db, timedelta(hours=24), 100) == 1
+    assert await appointments.forget_request_ids(api.server.db, timedelta(hours=24), 100) == 1
     # Forgotten: the same id now runs as a new request, finding its slots made.
     again = await _materialize(api, spec.id, "2030-03-04", "2030-03-05", request_id=old_id)
     assert not again.created_slots

@@ -174,6 +174,10 @@ class _Capture:
 
         await work(Conn())
 
+    async def fetch(self, sql: str, *args: Any, **_: Any) -> list[Any]:
+        self.sql, self.args = sql, args
+        raise _Captured
+
 
 async def _plan(conn: asyncpg.Connection, **search: Any) -> str:
     capture = _Capture()

@@ -10,7 +10,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from storage import transitions as fn
+from storage import functions as fn
 from storage.models import Role
 from tests.support import Api, hours_from_now
 

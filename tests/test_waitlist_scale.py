@@ -63,6 +63,10 @@ class _Capture:
             pass
         raise _Captured
 
+    async def fetch(self, sql: str, *args: Any, **_: Any) -> list[Any]:
+        self.sql, self.args = sql, args
+        raise _Captured
+
 
 class _Captured(Exception):
     pass

@@ -11,10 +11,10 @@ from booking.v1 import appointment_pb2 as pb
 from booking.v1 import appointment_pb2_grpc
 from service import auth, convert, pagination, telemetry
 from service.config import Config
-from service.errors import FieldViolation, InvalidArgument, PermissionDenied
+from service.errors import FieldViolation, InvalidArgument
 from service.event_hub import EventHub, Heartbeat
 from service.grpc_types import Context
-from service.policy import policy_exempt
+from service.policy import act_for, check_priority, owner_scope, policy_exempt, scope_to_caller
 from service.validation import Validator
 from storage import appointments as store
 from storage import events as event_store
@@ -22,7 +22,8 @@ from storage import recurrence
 from storage import series as series_store
 from storage.database import Database
 from storage.errors import SeriesTooLarge
-from storage.models import AppointmentEvent, EventFilter, Position, Priority, Role
+from storage.flights import SlotFlights
+from storage.models import AppointmentEvent, EventFilter, Position, Priority
 
 MAX_REASON = 1000
 # Seats one hold may take (docs/seats.md).
@@ -33,12 +34,7 @@ WIRE_CACHE_SIZE = 8192
 
 
 def _owner(caller: auth.Caller) -> UUID | None:
-    """The owner a caller is restricted to: itself for a CLIENT, else None.
-
-    Passed down to storage so a CLIENT asking about someone else's
-    appointment gets NOT_FOUND, exactly as if it did not exist."""
-    user = caller.require_user()
-    return user.id if user.role is Role.CLIENT else None
+    return owner_scope(caller.require_user())
 
 
 def _request_id(v: Validator, value: str) -> UUID | None:
@@ -47,9 +43,15 @@ def _request_id(v: Validator, value: str) -> UUID | None:
 
 class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
     def __init__(
-        self, db: Database, config: Config, hub: EventHub, authenticator: auth.Authenticator
+        self,
+        db: Database,
+        config: Config,
+        hub: EventHub,
+        authenticator: auth.Authenticator,
+        hold_flights: SlotFlights,
     ) -> None:
         self.db = db
+        self.hold_flights = hold_flights
         self.config = config
         self.hub = hub
         self.authenticator = authenticator
@@ -78,21 +80,18 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         caller = auth.current().require_user()
         v = Validator()
         slot_id = v.uuid("slot_id", request.slot_id)
-        user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
+        requested = v.uuid("user_id", request.user_id, required=False)
         priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
         request_id = _request_id(v, request.request_id)
         party_size = request.party_size or 1
         if not 1 <= party_size <= MAX_PARTY_SIZE:
             v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
         v.check()
-        if caller.role is Role.CLIENT:
-            if user_id != caller.id:
-                raise PermissionDenied(detail="a CLIENT may only hold slots for itself")
-            if priority is not Priority.NORMAL:
-                raise PermissionDenied(detail="only operators may set VIP or URGENT priority")
-        assert slot_id is not None
+        user_id = act_for(caller, requested, what="hold slots for itself")
+        check_priority(caller, priority)
         event = await store.hold(
             self.db,
+            self.hold_flights,
             slot_id=slot_id,
             user_id=user_id,
             priority=priority,
@@ -113,7 +112,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         appointment_id = v.uuid("id", request.id)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None
         event = await store.confirm(
             self.db,
             appointment_id,
@@ -132,7 +130,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         reason = v.text("reason", request.reason, required=False, max_length=MAX_REASON)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None
         user = caller.require_user()
         event = await store.cancel(
             self.db,
@@ -151,7 +148,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         caller = auth.current().require_user()
         v = Validator()
         slot_id = v.uuid("first_slot_id", request.first_slot_id)
-        user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
+        requested = v.uuid("user_id", request.user_id, required=False)
         priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
         request_id = _request_id(v, request.request_id)
         party_size = request.party_size or 1
@@ -173,12 +170,9 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         if request.mode not in SERIES_MODES:
             v.fail("mode", "required: ALL_OR_NOTHING or AS_MANY_AS_POSSIBLE")
         v.check()
-        if caller.role is Role.CLIENT:
-            if user_id != caller.id:
-                raise PermissionDenied(detail="a CLIENT may only hold slots for itself")
-            if priority is not Priority.NORMAL:
-                raise PermissionDenied(detail="only operators may set VIP or URGENT priority")
-        assert slot_id is not None and rule is not None and text is not None
+        user_id = act_for(caller, requested, what="hold slots for itself")
+        check_priority(caller, priority)
+        assert rule is not None and text is not None
         series = await series_store.hold(
             self.db,
             first_slot_id=slot_id,
@@ -246,7 +240,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         appointment_id = v.uuid("id", request.id)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None
         event = await store.mark_no_show(
             self.db, appointment_id, actor_id=caller.id, request_id=request_id
         )
@@ -261,7 +254,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         new_slot_id = v.uuid("new_slot_id", request.new_slot_id)
         request_id = _request_id(v, request.request_id)
         v.check()
-        assert appointment_id is not None and new_slot_id is not None
         user = caller.require_user()
         event = await store.reschedule(
             self.db,
@@ -282,7 +274,6 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         v = Validator()
         appointment_id = v.uuid("id", request.id)
         v.check()
-        assert appointment_id is not None
         found = await store.get(self.db, appointment_id, owner_id=_owner(caller))
         return pb.GetAppointmentResponse(appointment=convert.appointment(found))
 
@@ -290,11 +281,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         """The user filter, forced to the caller for a CLIENT."""
         caller = auth.current().require_user()
         user_id = v.uuid(field, value, required=False)
-        if caller.role is Role.CLIENT:
-            if user_id is not None and user_id != caller.id:
-                raise PermissionDenied(detail="a CLIENT may only see its own appointments")
-            return caller.id
-        return user_id
+        return scope_to_caller(caller, user_id, what="see its own appointments")
 
     async def ListAppointments(
         self, request: pb.ListAppointmentsRequest, context: Context

@@ -3,23 +3,29 @@ feeds themselves are served over HTTP (service/calendar_feed.py)."""
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from booking.v1 import calendar_pb2 as pb
 from booking.v1 import calendar_pb2_grpc
 from service import auth, convert
 from service.calendar_feed import feed_path
 from service.errors import PermissionDenied
 from service.grpc_types import Context
+from service.policy import act_for
 from service.validation import Validator
 from storage import feeds as store
 from storage.database import Database
 from storage.models import Role
 
+OWN_FEED = "manage its own calendar feed"
+
 
 def _subject(
     request: pb.RotateCalendarFeedTokenRequest | pb.RevokeCalendarFeedTokenRequest,
-) -> store.Subject:
-    """The feed the request names, once the caller may touch it: a CLIENT
-    only its own user feed (checked before anything is looked up)."""
+) -> tuple[UUID | None, UUID | None]:
+    """The (user, specialist) feed the request names, validated; a CLIENT
+    may not name a specialist's feed (checked before anything is looked up).
+    Neither named: the caller's own user feed."""
     caller = auth.current().require_user()
     v = Validator()
     which = request.WhichOneof("subject")
@@ -29,14 +35,9 @@ def _subject(
     elif which == "user_id":
         user_id = v.uuid("user_id", request.user_id)
     v.check()
-    if specialist_id is None and user_id is None:
-        user_id = caller.id
-    if caller.role is Role.CLIENT:
-        if specialist_id is not None:
-            raise PermissionDenied(detail="only staff manage a specialist's calendar feed")
-        if user_id != caller.id:
-            raise PermissionDenied(detail="a CLIENT may only manage its own calendar feed")
-    return store.Subject(user_id=user_id, specialist_id=specialist_id)
+    if specialist_id is not None and caller.role is Role.CLIENT:
+        raise PermissionDenied(detail="only staff manage a specialist's calendar feed")
+    return user_id, specialist_id
 
 
 class CalendarFeedService(calendar_pb2_grpc.CalendarFeedServiceServicer):
@@ -46,10 +47,14 @@ class CalendarFeedService(calendar_pb2_grpc.CalendarFeedServiceServicer):
     async def RotateCalendarFeedToken(
         self, request: pb.RotateCalendarFeedTokenRequest, context: Context
     ) -> pb.RotateCalendarFeedTokenResponse:
-        subject = _subject(request)
-        token, rotated_at = await store.rotate(
-            self.db, subject, actor_id=auth.current().require_user().id
+        user_id, specialist_id = _subject(request)
+        caller = auth.current().require_user()
+        # The ownership rule (service/policy.py): a CLIENT's own feed only.
+        subject = store.Subject(
+            user_id=None if specialist_id else act_for(caller, user_id, what=OWN_FEED),
+            specialist_id=specialist_id,
         )
+        token, rotated_at = await store.rotate(self.db, subject, actor_id=caller.id)
         return pb.RotateCalendarFeedTokenResponse(
             token=token, path=feed_path(token), rotate_time=convert.timestamp(rotated_at)
         )
@@ -57,5 +62,11 @@ class CalendarFeedService(calendar_pb2_grpc.CalendarFeedServiceServicer):
     async def RevokeCalendarFeedToken(
         self, request: pb.RevokeCalendarFeedTokenRequest, context: Context
     ) -> pb.RevokeCalendarFeedTokenResponse:
-        await store.revoke(self.db, _subject(request))
+        user_id, specialist_id = _subject(request)
+        caller = auth.current().require_user()
+        subject = store.Subject(
+            user_id=None if specialist_id else act_for(caller, user_id, what=OWN_FEED),
+            specialist_id=specialist_id,
+        )
+        await store.revoke(self.db, subject)
         return pb.RevokeCalendarFeedTokenResponse()

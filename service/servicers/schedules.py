@@ -194,7 +194,6 @@ class ScheduleService(schedule_pb2_grpc.ScheduleServiceServicer):
         v = Validator()
         specialist_id = v.uuid("specialist_id", request.specialist_id)
         v.check()
-        assert specialist_id is not None
         return pb.GetScheduleResponse(
             schedule=_wire_schedule(await store.get(self.db, specialist_id))
         )
@@ -208,7 +207,6 @@ class ScheduleService(schedule_pb2_grpc.ScheduleServiceServicer):
             v.fail("schedule", "required (an empty schedule clears it)")
         schedule = _schedule(v, request.schedule)
         v.check()
-        assert specialist_id is not None
         return pb.UpdateScheduleResponse(
             schedule=_wire_schedule(await store.replace(self.db, specialist_id, schedule))
         )
@@ -231,7 +229,7 @@ class ScheduleService(schedule_pb2_grpc.ScheduleServiceServicer):
                     f"at most {self.config.schedule_max_days} days after start_date per call",
                 )
         v.check()
-        assert specialist_id is not None and first is not None and end is not None
+        assert first is not None and end is not None
         report = await store.materialize(
             self.db,
             specialist_id,

@@ -86,7 +86,6 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         v = Validator()
         slot_id = v.uuid("id", request.id)
         v.check()
-        assert slot_id is not None
         return pb.GetSlotResponse(slot=convert.slot(await store.get(self.db, slot_id)))
 
     async def ListSlots(
@@ -123,7 +122,6 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         v = Validator()
         slot_id = v.uuid("id", request.id)
         v.check()
-        assert slot_id is not None
         await store.delete(self.db, slot_id)
         return pb.DeleteSlotResponse()
 

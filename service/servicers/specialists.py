@@ -70,7 +70,6 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         before = _buffer(v, "buffer_before_minutes", request.buffer_before_minutes)
         after = _buffer(v, "buffer_after_minutes", request.buffer_after_minutes)
         v.check()
-        assert full_name is not None and service_type is not None
         created = await store.create(
             self.db,
             full_name=full_name.strip(),
@@ -88,7 +87,6 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
         v = Validator()
         specialist_id = v.uuid("id", request.id)
         v.check()
-        assert specialist_id is not None
         found = await store.get(self.db, specialist_id)
         return pb.GetSpecialistResponse(specialist=convert.specialist(found))
 
@@ -150,7 +148,6 @@ class SpecialistService(specialist_pb2_grpc.SpecialistServiceServicer):
             if path in paths
         }
         v.check()
-        assert specialist_id is not None
         updated = await store.update(
             self.db,
             specialist_id,

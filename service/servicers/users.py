@@ -7,6 +7,7 @@ from service import auth, convert, pagination, passwords
 from service.config import Config
 from service.errors import PermissionDenied, Unauthenticated
 from service.grpc_types import Context
+from service.policy import scope_to_caller
 from service.ratelimit import PerKeyRate, peer_host, retry_after
 from service.validation import Validator, field_mask_paths
 from storage import users as store
@@ -42,7 +43,6 @@ class UserService(user_pb2_grpc.UserServiceServicer):
                 if caller.user is None:
                     raise Unauthenticated(detail="self sign-up is disabled")
                 raise PermissionDenied(detail="self sign-up is disabled")
-        assert email is not None
         if caller.user is None:
             wait = self.signups.take(peer_host(context.peer()))
             if wait > 0:
@@ -62,9 +62,7 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         v = Validator()
         user_id = v.uuid("id", request.id)
         v.check()
-        if not auth.current().is_staff and user_id != caller.id:
-            raise PermissionDenied(detail="a CLIENT may only read itself")
-        assert user_id is not None
+        scope_to_caller(caller, user_id, what="read itself")
         return user_pb2.GetUserResponse(user=convert.user(await store.get(self.db, user_id)))
 
     async def ListUsers(
@@ -113,7 +111,6 @@ class UserService(user_pb2_grpc.UserServiceServicer):
                 raise PermissionDenied(detail="only an ADMIN may change other users")
             if paths & {"role", "active"}:
                 raise PermissionDenied(detail="only an ADMIN may change role or active")
-        assert user_id is not None
         user = await store.update(
             self.db,
             user_id,
@@ -144,7 +141,6 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         elif len(request.password) > 1024:
             v.fail("password", "too long")
         v.check()
-        assert email is not None
         token, expires, user = await self.authenticator.login(email, request.password)
         return auth_pb2.LoginResponse(
             access_token=token, expire_time=convert.timestamp(expires), user=convert.user(user)

@@ -10,12 +10,12 @@ from booking.v1 import waitlist_pb2 as pb
 from booking.v1 import waitlist_pb2_grpc
 from service import auth, convert, pagination
 from service.config import Config
-from service.errors import PermissionDenied
 from service.grpc_types import Context
+from service.policy import act_for, check_priority, owner_scope, scope_to_caller
 from service.validation import Validator
 from storage import waitlist as store
 from storage.database import Database
-from storage.models import Priority, Role
+from storage.models import Priority
 
 MAX_SERVICE_TYPE = 200
 # A wait longer than a year is a standing order, not a waitlist entry.
@@ -23,9 +23,7 @@ MAX_WINDOW = timedelta(days=366)
 
 
 def _owner(caller: auth.Caller) -> UUID | None:
-    """A CLIENT is restricted to its own entries; another's reads as missing."""
-    user = caller.require_user()
-    return user.id if user.role is Role.CLIENT else None
+    return owner_scope(caller.require_user())
 
 
 class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
@@ -38,7 +36,7 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
     ) -> pb.CreateWaitlistEntryResponse:
         caller = auth.current().require_user()
         v = Validator()
-        user_id = v.uuid("user_id", request.user_id, required=False) or caller.id
+        user_id = v.uuid("user_id", request.user_id, required=False)
         target = request.WhichOneof("target")
         specialist_id: UUID | None = None
         service_type: str | None = None
@@ -59,11 +57,8 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
         priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
         request_id = v.uuid("request_id", request.request_id, required=False)
         v.check()
-        if caller.role is Role.CLIENT:
-            if user_id != caller.id:
-                raise PermissionDenied(detail="a CLIENT may only join the waitlist for itself")
-            if priority is not Priority.NORMAL:
-                raise PermissionDenied(detail="only operators may set VIP or URGENT priority")
+        user_id = act_for(caller, user_id, what="join the waitlist for itself")
+        check_priority(caller, priority)
         assert start is not None and end is not None
         entry = await store.create(
             self.db,
@@ -86,7 +81,6 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
         v = Validator()
         entry_id = v.uuid("id", request.id)
         v.check()
-        assert entry_id is not None
         entry = await store.get(self.db, entry_id, owner_id=_owner(caller))
         return pb.GetWaitlistEntryResponse(waitlist_entry=convert.waitlist_entry(entry))
 
@@ -96,10 +90,7 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
         caller = auth.current().require_user()
         v = Validator()
         user_id = v.uuid("user_id", request.user_id, required=False)
-        if caller.role is Role.CLIENT:
-            if user_id is not None and user_id != caller.id:
-                raise PermissionDenied(detail="a CLIENT may only see its own waitlist entries")
-            user_id = caller.id
+        user_id = scope_to_caller(caller, user_id, what="see its own waitlist entries")
         size = v.page_size(request.page_size)
         specialist_id = v.uuid("specialist_id", request.specialist_id, required=False)
         service_type = v.text(
@@ -131,6 +122,5 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
         v = Validator()
         entry_id = v.uuid("id", request.id)
         v.check()
-        assert entry_id is not None
         entry = await store.cancel(self.db, entry_id, owner_id=_owner(caller))
         return pb.CancelWaitlistEntryResponse(waitlist_entry=convert.waitlist_entry(entry))

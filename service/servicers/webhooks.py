@@ -43,8 +43,6 @@ def _secret(v: Validator, field: str, value: str) -> str:
 
 def _url(v: Validator, value: str) -> str | None:
     url = v.text("url", value, max_length=MAX_URL)
-    if url is None:
-        return None
     try:
         parts = urlsplit(url)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0

@@ -1,48 +1,42 @@
 -- Request ids (AIP-155): every copy of a request gets one answer.
 --
+-- One mechanism for every operation that takes a request id: the
+-- appointment transitions, CreateWaitlistEntry and MaterializeSchedule.
 -- A key is (caller, request id): one caller's ids can neither collide with
 -- nor reveal another's. It stores the first outcome of a request that began
--- executing: the event of its success, or the reason and detail of its
--- business failure. Keys are forgotten after a retention period
--- (booking_forget_request_ids, run by the sweeper).
+-- executing: the event of a transition's success, the result of another
+-- operation's success (a waitlist entry's id, a materialisation's report),
+-- or the reason and detail of a business failure. Keys are forgotten after
+-- one retention period (booking_forget_request_ids, run by the sweeper).
 --
--- Every transition starts with booking_begin_request and ends with
--- booking_finish_request; the replay logic and the fingerprint rule live
--- only here.
+-- Every such operation starts with booking_request_outcome (a transition
+-- through booking_begin_request) and ends with booking_finish_request (an
+-- event) or booking_finish_request_result (any other result); the replay
+-- logic and the fingerprint rule live only here.
 
 -- The server acting on its own (no actor) is one caller: the nil uuid.
 CREATE FUNCTION booking_request_actor(p_actor_id uuid) RETURNS uuid
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN coalesce(p_actor_id, '00000000-0000-0000-0000-000000000000'::uuid);
 
--- Starts a transition. Returns the event a caller's request id already
--- produced, raises the failure it already produced, or returns NULL when
--- the request is new. A new request's key is kept for the rest of the
--- transaction: booking_fail names it in a failure's HINT (so storage/ can
--- remember the failure), and booking_finish_request stores the success.
--- p_params are the request's parameters: the same id with other parameters
--- is REQUEST_ID_REUSED.
-CREATE FUNCTION booking_begin_request(
+-- The outcome a caller's request id already has: its key, when the id
+-- already succeeded (event_id or result set); the failure it already
+-- produced, raised again; or NULL when the request is new. A new request's
+-- key is kept for the rest of the transaction: booking_fail names it in a
+-- failure's HINT (so storage/ can remember the failure), and the finish
+-- functions below store the success. p_params are the request's parameters
+-- as text: the same id with other parameters is REQUEST_ID_REUSED (NULL
+-- parameters are skipped, so pass coalesce(x, '') where one may be NULL and
+-- another not).
+CREATE FUNCTION booking_request_outcome(
     p_operation text, p_actor_id uuid, p_request_id uuid, VARIADIC p_params text[]
-) RETURNS appointment_events
+) RETURNS idempotency_keys
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_actor uuid;
-    v_fingerprint text;
+    v_actor uuid := booking_request_actor(p_actor_id);
+    v_fingerprint text := md5(concat_ws('|', VARIADIC p_params));
     v_key idempotency_keys;
-    v_event appointment_events;
 BEGIN
-    -- Every transition starts here, so the common case is kept cheap: the
-    -- isolation is tested inline (a PERFORM is a query of its own, run only
-    -- to raise the error), and a request without an id computes no key.
-    IF current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
-        PERFORM booking_require_snapshot_isolation();
-    END IF;
-    IF p_request_id IS NULL THEN
-        RETURN NULL;
-    END IF;
-    v_actor := booking_request_actor(p_actor_id);
-    v_fingerprint := md5(concat_ws('|', VARIADIC p_params));
     SELECT * INTO v_key FROM idempotency_keys
     WHERE actor_id = v_actor AND request_id = p_request_id;
     IF NOT FOUND THEN
@@ -55,14 +49,43 @@ BEGIN
         PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
             'request_id', p_request_id, 'operation', v_key.operation));
     END IF;
-    IF v_key.event_id IS NULL THEN
+    IF v_key.error_reason IS NOT NULL THEN
         PERFORM booking_fail(v_key.error_reason, v_key.error_detail);
     END IF;
-    SELECT * INTO v_event FROM appointment_events WHERE id = v_key.event_id;
     -- A replay answers OK for a commit that may have been made visible
     -- without the synchronous standbys (its wait cancelled): this
-    -- transaction's own commit then waits for them (durability.sql).
+    -- transaction's own commit then waits for them (durability.sql). A
+    -- replayed failure has aborted this transaction; storage/requests.py
+    -- runs the barrier after it.
     PERFORM booking_sync_barrier();
+    RETURN v_key;
+END
+$$;
+
+-- Starts a transition: booking_request_outcome, answering with the event a
+-- caller's request id already produced, or NULL when the request is new.
+CREATE FUNCTION booking_begin_request(
+    p_operation text, p_actor_id uuid, p_request_id uuid, VARIADIC p_params text[]
+) RETURNS appointment_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_key idempotency_keys;
+    v_event appointment_events;
+BEGIN
+    -- Every transition starts here, so the common case is kept cheap: the
+    -- isolation is tested inline (a PERFORM is a query of its own, run only
+    -- to raise the error), and a request without an id computes no key.
+    IF current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
+        PERFORM booking_require_snapshot_isolation();
+    END IF;
+    IF p_request_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v_key := booking_request_outcome(p_operation, p_actor_id, p_request_id, VARIADIC p_params);
+    IF v_key.event_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO v_event FROM appointment_events WHERE id = v_key.event_id;
     RETURN v_event;
 END
 $$;
@@ -81,6 +104,24 @@ BEGIN
                 v_key->>'operation', v_key->>'fingerprint', p_event.id);
     END IF;
     RETURN p_event;
+END
+$$;
+
+-- Ends a request whose success is not an event (a waitlist entry, a
+-- materialisation's report): remembers p_result under the request's key, if
+-- it has one, and returns it. A copy that stored first makes this fail on
+-- the key (idempotency_keys_pkey), and Database.run's retry replays.
+CREATE FUNCTION booking_finish_request_result(p_result jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_key jsonb := nullif(current_setting('booking.request_key', true), '')::jsonb;
+BEGIN
+    IF v_key IS NOT NULL THEN
+        INSERT INTO idempotency_keys (actor_id, request_id, operation, fingerprint, result)
+        VALUES ((v_key->>'actor_id')::uuid, (v_key->>'request_id')::uuid,
+                v_key->>'operation', v_key->>'fingerprint', p_result);
+    END IF;
+    RETURN p_result;
 END
 $$;
 

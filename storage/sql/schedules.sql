@@ -54,34 +54,6 @@ CREATE TABLE schedule_exceptions (
         AND (slot_minutes IS NULL OR (slot_minutes > 0 AND gap_minutes >= 0)))
 );
 
--- One row per materialisation that had a request id: its report, replayed
--- to every copy of the request. Kept as long as request ids are.
-CREATE TABLE schedule_runs (
-    actor_id        uuid NOT NULL,
-    request_id      uuid NOT NULL,
-    specialist_id   uuid NOT NULL REFERENCES specialists (id),
-    fingerprint     text NOT NULL,
-    report          jsonb NOT NULL,
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT schedule_runs_pkey PRIMARY KEY (actor_id, request_id)
-);
-CREATE INDEX schedule_runs_created ON schedule_runs (created_at);
-
--- Forgets up to p_limit runs older than p_retention; SKIP LOCKED lets
--- several replicas prune at once.
-CREATE FUNCTION booking_forget_schedule_runs(p_retention interval, p_limit integer)
-RETURNS integer
-LANGUAGE sql AS $$
-    WITH doomed AS (
-        SELECT actor_id, request_id FROM schedule_runs
-        WHERE created_at < now() - p_retention
-        ORDER BY created_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), gone AS (
-        DELETE FROM schedule_runs r USING doomed d
-        WHERE r.actor_id = d.actor_id AND r.request_id = d.request_id
-        RETURNING 1
-    )
-    SELECT count(*)::integer FROM gone
-$$;
+-- A materialisation with a request id stores its report as the request's
+-- result (requests.sql), replayed to every copy and forgotten with the other
+-- request ids.

@@ -171,8 +171,10 @@ CREATE INDEX appointment_events_appointment ON appointment_events (appointment_i
 -- and without this a read from an old cursor scans the whole log below it.
 CREATE INDEX appointment_events_user ON appointment_events (user_id, xid, seq);
 
--- AIP-155 request ids, per caller: each key stores the first outcome of the
--- request, the event of a success or the reason and detail of a business
+-- AIP-155 request ids, per caller, for every operation that takes one: each
+-- key stores the first outcome of the request, the event of a transition's
+-- success, the result of another operation's success (a waitlist entry's id,
+-- a materialisation's report), or the reason and detail of a business
 -- failure (requests.sql).
 CREATE TABLE idempotency_keys (
     request_id      uuid NOT NULL,
@@ -183,8 +185,9 @@ CREATE TABLE idempotency_keys (
     actor_id        uuid NOT NULL,
     error_reason    text,
     error_detail    jsonb,
+    result          jsonb,
     CONSTRAINT idempotency_keys_pkey PRIMARY KEY (actor_id, request_id),
     CONSTRAINT idempotency_keys_one_outcome
-        CHECK ((event_id IS NULL) <> (error_reason IS NULL))
+        CHECK (num_nonnulls(event_id, result, error_reason) = 1)
 );
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);

@@ -2,7 +2,7 @@
 -- round trip: one statement, one implicit transaction, run by storage/ under
 -- REPEATABLE READ. Every transition writes exactly one event row for the
 -- appointment it changes, in the same transaction, and is idempotent by
--- request id (requests.sql). storage/transitions.py is the one place that
+-- request id (requests.sql). storage/functions.py is the one place that
 -- calls them, with named arguments.
 --
 -- A previous release may call these during a rolling upgrade: a change of

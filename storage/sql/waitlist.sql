@@ -37,6 +37,8 @@ CREATE TABLE waitlist_entries (
     -- The offered appointment, from OFFERED on.
     appointment_id  uuid REFERENCES appointments (id),
     created_by      uuid NOT NULL,
+    -- The request id that created it, if any; its replay is the request's
+    -- key (requests.sql), forgotten after the request-id retention.
     request_id      uuid,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
@@ -66,8 +68,6 @@ CREATE INDEX waitlist_entries_service_queue
 -- the entry of an offer's HELD event.
 CREATE UNIQUE INDEX waitlist_entries_offer
     ON waitlist_entries (appointment_id) WHERE appointment_id IS NOT NULL;
-CREATE UNIQUE INDEX waitlist_entries_request
-    ON waitlist_entries (created_by, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX waitlist_entries_window_end ON waitlist_entries (window_end) WHERE status = 'ACTIVE';
 CREATE INDEX waitlist_entries_user ON waitlist_entries (user_id, created_at, id);
 CREATE INDEX waitlist_entries_created ON waitlist_entries (created_at, id);
@@ -277,9 +277,26 @@ CREATE TRIGGER appointments_waitlist_offer_settled
     FOR EACH ROW WHEN (OLD.status = 'HOLD' AND NEW.status <> 'HOLD')
     EXECUTE FUNCTION booking_waitlist_offer_settled();
 
--- Joins the waitlist. With a request id, a repeat of the same request
--- returns the entry the first one created; other parameters under the same
--- id are REQUEST_ID_REUSED.
+-- The parameters that identify a CreateWaitlistEntry request (its
+-- fingerprint, requests.sql). One of specialist and service type is NULL,
+-- so each is given as '' then; instants as epoch seconds, whatever the
+-- session's time zone.
+CREATE FUNCTION booking_waitlist_request_params(
+    p_user_id uuid,
+    p_specialist_id uuid,
+    p_service_type text,
+    p_window_start timestamptz,
+    p_window_end timestamptz,
+    p_priority appointment_priority
+) RETURNS text[]
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN ARRAY[p_user_id::text, coalesce(p_specialist_id::text, ''), coalesce(p_service_type, ''),
+             extract(epoch FROM p_window_start)::text, extract(epoch FROM p_window_end)::text,
+             p_priority::text];
+
+-- Joins the waitlist. With a request id (requests.sql), a repeat of the
+-- same request returns the entry the first one created, or its failure;
+-- other parameters under the same id are REQUEST_ID_REUSED.
 CREATE FUNCTION booking_create_waitlist_entry(
     p_user_id uuid,
     p_specialist_id uuid,
@@ -293,26 +310,19 @@ CREATE FUNCTION booking_create_waitlist_entry(
 ) RETURNS waitlist_entries
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_operation constant text := 'CreateWaitlistEntry';
+    v_key idempotency_keys;
     v_entry waitlist_entries;
     v_user users;
     v_specialist specialists;
 BEGIN
     PERFORM booking_require_snapshot_isolation();
     IF p_request_id IS NOT NULL THEN
-        SELECT * INTO v_entry FROM waitlist_entries
-        WHERE created_by = p_actor_id AND request_id = p_request_id;
-        IF FOUND THEN
-            IF (v_entry.user_id, v_entry.specialist_id, v_entry.service_type,
-                v_entry.window_start, v_entry.window_end, v_entry.priority)
-               IS DISTINCT FROM (p_user_id, p_specialist_id, p_service_type,
-                                 p_window_start, p_window_end, p_priority) THEN
-                PERFORM booking_fail('REQUEST_ID_REUSED', jsonb_build_object(
-                    'request_id', p_request_id, 'operation', v_operation));
-            END IF;
-            -- A replay: only once the entry is on the synchronous standbys
-            -- (durability.sql).
-            PERFORM booking_sync_barrier();
+        v_key := booking_request_outcome('CreateWaitlistEntry', p_actor_id, p_request_id,
+            VARIADIC booking_waitlist_request_params(p_user_id, p_specialist_id,
+                p_service_type, p_window_start, p_window_end, p_priority));
+        IF v_key.result IS NOT NULL THEN
+            SELECT * INTO v_entry FROM waitlist_entries
+            WHERE id = (v_key.result->>'waitlist_entry_id')::uuid;
             RETURN v_entry;
         END IF;
     END IF;
@@ -341,6 +351,7 @@ BEGIN
     VALUES (gen_random_uuid(), p_user_id, p_specialist_id, p_service_type, p_window_start,
             p_window_end, p_priority, p_offer_ttl, p_actor_id, p_request_id)
     RETURNING * INTO v_entry;
+    PERFORM booking_finish_request_result(jsonb_build_object('waitlist_entry_id', v_entry.id));
     RETURN v_entry;
 END
 $$;

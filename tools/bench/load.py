@@ -499,7 +499,7 @@ class _Worker:
         import asyncpg
 
         from bench.db import POOL_SLOT, POOL_USER, SESSION_SETTINGS, pool_uuid
-        from storage.transitions import HOLD_SLOT
+        from storage.functions import HOLD_SLOT
 
         job = self.job
         function_sql = HOLD_SLOT.statement()

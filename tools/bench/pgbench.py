@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.db import POOL_SLOT, POOL_USER, sql_uuid
 from storage import embedded
-from storage.transitions import HOLD_SLOT
+from storage.functions import HOLD_SLOT
 
 # The walk over pool slots shared by both scripts.
 _WALK = "\\set k :base + :client_id + :nclients * :n\n\\set n :n + 1\n"

@@ -25,12 +25,17 @@ class Function:
     # or a row of their own (returns_row: all its columns).
     returns_event: bool = False
     returns_row: bool = False
+    # The last parameter is VARIADIC: its value is one array.
+    variadic: bool = False
 
     def call(self, args: Mapping[str, str]) -> str:
         """The call expression with each parameter bound to an SQL expression."""
         if set(args) != set(self.params):
             raise TypeError(f"{self.name} takes {sorted(self.params)}, not {sorted(args)}")
-        bound = ", ".join(f"{p} => {args[p]}" for p in self.params)
+        last = self.params[-1] if self.variadic else None
+        bound = ", ".join(
+            f"{'VARIADIC ' if p == last else ''}{p} => {args[p]}" for p in self.params
+        )
         return f"{self.name}({bound})"
 
     def statement(self, args: Mapping[str, str] | None = None) -> str:
@@ -121,7 +126,14 @@ DELETE_SLOT = Function("booking_delete_slot", ("p_slot_id",))
 REMEMBER_FAILURE = Function("booking_remember_failure", ("p_key", "p_reason", "p_detail"))
 FORGET_REQUEST_IDS = Function("booking_forget_request_ids", ("p_retention", "p_limit"))
 PRUNE_EVENTS = Function("booking_prune_events", ("p_retention", "p_limit"))
-FORGET_SCHEDULE_RUNS = Function("booking_forget_schedule_runs", ("p_retention", "p_limit"))
+# Request ids of operations other than the transitions (storage/requests.py).
+REQUEST_OUTCOME = Function(
+    "booking_request_outcome",
+    ("p_operation", "p_actor_id", "p_request_id", "p_params"),
+    returns_row=True,
+    variadic=True,
+)
+FINISH_REQUEST_RESULT = Function("booking_finish_request_result", ("p_result",))
 
 # Slots and the waitlist (storage/sql/slots.sql, waitlist.sql).
 INSERT_SLOTS = Function(
