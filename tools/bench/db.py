@@ -263,7 +263,8 @@ async def reset(url: str) -> None:
     conn = await connect(url)
     try:
         await conn.execute(
-            "TRUNCATE idempotency_keys, appointment_events, waitlist_entries, appointments"
+            "TRUNCATE idempotency_keys, appointment_events, waitlist_entries,"
+            " calendar_sequences, appointments, appointment_series"
         )
         # TRUNCATE fires no row trigger: the seat counts (storage/sql/seats.sql)
         # are reset here, and the status follows them.
