@@ -41,6 +41,19 @@ def _request_id(v: Validator, value: str) -> UUID | None:
     return v.uuid("request_id", value, required=False)
 
 
+def _hold_fields(
+    v: Validator, request: pb.HoldSlotRequest | pb.HoldSeriesRequest
+) -> tuple[UUID | None, Priority, UUID | None, int]:
+    """What HoldSlot and HoldSeries share: the user asked for (None: the
+    caller), the priority, the request id and the party size."""
+    requested = v.uuid("user_id", request.user_id, required=False)
+    priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
+    party_size = request.party_size or 1
+    if not 1 <= party_size <= MAX_PARTY_SIZE:
+        v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
+    return requested, priority, _request_id(v, request.request_id), party_size
+
+
 class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
     def __init__(
         self,
@@ -80,12 +93,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         caller = auth.current().require_user()
         v = Validator()
         slot_id = v.uuid("slot_id", request.slot_id)
-        requested = v.uuid("user_id", request.user_id, required=False)
-        priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
-        request_id = _request_id(v, request.request_id)
-        party_size = request.party_size or 1
-        if not 1 <= party_size <= MAX_PARTY_SIZE:
-            v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
+        requested, priority, request_id, party_size = _hold_fields(v, request)
         v.check()
         user_id = act_for(caller, requested, what="hold slots for itself")
         check_priority(caller, priority)
@@ -148,12 +156,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         caller = auth.current().require_user()
         v = Validator()
         slot_id = v.uuid("first_slot_id", request.first_slot_id)
-        requested = v.uuid("user_id", request.user_id, required=False)
-        priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
-        request_id = _request_id(v, request.request_id)
-        party_size = request.party_size or 1
-        if not 1 <= party_size <= MAX_PARTY_SIZE:
-            v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
+        requested, priority, request_id, party_size = _hold_fields(v, request)
         rule = None
         text = v.text("recurrence", request.recurrence, max_length=MAX_RECURRENCE)
         if text is not None:
