@@ -50,8 +50,12 @@ def test_slot_from_fields_equals_slot_built_field_by_field() -> None:
         end_time=start + timedelta(minutes=30),
         status=m.SlotStatus.HOLD,
         created_at=start - timedelta(days=1, microseconds=7),
+        capacity=3,
+        seats_available=0,
     )
-    expected = spb.Slot(id=str(slot.id), specialist_id=str(slot.specialist_id))
+    expected = spb.Slot(
+        id=str(slot.id), specialist_id=str(slot.specialist_id), capacity=3, seats_available=0
+    )
     expected.start_time.FromDatetime(slot.start_time)
     expected.end_time.FromDatetime(slot.end_time)
     expected.create_time.FromDatetime(slot.created_at)
