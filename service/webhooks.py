@@ -172,8 +172,11 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - the loop must survive
                 log.exception("webhook dispatcher poll failed")
             self._wake.clear()
+            # asyncio.timeout, not wait_for: wait_for runs the wait as a task
+            # of its own, which the loop can find still pending at shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                async with asyncio.timeout(self.settings.poll_seconds):
+                    await self._wake.wait()
 
     async def _claim(self) -> None:
         free = self.settings.concurrency - len(self._running)
