@@ -183,6 +183,17 @@ HOLD_SERIES = Function(
     ),
     returns_row=True,
 )
+SERIES_REQUEST_PARAMS = Function(
+    "booking_series_request_params",
+    (
+        "p_first_slot_id",
+        "p_user_id",
+        "p_priority",
+        "p_party_size",
+        "p_recurrence",
+        "p_all_or_nothing",
+    ),
+)
 CONFIRM_SERIES = Function("booking_confirm_series", ("p_series_id", "p_owner_id", "p_actor_id"))
 CANCEL_SERIES = Function(
     "booking_cancel_series",

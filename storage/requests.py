@@ -1,6 +1,6 @@
 """Request ids (AIP-155), the Python half: storage/sql/requests.sql holds the
 rest. One mechanism for every operation that takes a request id (the
-transitions, CreateWaitlistEntry, MaterializeSchedule): one table of keys
+transitions, CreateWaitlistEntry, MaterializeSchedule, HoldSeries): one table of keys
 per caller, one fingerprint rule, one retention (the sweeper's
 booking_forget_request_ids), and the same replay of a first success or
 business failure."""

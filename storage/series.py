@@ -1,6 +1,12 @@
 """SQL for recurring series (storage/sql/series.sql): one transaction reads
 the first slot and its specialist's zone, expands the recurrence there
-(storage/recurrence.py) and holds every occurrence."""
+(storage/recurrence.py) and holds every occurrence.
+
+A request id is a key of the one request-id mechanism (storage/requests.py,
+storage/sql/requests.sql): the transaction looks it up first, so a copy is
+answered with the first copy's series, or its failure, whatever has changed
+since; a new request's business failure is stored under its key in the same
+transaction, which then commits instead of rolling back."""
 
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import durability, errors, recurrence, wallclock
 from storage import functions as fn
-from storage import recurrence, wallclock
 from storage.appointments import _COLUMNS, _appointment
 from storage.database import Connection, Database, Intent
 from storage.errors import SeriesTooLarge, SeriesTooLong, SlotNotFound
@@ -22,6 +28,32 @@ _FIRST_SLOT = (
     " JOIN specialists p ON p.id = s.specialist_id"
     " WHERE s.id = $1 AND s.deleted_at IS NULL"
 )
+OPERATION = "HoldSeries"
+_OUTCOME = fn.REQUEST_OUTCOME.statement(
+    {
+        "p_operation": f"'{OPERATION}'",
+        "p_actor_id": "$1",
+        "p_request_id": "$2",
+        "p_params": fn.SERIES_REQUEST_PARAMS.call(
+            {
+                "p_first_slot_id": "$3",
+                "p_user_id": "$4",
+                "p_priority": "$5::appointment_priority",
+                "p_party_size": "$6",
+                "p_recurrence": "$7",
+                "p_all_or_nothing": "$8",
+            }
+        ),
+    }
+)
+_REMEMBER = fn.REMEMBER_FAILURE.statement(
+    {
+        "p_key": "current_setting('booking.request_key')::jsonb",
+        "p_reason": "$1",
+        "p_detail": "$2::jsonb",
+    }
+)
+_SERIES = "SELECT * FROM appointment_series WHERE id = $1"
 _APPOINTMENTS = (
     f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
     " WHERE a.series_id = $1 ORDER BY s.start_time, a.id"
@@ -82,7 +114,7 @@ async def hold(
     SeriesTooLong."""
     sql = fn.HOLD_SERIES.sql
 
-    async def work(conn: Connection) -> Series:
+    async def hold_all(conn: Connection) -> asyncpg.Record:
         first = await conn.fetchrow(_FIRST_SLOT, first_slot_id)
         if first is None:
             raise SlotNotFound(id=str(first_slot_id))
@@ -96,27 +128,90 @@ async def hold(
         span = starts[-1] - starts[0]
         if span > timedelta(days=max_days):
             raise SeriesTooLong(days=str(span.days), max_days=str(max_days))
-        row = await conn.fetchrow(
-            sql,
-            *fn.HOLD_SERIES.values(
-                first_slot_id=first_slot_id,
-                user_id=user_id,
-                priority=priority.value,
-                actor_id=actor_id,
-                hold_ttl=hold_ttl,
-                check_user_overlap=check_user_overlap,
-                request_id=request_id,
-                policy_exempt=policy_exempt,
-                party_size=party_size,
-                recurrence=recurrence_text,
-                all_or_nothing=all_or_nothing,
-                starts=starts,
-            ),
-        )
-        appointments = [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, row["id"])]
-        return _series(row, appointments)
+        # A savepoint: a refusal raised in the function leaves the
+        # transaction able to store it under the request's key.
+        async with conn.transaction():
+            row: asyncpg.Record = await conn.fetchrow(
+                sql,
+                *fn.HOLD_SERIES.values(
+                    first_slot_id=first_slot_id,
+                    user_id=user_id,
+                    priority=priority.value,
+                    actor_id=actor_id,
+                    hold_ttl=hold_ttl,
+                    check_user_overlap=check_user_overlap,
+                    request_id=request_id,
+                    policy_exempt=policy_exempt,
+                    party_size=party_size,
+                    recurrence=recurrence_text,
+                    all_or_nothing=all_or_nothing,
+                    starts=starts,
+                ),
+            )
+        return row
 
-    return await db.run(work, intent=Intent.WRITE)
+    async def work(conn: Connection) -> Series | errors.BookingError:
+        if request_id is not None:
+            try:
+                async with conn.transaction():
+                    key = await conn.fetchrow(
+                        _OUTCOME,
+                        actor_id,
+                        request_id,
+                        first_slot_id,
+                        user_id,
+                        priority.value,
+                        party_size,
+                        recurrence_text,
+                        all_or_nothing,
+                    )
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != "BK001":
+                    raise
+                # The id's stored failure, or REQUEST_ID_REUSED: answered
+                # once the stored outcome is on the synchronous standbys
+                # (this transaction's commit waits, storage/durability.py).
+                await durability.barrier(conn)
+                return _refusal(exc)
+            if key is not None and key["result"] is not None:
+                series_id = UUID(json.loads(key["result"])["series_id"])
+                return await _read(conn, await conn.fetchrow(_SERIES, series_id))
+        try:
+            row = await hold_all(conn)
+        except errors.BookingError as exc:
+            # Refused before the function ran (the first slot is gone): a
+            # reason the function could give, stored like one. A request the
+            # server refuses for its size is not an outcome of the request.
+            if request_id is not None and exc.reason in errors.SQL_REASONS:
+                await conn.fetchval(_REMEMBER, exc.reason, json.dumps(exc.metadata()))
+            return exc
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != "BK001":
+                raise
+            refusal = _refusal(exc)
+            if request_id is not None:
+                # Under REPEATABLE READ a copy that stored its outcome after
+                # this snapshot makes this fail with 40001: the retry replays.
+                await conn.fetchval(_REMEMBER, exc.message, exc.detail or "{}")
+            return refusal
+        return await _read(conn, row)
+
+    outcome = await db.run(work, intent=Intent.WRITE)
+    if isinstance(outcome, errors.BookingError):
+        raise outcome
+    return outcome
+
+
+def _refusal(exc: asyncpg.PostgresError) -> errors.BookingError:
+    domain = errors.translate(exc)
+    if domain is None:
+        raise exc
+    return domain
+
+
+async def _read(conn: Connection, row: asyncpg.Record) -> Series:
+    appointments = [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, row["id"])]
+    return _series(row, appointments)
 
 
 async def _act(

@@ -201,6 +201,73 @@ async def test_copies_of_one_series_request_give_one_series(api: Api, database_u
         await _series(client, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, request_id=request_id)
 
 
+async def test_a_series_request_replays_its_first_failure(api: Api, database_url: str) -> None:
+    """As every request id does (storage/sql/requests.sql): the refusal is
+    the request's answer, even once its reason is gone; both where the
+    function refuses (an inactive user) and where storage/ does before it
+    (the first slot gone)."""
+    spec = await api.specialist()
+    slots = await _weekly_slots(api, spec.id, _first(), 3)
+    user_id, _ = await api.make_user(Role.CLIENT)
+    request_id = str(uuid.uuid4())
+    await fetch(
+        database_url, "UPDATE users SET is_active = false WHERE id = $1", uuid.UUID(user_id)
+    )
+    for _ in range(2):
+        async with expect_failure(grpc.StatusCode.FAILED_PRECONDITION, "USER_INACTIVE"):
+            await _series(
+                api, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, user_id=user_id, request_id=request_id
+            )
+        await fetch(
+            database_url, "UPDATE users SET is_active = true WHERE id = $1", uuid.UUID(user_id)
+        )
+    gone_id = str(uuid.uuid4())
+    await fetch(
+        database_url, "UPDATE time_slots SET deleted_at = now() WHERE id = $1", uuid.UUID(slots[0])
+    )
+    for _ in range(2):
+        async with expect_failure(grpc.StatusCode.NOT_FOUND, "SLOT_NOT_FOUND"):
+            await _series(
+                api, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, user_id=user_id, request_id=gone_id
+            )
+        await fetch(
+            database_url,
+            "UPDATE time_slots SET deleted_at = NULL WHERE id = $1",
+            uuid.UUID(slots[0]),
+        )
+    # A new id is a new request, and it succeeds.
+    held = await _series(
+        api, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, user_id=user_id, request_id=str(uuid.uuid4())
+    )
+    assert held.held
+    keys = await fetch(
+        database_url,
+        "SELECT error_reason FROM idempotency_keys WHERE request_id = ANY($1::uuid[])"
+        " ORDER BY error_reason",
+        [uuid.UUID(request_id), uuid.UUID(gone_id)],
+    )
+    assert [k["error_reason"] for k in keys] == ["SLOT_NOT_FOUND", "USER_INACTIVE"]
+
+
+async def test_a_refused_series_replays_its_report_once_the_slot_frees(api: Api) -> None:
+    spec = await api.specialist()
+    slots = await _weekly_slots(api, spec.id, _first(), 3)
+    blocker, _ = await api.client()
+    taken = await blocker.hold(slots[1])
+    client, _ = await api.client()
+    request_id = str(uuid.uuid4())
+    refused = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, request_id=request_id)
+    assert not refused.held
+    await blocker.appointments.CancelAppointment(
+        apb.CancelAppointmentRequest(id=taken.id), metadata=blocker.md
+    )
+    again = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, request_id=request_id)
+    assert again.series_id == refused.series_id and not again.held
+    # One caller's request ids are one key space, whatever the operation.
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED"):
+        await client.hold(slots[2], request_id=request_id)
+
+
 async def test_confirm_and_cancel_a_whole_series_or_one_occurrence(
     api: Api, database_url: str
 ) -> None:
