@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from storage import durability, errors, recurrence, wallclock
+from storage import errors, recurrence, requests, wallclock
 from storage import functions as fn
 from storage.appointments import _COLUMNS, _appointment
 from storage.database import Connection, Database, Intent
@@ -46,6 +46,7 @@ _OUTCOME = fn.REQUEST_OUTCOME.statement(
         ),
     }
 )
+# The key is the one the lookup above kept for this transaction.
 _REMEMBER = fn.REMEMBER_FAILURE.statement(
     {
         "p_key": "current_setting('booking.request_key')::jsonb",
@@ -114,13 +115,20 @@ async def hold(
     SeriesTooLong."""
     sql = fn.HOLD_SERIES.sql
 
-    async def hold_all(conn: Connection) -> asyncpg.Record:
+    async def hold_all(conn: Connection) -> asyncpg.Record | errors.BookingError:
         first = await conn.fetchrow(_FIRST_SLOT, first_slot_id)
         if first is None:
-            raise SlotNotFound(id=str(first_slot_id))
+            # Refused before the function runs: a reason it could give,
+            # stored under the request's key like one.
+            refusal = SlotNotFound(id=str(first_slot_id))
+            if request_id is not None:
+                await conn.fetchval(_REMEMBER, refusal.reason, json.dumps(refusal.metadata()))
+            return refusal
         starts = recurrence.expand(
             rule, first["start_time"], wallclock.zone(first["time_zone"]), max_occurrences
         )
+        # A request the server refuses for its size is not an outcome of
+        # the request: nothing is stored.
         if len(starts) > max_occurrences:
             raise SeriesTooLarge(
                 occurrences=f"more than {max_occurrences}", max_occurrences=str(max_occurrences)
@@ -128,85 +136,55 @@ async def hold(
         span = starts[-1] - starts[0]
         if span > timedelta(days=max_days):
             raise SeriesTooLong(days=str(span.days), max_days=str(max_days))
-        # A savepoint: a refusal raised in the function leaves the
-        # transaction able to store it under the request's key.
-        async with conn.transaction():
-            row: asyncpg.Record = await conn.fetchrow(
-                sql,
-                *fn.HOLD_SERIES.values(
-                    first_slot_id=first_slot_id,
-                    user_id=user_id,
-                    priority=priority.value,
-                    actor_id=actor_id,
-                    hold_ttl=hold_ttl,
-                    check_user_overlap=check_user_overlap,
-                    request_id=request_id,
-                    policy_exempt=policy_exempt,
-                    party_size=party_size,
-                    recurrence=recurrence_text,
-                    all_or_nothing=all_or_nothing,
-                    starts=starts,
-                ),
-            )
-        return row
+        args = fn.HOLD_SERIES.values(
+            first_slot_id=first_slot_id,
+            user_id=user_id,
+            priority=priority.value,
+            actor_id=actor_id,
+            hold_ttl=hold_ttl,
+            check_user_overlap=check_user_overlap,
+            request_id=request_id,
+            policy_exempt=policy_exempt,
+            party_size=party_size,
+            recurrence=recurrence_text,
+            all_or_nothing=all_or_nothing,
+            starts=starts,
+        )
+        return await requests.attempt(
+            conn, lambda: conn.fetchrow(sql, *args), replayable=request_id is not None
+        )
 
     async def work(conn: Connection) -> Series | errors.BookingError:
         if request_id is not None:
-            try:
-                async with conn.transaction():
-                    key = await conn.fetchrow(
-                        _OUTCOME,
-                        actor_id,
-                        request_id,
-                        first_slot_id,
-                        user_id,
-                        priority.value,
-                        party_size,
-                        recurrence_text,
-                        all_or_nothing,
-                    )
-            except asyncpg.PostgresError as exc:
-                if exc.sqlstate != "BK001":
-                    raise
-                # The id's stored failure, or REQUEST_ID_REUSED: answered
-                # once the stored outcome is on the synchronous standbys
-                # (this transaction's commit waits, storage/durability.py).
-                await durability.barrier(conn)
-                return _refusal(exc)
+            key = await requests.attempt(
+                conn,
+                lambda: conn.fetchrow(
+                    _OUTCOME,
+                    actor_id,
+                    request_id,
+                    first_slot_id,
+                    user_id,
+                    priority.value,
+                    party_size,
+                    recurrence_text,
+                    all_or_nothing,
+                ),
+                replayable=True,
+            )
+            if isinstance(key, errors.BookingError):
+                return key
             if key is not None and key["result"] is not None:
                 series_id = UUID(json.loads(key["result"])["series_id"])
                 return await _read(conn, await conn.fetchrow(_SERIES, series_id))
-        try:
-            row = await hold_all(conn)
-        except errors.BookingError as exc:
-            # Refused before the function ran (the first slot is gone): a
-            # reason the function could give, stored like one. A request the
-            # server refuses for its size is not an outcome of the request.
-            if request_id is not None and exc.reason in errors.SQL_REASONS:
-                await conn.fetchval(_REMEMBER, exc.reason, json.dumps(exc.metadata()))
-            return exc
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate != "BK001":
-                raise
-            refusal = _refusal(exc)
-            if request_id is not None:
-                # Under REPEATABLE READ a copy that stored its outcome after
-                # this snapshot makes this fail with 40001: the retry replays.
-                await conn.fetchval(_REMEMBER, exc.message, exc.detail or "{}")
-            return refusal
+        row = await hold_all(conn)
+        if isinstance(row, errors.BookingError):
+            return row
         return await _read(conn, row)
 
     outcome = await db.run(work, intent=Intent.WRITE)
     if isinstance(outcome, errors.BookingError):
         raise outcome
     return outcome
-
-
-def _refusal(exc: asyncpg.PostgresError) -> errors.BookingError:
-    domain = errors.translate(exc)
-    if domain is None:
-        raise exc
-    return domain
 
 
 async def _read(conn: Connection, row: asyncpg.Record) -> Series:
