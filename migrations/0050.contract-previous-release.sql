@@ -1,4 +1,4 @@
--- depends: 0041.series-request-ids
+-- depends: 0042.series-transition-request-ids
 -- contract: drops the functions only the previous releases called
 --
 -- The previous release (v0.2.0) calls the transitions by their unversioned

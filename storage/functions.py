@@ -194,8 +194,10 @@ SERIES_REQUEST_PARAMS = Function(
         "p_all_or_nothing",
     ),
 )
-CONFIRM_SERIES = Function("booking_confirm_series", ("p_series_id", "p_owner_id", "p_actor_id"))
+CONFIRM_SERIES = Function(
+    "booking_confirm_series_v2", ("p_series_id", "p_owner_id", "p_actor_id", "p_request_id")
+)
 CANCEL_SERIES = Function(
-    "booking_cancel_series",
-    ("p_series_id", "p_owner_id", "p_actor_id", "p_reason", "p_policy_exempt"),
+    "booking_cancel_series_v2",
+    ("p_series_id", "p_owner_id", "p_actor_id", "p_reason", "p_policy_exempt", "p_request_id"),
 )

@@ -197,19 +197,41 @@ async def _act(
 ) -> list[Appointment]:
     sql = function.sql
     args = function.values(series_id=series_id, **values)
+    replayable = values["request_id"] is not None
 
-    async def work(conn: Connection) -> list[Appointment]:
-        await conn.fetchval(sql, *args)
+    async def work(conn: Connection) -> list[Appointment] | errors.BookingError:
+        done = await requests.attempt(
+            conn, lambda: conn.fetchval(sql, *args), replayable=replayable
+        )
+        if isinstance(done, errors.BookingError):
+            return done
         return [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, series_id)]
 
-    return await db.run(work, intent=Intent.WRITE)
+    outcome = await db.run(work, intent=Intent.WRITE)
+    if isinstance(outcome, errors.BookingError):
+        raise outcome
+    return outcome
 
 
 async def confirm(
-    db: Database, series_id: UUID, *, owner_id: UUID | None, actor_id: UUID
+    db: Database,
+    series_id: UUID,
+    *,
+    owner_id: UUID | None,
+    actor_id: UUID,
+    request_id: UUID | None = None,
 ) -> list[Appointment]:
-    """Confirm every occurrence in HOLD (all or none); the series' appointments."""
-    return await _act(db, fn.CONFIRM_SERIES, series_id, owner_id=owner_id, actor_id=actor_id)
+    """Confirm every occurrence in HOLD (all or none); the series'
+    appointments. With a request id every copy gets the first copy's answer
+    (its refusal too), and the series' appointments as they are."""
+    return await _act(
+        db,
+        fn.CONFIRM_SERIES,
+        series_id,
+        owner_id=owner_id,
+        actor_id=actor_id,
+        request_id=request_id,
+    )
 
 
 async def cancel(
@@ -220,8 +242,10 @@ async def cancel(
     actor_id: UUID,
     reason: str | None,
     policy_exempt: bool,
+    request_id: UUID | None = None,
 ) -> list[Appointment]:
-    """Cancel every live occurrence (all or none); the series' appointments."""
+    """Cancel every live occurrence (all or none); the series' appointments.
+    A request id as for :func:`confirm`."""
     return await _act(
         db,
         fn.CANCEL_SERIES,
@@ -230,4 +254,5 @@ async def cancel(
         actor_id=actor_id,
         reason=reason,
         policy_exempt=policy_exempt,
+        request_id=request_id,
     )
