@@ -145,7 +145,7 @@ SET_SLOT_CAPACITY = Function(
     "booking_set_slot_capacity", ("p_slot_id", "p_capacity"), returns_row=True
 )
 CREATE_WAITLIST_ENTRY = Function(
-    "booking_create_waitlist_entry",
+    "booking_create_waitlist_entry_v2",
     (
         "p_user_id",
         "p_specialist_id",
@@ -156,6 +156,7 @@ CREATE_WAITLIST_ENTRY = Function(
         "p_offer_ttl",
         "p_actor_id",
         "p_request_id",
+        "p_party_size",
     ),
     returns_row=True,
 )
