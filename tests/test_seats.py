@@ -391,3 +391,54 @@ async def test_freed_seats_race_waitlist_parties_and_holds_never_over_capacity(
     )
     if waiting[0]["smallest"] is not None:
         assert capacity - taken < waiting[0]["smallest"]
+
+
+async def test_search_for_a_party_shows_slots_with_that_many_seats(
+    api: Api, database_url: str
+) -> None:
+    """A slot is free to a party of N when N of its seats are, or will be
+    once its lapsed holds are reclaimed, as HoldSlot would make room."""
+    spec = await api.specialist()
+    slots = []
+    for k in range(3):
+        start = hours_from_now(30 + k)
+        reply = await api.slots.CreateSlot(
+            spb.CreateSlotRequest(
+                specialist_id=spec.id,
+                start_time=ts(start),
+                end_time=ts(start + timedelta(minutes=30)),
+                capacity=3,
+            ),
+            metadata=api.md,
+        )
+        slots.append(reply.slot.id)
+    await (await api.client())[0].hold(slots[0], party_size=2)  # 1 left
+    lapsed = await (await api.client())[0].hold(slots[1], party_size=2)  # 1 left, lapsing
+    await fetch(
+        database_url,
+        "UPDATE appointments SET expires_at = now() - interval '1 minute' WHERE id = $1",
+        uuid.UUID(lapsed.id),
+    )
+    client, _ = await api.client()
+
+    async def found(party: int) -> list[tuple[str, int]]:
+        reply = await client.slots.SearchAvailableSlots(
+            spb.SearchAvailableSlotsRequest(
+                specialist_ids=[spec.id],
+                window_start_time=ts(hours_from_now(1)),
+                window_end_time=ts(hours_from_now(100)),
+                party_size=party,
+            ),
+            metadata=client.md,
+        )
+        return [(a.slot.id, a.slot.seats_available) for a in reply.available_slots]
+
+    assert await found(0) == [(slots[0], 1), (slots[1], 1), (slots[2], 3)]
+    assert await found(2) == [(slots[1], 2), (slots[2], 3)]
+    assert await found(3) == [(slots[1], 3), (slots[2], 3)]
+    assert await found(4) == []
+    # What the search showed, a party can hold: the lapsed hold makes room.
+    held = await client.hold(slots[1], party_size=3)
+    assert held.party_size == 3
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT):
+        await found(-1)
