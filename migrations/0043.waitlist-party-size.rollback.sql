@@ -188,4 +188,14 @@ $$;
 DROP FUNCTION booking_create_waitlist_entry_v2(
     uuid, uuid, text, timestamptz, timestamptz, appointment_priority, interval, uuid, uuid,
     integer);
+DROP INDEX waitlist_entries_specialist_queue;
+CREATE INDEX waitlist_entries_specialist_queue
+    ON waitlist_entries (specialist_id, queue_rank, seq)
+    INCLUDE (window_start, window_end, id)
+    WHERE status = 'ACTIVE' AND specialist_id IS NOT NULL;
+DROP INDEX waitlist_entries_service_queue;
+CREATE INDEX waitlist_entries_service_queue
+    ON waitlist_entries (service_type, queue_rank, seq)
+    INCLUDE (window_start, window_end, id)
+    WHERE status = 'ACTIVE' AND service_type IS NOT NULL;
 ALTER TABLE waitlist_entries DROP COLUMN party_size;

@@ -12,6 +12,19 @@ ALTER TABLE waitlist_entries ADD COLUMN party_size integer NOT NULL DEFAULT 1;
 ALTER TABLE waitlist_entries ADD CONSTRAINT waitlist_entries_party_size_positive
     CHECK (party_size >= 1);
 
+-- The queue indexes include the party size, so that choosing an entry
+-- still tests it without visiting the table (an index-only scan).
+DROP INDEX waitlist_entries_specialist_queue;
+CREATE INDEX waitlist_entries_specialist_queue
+    ON waitlist_entries (specialist_id, queue_rank, seq)
+    INCLUDE (window_start, window_end, id, party_size)
+    WHERE status = 'ACTIVE' AND specialist_id IS NOT NULL;
+DROP INDEX waitlist_entries_service_queue;
+CREATE INDEX waitlist_entries_service_queue
+    ON waitlist_entries (service_type, queue_rank, seq)
+    INCLUDE (window_start, window_end, id, party_size)
+    WHERE status = 'ACTIVE' AND service_type IS NOT NULL;
+
 -- The entry a free slot goes to: the first ACTIVE entry in queue order
 -- (URGENT before VIP before NORMAL, then first come), whose window holds the slot, that
 -- names the slot's specialist or its service type, and whose user is

@@ -56,15 +56,15 @@ CREATE TABLE waitlist_entries (
 
 -- The choice of entry for a slot: ACTIVE entries of the slot's specialist
 -- and of its service type, each in queue order, merged (docs/waitlist.md
--- shows the plan). The window and id are included so that the scan tests
--- an entry's window without visiting the table.
+-- shows the plan). The window, id and party size are included so that the
+-- scan tests an entry's window and seats without visiting the table.
 CREATE INDEX waitlist_entries_specialist_queue
     ON waitlist_entries (specialist_id, queue_rank, seq)
-    INCLUDE (window_start, window_end, id)
+    INCLUDE (window_start, window_end, id, party_size)
     WHERE status = 'ACTIVE' AND specialist_id IS NOT NULL;
 CREATE INDEX waitlist_entries_service_queue
     ON waitlist_entries (service_type, queue_rank, seq)
-    INCLUDE (window_start, window_end, id)
+    INCLUDE (window_start, window_end, id, party_size)
     WHERE status = 'ACTIVE' AND service_type IS NOT NULL;
 -- An appointment is the offer of at most one entry; confirming or
 -- cancelling it finds the entry here, and so does an event reader naming
