@@ -229,6 +229,7 @@ def waitlist_entry(w: m.WaitlistEntry) -> wpb.WaitlistEntry:
         appointment_id=str(w.appointment_id) if w.appointment_id else "",
         create_time=timestamp(w.created_at),
         update_time=timestamp(w.updated_at),
+        party_size=w.party_size,
     )
     if w.specialist_id is not None:
         out.specialist_id = str(w.specialist_id)

@@ -541,9 +541,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
 # Two holds racing into each other's buffer (storage/sql/buffers.sql) meet
 # on appointments_buffers_apart: the retry sees the winner and is refused
 # WITHIN_BUFFER by the check.
-RETRYABLE_CONSTRAINTS = frozenset(
-    {"idempotency_keys_pkey", "appointments_buffers_apart", "appointment_series_request"}
-)
+RETRYABLE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "appointments_buffers_apart"})
 
 
 def translate(exc: asyncpg.PostgresError) -> BookingError | None:

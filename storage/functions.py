@@ -145,7 +145,7 @@ SET_SLOT_CAPACITY = Function(
     "booking_set_slot_capacity", ("p_slot_id", "p_capacity"), returns_row=True
 )
 CREATE_WAITLIST_ENTRY = Function(
-    "booking_create_waitlist_entry",
+    "booking_create_waitlist_entry_v2",
     (
         "p_user_id",
         "p_specialist_id",
@@ -156,6 +156,7 @@ CREATE_WAITLIST_ENTRY = Function(
         "p_offer_ttl",
         "p_actor_id",
         "p_request_id",
+        "p_party_size",
     ),
     returns_row=True,
 )
@@ -183,8 +184,21 @@ HOLD_SERIES = Function(
     ),
     returns_row=True,
 )
-CONFIRM_SERIES = Function("booking_confirm_series", ("p_series_id", "p_owner_id", "p_actor_id"))
+SERIES_REQUEST_PARAMS = Function(
+    "booking_series_request_params",
+    (
+        "p_first_slot_id",
+        "p_user_id",
+        "p_priority",
+        "p_party_size",
+        "p_recurrence",
+        "p_all_or_nothing",
+    ),
+)
+CONFIRM_SERIES = Function(
+    "booking_confirm_series_v2", ("p_series_id", "p_owner_id", "p_actor_id", "p_request_id")
+)
 CANCEL_SERIES = Function(
-    "booking_cancel_series",
-    ("p_series_id", "p_owner_id", "p_actor_id", "p_reason", "p_policy_exempt"),
+    "booking_cancel_series_v2",
+    ("p_series_id", "p_owner_id", "p_actor_id", "p_reason", "p_policy_exempt", "p_request_id"),
 )

@@ -166,6 +166,8 @@ class WaitlistEntry:
     appointment_id: UUID | None
     created_at: datetime
     updated_at: datetime
+    # The seats an offer holds, all or none.
+    party_size: int = 1
 
 
 @dataclass(frozen=True)

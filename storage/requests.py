@@ -1,19 +1,19 @@
 """Request ids (AIP-155), the Python half: storage/sql/requests.sql holds the
 rest. One mechanism for every operation that takes a request id (the
-transitions, CreateWaitlistEntry, MaterializeSchedule): one table of keys
+transitions, CreateWaitlistEntry, MaterializeSchedule, HoldSeries): one table of keys
 per caller, one fingerprint rule, one retention (the sweeper's
 booking_forget_request_ids), and the same replay of a first success or
 business failure."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
 
-from storage import durability
+from storage import durability, errors
 from storage import functions as fn
 from storage.database import Connection, Database, Intent
 
@@ -23,6 +23,7 @@ _REMEMBER = fn.REMEMBER_FAILURE.statement(
 _OUTCOME = fn.REQUEST_OUTCOME.statement(
     {"p_operation": "$1", "p_actor_id": "$2", "p_request_id": "$3", "p_params": "$4::text[]"}
 )
+T = TypeVar("T")
 _FINISH = fn.FINISH_REQUEST_RESULT.statement({"p_result": "$1::jsonb"})
 
 
@@ -89,3 +90,37 @@ async def finish(conn: Connection, result: str) -> None:
     """Inside the transaction that :func:`begin` found new: store its result
     (JSON text) under the request's key."""
     await conn.execute(_FINISH, result)
+
+
+async def attempt(
+    conn: Connection, statement: Callable[[], Awaitable[T]], *, replayable: bool
+) -> T | errors.BookingError:
+    """Inside a transaction of several statements, the counterpart of
+    :func:`call`: run `statement` (one that may take a request id) in a
+    savepoint, and return its business failure instead of raising it, for
+    the caller to answer once the transaction has committed.
+
+    A failure of a request that began executing (its key in the HINT) is
+    stored under that key in this transaction, so every copy gets it. Under
+    REPEATABLE READ a copy that stored an outcome after this snapshot makes
+    the store fail with 40001, and Database.run's retry replays. A
+    `replayable` statement's failure that is the id's stored one (or a
+    reused id) makes this transaction's commit wait for the synchronous
+    standbys first (the barrier)."""
+    try:
+        async with conn.transaction():
+            return await statement()
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate != "BK001":
+            raise
+        domain = errors.translate(exc)
+        if domain is None:
+            raise
+        key = getattr(exc, "hint", None)
+        if key:
+            await conn.fetchval(
+                _REMEMBER, key, getattr(exc, "message", None), getattr(exc, "detail", None)
+            )
+        elif replayable:
+            await durability.barrier(conn)
+        return domain

@@ -1,6 +1,12 @@
 """SQL for recurring series (storage/sql/series.sql): one transaction reads
 the first slot and its specialist's zone, expands the recurrence there
-(storage/recurrence.py) and holds every occurrence."""
+(storage/recurrence.py) and holds every occurrence.
+
+A request id is a key of the one request-id mechanism (storage/requests.py,
+storage/sql/requests.sql): the transaction looks it up first, so a copy is
+answered with the first copy's series, or its failure, whatever has changed
+since; a new request's business failure is stored under its key in the same
+transaction, which then commits instead of rolling back."""
 
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ from uuid import UUID
 
 import asyncpg
 
+from storage import errors, recurrence, requests, wallclock
 from storage import functions as fn
-from storage import recurrence, wallclock
 from storage.appointments import _COLUMNS, _appointment
 from storage.database import Connection, Database, Intent
 from storage.errors import SeriesTooLarge, SeriesTooLong, SlotNotFound
@@ -22,6 +28,33 @@ _FIRST_SLOT = (
     " JOIN specialists p ON p.id = s.specialist_id"
     " WHERE s.id = $1 AND s.deleted_at IS NULL"
 )
+OPERATION = "HoldSeries"
+_OUTCOME = fn.REQUEST_OUTCOME.statement(
+    {
+        "p_operation": f"'{OPERATION}'",
+        "p_actor_id": "$1",
+        "p_request_id": "$2",
+        "p_params": fn.SERIES_REQUEST_PARAMS.call(
+            {
+                "p_first_slot_id": "$3",
+                "p_user_id": "$4",
+                "p_priority": "$5::appointment_priority",
+                "p_party_size": "$6",
+                "p_recurrence": "$7",
+                "p_all_or_nothing": "$8",
+            }
+        ),
+    }
+)
+# The key is the one the lookup above kept for this transaction.
+_REMEMBER = fn.REMEMBER_FAILURE.statement(
+    {
+        "p_key": "current_setting('booking.request_key')::jsonb",
+        "p_reason": "$1",
+        "p_detail": "$2::jsonb",
+    }
+)
+_SERIES = "SELECT * FROM appointment_series WHERE id = $1"
 _APPOINTMENTS = (
     f"SELECT {_COLUMNS} FROM appointments a JOIN time_slots s ON s.id = a.time_slot_id"
     " WHERE a.series_id = $1 ORDER BY s.start_time, a.id"
@@ -82,13 +115,20 @@ async def hold(
     SeriesTooLong."""
     sql = fn.HOLD_SERIES.sql
 
-    async def work(conn: Connection) -> Series:
+    async def hold_all(conn: Connection) -> asyncpg.Record | errors.BookingError:
         first = await conn.fetchrow(_FIRST_SLOT, first_slot_id)
         if first is None:
-            raise SlotNotFound(id=str(first_slot_id))
+            # Refused before the function runs: a reason it could give,
+            # stored under the request's key like one.
+            refusal = SlotNotFound(id=str(first_slot_id))
+            if request_id is not None:
+                await conn.fetchval(_REMEMBER, refusal.reason, json.dumps(refusal.metadata()))
+            return refusal
         starts = recurrence.expand(
             rule, first["start_time"], wallclock.zone(first["time_zone"]), max_occurrences
         )
+        # A request the server refuses for its size is not an outcome of
+        # the request: nothing is stored.
         if len(starts) > max_occurrences:
             raise SeriesTooLarge(
                 occurrences=f"more than {max_occurrences}", max_occurrences=str(max_occurrences)
@@ -96,27 +136,60 @@ async def hold(
         span = starts[-1] - starts[0]
         if span > timedelta(days=max_days):
             raise SeriesTooLong(days=str(span.days), max_days=str(max_days))
-        row = await conn.fetchrow(
-            sql,
-            *fn.HOLD_SERIES.values(
-                first_slot_id=first_slot_id,
-                user_id=user_id,
-                priority=priority.value,
-                actor_id=actor_id,
-                hold_ttl=hold_ttl,
-                check_user_overlap=check_user_overlap,
-                request_id=request_id,
-                policy_exempt=policy_exempt,
-                party_size=party_size,
-                recurrence=recurrence_text,
-                all_or_nothing=all_or_nothing,
-                starts=starts,
-            ),
+        args = fn.HOLD_SERIES.values(
+            first_slot_id=first_slot_id,
+            user_id=user_id,
+            priority=priority.value,
+            actor_id=actor_id,
+            hold_ttl=hold_ttl,
+            check_user_overlap=check_user_overlap,
+            request_id=request_id,
+            policy_exempt=policy_exempt,
+            party_size=party_size,
+            recurrence=recurrence_text,
+            all_or_nothing=all_or_nothing,
+            starts=starts,
         )
-        appointments = [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, row["id"])]
-        return _series(row, appointments)
+        return await requests.attempt(
+            conn, lambda: conn.fetchrow(sql, *args), replayable=request_id is not None
+        )
 
-    return await db.run(work, intent=Intent.WRITE)
+    async def work(conn: Connection) -> Series | errors.BookingError:
+        if request_id is not None:
+            key = await requests.attempt(
+                conn,
+                lambda: conn.fetchrow(
+                    _OUTCOME,
+                    actor_id,
+                    request_id,
+                    first_slot_id,
+                    user_id,
+                    priority.value,
+                    party_size,
+                    recurrence_text,
+                    all_or_nothing,
+                ),
+                replayable=True,
+            )
+            if isinstance(key, errors.BookingError):
+                return key
+            if key is not None and key["result"] is not None:
+                series_id = UUID(json.loads(key["result"])["series_id"])
+                return await _read(conn, await conn.fetchrow(_SERIES, series_id))
+        row = await hold_all(conn)
+        if isinstance(row, errors.BookingError):
+            return row
+        return await _read(conn, row)
+
+    outcome = await db.run(work, intent=Intent.WRITE)
+    if isinstance(outcome, errors.BookingError):
+        raise outcome
+    return outcome
+
+
+async def _read(conn: Connection, row: asyncpg.Record) -> Series:
+    appointments = [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, row["id"])]
+    return _series(row, appointments)
 
 
 async def _act(
@@ -124,19 +197,41 @@ async def _act(
 ) -> list[Appointment]:
     sql = function.sql
     args = function.values(series_id=series_id, **values)
+    replayable = values["request_id"] is not None
 
-    async def work(conn: Connection) -> list[Appointment]:
-        await conn.fetchval(sql, *args)
+    async def work(conn: Connection) -> list[Appointment] | errors.BookingError:
+        done = await requests.attempt(
+            conn, lambda: conn.fetchval(sql, *args), replayable=replayable
+        )
+        if isinstance(done, errors.BookingError):
+            return done
         return [_appointment(r) for r in await conn.fetch(_APPOINTMENTS, series_id)]
 
-    return await db.run(work, intent=Intent.WRITE)
+    outcome = await db.run(work, intent=Intent.WRITE)
+    if isinstance(outcome, errors.BookingError):
+        raise outcome
+    return outcome
 
 
 async def confirm(
-    db: Database, series_id: UUID, *, owner_id: UUID | None, actor_id: UUID
+    db: Database,
+    series_id: UUID,
+    *,
+    owner_id: UUID | None,
+    actor_id: UUID,
+    request_id: UUID | None = None,
 ) -> list[Appointment]:
-    """Confirm every occurrence in HOLD (all or none); the series' appointments."""
-    return await _act(db, fn.CONFIRM_SERIES, series_id, owner_id=owner_id, actor_id=actor_id)
+    """Confirm every occurrence in HOLD (all or none); the series'
+    appointments. With a request id every copy gets the first copy's answer
+    (its refusal too), and the series' appointments as they are."""
+    return await _act(
+        db,
+        fn.CONFIRM_SERIES,
+        series_id,
+        owner_id=owner_id,
+        actor_id=actor_id,
+        request_id=request_id,
+    )
 
 
 async def cancel(
@@ -147,8 +242,10 @@ async def cancel(
     actor_id: UUID,
     reason: str | None,
     policy_exempt: bool,
+    request_id: UUID | None = None,
 ) -> list[Appointment]:
-    """Cancel every live occurrence (all or none); the series' appointments."""
+    """Cancel every live occurrence (all or none); the series' appointments.
+    A request id as for :func:`confirm`."""
     return await _act(
         db,
         fn.CANCEL_SERIES,
@@ -157,4 +254,5 @@ async def cancel(
         actor_id=actor_id,
         reason=reason,
         policy_exempt=policy_exempt,
+        request_id=request_id,
     )

@@ -188,17 +188,30 @@ async def search_available(
     client_id: UUID | None,
     after: tuple[datetime, UUID] | None,
     limit: int,
+    party_size: int = 1,
 ) -> Page[AvailableSlot]:
     """Free slots of active specialists (of `service_type`, or among
     `specialist_ids`) that start in [window_start, window_end), earliest
     first across all of them. `client_id` is the CLIENT asking, if one is:
     only slots it may hold are shown (booking_may_hold, the policies'
-    place). docs/api.md shows the plans."""
+    place). docs/api.md shows the plans. With `party_size` more than 1, only
+    slots with that many seats free, or free once their lapsed holds are
+    reclaimed, as HoldSlot would make room for them (seats.sql,
+    booking_claim_seats)."""
     where = Conditions()
     where.add("s.start_time >= {}", window_start)
     where.add("s.start_time < {}", window_end)
     if after is not None:
         where.add("(s.start_time, s.id) > ({}, {})", after[0], after[1])
+    if party_size > 1:
+        # The lapsed holds are summed only for a slot without room as it is.
+        where.add(
+            "(s.capacity - s.seats_taken >= {0} OR (s.seats_held > 0"
+            " AND s.capacity - s.seats_taken + (SELECT coalesce(sum(a.party_size), 0)"
+            "  FROM appointments a WHERE a.time_slot_id = s.id AND a.status = 'HOLD'"
+            "  AND a.expires_at <= now()) >= {0}))",
+            party_size,
+        )
     # A slot a buffer blocks is not free (storage/sql/buffers.sql).
     where.add("NOT booking_slot_buffer_blocked(s)")
     if client_id is not None:
@@ -245,7 +258,7 @@ async def search_available(
                 capacity=r["capacity"],
                 # Lapsed holds count as taken until reclaimed: at least one
                 # seat is free to HoldSlot.
-                seats_available=max(1, r["capacity"] - r["seats_taken"]),
+                seats_available=max(party_size, r["capacity"] - r["seats_taken"]),
             ),
             specialist_name=r["full_name"],
             service_type=r["service_type"],

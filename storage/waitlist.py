@@ -20,7 +20,7 @@ from storage.models import Page, Priority, WaitlistEntry, WaitlistStatus
 
 _COLUMNS = (
     "id, user_id, specialist_id, service_type, window_start, window_end, priority, status,"
-    " appointment_id, created_at, updated_at"
+    " appointment_id, created_at, updated_at, party_size"
 )
 
 
@@ -37,6 +37,7 @@ def _entry(row: asyncpg.Record) -> WaitlistEntry:
         appointment_id=row["appointment_id"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        party_size=row["party_size"],
     )
 
 
@@ -65,7 +66,9 @@ async def create(
     offer_ttl: timedelta,
     actor_id: UUID,
     request_id: UUID | None,
+    party_size: int = 1,
 ) -> WaitlistEntry:
+    """Join the waitlist; an offer holds `party_size` seats, all or none."""
     return await _call(
         db,
         fn.CREATE_WAITLIST_ENTRY,
@@ -78,6 +81,7 @@ async def create(
         offer_ttl=offer_ttl,
         actor_id=actor_id,
         request_id=request_id,
+        party_size=party_size,
     )
 
 

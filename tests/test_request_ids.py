@@ -202,3 +202,52 @@ async def test_ids_stored_before_the_upgrade_keep_replaying(database_url: str) -
         request.window_end_time.CopyFrom(ts(hours_from_now(35)))
         async with expect_failure(INVALID, "REQUEST_ID_REUSED"):
             await api.waitlist.CreateWaitlistEntry(request, metadata=api.md)
+
+
+async def test_series_ids_stored_before_the_upgrade_keep_replaying(database_url: str) -> None:
+    """Series kept their request ids on their rows before migration 0041;
+    those become keys, so a copy still gets the series."""
+    first = hours_from_now(72).replace(minute=0, second=0, microsecond=0)
+    async with running_server(database_url) as server, Api.connect(server) as api:
+        token = api.token
+        actor = uuid.UUID(await api.user_id())
+        spec = await api.specialist()
+        client_id, _ = await api.make_user(Role.CLIENT)
+        slot_ids = [(await api.slot(spec.id, first + timedelta(days=k))).id for k in range(2)]
+    rollback_through(database_url, "0041.series-request-ids")
+    request_id = uuid.uuid4()
+    conn = await asyncpg.connect(
+        database_url, server_settings={"default_transaction_isolation": "repeatable read"}
+    )
+    try:
+        series_id = await conn.fetchval(
+            "SELECT id FROM booking_hold_series("
+            "p_first_slot_id => $1, p_user_id => $2, p_priority => 'NORMAL', p_actor_id => $3,"
+            " p_hold_ttl => interval '5 minutes', p_check_user_overlap => true,"
+            " p_request_id => $4, p_policy_exempt => true, p_party_size => 1,"
+            " p_recurrence => 'FREQ=DAILY;COUNT=2', p_all_or_nothing => true, p_starts => $5)",
+            uuid.UUID(slot_ids[0]),
+            uuid.UUID(client_id),
+            actor,
+            request_id,
+            [first, first + timedelta(days=1)],
+        )
+    finally:
+        await conn.close()
+    assert "0041.series-request-ids" in migrate.apply(database_url, contract=True)
+
+    async with running_server(database_url) as server, Api.connect(server) as fresh:
+        api = fresh.as_(token)
+        request = apb.HoldSeriesRequest(
+            first_slot_id=slot_ids[0],
+            recurrence="FREQ=DAILY;COUNT=2",
+            mode=apb.SERIES_MODE_ALL_OR_NOTHING,
+            user_id=client_id,
+            request_id=str(request_id),
+        )
+        replayed = await api.appointments.HoldSeries(request, metadata=api.md)
+        assert replayed.series_id == str(series_id) and replayed.held
+        assert [o.slot_id for o in replayed.occurrences] == slot_ids
+        request.mode = apb.SERIES_MODE_AS_MANY_AS_POSSIBLE
+        async with expect_failure(INVALID, "REQUEST_ID_REUSED"):
+            await api.appointments.HoldSeries(request, metadata=api.md)

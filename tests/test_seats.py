@@ -294,3 +294,151 @@ async def test_a_herd_on_a_seat_slot_in_one_process_is_not_refused_while_a_seat_
 
     await asyncio.gather(*(hold(i) for i in range(20)))
     assert await _counts(database_url, slot.id) == (20, 20, 20, "HOLD")
+
+
+async def test_a_waitlist_party_is_offered_all_its_seats_or_none(
+    api: Api, database_url: str
+) -> None:
+    """An entry asking for 3 seats is passed over while fewer are free (the
+    single behind it is served), and offered all 3 once they are."""
+    slot = await _seat_slot(api, 4)
+    holders = [await api.client() for _ in range(4)]
+    held = [await who.hold(slot.id) for who, _ in holders]
+    window = (hours_from_now(1), hours_from_now(100))
+    party_user, single_user = (await api.client())[1], (await api.client())[1]
+    party = await wait_for(
+        api,
+        party_user,
+        *window,
+        specialist_id=slot.specialist_id,
+        priority=apb.APPOINTMENT_PRIORITY_URGENT,
+        party_size=3,
+    )
+    assert party.party_size == 3
+    single = await wait_for(api, single_user, *window, specialist_id=slot.specialist_id)
+    assert single.party_size == 1
+
+    async def free(k: int) -> None:
+        who, _ = holders[k]
+        await who.appointments.CancelAppointment(
+            apb.CancelAppointmentRequest(id=held[k].id), metadata=who.md
+        )
+
+    await free(0)  # one free: the party does not fit, the single does
+    assert (await entry(api, party.id)).status == wpb.WAITLIST_ENTRY_STATUS_ACTIVE
+    assert (await entry(api, single.id)).status == wpb.WAITLIST_ENTRY_STATUS_OFFERED
+    await free(1)
+    await free(2)  # two free
+    assert (await entry(api, party.id)).status == wpb.WAITLIST_ENTRY_STATUS_ACTIVE
+    assert await _counts(database_url, slot.id) == (2, 2, 4, "AVAILABLE")
+    await free(3)  # three free: all three to the party
+    offered = await entry(api, party.id)
+    assert offered.status == wpb.WAITLIST_ENTRY_STATUS_OFFERED
+    appointment = await api.appointments.GetAppointment(
+        apb.GetAppointmentRequest(id=offered.appointment_id), metadata=api.md
+    )
+    assert appointment.appointment.party_size == 3
+    assert await _counts(database_url, slot.id) == (4, 4, 4, "HOLD")
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT):
+        await wait_for(api, party_user, *window, specialist_id=slot.specialist_id, party_size=-1)
+
+
+async def test_freed_seats_race_waitlist_parties_and_holds_never_over_capacity(
+    api: Api, database_url: str
+) -> None:
+    """Five holders cancel at once while 24 clients race HoldSlot for two
+    seats each, and parties of 2 and 3 wait: every offer holds all its
+    entry's seats, and the slot never takes more than its 5."""
+    slot = await _seat_slot(api, 5)
+    holders = [await api.client() for _ in range(5)]
+    held = [await who.hold(slot.id) for who, _ in holders]
+    window = (hours_from_now(1), hours_from_now(100))
+    for size in (3, 2, 3, 2, 1):
+        await wait_for(
+            api, (await api.client())[1], *window, specialist_id=slot.specialist_id, party_size=size
+        )
+    racers = [await api.client() for _ in range(24)]
+
+    async def call(channel: grpc.aio.Channel, i: int) -> None:
+        if i < 5:
+            who, _ = holders[i]
+            await appointment_pb2_grpc.AppointmentServiceStub(channel).CancelAppointment(
+                apb.CancelAppointmentRequest(id=held[i].id), metadata=who.md
+            )
+        else:
+            who, _ = racers[i - 5]
+            await appointment_pb2_grpc.AppointmentServiceStub(channel).HoldSlot(
+                apb.HoldSlotRequest(slot_id=slot.id, party_size=2), metadata=who.md
+            )
+
+    codes = await _race(api, 29, call)
+    assert set(codes[:5]) == {grpc.StatusCode.OK}
+    assert set(codes[5:]) <= {grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION}
+    live, taken, capacity, _ = await _counts(database_url, slot.id)
+    assert live == taken <= capacity == 5
+    offers = await fetch(
+        database_url,
+        "SELECT w.party_size AS asked, a.party_size AS got FROM waitlist_entries w"
+        " JOIN appointments a ON a.id = w.appointment_id WHERE w.status = 'OFFERED'",
+    )
+    assert all(r["asked"] == r["got"] for r in offers)
+    won = codes[5:].count(grpc.StatusCode.OK)
+    assert 2 * won + sum(r["got"] for r in offers) == live
+    # Nothing left on the table: the seats still free fit no waiting entry.
+    waiting = await fetch(
+        database_url,
+        "SELECT min(party_size) AS smallest FROM waitlist_entries WHERE status = 'ACTIVE'",
+    )
+    if waiting[0]["smallest"] is not None:
+        assert capacity - taken < waiting[0]["smallest"]
+
+
+async def test_search_for_a_party_shows_slots_with_that_many_seats(
+    api: Api, database_url: str
+) -> None:
+    """A slot is free to a party of N when N of its seats are, or will be
+    once its lapsed holds are reclaimed, as HoldSlot would make room."""
+    spec = await api.specialist()
+    slots = []
+    for k in range(3):
+        start = hours_from_now(30 + k)
+        reply = await api.slots.CreateSlot(
+            spb.CreateSlotRequest(
+                specialist_id=spec.id,
+                start_time=ts(start),
+                end_time=ts(start + timedelta(minutes=30)),
+                capacity=3,
+            ),
+            metadata=api.md,
+        )
+        slots.append(reply.slot.id)
+    await (await api.client())[0].hold(slots[0], party_size=2)  # 1 left
+    lapsed = await (await api.client())[0].hold(slots[1], party_size=2)  # 1 left, lapsing
+    await fetch(
+        database_url,
+        "UPDATE appointments SET expires_at = now() - interval '1 minute' WHERE id = $1",
+        uuid.UUID(lapsed.id),
+    )
+    client, _ = await api.client()
+
+    async def found(party: int) -> list[tuple[str, int]]:
+        reply = await client.slots.SearchAvailableSlots(
+            spb.SearchAvailableSlotsRequest(
+                specialist_ids=[spec.id],
+                window_start_time=ts(hours_from_now(1)),
+                window_end_time=ts(hours_from_now(100)),
+                party_size=party,
+            ),
+            metadata=client.md,
+        )
+        return [(a.slot.id, a.slot.seats_available) for a in reply.available_slots]
+
+    assert await found(0) == [(slots[0], 1), (slots[1], 1), (slots[2], 3)]
+    assert await found(2) == [(slots[1], 2), (slots[2], 3)]
+    assert await found(3) == [(slots[1], 3), (slots[2], 3)]
+    assert await found(4) == []
+    # What the search showed, a party can hold: the lapsed hold makes room.
+    held = await client.hold(slots[1], party_size=3)
+    assert held.party_size == 3
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT):
+        await found(-1)

@@ -201,6 +201,73 @@ async def test_copies_of_one_series_request_give_one_series(api: Api, database_u
         await _series(client, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, request_id=request_id)
 
 
+async def test_a_series_request_replays_its_first_failure(api: Api, database_url: str) -> None:
+    """As every request id does (storage/sql/requests.sql): the refusal is
+    the request's answer, even once its reason is gone; both where the
+    function refuses (an inactive user) and where storage/ does before it
+    (the first slot gone)."""
+    spec = await api.specialist()
+    slots = await _weekly_slots(api, spec.id, _first(), 3)
+    user_id, _ = await api.make_user(Role.CLIENT)
+    request_id = str(uuid.uuid4())
+    await fetch(
+        database_url, "UPDATE users SET is_active = false WHERE id = $1", uuid.UUID(user_id)
+    )
+    for _ in range(2):
+        async with expect_failure(grpc.StatusCode.FAILED_PRECONDITION, "USER_INACTIVE"):
+            await _series(
+                api, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, user_id=user_id, request_id=request_id
+            )
+        await fetch(
+            database_url, "UPDATE users SET is_active = true WHERE id = $1", uuid.UUID(user_id)
+        )
+    gone_id = str(uuid.uuid4())
+    await fetch(
+        database_url, "UPDATE time_slots SET deleted_at = now() WHERE id = $1", uuid.UUID(slots[0])
+    )
+    for _ in range(2):
+        async with expect_failure(grpc.StatusCode.NOT_FOUND, "SLOT_NOT_FOUND"):
+            await _series(
+                api, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, user_id=user_id, request_id=gone_id
+            )
+        await fetch(
+            database_url,
+            "UPDATE time_slots SET deleted_at = NULL WHERE id = $1",
+            uuid.UUID(slots[0]),
+        )
+    # A new id is a new request, and it succeeds.
+    held = await _series(
+        api, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, user_id=user_id, request_id=str(uuid.uuid4())
+    )
+    assert held.held
+    keys = await fetch(
+        database_url,
+        "SELECT error_reason FROM idempotency_keys WHERE request_id = ANY($1::uuid[])"
+        " ORDER BY error_reason",
+        [uuid.UUID(request_id), uuid.UUID(gone_id)],
+    )
+    assert [k["error_reason"] for k in keys] == ["SLOT_NOT_FOUND", "USER_INACTIVE"]
+
+
+async def test_a_refused_series_replays_its_report_once_the_slot_frees(api: Api) -> None:
+    spec = await api.specialist()
+    slots = await _weekly_slots(api, spec.id, _first(), 3)
+    blocker, _ = await api.client()
+    taken = await blocker.hold(slots[1])
+    client, _ = await api.client()
+    request_id = str(uuid.uuid4())
+    refused = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, request_id=request_id)
+    assert not refused.held
+    await blocker.appointments.CancelAppointment(
+        apb.CancelAppointmentRequest(id=taken.id), metadata=blocker.md
+    )
+    again = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=3", ALL, request_id=request_id)
+    assert again.series_id == refused.series_id and not again.held
+    # One caller's request ids are one key space, whatever the operation.
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED"):
+        await client.hold(slots[2], request_id=request_id)
+
+
 async def test_confirm_and_cancel_a_whole_series_or_one_occurrence(
     api: Api, database_url: str
 ) -> None:
@@ -257,6 +324,96 @@ async def test_confirm_and_cancel_a_whole_series_or_one_occurrence(
         "RESCHEDULED": 1,
         "CONFIRMED": 3,
     }
+
+
+async def test_confirm_series_with_a_request_id_replays_its_first_refusal(
+    api: Api, database_url: str
+) -> None:
+    """As every transition: the refusal (a lapsed hold) is the request's
+    answer even once its reason is gone; a new id confirms."""
+    spec = await api.specialist()
+    slots = await _weekly_slots(api, spec.id, _first(), 3)
+    client, _ = await api.client()
+    series = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=3", ALL)
+    ids = [o.appointment.id for o in series.occurrences]
+    await fetch(
+        database_url,
+        "UPDATE appointments SET expires_at = now() - interval '1 minute' WHERE id = $1",
+        uuid.UUID(ids[1]),
+    )
+    request = apb.ConfirmSeriesRequest(series_id=series.series_id, request_id=str(uuid.uuid4()))
+    async with expect_failure(grpc.StatusCode.FAILED_PRECONDITION, "HOLD_EXPIRED"):
+        await client.appointments.ConfirmSeries(request, metadata=client.md)
+    await client.appointments.CancelAppointment(
+        apb.CancelAppointmentRequest(id=ids[1]), metadata=client.md
+    )
+    async with expect_failure(grpc.StatusCode.FAILED_PRECONDITION, "HOLD_EXPIRED"):
+        await client.appointments.ConfirmSeries(request, metadata=client.md)
+    request.request_id = str(uuid.uuid4())
+    confirmed = await client.appointments.ConfirmSeries(request, metadata=client.md)
+    assert [a.status for a in confirmed.appointments] == [
+        apb.APPOINTMENT_STATUS_CONFIRMED,
+        apb.APPOINTMENT_STATUS_CANCELLED,
+        apb.APPOINTMENT_STATUS_CONFIRMED,
+    ]
+
+
+async def test_copies_of_one_series_transition_give_one_answer(api: Api, database_url: str) -> None:
+    """Copies racing (real concurrent clients) confirm, then cancel, each
+    occurrence once; the id's key is the series' result, not an
+    occurrence's event; another series under the same id is a reused id."""
+    spec = await api.specialist()
+    slots = await _weekly_slots(api, spec.id, _first(), 4)
+    client, _ = await api.client()
+    series = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=4", ALL)
+    confirm_id, cancel_id = str(uuid.uuid4()), str(uuid.uuid4())
+
+    confirms = await asyncio.gather(
+        *(
+            client.appointments.ConfirmSeries(
+                apb.ConfirmSeriesRequest(series_id=series.series_id, request_id=confirm_id),
+                metadata=client.md,
+            )
+            for _ in range(6)
+        )
+    )
+    assert all(
+        {a.status for a in c.appointments} == {apb.APPOINTMENT_STATUS_CONFIRMED} for c in confirms
+    )
+    cancels = await asyncio.gather(
+        *(
+            client.appointments.CancelSeries(
+                apb.CancelSeriesRequest(
+                    series_id=series.series_id, reason="moving", request_id=cancel_id
+                ),
+                metadata=client.md,
+            )
+            for _ in range(6)
+        )
+    )
+    assert all(
+        {a.status for a in c.appointments} == {apb.APPOINTMENT_STATUS_CANCELLED} for c in cancels
+    )
+    kinds = await fetch(
+        database_url, "SELECT event_type, count(*) AS n FROM appointment_events GROUP BY 1"
+    )
+    assert {r["event_type"]: r["n"] for r in kinds} == {"HELD": 4, "CONFIRMED": 4, "CANCELLED": 4}
+    keys = await fetch(
+        database_url,
+        "SELECT operation, result->>'count' AS n, event_id FROM idempotency_keys"
+        " WHERE request_id = ANY($1::uuid[]) ORDER BY operation",
+        [uuid.UUID(confirm_id), uuid.UUID(cancel_id)],
+    )
+    assert [(k["operation"], k["n"], k["event_id"]) for k in keys] == [
+        ("CancelSeries", "4", None),
+        ("ConfirmSeries", "4", None),
+    ]
+    other = await _series(client, slots[0], "FREQ=WEEKLY;COUNT=1", MANY)
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED"):
+        await client.appointments.ConfirmSeries(
+            apb.ConfirmSeriesRequest(series_id=other.series_id, request_id=confirm_id),
+            metadata=client.md,
+        )
 
 
 async def test_series_bounds_and_bad_recurrences(api: Api) -> None:

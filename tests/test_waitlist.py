@@ -44,7 +44,9 @@ async def wait_for(
     **kw: Any,
 ) -> wpb.WaitlistEntry:
     """An entry created by the ADMIN `api` for `user_id`."""
-    target = {"specialist_id": specialist_id} if specialist_id else {"service_type": service_type}
+    target: dict[str, Any] = (
+        {"specialist_id": specialist_id} if specialist_id else {"service_type": service_type}
+    )
     reply = await api.waitlist.CreateWaitlistEntry(
         wpb.CreateWaitlistEntryRequest(
             user_id=user_id,

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 import grpc
@@ -81,7 +82,7 @@ async def _wait(
     start: datetime,
     end: datetime,
     priority: apb.AppointmentPriority.ValueType = NORMAL,
-    **target: str,
+    **target: Any,
 ) -> str:
     reply = await api.waitlist.CreateWaitlistEntry(
         wpb.CreateWaitlistEntryRequest(

@@ -22,18 +22,19 @@ from tests.support import Api, hours_from_now
 ENTRIES = 10_000
 RELEASES = 20
 
-# The query booking_waitlist_claimant runs, with the slot's values bound.
+# The query booking_waitlist_claimant_v2 runs, with the slot's values bound
+# (and the seats to offer, $7).
 QUEUE = """
 SELECT q.id, q.queue_rank, q.seq FROM (
     (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
      WHERE w.status = 'ACTIVE' AND w.specialist_id = $1
-       AND (w.queue_rank, w.seq) > ($5, $6)
+       AND (w.queue_rank, w.seq) > ($5, $6) AND w.party_size <= $7
        AND tstzrange(w.window_start, w.window_end) @> tstzrange($2, $3)
      ORDER BY w.queue_rank, w.seq LIMIT 1)
     UNION ALL
     (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
      WHERE w.status = 'ACTIVE' AND w.service_type = $4
-       AND (w.queue_rank, w.seq) > ($5, $6)
+       AND (w.queue_rank, w.seq) > ($5, $6) AND w.party_size <= $7
        AND tstzrange(w.window_start, w.window_end) @> tstzrange($2, $3)
      ORDER BY w.queue_rank, w.seq LIMIT 1)
 ) q
@@ -164,6 +165,7 @@ async def test_a_release_among_10000_active_entries_is_served_by_the_queue_index
                 "dentist",
                 -1,
                 0,
+                1,
             )
         )
         event_plans = [await _event_read_plan(conn, n) for n in (50, 1000)]

@@ -206,10 +206,15 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         caller = auth.current()
         v = Validator()
         series_id = v.uuid("series_id", request.series_id)
+        request_id = _request_id(v, request.request_id)
         v.check()
         assert series_id is not None
         appointments = await series_store.confirm(
-            self.db, series_id, owner_id=_owner(caller), actor_id=caller.require_user().id
+            self.db,
+            series_id,
+            owner_id=_owner(caller),
+            actor_id=caller.require_user().id,
+            request_id=request_id,
         )
         self.hub.committed()
         return pb.ConfirmSeriesResponse(appointments=[convert.appointment(a) for a in appointments])
@@ -221,6 +226,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
         v = Validator()
         series_id = v.uuid("series_id", request.series_id)
         reason = v.text("reason", request.reason, required=False, max_length=MAX_REASON)
+        request_id = _request_id(v, request.request_id)
         v.check()
         assert series_id is not None
         user = caller.require_user()
@@ -231,6 +237,7 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             actor_id=user.id,
             reason=reason,
             policy_exempt=policy_exempt(user.role),
+            request_id=request_id,
         )
         self.hub.committed()
         return pb.CancelSeriesResponse(appointments=[convert.appointment(a) for a in appointments])

@@ -10,6 +10,7 @@ from booking.v1 import slot_pb2 as pb
 from booking.v1 import slot_pb2_grpc
 from service import auth, convert, pagination
 from service.grpc_types import Context
+from service.servicers.appointments import MAX_PARTY_SIZE
 from service.validation import Validator
 from storage import slots as store
 from storage.database import Database
@@ -165,9 +166,15 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
         if start is not None and end is not None and end - start > MAX_SEARCH_WINDOW:
             v.fail("window_end_time", "at most 92 days after window_start_time")
         size = v.page_size(request.page_size)
+        party_size = request.party_size or 1
+        if not 1 <= party_size <= MAX_PARTY_SIZE:
+            v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
         v.check()
         assert start is not None and end is not None
-        filters = ["search", service_type, specialist_ids, start, end]
+        filters: list[object] = ["search", service_type, specialist_ids, start, end]
+        if party_size != 1:
+            # A party of one keeps the tokens it had before party sizes.
+            filters.append(party_size)
         page = await store.search_available(
             self.db,
             service_type=service_type,
@@ -178,6 +185,7 @@ class SlotService(slot_pb2_grpc.SlotServiceServicer):
             client_id=caller.id if caller.role is Role.CLIENT else None,
             after=pagination.time_and_id(request.page_token, filters),
             limit=size,
+            party_size=party_size,
         )
         return pb.SearchAvailableSlotsResponse(
             available_slots=[convert.available_slot(a) for a in page.items],

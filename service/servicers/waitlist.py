@@ -12,6 +12,7 @@ from service import auth, convert, pagination
 from service.config import Config
 from service.grpc_types import Context
 from service.policy import act_for, check_priority, owner_scope, scope_to_caller
+from service.servicers.appointments import MAX_PARTY_SIZE
 from service.validation import Validator
 from storage import waitlist as store
 from storage.database import Database
@@ -56,6 +57,9 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
                 v.fail("window_end_time", "at most 366 days after window_start_time")
         priority = v.enum("priority", request.priority, convert.PRIORITIES) or Priority.NORMAL
         request_id = v.uuid("request_id", request.request_id, required=False)
+        party_size = request.party_size or 1
+        if not 1 <= party_size <= MAX_PARTY_SIZE:
+            v.fail("party_size", f"must be 1 to {MAX_PARTY_SIZE}, or 0 for 1")
         v.check()
         user_id = act_for(caller, user_id, what="join the waitlist for itself")
         check_priority(caller, priority)
@@ -71,6 +75,7 @@ class WaitlistService(waitlist_pb2_grpc.WaitlistServiceServicer):
             offer_ttl=self.config.waitlist_offer_ttl,
             actor_id=caller.id,
             request_id=request_id,
+            party_size=party_size,
         )
         return pb.CreateWaitlistEntryResponse(waitlist_entry=convert.waitlist_entry(entry))
 

@@ -1,11 +1,13 @@
 -- Request ids (AIP-155): every copy of a request gets one answer.
 --
 -- One mechanism for every operation that takes a request id: the
--- appointment transitions, CreateWaitlistEntry and MaterializeSchedule.
+-- appointment transitions, CreateWaitlistEntry, MaterializeSchedule and
+-- HoldSeries.
 -- A key is (caller, request id): one caller's ids can neither collide with
 -- nor reveal another's. It stores the first outcome of a request that began
 -- executing: the event of a transition's success, the result of another
--- operation's success (a waitlist entry's id, a materialisation's report),
+-- operation's success (a waitlist entry's id, a materialisation's report,
+-- a series' id),
 -- or the reason and detail of a business failure. Keys are forgotten after
 -- one retention period (booking_forget_request_ids, run by the sweeper).
 --

@@ -42,8 +42,11 @@ CREATE TABLE waitlist_entries (
     request_id      uuid,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- The seats an offer holds, all or nothing (docs/seats.md).
+    party_size      integer NOT NULL DEFAULT 1,
 
     CONSTRAINT waitlist_entries_window CHECK (window_start < window_end),
+    CONSTRAINT waitlist_entries_party_size_positive CHECK (party_size >= 1),
     CONSTRAINT waitlist_entries_one_target
         CHECK ((specialist_id IS NULL) <> (service_type IS NULL)),
     CONSTRAINT waitlist_entries_offer_iff_offered CHECK (
@@ -53,15 +56,15 @@ CREATE TABLE waitlist_entries (
 
 -- The choice of entry for a slot: ACTIVE entries of the slot's specialist
 -- and of its service type, each in queue order, merged (docs/waitlist.md
--- shows the plan). The window and id are included so that the scan tests
--- an entry's window without visiting the table.
+-- shows the plan). The window, id and party size are included so that the
+-- scan tests an entry's window and seats without visiting the table.
 CREATE INDEX waitlist_entries_specialist_queue
     ON waitlist_entries (specialist_id, queue_rank, seq)
-    INCLUDE (window_start, window_end, id)
+    INCLUDE (window_start, window_end, id, party_size)
     WHERE status = 'ACTIVE' AND specialist_id IS NOT NULL;
 CREATE INDEX waitlist_entries_service_queue
     ON waitlist_entries (service_type, queue_rank, seq)
-    INCLUDE (window_start, window_end, id)
+    INCLUDE (window_start, window_end, id, party_size)
     WHERE status = 'ACTIVE' AND service_type IS NOT NULL;
 -- An appointment is the offer of at most one entry; confirming or
 -- cancelling it finds the entry here, and so does an event reader naming
@@ -107,12 +110,17 @@ $$;
 -- eligible. NULL if none, or if the slot is not one waiters are offered
 -- (deleted, already started, or of an inactive specialist).
 --
+-- Only entries asking for at most p_seats seats are candidates: an offer
+-- holds all of an entry's seats or none, and a larger party waits for a
+-- slot with room for it while the smaller ones behind it are served.
+--
 -- With p_lock (an offer) the entry and its user are locked, SKIP LOCKED,
 -- and the user row is updated so that a concurrent HoldSlot of the same
 -- user serializes with the offer (see support.sql on booking_lock_user).
 -- Without (a search), nothing is locked.
-CREATE FUNCTION booking_waitlist_claimant(p_slot time_slots, p_lock boolean)
-RETURNS waitlist_entries
+CREATE FUNCTION booking_waitlist_claimant_v2(
+    p_slot time_slots, p_lock boolean, p_seats integer
+) RETURNS waitlist_entries
 LANGUAGE plpgsql AS $$
 DECLARE
     v_service_type text;
@@ -137,14 +145,14 @@ BEGIN
         SELECT q.id, q.queue_rank, q.seq INTO v_candidate FROM (
             (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
              WHERE w.status = 'ACTIVE' AND w.specialist_id = p_slot.specialist_id
-               AND (w.queue_rank, w.seq) > (v_rank, v_seq)
+               AND (w.queue_rank, w.seq) > (v_rank, v_seq) AND w.party_size <= p_seats
                AND tstzrange(w.window_start, w.window_end)
                    @> tstzrange(p_slot.start_time, p_slot.end_time)
              ORDER BY w.queue_rank, w.seq LIMIT 1)
             UNION ALL
             (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
              WHERE w.status = 'ACTIVE' AND w.service_type = v_service_type
-               AND (w.queue_rank, w.seq) > (v_rank, v_seq)
+               AND (w.queue_rank, w.seq) > (v_rank, v_seq) AND w.party_size <= p_seats
                AND tstzrange(w.window_start, w.window_end)
                    @> tstzrange(p_slot.start_time, p_slot.end_time)
              ORDER BY w.queue_rank, w.seq LIMIT 1)
@@ -173,8 +181,9 @@ BEGIN
 END
 $$;
 
--- Offers a free slot's free seats to its claimants, one seat to each, in
--- queue order: for each a HOLD for the entry's user at the entry's
+-- Offers a free slot's free seats to its claimants, in queue order, each
+-- the seats its entry asks for (one unless it asks for more), all or
+-- nothing: for each a HOLD for the entry's user at the entry's
 -- priority, lasting the entry's offer TTL, and a HELD event naming the
 -- entry. Returns the first offer's event, or NULL when nobody is waiting
 -- for it. The caller holds the slot's row lock (or has just inserted the
@@ -194,15 +203,16 @@ BEGIN
         -- A slot a buffer blocks is offered to nobody (buffers.sql); a
         -- lapsed hold in the way counts, as the constraint counts it.
         EXIT WHEN (booking_buffer_conflict(v_slot, NULL, true)).id IS NOT NULL;
-        v_entry := booking_waitlist_claimant(v_slot, true);
+        v_entry := booking_waitlist_claimant_v2(v_slot, true, v_slot.capacity - v_slot.seats_taken);
         EXIT WHEN v_entry.id IS NULL;
 
-        -- The seat is counted, and the slot's status set, by the trigger on
-        -- appointments (seats.sql).
+        -- The seats are counted, and the slot's status set, by the trigger
+        -- on appointments (seats.sql); its CHECK on the slot keeps the count
+        -- within capacity whatever runs at once.
         INSERT INTO appointments (
-            id, user_id, specialist_id, time_slot_id, status, priority, expires_at)
+            id, user_id, specialist_id, time_slot_id, status, priority, expires_at, party_size)
         VALUES (gen_random_uuid(), v_entry.user_id, v_slot.specialist_id, p_slot_id, 'HOLD',
-                v_entry.priority, now() + v_entry.offer_ttl)
+                v_entry.priority, now() + v_entry.offer_ttl, v_entry.party_size)
         RETURNING * INTO v_appt;
         UPDATE waitlist_entries
         SET status = 'OFFERED', appointment_id = v_appt.id, updated_at = now()
@@ -234,6 +244,8 @@ $$;
 -- would be offered them on reclaim.
 CREATE FUNCTION booking_slot_is_free(p_slot time_slots) RETURNS boolean
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_lapsed integer;
 BEGIN
     IF p_slot.deleted_at IS NOT NULL THEN
         RETURN false;
@@ -244,12 +256,13 @@ BEGIN
     IF p_slot.seats_held = 0 THEN
         RETURN false;
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM appointments
-                   WHERE time_slot_id = p_slot.id AND status = 'HOLD'
-                     AND expires_at <= now()) THEN
+    SELECT coalesce(sum(party_size), 0) INTO v_lapsed FROM appointments
+    WHERE time_slot_id = p_slot.id AND status = 'HOLD' AND expires_at <= now();
+    IF v_lapsed = 0 THEN
         RETURN false;
     END IF;
-    RETURN (booking_waitlist_claimant(p_slot, false)).id IS NULL;
+    RETURN (booking_waitlist_claimant_v2(
+        p_slot, false, p_slot.capacity - p_slot.seats_taken + v_lapsed)).id IS NULL;
 END
 $$;
 
@@ -296,8 +309,10 @@ RETURN ARRAY[p_user_id::text, coalesce(p_specialist_id::text, ''), coalesce(p_se
 
 -- Joins the waitlist. With a request id (requests.sql), a repeat of the
 -- same request returns the entry the first one created, or its failure;
--- other parameters under the same id are REQUEST_ID_REUSED.
-CREATE FUNCTION booking_create_waitlist_entry(
+-- other parameters under the same id are REQUEST_ID_REUSED. A party of one
+-- adds nothing to the fingerprint (concat_ws skips the NULL), so ids stored
+-- before entries had a party size keep replaying.
+CREATE FUNCTION booking_create_waitlist_entry_v2(
     p_user_id uuid,
     p_specialist_id uuid,
     p_service_type text,
@@ -306,7 +321,8 @@ CREATE FUNCTION booking_create_waitlist_entry(
     p_priority appointment_priority,
     p_offer_ttl interval,
     p_actor_id uuid,
-    p_request_id uuid
+    p_request_id uuid,
+    p_party_size integer
 ) RETURNS waitlist_entries
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -319,7 +335,8 @@ BEGIN
     IF p_request_id IS NOT NULL THEN
         v_key := booking_request_outcome('CreateWaitlistEntry', p_actor_id, p_request_id,
             VARIADIC booking_waitlist_request_params(p_user_id, p_specialist_id,
-                p_service_type, p_window_start, p_window_end, p_priority));
+                p_service_type, p_window_start, p_window_end, p_priority)
+                || nullif(p_party_size, 1)::text);
         IF v_key.result IS NOT NULL THEN
             SELECT * INTO v_entry FROM waitlist_entries
             WHERE id = (v_key.result->>'waitlist_entry_id')::uuid;
@@ -347,14 +364,30 @@ BEGIN
 
     INSERT INTO waitlist_entries (
         id, user_id, specialist_id, service_type, window_start, window_end, priority,
-        offer_ttl, created_by, request_id)
+        offer_ttl, created_by, request_id, party_size)
     VALUES (gen_random_uuid(), p_user_id, p_specialist_id, p_service_type, p_window_start,
-            p_window_end, p_priority, p_offer_ttl, p_actor_id, p_request_id)
+            p_window_end, p_priority, p_offer_ttl, p_actor_id, p_request_id, p_party_size)
     RETURNING * INTO v_entry;
     PERFORM booking_finish_request_result(jsonb_build_object('waitlist_entry_id', v_entry.id));
     RETURN v_entry;
 END
 $$;
+
+-- The previous release's call: a party of one.
+CREATE FUNCTION booking_create_waitlist_entry(
+    p_user_id uuid,
+    p_specialist_id uuid,
+    p_service_type text,
+    p_window_start timestamptz,
+    p_window_end timestamptz,
+    p_priority appointment_priority,
+    p_offer_ttl interval,
+    p_actor_id uuid,
+    p_request_id uuid
+) RETURNS waitlist_entries
+LANGUAGE sql
+RETURN booking_create_waitlist_entry_v2(p_user_id, p_specialist_id, p_service_type,
+    p_window_start, p_window_end, p_priority, p_offer_ttl, p_actor_id, p_request_id, 1);
 
 -- ACTIVE -> CANCELLED. An OFFERED entry is settled through its appointment
 -- (confirm or cancel it), so cancelling it here is WAITLIST_ENTRY_WRONG_STATE.

@@ -952,16 +952,22 @@ class ConfirmSeriesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SERIES_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     series_id: _builtins.str
     """Required."""
+    request_id: _builtins.str
+    """Optional UUID (AIP-155): every copy of the request gets the first
+    copy's answer (its refusal too).
+    """
     def __init__(
         self,
         *,
         series_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["series_id", b"series_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "series_id", b"series_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -995,19 +1001,25 @@ class CancelSeriesRequest(_message.Message):
 
     SERIES_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     series_id: _builtins.str
     """Required."""
     reason: _builtins.str
     """Optional, up to 1000 characters; recorded in each CANCELLED event."""
+    request_id: _builtins.str
+    """Optional UUID (AIP-155): every copy of the request gets the first
+    copy's answer (its refusal too).
+    """
     def __init__(
         self,
         *,
         series_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "series_id", b"series_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "series_id", b"series_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -405,6 +405,7 @@ class SearchAvailableSlotsRequest(_message.Message):
     WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
     service_type: _builtins.str
     """One of service_type and specialist_ids is required.
     Slots of active specialists of this service type.
@@ -412,6 +413,11 @@ class SearchAvailableSlotsRequest(_message.Message):
     page_size: _builtins.int
     """0 means the default (50); values above 1000 are coerced to 1000."""
     page_token: _builtins.str
+    party_size: _builtins.int
+    """The seats the caller means to hold, 0 meaning 1: a slot is shown when
+    that many of its seats are free (or would be once its lapsed holds are
+    reclaimed). At most 1000.
+    """
     @_builtins.property
     def specialist_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Slots of these specialists (1 to 100; inactive ones are left out)."""
@@ -435,10 +441,11 @@ class SearchAvailableSlotsRequest(_message.Message):
         window_end_time: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        party_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "service_type", b"service_type", "specialist_ids", b"specialist_ids", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "party_size", b"party_size", "service_type", b"service_type", "specialist_ids", b"specialist_ids", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -81,6 +81,7 @@ class WaitlistEntry(_message.Message):
     APPOINTMENT_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only."""
     user_id: _builtins.str
@@ -93,6 +94,10 @@ class WaitlistEntry(_message.Message):
     """Output only. Changes as offers are made and settled."""
     appointment_id: _builtins.str
     """Output only. The offered appointment, once there is one."""
+    party_size: _builtins.int
+    """The seats an offer holds for the user, all or none (1 unless the entry
+    asked for more).
+    """
     @_builtins.property
     def window_start_time(self) -> _timestamp_pb2.Timestamp:
         """The slot must start at or after this instant."""
@@ -123,10 +128,11 @@ class WaitlistEntry(_message.Message):
         appointment_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        party_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "service_type", b"service_type", "specialist_id", b"specialist_id", "target", b"target", "update_time", b"update_time", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "create_time", b"create_time", "id", b"id", "priority", b"priority", "service_type", b"service_type", "specialist_id", b"specialist_id", "status", b"status", "target", b"target", "update_time", b"update_time", "user_id", b"user_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "create_time", b"create_time", "id", b"id", "party_size", b"party_size", "priority", b"priority", "service_type", b"service_type", "specialist_id", b"specialist_id", "status", b"status", "target", b"target", "update_time", b"update_time", "user_id", b"user_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["specialist_id", "service_type"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -145,6 +151,7 @@ class CreateWaitlistEntryRequest(_message.Message):
     WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARTY_SIZE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user who waits; defaults to the caller."""
     specialist_id: _builtins.str
@@ -155,6 +162,11 @@ class CreateWaitlistEntryRequest(_message.Message):
     request_id: _builtins.str
     """Optional UUID (AIP-155). A retry with the same id returns the entry the
     first request created.
+    """
+    party_size: _builtins.int
+    """How many seats an offer holds for the user, all or none; 0 means 1. An
+    entry is offered a slot only when that many of its seats are free, in
+    queue order among the entries that fit. At most 1000.
     """
     @_builtins.property
     def window_start_time(self) -> _timestamp_pb2.Timestamp:
@@ -176,10 +188,11 @@ class CreateWaitlistEntryRequest(_message.Message):
         window_end_time: _timestamp_pb2.Timestamp | None = ...,
         priority: _appointment_pb2.AppointmentPriority.ValueType = ...,
         request_id: _builtins.str = ...,
+        party_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["service_type", b"service_type", "specialist_id", b"specialist_id", "target", b"target", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "request_id", b"request_id", "service_type", b"service_type", "specialist_id", b"specialist_id", "target", b"target", "user_id", b"user_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party_size", b"party_size", "priority", b"priority", "request_id", b"request_id", "service_type", b"service_type", "specialist_id", b"specialist_id", "target", b"target", "user_id", b"user_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["specialist_id", "service_type"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
