@@ -55,6 +55,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0030.calendar-feeds",
         "0031.webhooks",
         "0040.sync-barrier",
+        "0045.buffer-probe-skip",
         "0050.contract-previous-release",
     ]
     before = await _counts(database_url)

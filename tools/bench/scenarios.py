@@ -295,17 +295,20 @@ def seats(b: Bench) -> None:
         b.reset()
         run = b.load(f"single-seat HoldSlot c={c}", b.hold_jobs(c, "hold", [server]), [server])
         b.report_run(fig, run.sample())
-    rounds, contenders, n = b.opts.rounds, b.opts.contenders, SEAT_HERD_SEATS
+    rounds, contenders = b.opts.rounds, b.opts.contenders
+    # Fewer contenders than seats (--quick) all win.
+    n = min(SEAT_HERD_SEATS, contenders)
     first = min(SEAT_HERD_FIRST, max(0, b.seeded.pool_size - rounds))
     fig = b.figure(
-        f"seats.herd{n}.c{contenders}",
+        f"seats.herd{SEAT_HERD_SEATS}.c{contenders}",
         "seats",
-        f"{contenders} clients hold one slot of {n} seats ({rounds} rounds): time until all answered",
+        f"{contenders} clients hold one slot of {SEAT_HERD_SEATS} seats ({rounds} rounds):"
+        " time until all answered",
         throughput_unit="rounds/s",
         extras=[("exact_winners_pct", f"rounds with exactly {n} winners", "%")],
     )
     b.reset()
-    asyncio.run(db.set_capacity(b.db.url, first, rounds, n))
+    asyncio.run(db.set_capacity(b.db.url, first, rounds, SEAT_HERD_SEATS))
     try:
         parts = split(contenders, b.pool.size)
         parts += [0] * (b.pool.size - len(parts))
