@@ -1,4 +1,4 @@
--- depends: 0043.waitlist-party-size
+-- depends: 0045.buffer-probe-skip
 -- contract: drops the functions only the previous releases called
 --
 -- The previous release (v0.2.0) calls the transitions by their unversioned

@@ -4,7 +4,7 @@ names them) and the reads."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -87,33 +87,40 @@ async def hold(
     on its own: its refusal would say nothing about a smaller party, and
     the recorded refusal (booking_refuse_hold) is a one-seat request's."""
 
-    def run(on_send: Callable[[], None] | None) -> Awaitable[AppointmentEvent]:
-        return _transition(
+    async def run(on_send: Callable[[], None] | None) -> tuple[AppointmentEvent, bool]:
+        """The hold, and whether it took the slot's last seat as far as
+        its own answer shows: a new hold of one seat of a one-seat slot."""
+        row = await requests.call(
             db,
-            fn.HOLD_SLOT,
+            fn.HOLD_SLOT.sql,
+            fn.HOLD_SLOT.values(
+                slot_id=slot_id,
+                user_id=user_id,
+                priority=priority.value,
+                actor_id=actor_id,
+                hold_ttl=hold_ttl,
+                check_user_overlap=check_user_overlap,
+                request_id=request_id,
+                policy_exempt=policy_exempt,
+                party_size=party_size,
+            ),
             on_send,
-            slot_id=slot_id,
-            user_id=user_id,
-            priority=priority.value,
-            actor_id=actor_id,
-            hold_ttl=hold_ttl,
-            check_user_overlap=check_user_overlap,
-            request_id=request_id,
-            policy_exempt=policy_exempt,
-            party_size=party_size,
+            replayable=request_id is not None,
         )
+        return event_from_row(row), row["slot_capacity"] == 1 and party_size == 1
 
     if party_size != 1:
         # Events carry no party size (docs/seats.md): the appointment's is
         # the one asked for, which a replay under the same request id also
         # asked for (it is part of the request's fingerprint).
-        event = await run(None)
+        event, _ = await run(None)
         return replace(event, appointment=replace(event.appointment, party_size=party_size))
     if request_id is None:
-        return await flights.hold(slot_id, run)
+        event, _ = await flights.hold(slot_id, run, full=_last_seat)
+        return event
 
-    def refuse(status: str) -> Awaitable[AppointmentEvent]:
-        return _transition(
+    async def refuse(status: str) -> tuple[AppointmentEvent, bool]:
+        event = await _transition(
             db,
             fn.REFUSE_HOLD,
             slot_id=slot_id,
@@ -123,8 +130,14 @@ async def hold(
             request_id=request_id,
             status=status,
         )
+        return event, False
 
-    return await flights.hold(slot_id, run, refuse)
+    event, _ = await flights.hold(slot_id, run, refuse, full=_last_seat)
+    return event
+
+
+def _last_seat(outcome: tuple[AppointmentEvent, bool]) -> bool:
+    return outcome[1]
 
 
 async def confirm(

@@ -7,11 +7,15 @@ committed, and retried to be told SLOT_UNAVAILABLE. Here the first caller
 for a slot (the leader) goes to the database and the others (followers)
 wait for its outcome:
 
-- the leader's hold committed: that says nothing about the next one, as
-  the slot may have seats left (docs/seats.md), so the next follower leads
-  and the others follow it. For a slot of one seat that second leader is
-  refused SLOT_UNAVAILABLE and answers all the rest (below): a herd costs
-  two statements, not one per caller;
+- the leader's hold committed and its answer shows it took the last seat
+  (one seat of a slot of one, the slot's capacity read by the same
+  statement): the slot has been occupied by a committed hold during every
+  follower's call, so each is refused SLOT_UNAVAILABLE, with the detail
+  the database would give (the slot, status HOLD), without a round trip: a
+  herd on a one-seat slot costs one statement, as before seats;
+- the leader's hold committed otherwise: that says nothing about the next
+  one, as the slot may have seats left (docs/seats.md), so the next
+  follower leads and the others follow it;
 - the leader was refused SLOT_UNAVAILABLE by the database: a committed
   occupant held the slot at the leader's snapshot, which falls inside the
   call of every follower that arrived before the leader's statement was
@@ -57,6 +61,8 @@ class Outcome(enum.Enum):
     HELD = "held"
     # The database refused the leader SLOT_UNAVAILABLE with this status.
     OCCUPIED = "occupied"
+    # The leader's hold committed and took the slot's last seat.
+    FULL = "full"
     # Nothing a follower can reuse.
     UNKNOWN = "unknown"
 
@@ -97,6 +103,7 @@ class SlotFlights:
         slot_id: UUID,
         lead: Callable[[Callable[[], None]], Awaitable[T]],
         refuse: Callable[[str], Awaitable[T]] | None = None,
+        full: Callable[[T], bool] | None = None,
     ) -> T:
         """Run ``lead(sending)`` as the slot's leader, or follow the leader
         in flight. `lead` must call ``sending()`` just before its statement
@@ -104,7 +111,9 @@ class SlotFlights:
 
         With `refuse`, the caller never leads (without a flight it runs
         `lead` on its own), and a refusal is ``refuse(status)`` instead of
-        SlotUnavailable raised here."""
+        SlotUnavailable raised here. With `full`, a leader's result for
+        which it is true (its own answer shows every seat taken when it
+        committed) answers the followers as a refusal does."""
         self._arrivals += 1
         arrival = self._arrivals
         while True:
@@ -112,13 +121,13 @@ class SlotFlights:
             if flight is None:
                 if refuse is not None:
                     return await lead(_nothing)
-                return await self._lead(slot_id, lead)
+                return await self._lead(slot_id, lead, full)
             self.waiting += 1
             try:
                 await self._wait(flight)
             finally:
                 self.waiting -= 1
-            if (
+            if flight.outcome is Outcome.FULL or (
                 flight.outcome is Outcome.OCCUPIED
                 and flight.sent is not None
                 and arrival <= flight.sent
@@ -129,7 +138,12 @@ class SlotFlights:
                 raise SlotUnavailable(slot_id=str(slot_id), status=flight.status)
             # The next follower to get here leads; the others follow it.
 
-    async def _lead(self, slot_id: UUID, lead: Callable[[Callable[[], None]], Awaitable[T]]) -> T:
+    async def _lead(
+        self,
+        slot_id: UUID,
+        lead: Callable[[Callable[[], None]], Awaitable[T]],
+        full: Callable[[T], bool] | None = None,
+    ) -> T:
         flight = _Flight()
         self._flights[slot_id] = flight
 
@@ -144,7 +158,12 @@ class SlotFlights:
             flight.outcome, flight.status = Outcome.OCCUPIED, exc.status
             raise
         else:
-            flight.outcome, flight.status = Outcome.HELD, "HOLD"
+            # A hold that took the last seat: the slot is full from its
+            # commit on, during the call of every follower still waiting.
+            if full is not None and full(result):
+                flight.outcome, flight.status = Outcome.FULL, "HOLD"
+            else:
+                flight.outcome, flight.status = Outcome.HELD, "HOLD"
             return result
         finally:
             # Whatever happened, the flight ends and its followers wake.

@@ -27,6 +27,9 @@ class Function:
     returns_row: bool = False
     # The last parameter is VARIADIC: its value is one array.
     variadic: bool = False
+    # A transition whose row also carries its slot's capacity as
+    # slot_capacity (a hold: storage/flights.py learns from it).
+    slot_capacity: bool = False
 
     def call(self, args: Mapping[str, str]) -> str:
         """The call expression with each parameter bound to an SQL expression."""
@@ -47,9 +50,19 @@ class Function:
             # appointment's never change, so the row as the statement began
             # shows them (a hold's own new row is not there yet:
             # storage/appointments.py fills in the size it asked for).
+            if not self.slot_capacity:
+                return (
+                    f"SELECT {EVENT_COLUMNS}, a.party_size, a.series_id FROM {self.call(args)} e"
+                    " LEFT JOIN appointments a ON a.id = e.appointment_id"
+                )
+            # The slot as the statement began. A hold that succeeded locked
+            # the slot's row, which fails (40001) when a change committed
+            # after the snapshot, so this is the capacity it held under.
             return (
-                f"SELECT {EVENT_COLUMNS}, a.party_size, a.series_id FROM {self.call(args)} e"
+                f"SELECT {EVENT_COLUMNS}, a.party_size, a.series_id,"
+                f" s.capacity AS slot_capacity FROM {self.call(args)} e"
                 " LEFT JOIN appointments a ON a.id = e.appointment_id"
+                " LEFT JOIN time_slots s ON s.id = e.time_slot_id"
             )
         if self.returns_row:
             return f"SELECT * FROM {self.call(args)}"
@@ -77,17 +90,21 @@ def _transition(name: str, *params: str) -> Function:
 # p_policy_exempt: whether the caller is exempt from booking policies
 # (service/policy.py POLICY_EXEMPT_ROLES).
 # p_party_size: the seats taken, all or none (storage/sql/seats.sql).
-HOLD_SLOT = _transition(
+HOLD_SLOT = Function(
     "booking_hold_slot_v3",
-    "p_slot_id",
-    "p_user_id",
-    "p_priority",
-    "p_actor_id",
-    "p_hold_ttl",
-    "p_check_user_overlap",
-    "p_request_id",
-    "p_policy_exempt",
-    "p_party_size",
+    (
+        "p_slot_id",
+        "p_user_id",
+        "p_priority",
+        "p_actor_id",
+        "p_hold_ttl",
+        "p_check_user_overlap",
+        "p_request_id",
+        "p_policy_exempt",
+        "p_party_size",
+    ),
+    returns_event=True,
+    slot_capacity=True,
 )
 # A hold refused without reaching the slot, answered as the hold would be.
 REFUSE_HOLD = _transition(

@@ -247,3 +247,36 @@ async def test_rescheduling_into_a_buffer_is_refused(api: Api) -> None:
         await client.appointments.RescheduleAppointment(
             apb.RescheduleAppointmentRequest(id=mine.id, new_slot_id=near), metadata=client.md
         )
+
+
+async def test_buffers_cleared_to_zero_still_guard_the_appointments_taken_with_them(
+    api: Api, database_url: str
+) -> None:
+    # Holds skip the buffer probe for a specialist whose buffers were never
+    # used (specialists.buffers_used); one whose buffers went back to 0
+    # still has appointments with wide ranges, so it must keep probing: the
+    # refusal stays WITHIN_BUFFER with its window, not a bare exclusion.
+    spec = await _specialist(api, before=0, after=0)
+    never = await fetch(
+        database_url, "SELECT buffers_used FROM specialists WHERE id = $1", uuid.UUID(spec.id)
+    )
+    assert never[0]["buffers_used"] is False
+    first, after = await _slots(api, spec.id, [0, 60])
+    await _set_buffers(api, spec.id, 0, 30)
+    await (await api.client())[0].hold(first)
+    await _set_buffers(api, spec.id, 0, 0)
+    # Even a direct write cannot clear it.
+    await fetch(
+        database_url,
+        "UPDATE specialists SET buffers_used = false WHERE id = $1",
+        uuid.UUID(spec.id),
+    )
+    used = await fetch(
+        database_url, "SELECT buffers_used FROM specialists WHERE id = $1", uuid.UUID(spec.id)
+    )
+    assert used[0]["buffers_used"] is True
+    base = _base()
+    async with expect_failure(PRECONDITION, "WITHIN_BUFFER") as box:
+        await (await api.client())[0].hold(after)
+    assert box[0].metadata["window_end_time"] == (base + timedelta(minutes=90)).isoformat()
+    assert (await fetch(database_url, VIOLATIONS))[0]["n"] == 0

@@ -106,12 +106,13 @@ async def _live(database_url: str, slot_id: str) -> list[str]:
     return [r["status"] for r in rows]
 
 
-async def test_callers_waiting_on_a_hold_that_commits_are_refused_after_one_more_statement(
+async def test_callers_waiting_on_a_hold_that_takes_the_last_seat_are_refused_at_once(
     api: Api, database_url: str
 ) -> None:
-    """A committed hold no longer answers the followers (the slot may have
-    seats left, docs/seats.md): one of them leads next, is refused
-    SLOT_UNAVAILABLE by the database, and that answers all the others."""
+    """A committed hold of the one seat of a one-seat slot answers every
+    follower that came before its statement: the herd costs one statement.
+    (Without the capacity in the hold's answer, one follower would lead
+    next and only the others would be coalesced: FOLLOWERS - 1.)"""
     flights = api.server.hold_flights
     herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
     try:
@@ -140,8 +141,43 @@ async def test_callers_waiting_on_a_hold_that_commits_are_refused_after_one_more
         (("slot_id", herd.slot_id), ("status", "HOLD")),
     )
     assert refusals == [expected] * FOLLOWERS
-    assert flights.coalesced - coalesced == FOLLOWERS - 1
+    assert flights.coalesced - coalesced == FOLLOWERS
     assert await _live(database_url, herd.slot_id) == ["HOLD"]
+
+
+async def test_callers_waiting_on_a_hold_of_a_slot_with_seats_left_still_reach_the_database(
+    api: Api, database_url: str
+) -> None:
+    """A committed hold of a two-seat slot leaves a seat: no follower is
+    refused for it. The next leader wins the second seat, and only then are
+    the rest refused (by its refusal or the database's)."""
+    flights = api.server.hold_flights
+    herd, tx, conn = await _setup(api, database_url, FOLLOWERS + 1)
+    try:
+        await conn.execute(
+            "UPDATE time_slots SET capacity = 2 WHERE id = $1", uuid.UUID(herd.slot_id)
+        )
+        leader = asyncio.ensure_future(_answer(herd.call(0)))
+        await _until(lambda: _backends_waiting(database_url), "the leader waits on the row lock")
+        followers = [asyncio.ensure_future(_answer(herd.call(i))) for i in range(1, FOLLOWERS + 1)]
+
+        async def all_follow() -> bool:
+            return flights.waiting == FOLLOWERS
+
+        await _until(all_follow, "every follower waits for the leader")
+        await tx.commit()
+        first = await asyncio.wait_for(leader, 30)
+        answers = await asyncio.wait_for(asyncio.gather(*followers), 30)
+    finally:
+        await conn.close()
+        await herd.close()
+
+    # The leader read the slot before the capacity change committed: it is
+    # retried (40001) and wins a seat either way.
+    assert first == ("OK", apb.APPOINTMENT_STATUS_HOLD)
+    codes = Counter(a[0] for a in answers)
+    assert codes == {"OK": 1, grpc.StatusCode.FAILED_PRECONDITION: FOLLOWERS - 1}
+    assert await _live(database_url, herd.slot_id) == ["HOLD", "HOLD"]
 
 
 @pytest.mark.parametrize("how", ["deadline", "cancel"])

@@ -14,6 +14,29 @@
 -- Changing a specialist's buffers never touches existing appointments:
 -- their ranges stay as they were; holds after the change use the new ones.
 
+-- specialists.buffers_used turns true the first time a buffer of the
+-- specialist is above 0 and never turns back, whoever writes the row. Until
+-- it does, every live appointment of the specialist holds exactly its slot
+-- (its range was taken with no buffers) and slots of one specialist never
+-- overlap (time_slots_no_overlap), so no appointment can be in another's
+-- buffer and the probe below is skipped: one primary-key lookup instead of
+-- the range and the gist probe. The constraint does not depend on the flag:
+-- a hold that read it false just before a concurrent change of the buffers
+-- committed still meets appointments_buffers_apart, and its retry reads it
+-- true.
+CREATE FUNCTION booking_specialist_buffers_used() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.buffers_used := NEW.buffer_before_minutes > 0 OR NEW.buffer_after_minutes > 0
+        OR (TG_OP = 'UPDATE' AND OLD.buffers_used);
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER specialists_buffers_used
+    BEFORE INSERT OR UPDATE ON specialists
+    FOR EACH ROW EXECUTE FUNCTION booking_specialist_buffers_used();
+
 -- The range a new appointment in the slot would block, with the
 -- specialist's buffers as they are now.
 CREATE FUNCTION booking_buffer_range(p_slot time_slots) RETURNS tstzrange
@@ -56,10 +79,14 @@ CREATE FUNCTION booking_buffer_conflict(
 ) RETURNS appointments
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    -- Computed once, so the gist index gets a constant to search with.
-    v_range tstzrange := booking_buffer_range(p_slot);
+    v_range tstzrange;
     v_conflict appointments;
 BEGIN
+    IF NOT (SELECT buffers_used FROM specialists WHERE id = p_slot.specialist_id) THEN
+        RETURN NULL;
+    END IF;
+    -- Computed once, so the gist index gets a constant to search with.
+    v_range := booking_buffer_range(p_slot);
     SELECT a.* INTO v_conflict FROM appointments a
     WHERE a.specialist_id = p_slot.specialist_id
       AND a.status <> 'CANCELLED'
@@ -90,15 +117,17 @@ CREATE FUNCTION booking_check_buffers(p_slot time_slots, p_exclude_appointment_i
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_range tstzrange := booking_buffer_range(p_slot);
+    v_range tstzrange;
     v_lapsed appointments;
     v_conflict appointments;
 BEGIN
-    -- The common case in one index probe: nothing in the way at all.
+    -- The common case in one index probe (none without buffers used):
+    -- nothing in the way at all.
     v_conflict := booking_buffer_conflict(p_slot, p_exclude_appointment_id, true);
     IF v_conflict.id IS NULL THEN
         RETURN;
     END IF;
+    v_range := booking_buffer_range(p_slot);
     FOR v_lapsed IN
         SELECT a.* FROM appointments a
         WHERE a.specialist_id = p_slot.specialist_id

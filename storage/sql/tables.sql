@@ -48,6 +48,10 @@ CREATE TABLE specialists (
     -- Time kept free before and after each appointment (buffers.sql).
     buffer_before_minutes       integer NOT NULL DEFAULT 0,
     buffer_after_minutes        integer NOT NULL DEFAULT 0,
+    -- Whether any buffer of the specialist was ever above 0, so that some
+    -- appointment may hold a range wider than its slot; set by a trigger,
+    -- never cleared (buffers.sql). Until then holds skip the buffer probe.
+    buffers_used                boolean NOT NULL DEFAULT false,
     CONSTRAINT specialists_policy_not_negative CHECK (
         min_notice_minutes >= 0 AND max_advance_days >= 0 AND cancellation_cutoff_hours >= 0),
     CONSTRAINT specialists_buffers_range CHECK (

@@ -42,6 +42,7 @@ class Options:
     event_streams: list[int]
     idle_streams: int
     read_concurrency: list[int]
+    series_concurrency: list[int]
     replica_concurrency: int
     database_url: str | None
     unsafe_fast: bool

@@ -416,6 +416,37 @@ def _postgres_parent(backend: int) -> int | None:
     return ppid if comm.startswith("postgres") else None
 
 
+SERIES_OCCURRENCES = 10
+SLOTS_PER_DAY = 24 * 60 // SLOT_MINUTES
+
+
+def series_first(k: int) -> int:
+    """The first pool slot of bench series k: series take the slots of
+    SERIES_OCCURRENCES consecutive days at one time of day, so each block
+    of that many days holds SLOTS_PER_DAY series."""
+    block, within = divmod(k, SLOTS_PER_DAY)
+    return block * SERIES_OCCURRENCES * SLOTS_PER_DAY + within
+
+
+def series_count(pool_size: int) -> int:
+    """How many bench series the pool's slots hold."""
+    return pool_size // (SERIES_OCCURRENCES * SLOTS_PER_DAY) * SLOTS_PER_DAY
+
+
+async def set_capacity(url: str, first: int, count: int, capacity: int) -> None:
+    """Give the pool slots in [first, first+count) `capacity` seats (their
+    appointments are gone: reset() first)."""
+    conn = await connect(url)
+    try:
+        await conn.execute(
+            "UPDATE time_slots SET capacity = $2 WHERE id = ANY($1::uuid[])",
+            [pool_uuid(POOL_SLOT, k) for k in range(first, first + count)],
+            capacity,
+        )
+    finally:
+        await conn.close()
+
+
 async def slot_states(url: str, first: int, count: int) -> dict[str, int]:
     """How many live appointments each pool slot in [first, first+count) has."""
     conn = await connect(url)

@@ -76,6 +76,7 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "event_streams": ([1, 100], [1, 4]),
     "idle_streams": (1000, 20),
     "read_concurrency": ([1, 16], [2]),
+    "series_concurrency": ([1, 16], [2]),
     "replica_concurrency": (64, 4),
     "history_rows": (10_000_000, 20_000),
     "history_concurrency": ([16], [2]),
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-streams", type=int, help="idle streams for RSS (default 1000)")
     p.add_argument("--slots-rows", type=int, help="slots loaded for reads (default 1000000)")
     p.add_argument("--read-concurrency", type=_ints, help="ListSlots callers (default 1,16)")
+    p.add_argument("--series-concurrency", type=_ints, help="HoldSeries callers (default 1,16)")
     p.add_argument("--replica-concurrency", type=int, help="HoldSlot callers (default 64)")
     p.add_argument(
         "--history-rows",
@@ -201,6 +203,7 @@ def parse(argv: Sequence[str]) -> Options:
         event_streams=values["event_streams"],
         idle_streams=int(values["idle_streams"]),
         read_concurrency=values["read_concurrency"],
+        series_concurrency=values["series_concurrency"],
         replica_concurrency=int(values["replica_concurrency"]),
         database_url=args.database_url,
         unsafe_fast=args.unsafe_fast,
@@ -355,6 +358,74 @@ def evaluate(b: Bench) -> list[Goal]:
     else:
         goals.append(Goal("event delivery with 100 streams", "p99 < 25 ms", "not measured", None))
     goals += _history_goals(b)
+    goals += _seats_goals(b)
+    return goals
+
+
+def _seats_goals(b: Bench) -> list[Goal]:
+    """Seats and series: the single-seat hold against the design's bare
+    hold, the herd on a slot of several seats, and a series' cost per
+    occurrence against a single hold's, all from this run."""
+    figs = b.figures
+    goals = []
+    single = _best([f for k, f in figs.items() if k.startswith("seats.single.c")])
+    conc = _conc(single.key) if single else None
+    seed = _at_concurrency(figs, "ceiling.pgbench.seed.", conc) or _at_concurrency(
+        figs, "ceiling.asyncpg.seed.", conc
+    )
+    goals.append(
+        _ratio_goal(
+            "seats: single-seat HoldSlot PostgreSQL CPU vs the design's bare hold",
+            "<= 1.5x",
+            1.5,
+            single,
+            seed,
+            "pg_cpu_us",
+        )
+    )
+    herd = next((f for k, f in figs.items() if k.startswith("seats.herd")), None)
+    name = "seats: 64 clients on one slot of 5 seats, all answered"
+    target = "exactly 5 winners a round (answers and database); p99 < 50 ms; no ABORTED/INTERNAL"
+    if herd is None:
+        goals.append(Goal(name, target, "not measured", None))
+    else:
+        checks = b.checks.get("seat_herd", {})
+        p50, p99 = _mean(herd, "p50_ms"), _mean(herd, "p99_ms")
+        expected = checks.get("expected_rounds", -1)
+        bad = herd.bad_answers()
+        value = (
+            f"p50 {p50 or 0:.1f} ms, p99 {p99 or 0:.1f} ms ({herd.key});"
+            f" {checks.get('seats', 0)} winners in {checks.get('exact_winner_rounds', 0)}"
+            f"/{checks.get('expected_rounds', 0)} rounds, in the database in"
+            f" {checks.get('db_exact', 0)}; ABORTED/INTERNAL/UNKNOWN: {sum(bad.values())}"
+        )
+        met = bool(
+            p99 is not None
+            and p99 < 50
+            and checks.get("exact_winner_rounds") == expected
+            and checks.get("db_exact") == expected
+            and not bad
+        )
+        goals.append(Goal(name, target, value, met))
+    ser = _best([f for k, f in figs.items() if k.startswith("series.hold")])
+    name = "series: HoldSeries cost per occurrence vs a single-seat hold (PostgreSQL CPU)"
+    s_cpu = _mean(ser, "pg_cpu_us")
+    one = _at_concurrency(figs, "seats.single.c", _conc(ser.key) if ser else None)
+    h_cpu = _mean(one, "pg_cpu_us")
+    if ser is None or one is None or s_cpu is None or not h_cpu:
+        goals.append(Goal(name, "<= 1x", "not measured", None))
+    else:
+        per = s_cpu / db.SERIES_OCCURRENCES
+        ratio = per / h_cpu
+        goals.append(
+            Goal(
+                name,
+                "<= 1x",
+                f"{s_cpu:,.0f} us a series ({ser.key}) = {per:,.0f} us an occurrence"
+                f" vs {h_cpu:,.0f} us ({one.key}) = {ratio:.2f}x",
+                ratio <= 1.0,
+            )
+        )
     return goals
 
 
@@ -639,6 +710,12 @@ def _finish(b: Bench, started: float) -> int:
         )
     if cont and cont["db_one_live_appointment"] != cont["expected_rounds"]:
         problems.append("contention: a round's slot does not have exactly one live appointment")
+    herd = b.checks.get("seat_herd")
+    if herd and not (herd["exact_winner_rounds"] == herd["db_exact"] == herd["expected_rounds"]):
+        problems.append(
+            f"seat herd: {herd['seats']} winners in only {herd['exact_winner_rounds']}"
+            f"/{herd['expected_rounds']} rounds ({herd['db_exact']} in the database)"
+        )
     for note in b.notes:
         print(f"note: {note}")
     print(f"\nresults: {json_path}\n         {md_path}")

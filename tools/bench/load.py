@@ -48,7 +48,8 @@ class Job:
     concurrency: int = 1
     target: str = ""  # host:port of the gRPC server
     token: str = ""
-    method: str = "hold"  # grpc: hold | hold_confirm | health | list_slots | search_slots
+    # grpc: hold | hold_confirm | hold_series | health | list_slots | search_slots
+    method: str = "hold"
     first: int = 0  # first pool index this worker may use
     count: int = 0  # how many pool indices it may use
     rate: float = 0.0  # grpc: calls per second (paced, open loop); 0 = closed loop
@@ -480,16 +481,37 @@ class _Worker:
                     return err.code().name
                 return "OK" if reply.available_slots else "EMPTY"
 
+            async def hold_series(k: int) -> str:
+                # Series k: ten daily occurrences of one time of day, on
+                # pool slots no other series uses (bench.db.series_first).
+                from bench.db import SERIES_OCCURRENCES, series_first
+
+                try:
+                    reply = await appointments.HoldSeries(
+                        apb.HoldSeriesRequest(
+                            first_slot_id=str(pool_uuid(POOL_SLOT, series_first(k))),
+                            recurrence=f"FREQ=DAILY;COUNT={SERIES_OCCURRENCES}",
+                            mode=apb.SERIES_MODE_ALL_OR_NOTHING,
+                            user_id=str(pool_uuid(POOL_USER, k)),
+                        ),
+                        metadata=md,
+                        timeout=CALL_TIMEOUT,
+                    )
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+                return "OK" if reply.held else "NOT_HELD"
+
             calls: dict[str, Callable[[int], Awaitable[str]]] = {
                 "hold": hold,
                 "hold_confirm": hold_confirm,
+                "hold_series": hold_series,
                 "health": check,
                 "list_slots": list_day,
                 "search_slots": search_week,
                 **_history_reads(appointments, slots, md, rng, reads),
             }
             # One call first so connection set-up is not measured.
-            if job.method not in ("hold", "hold_confirm"):
+            if job.method not in ("hold", "hold_confirm", "hold_series"):
                 await calls[job.method](job.first)
             return await self._drive(calls[job.method])
 

@@ -278,6 +278,125 @@ def _per(seconds: float | None, n: int) -> float | None:
     return None if seconds is None or n == 0 else seconds / n * 1e6
 
 
+# -- seats: a herd on a slot of several seats, and the single-seat hold ---------------
+
+SEAT_HERD_SEATS = 5
+# Pool slots of the seat herd: far from the ones contention and the holds use.
+SEAT_HERD_FIRST = 4000
+
+
+def seats(b: Bench) -> None:
+    """The single-seat HoldSlot (the default path, every slot of capacity
+    1) at each concurrency, and `contenders` clients racing for a slot of
+    SEAT_HERD_SEATS seats, round after round: exactly that many win."""
+    server = b.ensure_primary()
+    for c in b.opts.concurrency:
+        fig = b.figure(f"seats.single.c{c}", "seats", f"single-seat HoldSlot, concurrency {c}")
+        b.reset()
+        run = b.load(f"single-seat HoldSlot c={c}", b.hold_jobs(c, "hold", [server]), [server])
+        b.report_run(fig, run.sample())
+    rounds, contenders = b.opts.rounds, b.opts.contenders
+    # Fewer contenders than seats (--quick) all win.
+    n = min(SEAT_HERD_SEATS, contenders)
+    first = min(SEAT_HERD_FIRST, max(0, b.seeded.pool_size - rounds))
+    fig = b.figure(
+        f"seats.herd{SEAT_HERD_SEATS}.c{contenders}",
+        "seats",
+        f"{contenders} clients hold one slot of {SEAT_HERD_SEATS} seats ({rounds} rounds):"
+        " time until all answered",
+        throughput_unit="rounds/s",
+        extras=[("exact_winners_pct", f"rounds with exactly {n} winners", "%")],
+    )
+    b.reset()
+    asyncio.run(db.set_capacity(b.db.url, first, rounds, SEAT_HERD_SEATS))
+    try:
+        parts = split(contenders, b.pool.size)
+        parts += [0] * (b.pool.size - len(parts))
+        jobs, user = {}, 0
+        for i, c in enumerate(parts):
+            jobs[i] = Job(
+                kind="contention",
+                concurrency=c,
+                target=server.target,
+                token=b.token,
+                first=first,
+                rounds=rounds,
+                user_first=user,
+            )
+            user += c
+        meter = b.meter([server])
+        results = b.pool.run(jobs, 5.0 + rounds * 2.0, on_ready=meter.start)
+        cpu = meter.stop()
+        live = asyncio.run(db.slot_states(b.db.url, first, rounds))
+    finally:
+        b.reset()
+        asyncio.run(db.set_capacity(b.db.url, first, rounds, 1))
+    merged: dict[int, dict[str, Any]] = {}
+    for result in results:
+        for r in result["rounds"]:
+            m = merged.setdefault(r["round"], {"start": r["start"], "end": 0.0, "codes": []})
+            m["start"] = min(m["start"], r["start"])
+            m["end"] = max([m["end"], *r["answers"]])
+            m["codes"].extend(r["codes"])
+    times = [m["end"] - m["start"] for m in merged.values()]
+    codes: Counter[str] = Counter()
+    exact = 0
+    for m in merged.values():
+        codes.update(m["codes"])
+        exact += m["codes"].count("OK") == n
+    db_ok = sum(
+        1 for k in range(rounds) if live.get(str(db.pool_uuid(db.POOL_SLOT, first + k))) == n
+    )
+    total_answers = sum(codes.values())
+    wall = sum(times)
+    b.report_run(
+        fig,
+        {
+            "throughput": len(times) / wall if wall else None,
+            **latency_ms(times),
+            "server_cpu_us": _per(cpu.get("server"), total_answers),
+            "pg_cpu_us": _per(cpu.get("postgres"), total_answers),
+            "rounds": len(merged),
+            "exact_winner_rounds": exact,
+            "exact_winners_pct": 100.0 * exact / len(merged) if merged else 0.0,
+            "db_exact_live_appointments": db_ok,
+            "answers": total_answers,
+            "codes": dict(codes),
+        },
+    )
+    total = b.checks.setdefault(
+        "seat_herd", {"seats": n, "rounds": 0, "exact_winner_rounds": 0, "db_exact": 0}
+    )
+    total["rounds"] += len(merged)
+    total["exact_winner_rounds"] += exact
+    total["db_exact"] += db_ok
+    total["expected_rounds"] = total.get("expected_rounds", 0) + rounds
+
+
+# -- series: HoldSeries of ten occurrences ----------------------------------------------
+
+
+def series(b: Bench) -> None:
+    """HoldSeries, all or nothing, of SERIES_OCCURRENCES daily occurrences
+    on free slots, closed loop; per-occurrence cost next to a single hold's."""
+    server = b.ensure_primary()
+    n_series = db.series_count(b.seeded.pool_size)
+    for c in b.opts.series_concurrency:
+        fig = b.figure(
+            f"series.hold{db.SERIES_OCCURRENCES}.c{c}",
+            "series",
+            f"HoldSeries of {db.SERIES_OCCURRENCES} occurrences, concurrency {c}",
+            throughput_unit="series/s",
+        )
+        b.reset()
+        jobs = b.hold_jobs(c, "hold_series", [server])
+        per = n_series // len(jobs)
+        for i, job in jobs.items():
+            job.first, job.count = i * per, per
+        run = b.load(f"HoldSeries c={c}", jobs, [server])
+        b.report_run(fig, run.sample())
+
+
 # -- events: commit-to-receipt latency, and idle streams' memory -----------------------
 
 PRIME_RANGE = 2000  # pool indices kept out of the load for priming holds
@@ -700,6 +819,8 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "service": service,
     "echo": echo,
     "contention": contention,
+    "seats": seats,
+    "series": series,
     "events": events,
     "reads": reads,
     "search": search,
