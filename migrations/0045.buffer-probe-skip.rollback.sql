@@ -1,4 +1,4 @@
--- Back to 0040: the buffer probe runs for every specialist.
+-- Back to 0043: the buffer probe runs for every specialist.
 
 CREATE OR REPLACE FUNCTION booking_buffer_conflict(
     p_slot time_slots, p_exclude_appointment_id uuid, p_lapsed boolean
