@@ -28,6 +28,7 @@ import grpc
 import pytest
 
 from booking.v1 import appointment_pb2 as apb
+from chaos import checks
 from cluster.patroni import PatroniCluster, haproxy_available
 from storage import embedded, hosts
 from tests.support import Api, hours_from_now, running_server
@@ -252,6 +253,13 @@ async def test_a_demoted_node_that_resumes_takes_no_write(healthy: PatroniCluste
         conn = await asyncpg.connect(healthy.node_url(old), ssl=False)
         try:
             after = await conn.fetchval("SELECT count(*) FROM appointments")
+            # Now a write of our own reaches the demoted node (committed
+            # locally: its synchronous standby follows someone else). The
+            # chaos checker must find it in the tail pg_rewind discards.
+            async with conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit TO local")
+                await conn.execute(f"CREATE TABLE demoted_write_{uuid.uuid4().hex} (x int)")
+                xid = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
         finally:
             await conn.close()
         assert after == before
@@ -261,6 +269,17 @@ async def test_a_demoted_node_that_resumes_takes_no_write(healthy: PatroniCluste
     healthy.wait_healthy(180)
     roles = {m["name"]: m["role"] for m in healthy.members()}
     assert roles[old.name] in ("replica", "sync_standby")
+    # The final check of `chaos --cluster patroni` sees that write, and only it.
+    healthy.wait_converged(180)
+    witnesses = [
+        checks.parse_rewind_witness(old.name, p.name, p.read_text())
+        for p in sorted(old.rewinds_dir.glob("rewind-*.txt"))
+    ]
+    violations, stats = checks.check_writes_on_leader(healthy.history(), witnesses)
+    seen = f"{witnesses}, history {healthy.history()}, {stats}, xid {xid}"
+    assert [v.check for v in violations] == ["writes_only_on_leader"], seen
+    assert f"xid {xid & 0xFFFFFFFF} " in violations[0].detail, violations
+    assert stats.after_promotion == 1
 
 
 async def _roles(pc: PatroniCluster) -> str:
