@@ -344,3 +344,36 @@ def test_a_witness_that_cannot_see_the_whole_tail_fails() -> None:
     # A rewind off the timeline still current discarded nothing.
     current = checks.parse_rewind_witness("node0", "c", witness_text(timeline=4, start="9000000"))
     assert checks.check_writes_on_leader(HISTORY, [current])[0] == []
+
+
+def tail(*records: tuple[str, int, str]) -> str:
+    """The witness's dump of every record past the divergence point."""
+    lines = [
+        f"# tail: rmgr: {rmgr:<11} len (rec/tot):     54/    54, tx:  {xid:>9}, lsn: 0/05000100, "
+        f"prev 0/05000000, desc: {desc}"
+        for rmgr, xid, desc in records
+    ]
+    return "\n".join([*lines, "# tail-end 0/5000000"]) + "\n"
+
+
+def test_only_a_transaction_on_catalogs_alone_is_the_nodes_own() -> None:
+    after = "2030-01-01 12:00:30.000000"
+    commits = witness_text(
+        (801, "0/05000200", after),  # autoanalyze: pg_statistic and pg_class only
+        (802, "0/05000300", after),  # a client's update of a table
+        (803, "0/05000400", after),  # the service's sync barrier
+    )
+    records = tail(
+        ("Heap", 801, "UPDATE off: 3, blkref #0: rel 1663/16386/2619 blk 4"),
+        ("Heap", 801, "INPLACE off: 9, blkref #0: rel 1663/16386/1259 blk 1"),
+        ("Heap", 802, "LOCK xmax: 802, off: 23, blkref #0: rel 1663/16386/1259 blk 2"),
+        ("Heap", 802, "HOT_UPDATE old_xmax: 802, blkref #0: rel 1663/16386/17224 blk 1"),
+        ("LogicalMessage", 803, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
+    )
+    w = checks.parse_rewind_witness("node1", "r", commits + records)
+    violations, stats = checks.check_writes_on_leader(HISTORY, [w])
+    assert sorted(v.detail.split()[3] for v in violations) == ["802", "803"]
+    assert (stats.after_promotion, stats.maintenance_after_promotion) == (2, 1)
+    # Without the whole tail nothing is taken for the node's own.
+    cut = checks.parse_rewind_witness("node1", "r", commits + records.replace("# tail-end", "#"))
+    assert len(checks.check_writes_on_leader(HISTORY, [cut])[0]) == 3

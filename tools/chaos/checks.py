@@ -532,6 +532,11 @@ class RewindWitness:
     covers_from: int | None
     commits: tuple[TailCommit, ...]
     error: str | None
+    # From the dump of every record past the divergence point, when it is
+    # whole: the transactions whose records touch only system catalogs
+    # (relation numbers below 16384) and send no logical message, i.e. the
+    # node's own autovacuum and autoanalyze, not a write a client sent.
+    catalog_only: frozenset[int] | None = None
 
 
 _COMMIT = re.compile(
@@ -571,7 +576,32 @@ def parse_rewind_witness(node: str, source: str, text: str) -> RewindWitness:
             )
     if timeline is None and error is None:
         error = "no timeline recorded"
-    return RewindWitness(node, source, timeline, covers_from, tuple(commits), error)
+    return RewindWitness(
+        node, source, timeline, covers_from, tuple(commits), error, _catalog_only(text)
+    )
+
+
+_TAIL_RECORD = re.compile(r"^# tail: rmgr: (\S+)\s.*?tx:\s+(\d+), lsn: ")
+_RELATION = re.compile(r"rel \d+/\d+/(\d+)")
+FIRST_NORMAL_OID = 16384
+
+
+def _catalog_only(text: str) -> frozenset[int] | None:
+    if "\n# tail-end " not in text:
+        return None  # no whole tail: every commit counts as a client's write
+    touched_user: set[int] = set()
+    seen: set[int] = set()
+    for line in text.splitlines():
+        m = _TAIL_RECORD.match(line)
+        if m is None or m.group(2) == "0":
+            continue
+        xid = int(m.group(2))
+        seen.add(xid)
+        if m.group(1) == "LogicalMessage" or any(
+            int(rel) >= FIRST_NORMAL_OID for rel in _RELATION.findall(line)
+        ):
+            touched_user.add(xid)
+    return frozenset(seen - touched_user)
 
 
 @dataclass
@@ -583,6 +613,9 @@ class LeaderWrites:
     lost_in_flight: int = 0
     # Commits on a lost tail made after another node had been promoted.
     after_promotion: int = 0
+    # Of those, the node's own autovacuum/autoanalyze (catalogs only): not
+    # a write that reached it.
+    maintenance_after_promotion: int = 0
 
 
 def check_writes_on_leader(
@@ -591,7 +624,10 @@ def check_writes_on_leader(
     """A write reached a node that was not the leader exactly when a node
     rewound off timeline T held a commit record at or past T's switch point
     (so the final history does not have it) stamped at or after the moment
-    T's successor was promoted.
+    T's successor was promoted, unless the witness's whole tail shows that
+    transaction touching system catalogs only (the node's own autovacuum or
+    autoanalyze, which no client sent; a logical message, such as the
+    service's sync barrier, counts as a client's write).
 
     `history` is Patroni's ``/history``: ``[T, switch LSN, reason, the next
     timeline's creation time (ISO 8601), its leader]``. A commit past the
@@ -631,7 +667,9 @@ def check_writes_on_leader(
             if c.lsn < switch or (c.node, c.timeline, c.lsn) in seen:
                 continue
             seen.add((c.node, c.timeline, c.lsn))
-            if c.at >= promoted:
+            if c.at >= promoted and w.catalog_only is not None and c.xid in w.catalog_only:
+                stats.maintenance_after_promotion += 1
+            elif c.at >= promoted:
                 stats.after_promotion += 1
                 out.append(
                     Violation(

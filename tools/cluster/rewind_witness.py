@@ -26,6 +26,8 @@ import time
 # tail is a few megabytes at most, well inside this.
 SEGMENTS_BEFORE = 16
 SEGMENTS_AFTER = 16
+# The tail past the divergence point is kept whole up to this many records.
+TAIL_LINES = 200_000
 
 
 def _segment_name(timeline: int, number: int, segment_size: int) -> str:
@@ -115,7 +117,11 @@ def witness(real: str, out_dir: str, args: list[str]) -> None:
                 timeout=120,
                 check=False,
             )
-            lines.extend(f"# tail: {line}" for line in tail.stdout.splitlines()[:5000])
+            records = tail.stdout.splitlines()
+            lines.extend(f"# tail: {line}" for line in records[:TAIL_LINES])
+            lines.append(
+                f"# tail-end {div.group(1)}" if len(records) <= TAIL_LINES else "# tail-cut"
+            )
     except Exception as exc:  # noqa: BLE001 - recorded; the rewind must still run
         lines.append(f"# error {exc!r}")
     with open(out, "w") as handle:
