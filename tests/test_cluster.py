@@ -29,7 +29,7 @@ import pytest
 
 from booking.v1 import appointment_pb2 as apb
 from chaos import checks
-from cluster.patroni import PatroniCluster, haproxy_available
+from cluster.patroni import Node, PatroniCluster, haproxy_available
 from storage import embedded, hosts
 from tests.support import Api, hours_from_now, running_server
 
@@ -190,6 +190,9 @@ async def test_a_demoted_node_that_resumes_takes_no_write(healthy: PatroniCluste
     frozen = healthy.freeze(old, whole_node=True)
     try:
         new = await asyncio.to_thread(healthy.wait_for_leader, 60, other_than=old)
+        # Patroni names the new leader while its PostgreSQL is still
+        # finishing the promotion: until then the old node rightly wins.
+        await _until_promoted(healthy, new)
         # Resume the old node's PostgreSQL but not its Patroni: it stays a
         # primary on the old timeline, the state a hung node is in for a
         # moment after it resumes, before Patroni demotes it.
@@ -254,6 +257,23 @@ async def test_a_demoted_node_that_resumes_takes_no_write(healthy: PatroniCluste
     assert [v.check for v in violations] == ["writes_only_on_leader"], seen
     assert f"xid {xid & 0xFFFFFFFF} " in violations[0].detail, violations
     assert stats.after_promotion == 1
+
+
+async def _until_promoted(pc: PatroniCluster, node: Node) -> None:
+    """Wait (bounded) until `node`'s PostgreSQL has left recovery."""
+    deadline = time.monotonic() + RECOVERY_BOUND
+    while True:
+        try:
+            conn = await asyncpg.connect(pc.node_url(node), ssl=False, timeout=5)
+            try:
+                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                    return
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            pass
+        assert time.monotonic() < deadline, f"{node.name} still in recovery"
+        await asyncio.sleep(0.2)
 
 
 async def _roles(pc: PatroniCluster) -> str:
