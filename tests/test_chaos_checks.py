@@ -288,3 +288,92 @@ def test_live_appointments_inside_each_others_buffers_are_reported() -> None:
     assert names(checks.check_slots([a, b], close, NOW)) == ["no_buffer_overlap"]
     apart = [buffered("a0", "x", "u1", 0, 30), buffered("a1", "y", "u2", 30, 60)]
     assert checks.check_slots([a, b], apart, NOW) == []
+
+
+# -- no write on a node that was not the leader ---------------------------------------
+
+# Timeline 3 ended at 0/5000000 when timeline 4 was promoted at 12:00:10.
+HISTORY = [
+    [2, 0x3000000, "no recovery target specified", "2030-01-01T11:00:00.000000+00:00", "node1"],
+    [3, 0x5000000, "no recovery target specified", "2030-01-01T12:00:10.500000+00:00", "node2"],
+]
+
+
+def witness_text(*commits: tuple[int, str, str], timeline: int = 3, start: str = "4000000") -> str:
+    """What rewind_witness.py writes: a header, then pg_waldump lines."""
+    lines = ["# data /x/data", f"# timeline {timeline}", "# checkpoint 5001000", f"# from {start}"]
+    for xid, lsn, at in commits:
+        lines.append(
+            f"rmgr: Transaction len (rec/tot):     34/    34, tx:  {xid:>9}, lsn: {lsn}, "
+            f"prev 0/04FFFF00, desc: COMMIT {at} UTC"
+        )
+    lines.append("# pg_waldump: pg_waldump: error: error in WAL record at 0/5001000")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_commit_on_a_lost_tail_after_the_promotion_is_a_write_on_a_non_leader() -> None:
+    text = witness_text(
+        (700, "0/04FFFFA0", "2030-01-01 12:00:00.000001"),  # before the switch point: kept
+        (701, "0/05000000", "2030-01-01 12:00:01.000000"),  # lost, made by the leader in flight
+        (702, "0/05000100", "2030-01-01 12:00:30.250000"),  # lost, made after the promotion
+    )
+    w = checks.parse_rewind_witness("node1", "rewind-1.txt", text)
+    assert [c.xid for c in w.commits] == [700, 701, 702]
+    violations, stats = checks.check_writes_on_leader(HISTORY, [w])
+    assert names(violations) == ["writes_only_on_leader"]
+    assert "xid 702" in violations[0].detail
+    assert (stats.rewinds, stats.lost_in_flight, stats.after_promotion) == (1, 1, 1)
+
+
+def test_a_tail_with_only_in_flight_commits_passes() -> None:
+    text = witness_text(
+        (700, "0/04FFFFA0", "2030-01-01 12:00:20"),  # kept by the new leader: any time is fine
+        (701, "0/05000080", "2030-01-01 12:00:10.499999"),
+    )
+    w = checks.parse_rewind_witness("node1", "rewind-1.txt", text)
+    violations, stats = checks.check_writes_on_leader(HISTORY, [w, w])
+    assert violations == []
+    assert stats.lost_in_flight == 1  # counted once across both copies
+
+
+def test_a_witness_that_cannot_see_the_whole_tail_fails() -> None:
+    late = checks.parse_rewind_witness("node1", "a", witness_text(start="5000800"))
+    broken = checks.parse_rewind_witness("node1", "b", "# data /x\n# error OSError('gone')\n")
+    violations, _ = checks.check_writes_on_leader(HISTORY, [late, broken])
+    assert names(violations) == ["writes_only_on_leader"] * 2
+    # A rewind off the timeline still current discarded nothing.
+    current = checks.parse_rewind_witness("node0", "c", witness_text(timeline=4, start="9000000"))
+    assert checks.check_writes_on_leader(HISTORY, [current])[0] == []
+
+
+def tail(*records: tuple[str, int, str]) -> str:
+    """The witness's dump of every record past the divergence point."""
+    lines = [
+        f"# tail: rmgr: {rmgr:<11} len (rec/tot):     54/    54, tx:  {xid:>9}, lsn: 0/05000100, "
+        f"prev 0/05000000, desc: {desc}"
+        for rmgr, xid, desc in records
+    ]
+    return "\n".join([*lines, "# tail-end 0/5000000"]) + "\n"
+
+
+def test_only_a_transaction_on_catalogs_alone_is_the_nodes_own() -> None:
+    after = "2030-01-01 12:00:30.000000"
+    commits = witness_text(
+        (801, "0/05000200", after),  # autoanalyze: pg_statistic and pg_class only
+        (802, "0/05000300", after),  # a client's update of a table
+        (803, "0/05000400", after),  # the service's sync barrier
+    )
+    records = tail(
+        ("Heap", 801, "UPDATE off: 3, blkref #0: rel 1663/16386/2619 blk 4"),
+        ("Heap", 801, "INPLACE off: 9, blkref #0: rel 1663/16386/1259 blk 1"),
+        ("Heap", 802, "LOCK xmax: 802, off: 23, blkref #0: rel 1663/16386/1259 blk 2"),
+        ("Heap", 802, "HOT_UPDATE old_xmax: 802, blkref #0: rel 1663/16386/17224 blk 1"),
+        ("LogicalMessage", 803, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
+    )
+    w = checks.parse_rewind_witness("node1", "r", commits + records)
+    violations, stats = checks.check_writes_on_leader(HISTORY, [w])
+    assert sorted(v.detail.split()[3] for v in violations) == ["802", "803"]
+    assert (stats.after_promotion, stats.maintenance_after_promotion) == (2, 1)
+    # Without the whole tail nothing is taken for the node's own.
+    cut = checks.parse_rewind_witness("node1", "r", commits + records.replace("# tail-end", "#"))
+    assert len(checks.check_writes_on_leader(HISTORY, [cut])[0]) == 3

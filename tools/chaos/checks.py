@@ -11,7 +11,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -33,6 +33,7 @@ CHECKS = (
     "api_agrees_with_sql",
     "no_traceback_in_logs",
     "recovered_after_fault",
+    "writes_only_on_leader",
 )
 
 EXAMPLES = 5
@@ -504,6 +505,183 @@ def check_logs(paths: Iterable[Path]) -> tuple[list[Violation], list[Traceback]]
 
 
 # -- the database side --------------------------------------------------------------------
+
+
+# -- no write on a node that was not the leader (cluster mode) ----------------------
+
+
+@dataclass(frozen=True)
+class TailCommit:
+    """A commit record a node held when it was rewound."""
+
+    node: str
+    timeline: int
+    lsn: int
+    xid: int
+    at: datetime
+
+
+@dataclass(frozen=True)
+class RewindWitness:
+    """What tools/cluster/rewind_witness.py kept of one rewind: the node's
+    timeline, the first LSN its dump covers, and every commit record in it."""
+
+    node: str
+    source: str
+    timeline: int | None
+    covers_from: int | None
+    commits: tuple[TailCommit, ...]
+    error: str | None
+    # From the dump of every record past the divergence point, when it is
+    # whole: the transactions whose records touch only system catalogs
+    # (relation numbers below 16384) and send no logical message, i.e. the
+    # node's own autovacuum and autoanalyze, not a write a client sent.
+    catalog_only: frozenset[int] | None = None
+
+
+_COMMIT = re.compile(
+    r"tx:\s+(\d+), lsn: ([0-9A-F]+)/([0-9A-F]+),.*desc: COMMIT(?:_PREPARED)?\b[^0-9]*"
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC"
+)
+
+
+def parse_lsn(text: str) -> int:
+    hi, _, lo = text.partition("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def parse_rewind_witness(node: str, source: str, text: str) -> RewindWitness:
+    timeline: int | None = None
+    covers_from: int | None = None
+    error: str | None = None
+    commits: list[TailCommit] = []
+    for line in text.splitlines():
+        if line.startswith("# timeline "):
+            timeline = int(line.split()[2])
+        elif line.startswith("# from "):
+            covers_from = int(line.split()[2], 16)
+        elif line.startswith("# error "):
+            error = line[len("# error ") :]
+        elif (m := _COMMIT.search(line)) is not None and timeline is not None:
+            stamp = m.group(4)
+            fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in stamp else "%Y-%m-%d %H:%M:%S"
+            commits.append(
+                TailCommit(
+                    node,
+                    timeline,
+                    (int(m.group(2), 16) << 32) | int(m.group(3), 16),
+                    int(m.group(1)),
+                    datetime.strptime(stamp, fmt).replace(tzinfo=UTC),
+                )
+            )
+    if timeline is None and error is None:
+        error = "no timeline recorded"
+    return RewindWitness(
+        node, source, timeline, covers_from, tuple(commits), error, _catalog_only(text)
+    )
+
+
+_TAIL_RECORD = re.compile(r"^# tail: rmgr: (\S+)\s.*?tx:\s+(\d+), lsn: ")
+_RELATION = re.compile(r"rel \d+/\d+/(\d+)")
+FIRST_NORMAL_OID = 16384
+
+
+def _catalog_only(text: str) -> frozenset[int] | None:
+    if "\n# tail-end " not in text:
+        return None  # no whole tail: every commit counts as a client's write
+    touched_user: set[int] = set()
+    seen: set[int] = set()
+    for line in text.splitlines():
+        m = _TAIL_RECORD.match(line)
+        if m is None or m.group(2) == "0":
+            continue
+        xid = int(m.group(2))
+        seen.add(xid)
+        if m.group(1) == "LogicalMessage" or any(
+            int(rel) >= FIRST_NORMAL_OID for rel in _RELATION.findall(line)
+        ):
+            touched_user.add(xid)
+    return frozenset(seen - touched_user)
+
+
+@dataclass
+class LeaderWrites:
+    rewinds: int = 0
+    # Commits on a lost tail made while the node was still the leader: never
+    # replicated, so never acknowledged (acknowledged_request_has_one_event
+    # says whether one was).
+    lost_in_flight: int = 0
+    # Commits on a lost tail made after another node had been promoted.
+    after_promotion: int = 0
+    # Of those, the node's own autovacuum/autoanalyze (catalogs only): not
+    # a write that reached it.
+    maintenance_after_promotion: int = 0
+
+
+def check_writes_on_leader(
+    history: Sequence[Sequence[object]], witnesses: Iterable[RewindWitness]
+) -> tuple[list[Violation], LeaderWrites]:
+    """A write reached a node that was not the leader exactly when a node
+    rewound off timeline T held a commit record at or past T's switch point
+    (so the final history does not have it) stamped at or after the moment
+    T's successor was promoted, unless the witness's whole tail shows that
+    transaction touching system catalogs only (the node's own autovacuum or
+    autoanalyze, which no client sent; a logical message, such as the
+    service's sync barrier, counts as a client's write).
+
+    `history` is Patroni's ``/history``: ``[T, switch LSN, reason, the next
+    timeline's creation time (ISO 8601), its leader]``. A commit past the
+    switch point stamped before the promotion was made by the leader itself
+    and never reached the synchronous standby (a commit frozen in flight):
+    counted, not a violation. A dump that cannot show the whole tail (an
+    error, or one starting after the switch point) is a violation: the
+    check cannot vouch for what it did not see.
+    """
+    ends: dict[int, tuple[int, datetime]] = {}
+    for line in history:
+        timeline, lsn, at = line[0], line[1], line[3]
+        assert isinstance(timeline, int) and isinstance(lsn, int) and isinstance(at, str)
+        ends[timeline] = (lsn, datetime.fromisoformat(at))
+    out: list[Violation] = []
+    stats = LeaderWrites()
+    seen: set[tuple[str, int, int]] = set()
+    for w in witnesses:
+        stats.rewinds += 1
+        if w.error is not None:
+            out.append(Violation("writes_only_on_leader", f"{w.node} {w.source}: {w.error}"))
+            continue
+        assert w.timeline is not None
+        if w.timeline not in ends:
+            continue  # its timeline never ended: nothing of it was discarded
+        switch, promoted = ends[w.timeline]
+        if w.covers_from is None or w.covers_from > switch:
+            out.append(
+                Violation(
+                    "writes_only_on_leader",
+                    f"{w.node} {w.source}: the dump starts after timeline "
+                    f"{w.timeline}'s switch point {switch:X}",
+                )
+            )
+            continue
+        for c in w.commits:
+            if c.lsn < switch or (c.node, c.timeline, c.lsn) in seen:
+                continue
+            seen.add((c.node, c.timeline, c.lsn))
+            if c.at >= promoted and w.catalog_only is not None and c.xid in w.catalog_only:
+                stats.maintenance_after_promotion += 1
+            elif c.at >= promoted:
+                stats.after_promotion += 1
+                out.append(
+                    Violation(
+                        "writes_only_on_leader",
+                        f"{c.node} committed xid {c.xid} at {c.at.isoformat()} on timeline "
+                        f"{c.timeline} at {c.lsn:X}, past its switch point {switch:X}, "
+                        f"after timeline {c.timeline + 1} was promoted at {promoted.isoformat()}",
+                    )
+                )
+            else:
+                stats.lost_in_flight += 1
+    return out, stats
 
 
 def stream_of(log: ConsumerLog, events: Iterable[EventRow]) -> list[str]:

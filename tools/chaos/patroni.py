@@ -12,6 +12,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from chaos import checks
 from chaos.cluster import Replica, ReplicaSettings
 from cluster.patroni import Node, PatroniCluster
 
@@ -53,6 +54,7 @@ class PatroniChaosCluster:
         # time.monotonic() when the current fault hit (the signal sent, the
         # switchover requested): recovery is timed from there.
         self.hit_at: float | None = None
+        self.leader_writes_stats = checks.LeaderWrites()
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +99,19 @@ class PatroniChaosCluster:
 
     def postgres_pids(self) -> list[int]:
         return self.pc.leader().postgres_pids()
+
+    def leader_writes(self) -> tuple[list[checks.Violation], checks.LeaderWrites]:
+        """The final check "no write ever reached a node that was not the
+        leader": every rewind's witness against Patroni's final history.
+        Waits until every node streams from the leader on its timeline (so
+        every diverged node has been rewound, and witnessed)."""
+        self.pc.wait_converged(240)
+        witnesses = [
+            checks.parse_rewind_witness(node.name, path.name, path.read_text())
+            for node in self.pc.nodes
+            for path in sorted(node.rewinds_dir.glob("rewind-*.txt"))
+        ]
+        return checks.check_writes_on_leader(self.pc.history(), witnesses)
 
     # -- faults --------------------------------------------------------------------
 

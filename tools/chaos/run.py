@@ -118,6 +118,17 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
     if isinstance(cluster, PatroniChaosCluster):
         summary["meta"]["cluster"] = "patroni" + (" via haproxy" if opts.haproxy else "")
         summary["meta"]["leader_changes"] = cluster.leader_changes
+        stats = cluster.leader_writes_stats
+        summary["meta"]["rewinds"] = stats.rewinds
+        summary["meta"]["lost_tail_commits_in_flight"] = stats.lost_in_flight
+        summary["meta"]["lost_tail_commits_after_promotion"] = stats.after_promotion
+        summary["meta"]["lost_tail_maintenance_after_promotion"] = stats.maintenance_after_promotion
+        say(
+            f"chaos: {stats.rewinds} rewinds witnessed; commits on lost tails: "
+            f"{stats.lost_in_flight} by the leader in flight, "
+            f"{stats.after_promotion} after another node was promoted "
+            f"(and {stats.maintenance_after_promotion} autovacuum/autoanalyze ones)"
+        )
         say(f"chaos: Patroni cluster, {cluster.leader_changes} leader changes")
     print(render(summary), flush=True)
     if opts.out is not None:
@@ -299,6 +310,10 @@ async def _settle_and_check(
                 )
             )
 
+    if isinstance(cluster, PatroniChaosCluster):
+        # A fault just over may still be moving the leader (a hung node
+        # resumed, being demoted): read the final state from the final leader.
+        await asyncio.to_thread(cluster.prepare)
     # Let the consumers catch up with every event committed so far.
     conn = await bench_db.connect(cluster.url)
     try:
@@ -348,6 +363,10 @@ async def _settle_and_check(
     )
     log_violations, background = checks.check_logs(cluster.log_paths())
     violations += log_violations
+    if isinstance(cluster, PatroniChaosCluster):
+        leader_violations, leader_writes = await asyncio.to_thread(cluster.leader_writes)
+        violations += leader_violations
+        cluster.leader_writes_stats = leader_writes
     return violations, background
 
 

@@ -185,6 +185,11 @@ class Node:
         return self.dir / "data"
 
     @property
+    def rewinds_dir(self) -> Path:
+        """Where the pg_rewind witness keeps each rewind's commit records."""
+        return self.dir / "rewinds"
+
+    @property
     def rest(self) -> str:
         return f"http://127.0.0.1:{self.rest_port}"
 
@@ -332,6 +337,7 @@ class PatroniCluster:
     def _render_node(self, node: Node) -> None:
         node.dir.mkdir(parents=True, exist_ok=True)
         embedded._chown_for_server(node.dir)  # noqa: SLF001
+        witness = self._install_rewind_witness(node)
         config = Template(PATRONI_TEMPLATE.read_text()).substitute(
             scope="booking",
             name=node.name,
@@ -341,6 +347,7 @@ class PatroniCluster:
             pg_port=node.pg_port,
             data_dir=node.data_dir,
             bin_dir=embedded.bin_dir(),
+            pg_rewind=witness,
             pgpass=node.dir / "pgpass",
             superuser_password=self.password,
             replication_password=self.password,
@@ -351,6 +358,33 @@ class PatroniCluster:
         path.write_text(config)
         path.chmod(0o600)
         embedded._chown_for_server(path)  # noqa: SLF001
+
+    @staticmethod
+    def _install_rewind_witness(node: Node) -> Path:
+        """Patroni's pg_rewind: a script that runs rewind_witness.py (copied
+        beside the node, readable by the server user) and then the real one."""
+        script = node.dir / "rewind_witness.py"
+        shutil.copyfile(Path(__file__).with_name("rewind_witness.py"), script)
+        wrapper = node.dir / "pg_rewind-witness"
+        real = embedded.bin_dir() / "pg_rewind"
+        wrapper.write_text(
+            f'#!/bin/sh\nexec "{sys.executable}" "{script}" "{real}" "{node.rewinds_dir}" "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        node.rewinds_dir.mkdir(exist_ok=True)
+        for path in (script, wrapper, node.rewinds_dir):
+            embedded._chown_for_server(path)  # noqa: SLF001
+        return wrapper
+
+    def history(self) -> list[list[Any]]:
+        """Patroni's timeline history (GET /history from the first node that
+        answers): [timeline, switch LSN, reason, new timeline's start, new leader]."""
+        for node in self.nodes:
+            with contextlib.suppress(OSError, ValueError):
+                status, body = _get_json(f"{node.rest}/history", timeout=2)
+                if status == 200 and isinstance(body, list):
+                    return [list(line) for line in body]
+        raise ClusterError("no node answered /history")
 
     def start_patroni(self, node: Node) -> None:
         argv = embedded._as_server_user([str(_patroni_bin()), str(node.dir / "patroni.yml")])  # noqa: SLF001
@@ -468,6 +502,34 @@ class PatroniCluster:
                 return
             time.sleep(0.3)
         raise ClusterError(f"cluster not healthy within {timeout:.0f}s: {members}")
+
+    def wait_converged(self, timeout: float = 180.0) -> None:
+        """Every node on the leader's timeline: the leader running, every
+        other node streaming from it (so a node that diverged has been
+        rewound, not merely started as a standby that cannot follow), twice
+        in a row."""
+        deadline = time.monotonic() + timeout
+        members: list[dict[str, Any]] = []
+        good = 0
+        while time.monotonic() < deadline:
+            members = self.members()
+            leaders = [m for m in members if m.get("role") == "leader"]
+            ok = (
+                len(members) == self.n_nodes
+                and len(leaders) == 1
+                and leaders[0].get("state") == "running"
+                and all(
+                    m.get("state") == "streaming"
+                    and m.get("timeline") == leaders[0].get("timeline")
+                    for m in members
+                    if m is not leaders[0]
+                )
+            )
+            good = good + 1 if ok else 0
+            if good >= 2:
+                return
+            time.sleep(0.5)
+        raise ClusterError(f"cluster did not converge within {timeout:.0f}s: {members}")
 
     # -- faults ------------------------------------------------------------------------
 
