@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -88,6 +88,15 @@ async def _hold_until_ok(api: Api, slot_id: str, user_id: str, request_id: str) 
             await asyncio.sleep(0.2)
 
 
+@pytest.fixture
+async def booking(healthy: PatroniCluster) -> AsyncIterator[tuple[Api, str, str]]:
+    """A server on the multi-host URL: an admin Api, a specialist id, a client user id."""
+    async with running_server(healthy.url()) as server, Api.connect(server) as api:
+        specialist = await api.specialist()
+        _client, user_id = await api.client()
+        yield api, specialist.id, user_id
+
+
 async def _slot(api: Api, specialist_id: str) -> str:
     """A new one-minute slot at a random time, retried through an outage (an
     attempt answered UNAVAILABLE may have committed: the retry picks
@@ -132,6 +141,26 @@ def test_migrate_and_create_admin_accept_a_multi_host_url(healthy: PatroniCluste
     )
     assert admin.returncode == 0, admin.stderr
     assert f"created ADMIN {email}" in admin.stdout
+
+
+async def test_a_killed_primary_is_replaced_without_a_restart(
+    healthy: PatroniCluster, booking: tuple[Api, str, str]
+) -> None:
+    api, specialist_id, user_id = booking
+    await _hold_until_ok(api, await _slot(api, specialist_id), user_id, str(uuid.uuid4()))
+    old = healthy.kill_primary_postmaster()
+    slot_id = await _slot(api, specialist_id)
+    took = await _hold_until_ok(api, slot_id, user_id, str(uuid.uuid4()))
+    new = healthy.wait_for_leader(60)
+    print(f"primary {old.name} killed: first OK hold after {took:.1f}s, on {new.name}")
+    conn = await asyncpg.connect(healthy.node_url(new), ssl=False)
+    try:
+        status = await conn.fetchval(
+            "SELECT status::text FROM appointments WHERE time_slot_id = $1", slot_id
+        )
+    finally:
+        await conn.close()
+    assert status == "HOLD"
 
 
 async def test_through_haproxy_a_killed_primary_is_replaced(healthy: PatroniCluster) -> None:
