@@ -6,7 +6,8 @@
 -- the authority). booking_waitlist_claimant_v2 takes the seats there are to
 -- offer; booking_create_waitlist_entry_v2 the party size, and the
 -- unversioned one (the previous release's call) is a party of one.
--- Expand only.
+-- Expand only: the one-seat claimant stays until the contract migration,
+-- since a call begun before this commits may still run a body that calls it.
 
 ALTER TABLE waitlist_entries ADD COLUMN party_size integer NOT NULL DEFAULT 1;
 ALTER TABLE waitlist_entries ADD CONSTRAINT waitlist_entries_party_size_positive
@@ -176,8 +177,6 @@ BEGIN
         p_slot, false, p_slot.capacity - p_slot.seats_taken + v_lapsed)).id IS NULL;
 END
 $$;
-
-DROP FUNCTION booking_waitlist_claimant(time_slots, boolean);
 
 -- Joins the waitlist. With a request id (requests.sql), a repeat of the
 -- same request returns the entry the first one created, or its failure;

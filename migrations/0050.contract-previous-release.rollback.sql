@@ -143,3 +143,66 @@ BEGIN
         p_policy_exempt => booking_policy_exempt_actor(p_actor_id));
 END
 $$;
+
+-- The one-seat waitlist claimant, as the seats' migration left it.
+CREATE FUNCTION booking_waitlist_claimant(p_slot time_slots, p_lock boolean)
+RETURNS waitlist_entries
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_service_type text;
+    v_candidate record;
+    v_rank smallint := -1;
+    v_seq bigint := 0;
+    v_entry waitlist_entries;
+BEGIN
+    IF p_slot.deleted_at IS NOT NULL OR p_slot.start_time <= now() THEN
+        RETURN NULL;
+    END IF;
+    SELECT service_type INTO v_service_type FROM specialists
+    WHERE id = p_slot.specialist_id AND is_active;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- One candidate at a time, each scan resuming after the last: with
+    -- LIMIT 1 the plan is always the queue indexes' order, however many
+    -- entries wait. The window test is range containment, so that no index
+    -- on the window can lure the planner away from that order.
+    LOOP
+        SELECT q.id, q.queue_rank, q.seq INTO v_candidate FROM (
+            (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
+             WHERE w.status = 'ACTIVE' AND w.specialist_id = p_slot.specialist_id
+               AND (w.queue_rank, w.seq) > (v_rank, v_seq)
+               AND tstzrange(w.window_start, w.window_end)
+                   @> tstzrange(p_slot.start_time, p_slot.end_time)
+             ORDER BY w.queue_rank, w.seq LIMIT 1)
+            UNION ALL
+            (SELECT w.id, w.queue_rank, w.seq FROM waitlist_entries w
+             WHERE w.status = 'ACTIVE' AND w.service_type = v_service_type
+               AND (w.queue_rank, w.seq) > (v_rank, v_seq)
+               AND tstzrange(w.window_start, w.window_end)
+                   @> tstzrange(p_slot.start_time, p_slot.end_time)
+             ORDER BY w.queue_rank, w.seq LIMIT 1)
+        ) q
+        ORDER BY q.queue_rank, q.seq
+        LIMIT 1;
+        EXIT WHEN NOT FOUND;
+        v_rank := v_candidate.queue_rank;
+        v_seq := v_candidate.seq;
+        IF p_lock THEN
+            SELECT * INTO v_entry FROM waitlist_entries
+            WHERE id = v_candidate.id AND status = 'ACTIVE'
+            FOR UPDATE SKIP LOCKED;
+            CONTINUE WHEN v_entry.id IS NULL;
+            PERFORM 1 FROM users WHERE id = v_entry.user_id FOR NO KEY UPDATE SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+            UPDATE users SET updated_at = updated_at WHERE id = v_entry.user_id;
+        ELSE
+            SELECT * INTO v_entry FROM waitlist_entries WHERE id = v_candidate.id;
+        END IF;
+        IF booking_waitlist_user_eligible(v_entry.user_id, p_slot) THEN
+            RETURN v_entry;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$;

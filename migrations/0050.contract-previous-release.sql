@@ -1,5 +1,5 @@
 -- depends: 0045.buffer-probe-skip
--- contract: drops the functions only the previous releases called
+-- contract: drops the functions only the previous releases called or reached
 --
 -- The previous release (v0.2.0) calls the transitions by their unversioned
 -- names, wrappers of the _v2 functions that decide exemption from the
@@ -18,3 +18,6 @@ DROP FUNCTION booking_remember(uuid, uuid, text, text, appointment_events);
 DROP FUNCTION booking_replay(uuid, uuid, text, text);
 DROP FUNCTION booking_remember(uuid, text, text, appointment_events);
 DROP FUNCTION booking_replay(uuid, text, text);
+-- The one-seat waitlist claimant: bodies current before the seats' party
+-- sizes called it, and a call begun then could still be running one.
+DROP FUNCTION booking_waitlist_claimant(time_slots, boolean);

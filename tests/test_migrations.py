@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,48 @@ def test_only_the_contract_migrations_at_the_end_of_the_chain_wait(tmp_path: Pat
     ]
     assert migrate.due_contract(chain("expand", "contract", "expand")) == []
     assert migrate.due_contract(chain("expand")) == []
+
+
+_FUNCTIONS = """
+SELECT p.oid::regprocedure::text AS signature, p.proname AS name, p.prosrc AS body
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'public'
+"""
+
+
+async def _functions(url: str) -> dict[str, tuple[str, str]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(_FUNCTIONS)
+    finally:
+        await conn.close()
+    return {r["signature"]: (r["name"], r["body"]) for r in rows}
+
+
+async def test_no_expand_migration_drops_a_function_a_body_before_it_calls(
+    database_url: str,
+) -> None:
+    """An expand migration applies under live traffic: a call that began
+    before its commit may still be running the function bodies that were
+    current then, and their statements are planned as they run, against the
+    new catalog. So a function that any of those bodies calls may only be
+    dropped by a contract migration, once nothing running can reach it.
+    The chain is walked back one migration at a time, comparing the
+    functions before and after each."""
+    contract = set(migrate.contract_ids())
+    offenders: list[str] = []
+    after = await _functions(database_url)
+    for migration in reversed(migrate.applied(database_url)):
+        migrate.rollback(database_url, count=1)
+        before = await _functions(database_url)
+        if migration not in contract:
+            for signature in before.keys() - after.keys():
+                name = before[signature][0]
+                call = re.compile(rf"\b{re.escape(name)}\s*\(")
+                callers = sorted(
+                    s for s, (_, body) in before.items() if s != signature and call.search(body)
+                )
+                if callers:
+                    offenders.append(f"{migration} drops {signature}, called by {callers}")
+        after = before
+    assert not offenders, offenders

@@ -135,6 +135,11 @@ def _serve_previous(release: Path, database_url: str, *, migrate_on_start: bool)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.seek(0)
+        # What the previous release logged goes to the test's captured
+        # output, which pytest shows when the test fails: an INTERNAL answer
+        # is explained only by the traceback behind it.
+        sys.stderr.write(log.read().decode(errors="replace"))
         log.close()
 
 
