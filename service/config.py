@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from storage import hosts, replicas
+
 
 class ConfigError(ValueError):
     pass
@@ -31,6 +33,39 @@ class Config:
     database_url: str | None = field(
         default=None,
         metadata={"help": "PostgreSQL URL; unset starts an embedded PostgreSQL under --data-dir"},
+    )
+    # Reads from standbys (docs/reads.md). Unset: everything on the primary.
+    read_database_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "PostgreSQL URL of the hot standbys that serve reads (several hosts,"
+            " or one HAProxy port on Patroni's replica check); unset: reads on the primary"
+        },
+    )
+    reads_on_primary: bool = field(
+        default=False,
+        metadata={"help": "serve every read from the primary even if a read URL is set"},
+    )
+    read_max_lag_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "a standby whose replay is further behind than this serves no read"
+            " without a consistency token"
+        },
+    )
+    read_token_wait_seconds: float = field(
+        default=0.5,
+        metadata={
+            "help": "how long a read with a consistency token waits for a standby to"
+            " replay past it before the primary serves it"
+        },
+    )
+    read_check_seconds: float = field(
+        default=0.5,
+        metadata={
+            "help": "how long one standby may take to connect and report its replay"
+            " position before the read moves on"
+        },
     )
     data_dir: Path = field(
         default=Path(".data"), metadata={"help": "where the embedded PostgreSQL keeps its data"}
@@ -310,9 +345,33 @@ class Config:
             problems.append(
                 "webhook_lease_seconds must be at least 2 * webhook_timeout_seconds + 2"
             )
+        if self.read_database_url is not None:
+            try:
+                hosts.parse(self.read_database_url)
+            except ValueError as exc:
+                problems.append(f"read_database_url: {exc}")
+        if self.read_max_lag_seconds < 0:
+            problems.append("read_max_lag_seconds must not be negative")
+        if self.read_token_wait_seconds < 0:
+            problems.append("read_token_wait_seconds must not be negative")
+        if self.read_check_seconds <= 0:
+            problems.append("read_check_seconds must be positive")
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    @property
+    def reads(self) -> replicas.Settings | None:
+        """Where Intent.READ calls go: None keeps them on the primary."""
+        if not self.read_database_url or self.reads_on_primary:
+            return None
+        return replicas.Settings(
+            url=self.read_database_url,
+            max_lag_seconds=self.read_max_lag_seconds,
+            token_wait_seconds=self.read_token_wait_seconds,
+            check_seconds=self.read_check_seconds,
+            pool_max_size=self.pool_max_size,
+        )
 
 
 # Environment variable for each field; DATABASE_URL keeps its usual name.

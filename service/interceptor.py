@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from service import auth, request_context, telemetry
 from service.errors import FieldViolation, InvalidArgument, code_for, internal_status, to_status
 from service.grpc_types import Context, ServerInterceptor
-from storage import deadline
+from storage import consistency, deadline
 from storage.errors import BookingError, DeadlineExceeded
 
 log = logging.getLogger("booking.rpc")
@@ -66,11 +66,35 @@ class _Call:
             request_context.request_id_from(metadata),
             self.span.trace_id if self.span is not None else None,
         )
-        self.response_metadata = ((request_context.HEADER, self.request.request_id),)
+        self.response_metadata: tuple[tuple[str, str], ...] = (
+            (request_context.HEADER, self.request.request_id),
+        )
         context.set_trailing_metadata(self.response_metadata)
+        # The caller's read-your-writes token(s), for reads served by standbys.
+        self.consistency = consistency.begin(
+            consistency.newest(
+                [
+                    token
+                    for key, value in metadata
+                    if key == consistency.HEADER and isinstance(value, str)
+                    for token in [consistency.decode(value)]
+                    if token is not None
+                ]
+            )
+        )
         self.metrics = telemetry.metrics()
         if self.metrics.enabled:
             self.metrics.calls_started.add(1, {"grpc.method": method.lstrip("/")})
+
+    def answered(self) -> None:
+        """An OK answer: a write's token goes with it, in a trailer."""
+        issued = self.consistency.issued
+        if issued is not None:
+            self.response_metadata = (
+                *self.response_metadata,
+                (consistency.HEADER, issued.encode()),
+            )
+            self.context.set_trailing_metadata(self.response_metadata)
 
     async def fail(self, exc: BaseException) -> NoReturn:
         """Answer the client for `exc`; always raises."""
@@ -297,6 +321,7 @@ class ServiceInterceptor(ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
                     await call.fail(exc)
                 call.give_up_if_expired()
+                call.answered()
                 return response
             finally:
                 call.finish()

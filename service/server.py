@@ -164,6 +164,7 @@ class BookingServer:
                 min_size=self.config.pool_min_size,
                 max_size=self.config.pool_max_size,
                 deferred=True,
+                reads=self.config.reads,
             )
             stack.push_async_callback(db.close)
             self._observe(stack, db)

@@ -39,7 +39,8 @@ async def resolve_token(db: Database, token_hash: bytes) -> tuple[User, float] |
         " WHERE t.token_hash = $1 AND t.revoked_at IS NULL"
         " AND t.expires_at > clock_timestamp() AND u.is_active",
         token_hash,
-        intent=Intent.READ,
+        # Decides revocation: a standby could still show a revoked token.
+        intent=Intent.READ_PRIMARY,
     )
     if row is None:
         return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import random
 import sys
@@ -27,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from storage import deadline, durability, errors, hosts
+from storage import consistency, deadline, durability, errors, hosts, replicas
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,26 @@ class Intent(enum.Enum):
 
     WRITE: it may change something. It runs on the primary, and after a lost
     connection it is tried again only when asyncpg refused it before
-    anything was sent (the change might otherwise have committed).
+    anything was sent (the change might otherwise have committed). Within
+    a request, a write's commit gives the request a read-your-writes token
+    (storage/consistency.py) when reads are served by standbys.
+
+    READ_PRIMARY: a read that must see the latest commit; see below.
     """
 
     READ = "read"
     WRITE = "write"
+    # A read that must see the newest commit: it decides an authorization
+    # (a token's revocation, a password), or reads inside a flow that then
+    # writes on what it read. Run like READ (READ ONLY, retried after a lost
+    # connection), but never on a standby, whose state may be older by its
+    # replay lag (docs/reads.md, "What stays on the primary").
+    READ_PRIMARY = "read_primary"
+
+    @property
+    def reads(self) -> bool:
+        """Whether the call only reads (READ or READ_PRIMARY)."""
+        return self is not Intent.WRITE
 
 
 class Isolation(enum.StrEnum):
@@ -268,6 +284,27 @@ async def _create_pool(
     return pool
 
 
+async def _standby_pool(
+    args: dict[str, Any], url: str, max_size: int, connect_timeout: float
+) -> asyncpg.Pool:
+    """A pool on one standby: sessions like the primary's, connected lazily
+    (min_size 0) within the per-standby check time."""
+    return await _create_pool(
+        hosts.Finder(url),
+        min_size=0,
+        max_size=max_size,
+        statement_timeout_ms=args["statement_timeout_ms"],
+        connect_timeout=connect_timeout,
+    )
+
+
+# The primary's position after a commit, and its timeline (as hosts.py reads it).
+_TOKEN_SQL = (
+    "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8,"
+    " ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+)
+
+
 class Database:
     """An asyncpg pool whose sessions default to REPEATABLE READ."""
 
@@ -293,6 +330,10 @@ class Database:
         self.acquiring = 0
         # Commits made visible without the synchronous standbys (storage/durability.py).
         self.commits = durability.CommitWatch()
+        # The standbys Intent.READ calls go to (None: everything on the
+        # primary), and the primary's cluster identity, read once.
+        self.standbys: replicas.Standbys | None = None
+        self.system_id: int | None = None
 
     @classmethod
     async def connect(
@@ -305,6 +346,7 @@ class Database:
         connect_timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         deferred: bool = False,
+        reads: replicas.Settings | None = None,
     ) -> Database:
         """A connected pool; with ``deferred``, one that has not connected
         yet (so it cannot fail) and refuses work until :meth:`open`."""
@@ -319,6 +361,8 @@ class Database:
         db = cls(pool, retry or RetryPolicy(), dsn, args)
         db.finder = finder
         db.accepting = not deferred
+        if reads is not None:
+            db.standbys = replicas.Standbys(reads, functools.partial(_standby_pool, args))
         return db
 
     async def open(self) -> None:
@@ -335,6 +379,8 @@ class Database:
 
     async def close(self) -> None:
         self._drop_probe()
+        if self.standbys is not None:
+            await self.standbys.close()
         await self.pool.close()
 
     async def run(
@@ -442,7 +488,7 @@ class Database:
             except _Broken as broken:
                 cause = broken.__cause__
                 lost_budget -= 1
-                if lost_budget > 0 and (broken.retry_safe or intent is Intent.READ):
+                if lost_budget > 0 and (broken.retry_safe or intent.reads):
                     continue
                 # Not a warning per call: during an outage every call fails so,
                 # the RPC log line names DATABASE_UNAVAILABLE and the health
@@ -473,10 +519,23 @@ class Database:
                 await asyncio.sleep(self.retry.delay(attempt))
 
     def _pool_for(self, intent: Intent) -> asyncpg.Pool:
-        """The pool a call with this intent is served from. One pool (the
-        primary) for now; standby routing sends Intent.READ elsewhere here."""
+        """The primary's pool: every call but an Intent.READ served by a
+        standby (:meth:`_standby` decides that one)."""
         del intent
         return self.pool
+
+    async def _standby(self, intent: Intent) -> replicas.Lease | None:
+        """A checked standby session for a READ, or None: the primary."""
+        if intent is not Intent.READ or self.standbys is None:
+            return None
+        request = consistency.current()
+        wanted = request.wanted if request is not None else None
+        if wanted is not None and self.system_id is not None and wanted.system != self.system_id:
+            return None  # another cluster's token: the primary answers
+        lease = await self.standbys.acquire(wanted, deadline.remaining())
+        if request is not None:
+            request.served.append("standby" if lease is not None else "primary")
+        return lease
 
     async def _once(
         self,
@@ -485,6 +544,9 @@ class Database:
         isolation: Isolation,
         single_statement: bool,
     ) -> T:
+        lease = await self._standby(intent)
+        if lease is not None:
+            return await self._on_standby(lease, work, isolation, single_statement)
         pool = self._pool_for(intent)
         self.acquiring += 1
         try:
@@ -503,14 +565,14 @@ class Database:
             if single_statement:
                 result = await work(conn)
             else:
-                async with conn.transaction(
-                    isolation=isolation.value, readonly=intent is Intent.READ
-                ):
+                async with conn.transaction(isolation=isolation.value, readonly=intent.reads):
                     result = await work(conn)
             if self.commits.unreplicated(conn):
                 # Committed, but maybe not on the synchronous standbys: never
                 # answered as done (storage/durability.py).
                 raise errors.DatabaseUnavailable()
+            if intent is Intent.WRITE:
+                await self._issue_token(conn)
             return result
         except Exception as exc:
             if not went_away(exc, conn):
@@ -529,6 +591,50 @@ class Database:
         finally:
             self.commits.uninstall(conn)
             await self._release(pool, conn)
+
+    async def _on_standby(
+        self,
+        lease: replicas.Lease,
+        work: Callable[[Connection], Awaitable[T]],
+        isolation: Isolation,
+        single_statement: bool,
+    ) -> T:
+        """Run a READ on the standby session `lease` checked for it. A
+        session that breaks leaves the node out for a while; the read is
+        tried again (elsewhere)."""
+        conn = lease.conn
+        assert self.standbys is not None
+        try:
+            if single_statement:
+                return await work(conn)
+            async with conn.transaction(isolation=isolation.value, readonly=True):
+                return await work(conn)
+        except Exception as exc:
+            if not went_away(exc, conn):
+                raise
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+            self.standbys.mark_down(lease.node, _describe(exc))
+            raise _Broken(retry_safe=True) from exc
+        finally:
+            await self.standbys.release(lease.node, conn)
+
+    async def _issue_token(self, conn: Connection) -> None:
+        """Give the current request the primary's WAL position after its
+        commit (one more round trip, only while standbys serve reads and a
+        request is there to carry it). A session that fails here has
+        committed already: the write is answered, just without a token."""
+        request = consistency.current()
+        if request is None or self.standbys is None:
+            return
+        try:
+            if self.system_id is None:
+                self.system_id = int(await conn.fetchval(replicas.SYSTEM_SQL))
+            row = await conn.fetchrow(_TOKEN_SQL)
+        except Exception as exc:  # noqa: BLE001 - the commit stands; no token
+            log.debug("no consistency token: %s", _describe(exc))
+            return
+        request.record(consistency.Token(self.system_id, int(row[1]), int(row[0])))
 
     async def _release(self, pool: asyncpg.Pool, conn: Connection) -> None:
         """Return `conn` to the pool within RELEASE_TIMEOUT_SECONDS (past

@@ -63,7 +63,8 @@ async def credentials(db: Database, email: str) -> tuple[User, str] | None:
     row = await db.fetchrow(
         f"SELECT {_COLUMNS}, password_hash FROM users WHERE booking_email_key(email) = booking_email_key($1)",
         email,
-        intent=Intent.READ,
+        # Decides a login: a standby could still hold a changed password.
+        intent=Intent.READ_PRIMARY,
     )
     return None if row is None else (_user(row), row["password_hash"])
 
