@@ -72,13 +72,11 @@ class _Call:
         context.set_trailing_metadata(self.response_metadata)
         # The caller's read-your-writes token(s), for reads served by standbys.
         self.consistency = consistency.begin(
-            consistency.newest(
+            consistency.wanted_from(
                 [
-                    token
+                    value if isinstance(value, str) else ""
                     for key, value in metadata
-                    if key == consistency.HEADER and isinstance(value, str)
-                    for token in [consistency.decode(value)]
-                    if token is not None
+                    if key == consistency.HEADER
                 ]
             )
         )

@@ -44,9 +44,14 @@ class Token:
         )
 
 
+# What an unreadable token stands for: no cluster's (no system identifier
+# is 0), so no standby qualifies and the primary serves the read. A caller
+# passing garbage is neither refused nor served stale.
+UNREADABLE = Token(0, 0, 0)
+
+
 def decode(text: str) -> Token | None:
-    """The token `text` encodes, None if it is not one of ours (a caller
-    passing garbage is served by the primary, never refused or served stale)."""
+    """The token `text` encodes, None if it is not one of ours."""
     parts = text.strip().split(".")
     if len(parts) != 4 or parts[0] != _VERSION:
         return None
@@ -64,6 +69,15 @@ def newest(tokens: list[Token]) -> Token | None:
     highest position on the highest timeline (a read on a standby that
     reached it has reached every older position of that history)."""
     return max(tokens, key=lambda t: (t.timeline, t.lsn), default=None)
+
+
+def wanted_from(values: list[str]) -> Token | None:
+    """The token a request's values of HEADER ask for: the newest; any
+    unreadable one makes it UNREADABLE (the primary)."""
+    tokens = [decode(v) for v in values]
+    if any(t is None for t in tokens):
+        return UNREADABLE
+    return newest([t for t in tokens if t is not None])
 
 
 @dataclass

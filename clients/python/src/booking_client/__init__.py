@@ -3,7 +3,7 @@
 The generated API lives in ``booking.v1`` (``appointment_pb2``,
 ``appointment_pb2_grpc``, ...); this package adds a channel with the
 recommended service config, error-detail decoding and a resumable event
-consumer.
+consumer, and a Session that carries read-your-writes tokens.
 """
 
 from booking_client.channel import (
@@ -15,6 +15,7 @@ from booking_client.channel import (
     secure_channel,
     service_config,
 )
+from booking_client.consistency import Session
 from booking_client.errors import ErrorDetails, FieldViolation, error_details
 from booking_client.events import (
     Backoff,
@@ -35,6 +36,7 @@ __all__ = [
     "FieldViolation",
     "FileCheckpoint",
     "MemoryCheckpoint",
+    "Session",
     "bearer",
     "channel_options",
     "error_details",

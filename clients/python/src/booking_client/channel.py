@@ -121,14 +121,17 @@ def insecure_channel(
     *,
     config: dict[str, Any] | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[Any] = (),
 ) -> grpc.aio.Channel:
-    """A plaintext channel with the recommended service config (for local use)."""
+    """A plaintext channel with the recommended service config (for local
+    use); `interceptors` (a consistency Session) run inside the default
+    timeouts."""
     config = service_config() if config is None else config
     return grpc.aio.insecure_channel(
         target,
         options=[*channel_options(config), *options],
         # grpc-stubs wants a cast for interceptor lists.
-        interceptors=[cast(Any, DefaultTimeouts(config))],
+        interceptors=[cast(Any, DefaultTimeouts(config)), *interceptors],
     )
 
 
@@ -138,6 +141,7 @@ def secure_channel(
     *,
     config: dict[str, Any] | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[Any] = (),
 ) -> grpc.aio.Channel:
     """A TLS channel (system roots unless `credentials` says otherwise)."""
     config = service_config() if config is None else config
@@ -146,7 +150,7 @@ def secure_channel(
         credentials or grpc.ssl_channel_credentials(),
         options=[*channel_options(config), *options],
         # grpc-stubs wants a cast for interceptor lists.
-        interceptors=[cast(Any, DefaultTimeouts(config))],
+        interceptors=[cast(Any, DefaultTimeouts(config)), *interceptors],
     )
 
 
