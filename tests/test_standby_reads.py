@@ -1,0 +1,319 @@
+"""Reads served by hot standbys: routing by intent, the maximum lag,
+read-your-writes tokens, and standbys that stop, die or get promoted.
+
+A real primary streams to two real standbys (tests/replication.py); a
+server is configured with the standbys as its read URL, and everything goes
+over gRPC. A standby made to lag (``recovery_min_apply_delay``) shows what a
+read would return without the guarantee under test: a tokenless read that
+it serves does not find a fresh write, which is what the tokened read would
+return if the token were ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from booking.v1 import specialist_pb2 as sppb
+from booking_client import Session, insecure_channel
+from service.config import from_sources
+from service.server import BookingServer
+from storage import consistency, hosts, replicas
+from tests.replication import Node, ReplicatedCluster, replicated_cluster
+from tests.support import Api, running_server
+
+TOKEN = consistency.HEADER
+DEADLINE = 10.0
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[ReplicatedCluster]:
+    # Asynchronous: a paused or killed standby holds no commit.
+    async with replicated_cluster(2, synchronous=False) as c:
+        yield c
+
+
+def read_url(nodes: list[Node]) -> str:
+    """One URL naming every node in `nodes` (libpq multi-host style)."""
+    target = hosts.parse(nodes[0].url())
+    netloc = ",".join(str(h) for n in nodes for h in hosts.parse(n.url()).hosts)
+    first = str(target.hosts[0])
+    return nodes[0].url().replace(first, netloc, 1)
+
+
+@asynccontextmanager
+async def serving(cluster: ReplicatedCluster, **overrides: Any) -> AsyncIterator[BookingServer]:
+    settings: dict[str, Any] = {
+        "read_database_url": read_url(cluster.standbys),
+        "read_max_lag_seconds": 3600.0,
+        "read_token_wait_seconds": 0.3,
+        "read_check_seconds": 0.5,
+    }
+    async with running_server(cluster.primary.url(), **(settings | overrides)) as srv:
+        try:
+            yield srv
+        finally:
+            for node in cluster.standbys:
+                if node.paused and not node.killed:
+                    node.resume()
+
+
+def standbys_of(srv: BookingServer) -> replicas.Standbys:
+    assert srv.db is not None and srv.db.standbys is not None
+    return srv.db.standbys
+
+
+async def delay_replay(cluster: ReplicatedCluster, *nodes: Node) -> None:
+    """Hold back replay on `nodes` from now on. First a commit they replay:
+    a standby that replayed none since it started reports no replay time,
+    so its lag is unknown and it serves no tokenless read at all."""
+    await cluster.primary.execute("CREATE TABLE IF NOT EXISTS replay_mark ()")
+    for node in nodes:
+        await cluster.wait_replayed(node, await replayed_lsn(cluster))
+    for node in nodes:
+        await cluster.set_apply_delay(node, "1h")
+
+
+async def create(api: Api) -> tuple[str, str]:
+    """A new specialist (a write); its id and the answer's token."""
+    call = api.specialists.CreateSpecialist(
+        sppb.CreateSpecialistRequest(full_name="Dr. Replica", service_type="dentist"),
+        metadata=api.md,
+        timeout=DEADLINE,
+    )
+    reply = await call
+    trailers = dict(await call.trailing_metadata() or ())
+    token = trailers.get(TOKEN)
+    assert isinstance(token, str)
+    return reply.specialist.id, token
+
+
+async def get(api: Api, specialist_id: str, *tokens: str) -> grpc.StatusCode:
+    try:
+        await api.specialists.GetSpecialist(
+            sppb.GetSpecialistRequest(id=specialist_id),
+            metadata=[*api.md, *((TOKEN, t) for t in tokens)],
+            timeout=DEADLINE,
+        )
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def replayed_lsn(cluster: ReplicatedCluster) -> str:
+    return str(await cluster.primary.fetchval("SELECT pg_current_wal_lsn()::text"))
+
+
+async def test_a_tokened_read_on_a_lagging_standby_returns_the_write(
+    cluster: ReplicatedCluster,
+) -> None:
+    await delay_replay(cluster, *cluster.standbys)
+    # Logging in with the standbys behind also shows the credential and
+    # token checks stay on the primary (READ_PRIMARY).
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        specialist_id, token = await create(api)
+        routed = standbys_of(srv)
+        # Without the token a standby serves the read, and it has not
+        # replayed the write: what the token prevents.
+        assert await get(api, specialist_id) is grpc.StatusCode.NOT_FOUND
+        assert routed.counters.standby >= 1
+        # With it, no standby has replayed past it within the wait: the
+        # primary answers.
+        assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+        assert routed.fallbacks.get("token", 0) >= 1
+        # Once one standby has replayed past it, that standby serves it.
+        fresh = cluster.standbys[0]
+        await cluster.set_apply_delay(fresh, "0")
+        await cluster.wait_replayed(fresh, await replayed_lsn(cluster))
+        before = routed.counters.standby
+        for _ in range(4):
+            assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+        assert routed.counters.standby - before >= 1
+
+
+async def test_a_token_of_another_cluster_or_timeline_is_served_by_the_primary(
+    cluster: ReplicatedCluster,
+) -> None:
+    await delay_replay(cluster, *cluster.standbys)
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        specialist_id, token = await create(api)
+        real = consistency.decode(token)
+        assert real is not None
+        other_cluster = consistency.Token(real.system ^ 1, real.timeline, 0).encode()
+        other_timeline = consistency.Token(real.system, real.timeline + 1, 0).encode()
+        # Positions 0: any standby has "replayed past" them, if only the
+        # position were compared.
+        for foreign in (other_cluster, other_timeline, "not-a-token"):
+            assert await get(api, specialist_id, foreign) is grpc.StatusCode.OK
+        # The newest of several tokens counts.
+        older = consistency.Token(real.system, real.timeline, 0).encode()
+        assert await get(api, specialist_id, older, token) is grpc.StatusCode.OK
+
+
+async def test_a_standby_beyond_the_maximum_lag_serves_no_tokenless_read(
+    cluster: ReplicatedCluster,
+) -> None:
+    await delay_replay(cluster, *cluster.standbys)
+    async with serving(cluster, read_max_lag_seconds=0.5) as srv, Api.connect(srv) as api:
+        specialist_id, _ = await create(api)
+        # Until both standbys report more than the maximum lag.
+        for node in cluster.standbys:
+            conn = await replicas_conn(node)
+            try:
+                while (await conn.fetchrow(replicas.CHECK_SQL))[2] <= 0.5:
+                    await conn.execute("SELECT pg_sleep(0.05)")
+            finally:
+                await conn.close()
+        routed = standbys_of(srv)
+        before = routed.counters.standby
+        for _ in range(4):
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+        assert routed.counters.standby == before
+        assert routed.fallbacks.get("lag_or_down", 0) >= 4
+
+
+async def replicas_conn(node: Node) -> asyncpg.Connection:
+    return await asyncpg.connect(node.url(), ssl=False)
+
+
+async def test_a_paused_standby_fails_no_read(cluster: ReplicatedCluster) -> None:
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        specialist_id, token = await create(api)
+        for node in cluster.standbys:
+            await cluster.wait_replayed(node, await replayed_lsn(cluster))
+        # Both standbys have pooled sessions now.
+        for _ in range(4):
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+        routed = standbys_of(srv)
+        cluster.standbys[0].pause()
+        before = routed.counters.standby
+        for _ in range(6):
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+            assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+        # The other standby served them.
+        assert routed.counters.standby - before >= 6
+        cluster.standbys[1].pause()
+        for _ in range(4):
+            assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+
+
+async def test_a_killed_standby_fails_no_read(cluster: ReplicatedCluster) -> None:
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        specialist_id, token = await create(api)
+        for node in cluster.standbys:
+            await cluster.wait_replayed(node, await replayed_lsn(cluster))
+        for _ in range(4):
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+        routed = standbys_of(srv)
+        cluster.standbys[0].kill()
+        before = routed.counters.standby
+        for _ in range(6):
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+            assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+        assert routed.counters.standby - before >= 6
+        cluster.standbys[1].kill()
+        for _ in range(4):
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+            assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+
+
+async def test_a_promoted_standby_serves_no_read(cluster: ReplicatedCluster) -> None:
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        first, _ = await create(api)
+        for node in cluster.standbys:
+            await cluster.wait_replayed(node, await replayed_lsn(cluster))
+        for _ in range(4):
+            assert await get(api, first) is grpc.StatusCode.OK
+        # standby1 leaves recovery (a split brain as far as it is
+        # concerned): it never sees what the primary writes next.
+        promoted = cluster.standbys[0]
+        promoted.promote()
+        specialist_id, token = await create(api)
+        await cluster.wait_replayed(cluster.standbys[1], await replayed_lsn(cluster))
+        routed = standbys_of(srv)
+        before = routed.counters.standby
+        # Round robin would send every other read to the promoted node,
+        # which lacks the write.
+        for _ in range(8):
+            assert await get(api, specialist_id) is grpc.StatusCode.OK
+            assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+        assert routed.counters.standby - before >= 8
+        assert "promoted" in routed.nodes[0].problem
+
+
+async def test_reads_stay_on_the_primary_when_told(cluster: ReplicatedCluster) -> None:
+    await delay_replay(cluster, *cluster.standbys)
+    async with serving(cluster, reads_on_primary=True) as srv, Api.connect(srv) as api:
+        assert srv.db is not None and srv.db.standbys is None
+        call = api.specialists.CreateSpecialist(
+            sppb.CreateSpecialistRequest(full_name="Dr. Primary", service_type="dentist"),
+            metadata=api.md,
+        )
+        reply = await call
+        # No standbys, no token to wait for.
+        assert TOKEN not in dict(await call.trailing_metadata() or ())
+        assert await get(api, reply.specialist.id) is grpc.StatusCode.OK
+
+
+async def test_a_client_session_reads_its_writes(cluster: ReplicatedCluster) -> None:
+    await delay_replay(cluster, *cluster.standbys)
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        session = Session()
+        async with insecure_channel(f"127.0.0.1:{srv.port}", interceptors=[session]) as channel:
+            in_session = Api(channel, srv, api.token)
+            ids = []
+            for _ in range(3):
+                reply = await in_session.specialists.CreateSpecialist(
+                    sppb.CreateSpecialistRequest(full_name="Dr. Session", service_type="x"),
+                    metadata=in_session.md,
+                )
+                ids.append(reply.specialist.id)
+                assert await get(in_session, reply.specialist.id) is grpc.StatusCode.OK
+            assert session.tokens
+        # The same reads outside the session land on the lagging standbys.
+        assert await get(api, ids[-1]) is grpc.StatusCode.NOT_FOUND
+        # Handed to another session (another replica's client), the tokens
+        # carry the guarantee.
+        carried = Session(session.tokens)
+        async with insecure_channel(f"127.0.0.1:{srv.port}", interceptors=[carried]) as channel:
+            other = Api(channel, srv, api.token)
+            assert await get(other, ids[0]) is grpc.StatusCode.OK
+
+
+def test_read_configuration_from_the_environment() -> None:
+    url = "postgresql://u:p@127.0.0.1:5433,127.0.0.1:5434/booking"
+    config = from_sources(
+        None,
+        {
+            "DATABASE_URL": "postgresql://u:p@127.0.0.1:5432/booking",
+            "BOOKING_READ_DATABASE_URL": url,
+            "BOOKING_READ_MAX_LAG_SECONDS": "2.5",
+        },
+    )
+    assert config.reads == replicas.Settings(
+        url=url, max_lag_seconds=2.5, token_wait_seconds=0.5, check_seconds=0.5, pool_max_size=10
+    )
+    assert (
+        from_sources(
+            None, {"BOOKING_READ_DATABASE_URL": url, "BOOKING_READS_ON_PRIMARY": "1"}
+        ).reads
+        is None
+    )
+    assert from_sources(None, {}).reads is None
+    with pytest.raises(ValueError, match="read_max_lag_seconds"):
+        from_sources(None, {"BOOKING_READ_MAX_LAG_SECONDS": "-1"})
+
+
+def test_tokens_round_trip_and_order() -> None:
+    token = consistency.Token(7, 2, 123)
+    assert consistency.decode(token.encode()) == token
+    assert consistency.decode("garbage") is None
+    assert consistency.wanted_from(["garbage"]) == consistency.UNREADABLE
+    newer = consistency.Token(7, 2, 124)
+    assert consistency.wanted_from([newer.encode(), token.encode()]) == newer
