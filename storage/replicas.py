@@ -11,9 +11,11 @@ transaction, asks that standby for its state:
   read runs there only if *that* standby has replayed past the token on the
   token's timeline of the token's cluster (the snapshot of the read is
   taken after the check, so it holds everything replayed by then);
-- its replay delay: 0 while everything received has been replayed (an idle
-  primary sends nothing), else the age of the last replayed commit; beyond
-  the maximum lag a tokenless read skips it.
+- its replay delay: unknown (infinite) while it is not streaming from a
+  primary (cut off, it could be stale without bound); 0 while everything
+  received has been replayed (an idle primary sends nothing); else the age
+  of the last replayed commit. Beyond the maximum lag a tokenless read
+  skips it.
 
 A host that refuses, times out (a paused server) or breaks is skipped for
 DOWN_SECONDS. When no standby qualifies (a token none has reached within
@@ -50,7 +52,9 @@ POLL_SECONDS = (0.002, 0.005, 0.01, 0.02)
 CHECK_SQL = (
     "SELECT pg_is_in_recovery(),"
     " (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8,"
-    " CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()"
+    " CASE WHEN NOT EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming')"
+    " THEN 'Infinity'::float8"
+    " WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()"
     " THEN 0::float8"
     " ELSE coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())"
     "::float8, 'Infinity') END,"
