@@ -11,8 +11,11 @@ return if the token were ignored.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,9 +24,10 @@ import pytest
 
 from booking.v1 import specialist_pb2 as sppb
 from booking_client import Session, insecure_channel
+from cluster.patroni import PatroniCluster, haproxy_available
 from service.config import from_sources
 from service.server import BookingServer
-from storage import consistency, hosts, replicas
+from storage import consistency, hosts, migrate, replicas
 from tests.replication import Node, ReplicatedCluster, replicated_cluster
 from tests.support import Api, running_server
 
@@ -317,3 +321,40 @@ def test_tokens_round_trip_and_order() -> None:
     assert consistency.wanted_from(["garbage"]) == consistency.UNREADABLE
     newer = consistency.Token(7, 2, 124)
     assert consistency.wanted_from([newer.encode(), token.encode()]) == newer
+
+
+@pytest.fixture(scope="module")
+def patroni() -> Iterator[PatroniCluster]:
+    if not haproxy_available():
+        pytest.fail("HAProxy (Debian haproxy) could not be installed")
+    work = Path(tempfile.mkdtemp(prefix="booking-reads-cluster-"))
+    cluster = PatroniCluster(work, haproxy=True)
+    try:
+        cluster.start()
+        migrate.apply(cluster.node_url(cluster.leader()))
+        cluster.wait_healthy(180)
+        yield cluster
+    finally:
+        cluster.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.integration
+async def test_reads_through_the_haproxy_replica_port(patroni: PatroniCluster) -> None:
+    """The shipped HAProxy configuration's replicas front as the read URL:
+    tokened reads are served by Patroni's standbys and see their writes."""
+    async with (
+        running_server(
+            patroni.haproxy_url(),
+            read_database_url=patroni.haproxy_replica_url(),
+            read_token_wait_seconds=2.0,
+        ) as srv,
+        Api.connect(srv) as api,
+    ):
+        routed = standbys_of(srv)
+        for _ in range(5):
+            specialist_id, token = await create(api)
+            assert await get(api, specialist_id, token) is grpc.StatusCode.OK
+        assert routed.counters.standby >= 1
+        assert all(wait <= 2.0 for wait in routed.counters.token_waits)
+        print(f"token waits through HAProxy: {sorted(routed.counters.token_waits)}")

@@ -221,6 +221,8 @@ class PatroniCluster:
     etcd_port: int = 0
     etcd_peer_port: int = 0
     front_port: int = 0
+    # HAProxy's replicas front (the read URL of docs/reads.md).
+    replica_port: int = 0
     _etcd: subprocess.Popen[bytes] | None = None
     _haproxy: subprocess.Popen[bytes] | None = None
     _logs: list[Any] = field(default_factory=list)
@@ -394,12 +396,13 @@ class PatroniCluster:
 
     def _start_haproxy(self) -> None:
         self.front_port = embedded._free_port()  # noqa: SLF001
+        self.replica_port = embedded._free_port()  # noqa: SLF001
         servers = "\n".join(
             f"    server {n.name} 127.0.0.1:{n.pg_port} maxconn 1000 check port {n.rest_port}"
             for n in self.nodes
         )
         config = Template(HAPROXY_TEMPLATE.read_text()).substitute(
-            front_port=self.front_port, servers=servers
+            front_port=self.front_port, replica_port=self.replica_port, servers=servers
         )
         path = self.work_dir / "haproxy.cfg"
         path.write_text(config + "\n")
@@ -452,6 +455,11 @@ class PatroniCluster:
             f"postgresql://{self._auth()}@127.0.0.1:{self.front_port}/{database}"
             "?target_session_attrs=read-write"
         )
+
+    def haproxy_replica_url(self, database: str = DATABASE) -> str:
+        """HAProxy's replicas front: a read URL (docs/reads.md)."""
+        assert self.replica_port, "started without haproxy"
+        return f"postgresql://{self._auth()}@127.0.0.1:{self.replica_port}/{database}"
 
     def node_url(self, node: Node, database: str = DATABASE) -> str:
         return f"postgresql://{self._auth()}@127.0.0.1:{node.pg_port}/{database}"
