@@ -89,6 +89,8 @@ class Node:
     # is not running); kept across a reconnect of the walreceiver.
     timeline: int | None = None
     problem: str = ""
+    # Whether its last check passed (a change is logged once, not per check).
+    up: bool = True
 
 
 @dataclass
@@ -134,8 +136,9 @@ class Standbys:
         return self.nodes[start:] + self.nodes[:start]
 
     def mark_down(self, node: Node, problem: str) -> None:
-        if time.monotonic() >= node.down_until:
+        if node.up:
             log.info("read node %s left out: %s", node.host, problem)
+        node.up = False
         node.down_until = time.monotonic() + DOWN_SECONDS
         node.problem = problem
 
@@ -209,6 +212,9 @@ class Standbys:
                 if checked is None:
                     continue
                 conn, (in_recovery, replayed, lag, timeline) = checked
+                if in_recovery and not node.up:
+                    node.up = True
+                    log.info("read node %s is a standby again", node.host)
                 usable = False
                 if not in_recovery:
                     # Promoted: a primary now, no replay position to compare.
