@@ -15,7 +15,7 @@ produced after it.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # The metadata key, request and response alike (a trailer on answers).
 HEADER = "x-booking-consistency-token"
@@ -87,8 +87,6 @@ class Request:
 
     wanted: Token | None = None
     issued: Token | None = None
-    # Where its reads were served: "standby" or "primary" (tests, metrics).
-    served: list[str] = field(default_factory=list)
 
     def record(self, token: Token) -> None:
         if self.issued is None or (token.timeline, token.lsn) >= (

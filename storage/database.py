@@ -532,10 +532,7 @@ class Database:
         wanted = request.wanted if request is not None else None
         if wanted is not None and self.system_id is not None and wanted.system != self.system_id:
             return None  # another cluster's token: the primary answers
-        lease = await self.standbys.acquire(wanted, deadline.remaining())
-        if request is not None:
-            request.served.append("standby" if lease is not None else "primary")
-        return lease
+        return await self.standbys.acquire(wanted, deadline.remaining())
 
     async def _once(
         self,

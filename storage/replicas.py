@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # How long a standby that failed (refused, timed out, broke a session, was
 # promoted) is left out before it is tried again.
 DOWN_SECONDS = 1.0
+# The least time a standby's check gets, however close the call's deadline.
+MIN_CHECK_SECONDS = 0.02
 # Polling a standby's replay position while a token waits for it.
 POLL_SECONDS = (0.002, 0.005, 0.01, 0.02)
 
@@ -151,9 +153,11 @@ class Standbys:
                     )
         return node.pool
 
-    async def _check(self, node: Node) -> tuple[Any, tuple[bool, int, float, int | None]] | None:
-        """A session on `node` and its state, or None (node left out)."""
-        bound = self.settings.check_seconds
+    async def _check(
+        self, node: Node, bound: float
+    ) -> tuple[Any, tuple[bool, int, float, int | None]] | None:
+        """A session on `node` and its state within `bound` seconds, or
+        None (node left out)."""
         conn = None
         done = False
         try:
@@ -192,6 +196,15 @@ class Standbys:
         with contextlib.suppress(Exception):
             await asyncio.shield(task)
 
+    def _bound(self, limit: float | None, started: float) -> float:
+        """One check's time: read_check_seconds, but at most a third of the
+        call's time left, so a paused standby cannot use up the deadline
+        before the primary is asked (never below MIN_CHECK_SECONDS)."""
+        if limit is None:
+            return self.settings.check_seconds
+        left = limit - (time.monotonic() - started)
+        return max(MIN_CHECK_SECONDS, min(self.settings.check_seconds, left / 3))
+
     async def acquire(self, token: consistency.Token | None, limit: float | None) -> Lease | None:
         """A checked standby session for a read needing `token` (None: any
         standby within the maximum lag), or None: serve it from the primary.
@@ -208,7 +221,7 @@ class Standbys:
             for node in self._rotation():
                 if time.monotonic() < node.down_until:
                     continue
-                checked = await self._check(node)
+                checked = await self._check(node, self._bound(limit, started))
                 if checked is None:
                     continue
                 conn, (in_recovery, replayed, lag, timeline) = checked
