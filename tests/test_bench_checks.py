@@ -31,3 +31,15 @@ def test_stack_summary_counts_own_and_inclusive_samples() -> None:
     assert own[0] == ("b (y.py)", 5)
     assert dict(inclusive)["a (x.py)"] == 4
     assert dict(inclusive)["b (y.py)"] == 5
+
+
+def test_the_floor_rpc_exists_only_in_the_bench_server() -> None:
+    # Importing the bench's server changes nothing: only its main() adds
+    # the floor RPC's policy and servicer, in the bench's own process.
+    from bench import floor_server
+    from service import cli
+    from service.policy import POLICIES
+    from service.server import BookingServer
+
+    assert floor_server.METHOD not in POLICIES
+    assert cli.BookingServer is BookingServer

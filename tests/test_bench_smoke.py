@@ -53,6 +53,7 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         "service.hold_confirm.c4",
         "echo.bare.c4",
         "echo.service_health.c4",
+        "floor.round_trip.c4",
         "contention.c4",
         "events.streams1",
         "events.streams4",
@@ -86,6 +87,8 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         "PostgreSQL CPU per hold, service vs the design's bare hold transaction",
         "contention: 64 clients on one slot, all answered",
         "ListSlots (one specialist's day) server CPU per call vs echo floor",
+        "server CPU per HoldSlot vs database floor (one round trip)",
+        "ListSlots (one specialist's day) server CPU per call vs database floor",
         "event delivery with 100 streams",
         "flat with history: hold cost (server + PostgreSQL CPU per call)",
         "flat with history: events_user cost (server + PostgreSQL CPU per call)",
@@ -103,7 +106,7 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
     assert doc["checks"]["history"]["rows"] == 2000
 
     # Every hold on a distinct AVAILABLE slot succeeds.
-    for key in ("service.hold.c1", "service.hold.c4", "replicas.2"):
+    for key in ("service.hold.c1", "service.hold.c4", "replicas.2", "floor.round_trip.c4"):
         codes = figures[key]["codes"]
         assert codes.get("OK", 0) > 0 and set(codes) == {"OK"}, (key, codes)
 

@@ -311,6 +311,18 @@ def evaluate(b: Bench) -> list[Goal]:
         )
     )
 
+    # The truer floor: one database round trip through the same server.
+    goals.append(
+        _ratio_goal(
+            "server CPU per HoldSlot vs database floor (one round trip)",
+            "<= 1.5x",
+            1.5,
+            best_hold,
+            _at_concurrency(figs, "floor.round_trip.", conc),
+            "server_cpu_us",
+        )
+    )
+
     # The design's bare hold transaction (pgbench's seed script; asyncpg's
     # when pgbench is missing) at the same concurrency.
     seed = _at_concurrency(figs, "ceiling.pgbench.seed.", conc) or _at_concurrency(
@@ -337,6 +349,17 @@ def evaluate(b: Bench) -> list[Goal]:
             3.0,
             reads,
             _at_concurrency(figs, "echo.bare.", _conc(reads.key) if reads else None),
+            "server_cpu_us",
+        )
+    )
+
+    goals.append(
+        _ratio_goal(
+            "ListSlots (one specialist's day) server CPU per call vs database floor",
+            "<= 2x",
+            2.0,
+            reads,
+            _at_concurrency(figs, "floor.round_trip.", _conc(reads.key) if reads else None),
             "server_cpu_us",
         )
     )

@@ -211,7 +211,17 @@ class ServerProcess:
             }
         )
         env.update(extra_env)
-        argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+        # The production server plus the bench-only floor RPC (bench.floor_server).
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.floor_server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]
         return cls(name, argv, env, log_path)
 
     @classmethod

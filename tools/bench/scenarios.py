@@ -161,6 +161,17 @@ def echo(b: Bench) -> None:
     )
     run = b.load(f"service health c={c}", b.hold_jobs(c, "health", [server]), [server])
     b.report_run(fig, run.sample())
+    # The database floor: one round trip of a trivial statement through the
+    # booking server's pool, interceptor, authentication and log line.
+    for c in b.opts.echo_concurrency:
+        fig = b.figure(
+            f"floor.round_trip.c{c}",
+            "echo",
+            f"database floor: one asyncpg round trip (SELECT 1) on the booking server,"
+            f" concurrency {c}",
+        )
+        run = b.load(f"floor c={c}", b.hold_jobs(c, "floor", [server]), [server])
+        b.report_run(fig, run.sample())
 
 
 # -- contention: everyone wants the same slot ------------------------------------------
