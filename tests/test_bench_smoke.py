@@ -54,6 +54,11 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         "echo.bare.c4",
         "echo.service_health.c4",
         "floor.round_trip.c4",
+        "seats.single.c4",
+        "seats.multi.c4",
+        "series.hold10.c2",
+        "webhooks.hold.none.c4",
+        "webhooks.hold.subscribed.c4",
         "contention.c4",
         "events.streams1",
         "events.streams4",
@@ -89,6 +94,11 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         "ListSlots (one specialist's day) server CPU per call vs echo floor",
         "server CPU per HoldSlot vs database floor (one round trip)",
         "ListSlots (one specialist's day) server CPU per call vs database floor",
+        "seats: HoldSlot of one seat of a 5-seat slot vs of a single-seat slot"
+        " (server + PostgreSQL CPU)",
+        "series: HoldSeries of 10 vs 10 single-seat HoldSlots (server + PostgreSQL CPU)",
+        "webhooks: HoldSlot with one endpoint subscribed vs none"
+        " (server + PostgreSQL CPU, the dispatcher's included)",
         "event delivery with 100 streams",
         "flat with history: hold cost (server + PostgreSQL CPU per call)",
         "flat with history: events_user cost (server + PostgreSQL CPU per call)",
@@ -106,9 +116,20 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
     assert doc["checks"]["history"]["rows"] == 2000
 
     # Every hold on a distinct AVAILABLE slot succeeds.
-    for key in ("service.hold.c1", "service.hold.c4", "replicas.2", "floor.round_trip.c4"):
+    for key in (
+        "service.hold.c1",
+        "service.hold.c4",
+        "replicas.2",
+        "floor.round_trip.c4",
+        "seats.multi.c4",
+        "webhooks.hold.subscribed.c4",
+    ):
         codes = figures[key]["codes"]
         assert codes.get("OK", 0) > 0 and set(codes) == {"OK"}, (key, codes)
+
+    # The subscribed endpoint was delivered to (the receiver counted POSTs).
+    assert figures["webhooks.hold.subscribed.c4"]["samples"][0]["webhook_posts"] > 0
+    assert figures["webhooks.hold.none.c4"]["samples"][0]["webhook_posts"] == 0
 
     # Contention: exactly one winner per round, every loser told
     # FAILED_PRECONDITION, and the database agrees.

@@ -382,6 +382,106 @@ def evaluate(b: Bench) -> list[Goal]:
         goals.append(Goal("event delivery with 100 streams", "p99 < 25 ms", "not measured", None))
     goals += _history_goals(b)
     goals += _seats_goals(b)
+    goals += _capability_goals(b)
+    return goals
+
+
+def _cost(fig: Figure | None) -> float | None:
+    """Server + PostgreSQL CPU per call (what a capability adds to both)."""
+    s, p = _mean(fig, "server_cpu_us"), _mean(fig, "pg_cpu_us")
+    return None if s is None or p is None else s + p
+
+
+def _cost_goal(name: str, limit: float, num: Figure | None, den: Figure | None) -> Goal:
+    target = f"<= {limit:.2f}x"
+    a, c = _cost(num), _cost(den)
+    if num is None or den is None or a is None or not c:
+        return Goal(name, target, "not measured", None)
+    ratio = a / c
+    return Goal(
+        name,
+        target,
+        f"{a:,.0f} us ({num.key}) vs {c:,.0f} us ({den.key}) = {ratio:.2f}x",
+        ratio <= limit,
+    )
+
+
+# Standby reads: a scenario that serves reads from a standby names its
+# figures standby_reads.<call>.primary.cN and standby_reads.<call>.standby.cN
+# (the same call, answered by the primary and by a standby, in one run);
+# each pair measured becomes a goal here. No such scenario, no goal.
+STANDBY_READS_LIMIT = 1.10
+
+
+def _capability_goals(b: Bench) -> list[Goal]:
+    """What each capability costs the calls that existed before it, with
+    and without it, from this run: a seat of a multi-seat slot vs the only
+    seat, a series vs as many single holds, a hold with a webhook endpoint
+    subscribed vs none, a read from a standby vs from the primary."""
+    figs = b.figures
+    goals = []
+    single = _best([f for k, f in figs.items() if k.startswith("seats.single.c")])
+    conc = _conc(single.key) if single else None
+    goals.append(
+        _cost_goal(
+            "seats: HoldSlot of one seat of a 5-seat slot vs of a single-seat slot"
+            " (server + PostgreSQL CPU)",
+            1.25,
+            _at_concurrency(figs, "seats.multi.c", conc),
+            single,
+        )
+    )
+    ser = _best([f for k, f in figs.items() if k.startswith("series.hold")])
+    name = (
+        f"series: HoldSeries of {db.SERIES_OCCURRENCES} vs {db.SERIES_OCCURRENCES} single-seat"
+        " HoldSlots (server + PostgreSQL CPU)"
+    )
+    one = _at_concurrency(figs, "seats.single.c", _conc(ser.key) if ser else None)
+    s_cost, h_cost = _cost(ser), _cost(one)
+    if ser is None or one is None or s_cost is None or not h_cost:
+        goals.append(Goal(name, "<= 1x", "not measured", None))
+    else:
+        n_holds = h_cost * db.SERIES_OCCURRENCES
+        goals.append(
+            Goal(
+                name,
+                "<= 1x",
+                f"{s_cost:,.0f} us a series ({ser.key}) vs {db.SERIES_OCCURRENCES} x"
+                f" {h_cost:,.0f} us ({one.key}) = {s_cost / n_holds:.2f}x",
+                s_cost <= n_holds,
+            )
+        )
+    hook = _best([f for k, f in figs.items() if k.startswith("webhooks.hold.subscribed.c")])
+    goal = _cost_goal(
+        "webhooks: HoldSlot with one endpoint subscribed vs none"
+        " (server + PostgreSQL CPU, the dispatcher's included)",
+        1.25,
+        hook,
+        _at_concurrency(figs, "webhooks.hold.none.c", _conc(hook.key) if hook else None),
+    )
+    delivered = _mean(hook, "delivered_pct")
+    if delivered is not None:
+        goal.value += f"; {delivered:.0f}% of the holds delivered within the window"
+    goals.append(goal)
+    calls = sorted(
+        {k.split(".")[1] for k in figs if k.startswith("standby_reads.") and k.count(".") >= 3}
+    )
+    for call in calls:
+        standby = _best(
+            [f for k, f in figs.items() if k.startswith(f"standby_reads.{call}.standby.c")]
+        )
+        primary = _at_concurrency(
+            figs, f"standby_reads.{call}.primary.c", _conc(standby.key) if standby else None
+        )
+        goals.append(
+            _cost_goal(
+                f"standby reads: {call} from a standby vs from the primary"
+                " (server + PostgreSQL CPU)",
+                STANDBY_READS_LIMIT,
+                standby,
+                primary,
+            )
+        )
     return goals
 
 

@@ -306,6 +306,22 @@ def seats(b: Bench) -> None:
         b.reset()
         run = b.load(f"single-seat HoldSlot c={c}", b.hold_jobs(c, "hold", [server]), [server])
         b.report_run(fig, run.sample())
+    # One seat of a slot of SEAT_HERD_SEATS: the multi-seat path (no
+    # coalescing of a slot's herd, the seat count checked in the statement).
+    for c in b.opts.concurrency:
+        fig = b.figure(
+            f"seats.multi.c{c}",
+            "seats",
+            f"HoldSlot of one seat of a {SEAT_HERD_SEATS}-seat slot, concurrency {c}",
+        )
+        b.reset()
+        asyncio.run(db.set_capacity(b.db.url, 0, b.seeded.pool_size, SEAT_HERD_SEATS))
+        try:
+            run = b.load(f"multi-seat HoldSlot c={c}", b.hold_jobs(c, "hold", [server]), [server])
+        finally:
+            b.reset()
+            asyncio.run(db.set_capacity(b.db.url, 0, b.seeded.pool_size, 1))
+        b.report_run(fig, run.sample())
     rounds, contenders = b.opts.rounds, b.opts.contenders
     # Fewer contenders than seats (--quick) all win.
     n = min(SEAT_HERD_SEATS, contenders)
@@ -406,6 +422,96 @@ def series(b: Bench) -> None:
             job.first, job.count = i * per, per
         run = b.load(f"HoldSeries c={c}", jobs, [server])
         b.report_run(fig, run.sample())
+
+
+# -- webhooks: what a subscribed endpoint adds to every hold ---------------------------
+
+
+class _Receiver:
+    """A webhook receiver in the harness's own process (its CPU is not the
+    server's): answers every POST 204 and counts them."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                with receiver.lock:
+                    receiver.received += 1
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.lock = threading.Lock()
+        self.received = 0
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}/hook"
+
+    def count(self) -> int:
+        with self.lock:
+            return self.received
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.thread.join(5)
+
+
+def webhooks(b: Bench) -> None:
+    """HoldSlot with no webhook endpoint, then with one subscribed to every
+    event (a receiver answering 204 at once), alternating the order by
+    repeat. The hold's cost includes the dispatcher's: reading the events,
+    POSTing them and moving the endpoint's cursor, in the same server and
+    database."""
+    from booking.v1 import webhook_pb2, webhook_pb2_grpc
+
+    server = b.ensure_primary()
+    c = max(b.opts.concurrency)
+    receiver = _Receiver()
+    try:
+        order = ("none", "subscribed") if b.rep % 2 == 0 else ("subscribed", "none")
+        for side in order:
+            fig = b.figure(
+                f"webhooks.hold.{side}.c{c}",
+                "webhooks",
+                f"HoldSlot, concurrency {c}, "
+                + ("one webhook endpoint subscribed" if side == "subscribed" else "no endpoint"),
+                extras=[("delivered_pct", "delivered in the window", "%")],
+            )
+            asyncio.run(db.delete_webhook_endpoints(b.db.url))
+            b.reset()
+            if side == "subscribed":
+                with grpc.insecure_channel(server.target) as channel:
+                    webhook_pb2_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(
+                        webhook_pb2.CreateWebhookEndpointRequest(url=receiver.url),
+                        metadata=(("authorization", f"Bearer {b.token}"),),
+                        timeout=10,
+                    )
+            before = receiver.count()
+            run = b.load(f"webhooks {side} c={c}", b.hold_jobs(c, "hold", [server]), [server])
+            sample = run.sample()
+            ok = sample.get("ok") or 0
+            sample["webhook_posts"] = receiver.count() - before
+            if side == "subscribed":
+                sample["delivered_pct"] = 100.0 * sample["webhook_posts"] / ok if ok else None
+            b.report_run(fig, sample)
+    finally:
+        asyncio.run(db.delete_webhook_endpoints(b.db.url))
+        receiver.close()
 
 
 # -- events: commit-to-receipt latency, and idle streams' memory -----------------------
@@ -832,6 +938,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "contention": contention,
     "seats": seats,
     "series": series,
+    "webhooks": webhooks,
     "events": events,
     "reads": reads,
     "search": search,
