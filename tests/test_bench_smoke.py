@@ -8,6 +8,8 @@ machine, mean nothing.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,53 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
     for fig in doc["figures"]:
         for code in BAD_CODES:
             assert fig["codes"].get(code, 0) == 0, (fig["key"], fig["codes"])
+
+
+def test_quick_standby_run_measures_single_and_synchronous(tmp_path: Path) -> None:
+    """The standby scenario needs the embedded PostgreSQL (it makes the
+    standby with pg_basebackup), so it runs on its own server here, in a
+    short scratch path (a Unix socket's path is at most 107 bytes)."""
+    results = tmp_path / "results"
+    data = Path(tempfile.mkdtemp(prefix="bst-"))
+    try:
+        _standby_run(results, data)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _standby_run(results: Path, data: Path) -> None:
+    rc = cli.main(
+        [
+            "bench",
+            "--",
+            "--quick",
+            "--scenarios",
+            "standby",
+            "--no-pgbench",
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(data),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((results / "latest.json").read_text())
+    figures = {f["key"]: f for f in doc["figures"]}
+    for side in ("single", "sync"):
+        for key in (f"standby.hold.{side}.c1", f"standby.hold.{side}.c4"):
+            codes = figures[key]["codes"]
+            assert codes.get("OK", 0) > 0 and set(codes) == {"OK"}, (key, codes)
+        assert set(figures[f"standby.hold_confirm.{side}.c4"]["codes"]) == {"OK"}
+    # The standby replayed the synchronous side's commits (its CPU is
+    # counted), and was stopped for the single side (none is).
+    assert figures["standby.hold.sync.c4"]["samples"][0]["standby_cpu_us"] > 0
+    assert "standby_cpu_us" not in figures["standby.hold.single.c4"]["samples"][0]
+    goals = {g["name"]: g for g in doc["goals"]}
+    for name in (
+        "synchronous standby: HoldSlot c1 vs single PostgreSQL",
+        "synchronous standby: HoldSlot c4 vs single PostgreSQL",
+        "synchronous standby: Hold+Confirm c4 vs single PostgreSQL",
+    ):
+        assert goals[name]["value"] != "not measured", name
+    # Everything the run started is gone with its scratch directory.
+    assert not list(data.glob("run-*"))

@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra environment for the booking server, e.g. BOOKING_POOL_MAX_SIZE=20",
     )
+    p.add_argument(
+        "--previous-release",
+        default="",
+        metavar="REV",
+        help="git revision whose server the events scenario alternates with this one's, on the"
+        " same database (its calls must exist in this schema: a release from before a contract"
+        " migration that dropped them cannot serve it); needs a git checkout",
+    )
     p.add_argument("--no-pgbench", dest="pgbench", action="store_false")
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--data-dir", type=Path, default=None, help="scratch space (logs, database)")
@@ -218,6 +226,7 @@ def parse(argv: Sequence[str]) -> Options:
         history_concurrency=values["history_concurrency"],
         profile=[p.strip() for p in (args.profile or "").split(",") if p.strip()],
         profile_native=args.profile_native,
+        previous_release=args.previous_release,
     )
 
 
@@ -380,6 +389,25 @@ def evaluate(b: Bench) -> list[Goal]:
         )
     else:
         goals.append(Goal("event delivery with 100 streams", "p99 < 25 ms", "not measured", None))
+    prev = figs.get("events.previous.streams100")
+    if prev is None:
+        olds = [f for k, f in figs.items() if k.startswith("events.previous.streams")]
+        prev = olds[-1] if olds else None
+    if prev is not None:
+        now = figs.get(prev.key.replace("events.previous.", "events."))
+        a, c = _mean(now, "p99_ms"), _mean(prev, "p99_ms")
+        name = "event delivery p99, this release vs the previous one (alternating, same run)"
+        if now is None or a is None or c is None or c <= 0:
+            goals.append(Goal(name, "<= 1x", "not measured", None))
+        else:
+            goals.append(
+                Goal(
+                    name,
+                    "<= 1x",
+                    f"p99 {a:.1f} ms ({now.key}) vs {c:.1f} ms ({prev.key}) = {a / c:.2f}x",
+                    a <= c,
+                )
+            )
     goals += _history_goals(b)
     goals += _seats_goals(b)
     goals += _capability_goals(b)
@@ -411,6 +439,50 @@ def _cost_goal(name: str, limit: float, num: Figure | None, den: Figure | None) 
 # (the same call, answered by the primary and by a standby, in one run);
 # each pair measured becomes a goal here. No such scenario, no goal.
 STANDBY_READS_LIMIT = 1.10
+
+
+# A synchronous standby on loopback costs every commit one more round trip
+# and the standby's flush; the goal is to keep most of the throughput.
+STANDBY_THROUGHPUT_FLOOR = 0.70
+
+
+def _standby_goals(b: Bench) -> list[Goal]:
+    """HoldSlot (at each concurrency) and Hold+Confirm against the primary
+    with a synchronous standby vs the single PostgreSQL, from this run."""
+    figs = b.figures
+    goals = []
+    keys = sorted(
+        {k.replace(".sync.", ".") for k in figs if k.startswith("standby.") and ".sync." in k},
+        key=lambda k: (k.split(".")[1], _conc(k) or 0),
+    )
+    for key in keys:
+        method, conc = key.split(".")[1], key.rsplit(".", 1)[1]
+        sync = figs.get(f"standby.{method}.sync.{conc}")
+        single = figs.get(f"standby.{method}.single.{conc}")
+        what = "HoldSlot" if method == "hold" else "Hold+Confirm"
+        name = f"synchronous standby: {what} {conc} vs single PostgreSQL"
+        target = f">= {STANDBY_THROUGHPUT_FLOOR:.0%} of the single's throughput"
+        t1, t0 = _mean(sync, "throughput"), _mean(single, "throughput")
+        if not t1 or not t0:
+            goals.append(Goal(name, target, "not measured", None))
+            continue
+
+        def f(fig: Figure | None, metric: str) -> float:
+            return _mean(fig, metric) or 0.0
+
+        goals.append(
+            Goal(
+                name,
+                target,
+                f"{t1:,.0f}/s vs {t0:,.0f}/s = {t1 / t0:.0%}; p50 {f(sync, 'p50_ms'):.1f} vs"
+                f" {f(single, 'p50_ms'):.1f} ms, p99 {f(sync, 'p99_ms'):.1f} vs"
+                f" {f(single, 'p99_ms'):.1f} ms; primary PostgreSQL CPU"
+                f" {f(sync, 'pg_cpu_us'):,.0f} vs {f(single, 'pg_cpu_us'):,.0f} us a call,"
+                f" the standby's {f(sync, 'standby_cpu_us'):,.0f} us",
+                t1 / t0 >= STANDBY_THROUGHPUT_FLOOR,
+            )
+        )
+    return goals
 
 
 def _capability_goals(b: Bench) -> list[Goal]:
@@ -463,6 +535,7 @@ def _capability_goals(b: Bench) -> list[Goal]:
     if delivered is not None:
         goal.value += f"; {delivered:.0f}% of the holds delivered within the window"
     goals.append(goal)
+    goals += _standby_goals(b)
     calls = sorted(
         {k.split(".")[1] for k in figs if k.startswith("standby_reads.") and k.count(".") >= 3}
     )
@@ -720,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(opts, database, seeded, pool, postmaster, run_dir, progress)
             if opts.profile:
                 bench.profiler = _profiler(bench, started)
+            if "events" in opts.scenarios and opts.previous_release:
+                bench.previous_release = _previous_tree(bench, opts.previous_release)
             try:
                 for name in opts.scenarios:
                     if name in PREPARE:
@@ -748,6 +823,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.info(f"scratch directory (server logs) kept: {run_dir}")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _previous_tree(b: Bench, rev: str) -> Path | None:
+    """`git archive` of the previous release's service, storage and gen
+    into the scratch directory; None (with a note) outside a git checkout."""
+    import subprocess
+
+    root = PACKAGE_DIR.parent.parent
+    out = b.run_dir / "previous-release"
+    archive = subprocess.run(
+        ["git", "archive", rev, "service", "storage", "gen", "migrations"],
+        cwd=root,
+        capture_output=True,
+    )
+    if archive.returncode != 0:
+        b.notes.append(
+            f"previous release {rev[:12]} not found ({archive.stderr.decode().strip()[:200]}):"
+            " events measured on this release only"
+        )
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    b.progress.info(f"events: the previous release ({rev[:12]}) alternates with this one")
+    return out
 
 
 def _profiler(b: Bench, started: float) -> Profiler:
