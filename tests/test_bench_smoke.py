@@ -205,3 +205,40 @@ def _standby_run(results: Path, data: Path) -> None:
         assert goals[name]["value"] != "not measured", name
     # Everything the run started is gone with its scratch directory.
     assert not list(data.glob("run-*"))
+
+
+def test_quick_events_run_alternates_with_another_revision(
+    pg_admin_url: str, tmp_path: Path
+) -> None:
+    """--previous-release: the events scenario measures that revision's
+    server too, on the same database, and the goals compare the p99s."""
+    results = tmp_path / "results"
+    rc = cli.main(
+        [
+            "bench",
+            "--",
+            "--quick",
+            "--scenarios",
+            "events",
+            "--idle-streams",
+            "0",
+            "--previous-release",
+            "HEAD",
+            "--database-url",
+            pg_admin_url,
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((results / "latest.json").read_text())
+    figures = {f["key"]: f for f in doc["figures"]}
+    for key in ("events.streams4", "events.previous.streams4"):
+        sample = figures[key]["samples"][0]
+        assert sample["events_received"] > 0, key
+        assert set(figures[key]["codes"]) == {"OK"}, (key, figures[key]["codes"])
+    goals = {g["name"]: g for g in doc["goals"]}
+    compared = goals["event delivery p99, this release vs the previous one (alternating, same run)"]
+    assert "events.previous.streams4" in compared["value"]
