@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from storage import embedded
+from storage import basebackup, embedded
 
 DATABASE = "booking"
 
@@ -205,41 +205,9 @@ class ReplicatedCluster:
             raise
 
     def _make_standby(self, name: str, settings: Mapping[str, str]) -> Node:
-        data_dir = self.base_dir / name
-        data_dir.mkdir()
-        pgdata = data_dir / "pgdata"
-        password = self.primary.pg.password
-        (data_dir / embedded.PASSWORD_FILE).write_text(password)
-        (data_dir / embedded.PASSWORD_FILE).chmod(0o600)
-        # Owned by the server's user: pg_basebackup runs as it.
-        embedded._chown_for_server(data_dir)
-        embedded._make_traversable(data_dir)
-        embedded._run(
-            [
-                "env",
-                f"PGPASSWORD={password}",
-                str(embedded.bin_dir() / "pg_basebackup"),
-                "-D",
-                str(pgdata),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.primary.pg.port),
-                "-U",
-                embedded.SUPERUSER,
-                "-X",
-                "stream",
-                "--checkpoint=fast",
-                "-R",
-            ]
+        pg = basebackup.make_standby(
+            self.primary.pg, self.base_dir / name, name, max_connections=100, settings=settings
         )
-        conninfo = (
-            f"host=127.0.0.1 port={self.primary.pg.port} user={embedded.SUPERUSER}"
-            f" password={password} application_name={name}"
-        )
-        with (pgdata / "postgresql.auto.conf").open("a") as conf:
-            conf.write(f"primary_conninfo = '{conninfo}'\n")
-        pg = embedded.start(data_dir, max_connections=100, settings=settings)
         return Node(name, pg)
 
     def standby(self, name: str) -> Node:

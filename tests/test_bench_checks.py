@@ -31,3 +31,42 @@ def test_stack_summary_counts_own_and_inclusive_samples() -> None:
     assert own[0] == ("b (y.py)", 5)
     assert dict(inclusive)["a (x.py)"] == 4
     assert dict(inclusive)["b (y.py)"] == 5
+
+
+def test_the_floor_rpc_exists_only_in_the_bench_server() -> None:
+    # Importing the bench's server changes nothing: only its main() adds
+    # the floor RPC's policy and servicer, in the bench's own process.
+    from bench import floor_server
+    from service import cli
+    from service.policy import POLICIES
+    from service.server import BookingServer
+
+    assert floor_server.METHOD not in POLICIES
+    assert getattr(cli, "BookingServer") is BookingServer  # noqa: B009
+
+
+def test_standby_read_figures_become_a_goal_and_none_means_no_goal() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from bench.harness import _capability_goals
+    from bench.report import Figure
+
+    def fig(key: str, server: float, pg: float) -> Figure:
+        return Figure(
+            key, "x", key, samples=[{"throughput": 1.0, "server_cpu_us": server, "pg_cpu_us": pg}]
+        )
+
+    none: Any = SimpleNamespace(figures={})
+    assert not [g for g in _capability_goals(cast(Any, none)) if "standby" in g.name]
+    figures = {
+        f.key: f
+        for f in (
+            fig("standby_reads.list_slots.primary.c16", 800, 200),
+            fig("standby_reads.list_slots.standby.c16", 900, 300),
+        )
+    }
+    goals = [g for g in _capability_goals(cast(Any, SimpleNamespace(figures=figures)))]
+    standby = [g for g in goals if g.name.startswith("standby reads: list_slots")]
+    assert len(standby) == 1 and standby[0].met is False
+    assert "1,200 us" in standby[0].value and "1.20x" in standby[0].value

@@ -8,6 +8,8 @@ machine, mean nothing.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,12 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         "service.hold_confirm.c4",
         "echo.bare.c4",
         "echo.service_health.c4",
+        "floor.round_trip.c4",
+        "seats.single.c4",
+        "seats.multi.c4",
+        "series.hold10.c2",
+        "webhooks.hold.none.c4",
+        "webhooks.hold.subscribed.c4",
         "contention.c4",
         "events.streams1",
         "events.streams4",
@@ -86,6 +94,13 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         "PostgreSQL CPU per hold, service vs the design's bare hold transaction",
         "contention: 64 clients on one slot, all answered",
         "ListSlots (one specialist's day) server CPU per call vs echo floor",
+        "server CPU per HoldSlot vs database floor (one round trip)",
+        "ListSlots (one specialist's day) server CPU per call vs database floor",
+        "seats: HoldSlot of one seat of a 5-seat slot vs of a single-seat slot"
+        " (server + PostgreSQL CPU)",
+        "series: HoldSeries of 10 vs 10 single-seat HoldSlots (server + PostgreSQL CPU)",
+        "webhooks: HoldSlot with one endpoint subscribed vs none"
+        " (server + PostgreSQL CPU, the dispatcher's included)",
         "event delivery with 100 streams",
         "flat with history: hold cost (server + PostgreSQL CPU per call)",
         "flat with history: events_user cost (server + PostgreSQL CPU per call)",
@@ -103,9 +118,20 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
     assert doc["checks"]["history"]["rows"] == 2000
 
     # Every hold on a distinct AVAILABLE slot succeeds.
-    for key in ("service.hold.c1", "service.hold.c4", "replicas.2"):
+    for key in (
+        "service.hold.c1",
+        "service.hold.c4",
+        "replicas.2",
+        "floor.round_trip.c4",
+        "seats.multi.c4",
+        "webhooks.hold.subscribed.c4",
+    ):
         codes = figures[key]["codes"]
         assert codes.get("OK", 0) > 0 and set(codes) == {"OK"}, (key, codes)
+
+    # The subscribed endpoint was delivered to (the receiver counted POSTs).
+    assert figures["webhooks.hold.subscribed.c4"]["samples"][0]["webhook_posts"] > 0
+    assert figures["webhooks.hold.none.c4"]["samples"][0]["webhook_posts"] == 0
 
     # Contention: exactly one winner per round, every loser told
     # FAILED_PRECONDITION, and the database agrees.
@@ -129,3 +155,90 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
     for fig in doc["figures"]:
         for code in BAD_CODES:
             assert fig["codes"].get(code, 0) == 0, (fig["key"], fig["codes"])
+
+
+def test_quick_standby_run_measures_single_and_synchronous(tmp_path: Path) -> None:
+    """The standby scenario needs the embedded PostgreSQL (it makes the
+    standby with pg_basebackup), so it runs on its own server here, in a
+    short scratch path (a Unix socket's path is at most 107 bytes)."""
+    results = tmp_path / "results"
+    data = Path(tempfile.mkdtemp(prefix="bst-"))
+    try:
+        _standby_run(results, data)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _standby_run(results: Path, data: Path) -> None:
+    rc = cli.main(
+        [
+            "bench",
+            "--",
+            "--quick",
+            "--scenarios",
+            "standby",
+            "--no-pgbench",
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(data),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((results / "latest.json").read_text())
+    figures = {f["key"]: f for f in doc["figures"]}
+    for side in ("single", "sync"):
+        for key in (f"standby.hold.{side}.c1", f"standby.hold.{side}.c4"):
+            codes = figures[key]["codes"]
+            assert codes.get("OK", 0) > 0 and set(codes) == {"OK"}, (key, codes)
+        assert set(figures[f"standby.hold_confirm.{side}.c4"]["codes"]) == {"OK"}
+    # The standby replayed the synchronous side's commits (its CPU is
+    # counted), and was stopped for the single side (none is).
+    assert figures["standby.hold.sync.c4"]["samples"][0]["standby_cpu_us"] > 0
+    assert "standby_cpu_us" not in figures["standby.hold.single.c4"]["samples"][0]
+    goals = {g["name"]: g for g in doc["goals"]}
+    for name in (
+        "synchronous standby: HoldSlot c1 vs single PostgreSQL",
+        "synchronous standby: HoldSlot c4 vs single PostgreSQL",
+        "synchronous standby: Hold+Confirm c4 vs single PostgreSQL",
+    ):
+        assert goals[name]["value"] != "not measured", name
+    # Everything the run started is gone with its scratch directory.
+    assert not list(data.glob("run-*"))
+
+
+def test_quick_events_run_alternates_with_another_revision(
+    pg_admin_url: str, tmp_path: Path
+) -> None:
+    """--previous-release: the events scenario measures that revision's
+    server too, on the same database, and the goals compare the p99s."""
+    results = tmp_path / "results"
+    rc = cli.main(
+        [
+            "bench",
+            "--",
+            "--quick",
+            "--scenarios",
+            "events",
+            "--idle-streams",
+            "0",
+            "--previous-release",
+            "HEAD",
+            "--database-url",
+            pg_admin_url,
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((results / "latest.json").read_text())
+    figures = {f["key"]: f for f in doc["figures"]}
+    for key in ("events.streams4", "events.previous.streams4"):
+        sample = figures[key]["samples"][0]
+        assert sample["events_received"] > 0, key
+        assert set(figures[key]["codes"]) == {"OK"}, (key, figures[key]["codes"])
+    goals = {g["name"]: g for g in doc["goals"]}
+    compared = goals["event delivery p99, this release vs the previous one (alternating, same run)"]
+    assert "events.previous.streams4" in compared["value"]

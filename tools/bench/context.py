@@ -58,6 +58,8 @@ class Options:
     # --profile: figure-key patterns whose runs are profiled (empty: none).
     profile: list[str] = field(default_factory=list)
     profile_native: bool = False
+    # git revision of the previous release for the events scenario ("": none).
+    previous_release: str = ""
 
 
 class Progress:
@@ -198,6 +200,11 @@ class Bench:
         self.rep = 0
         # Set by the history scenario's preparation (bench.scenarios).
         self.history: Any = None
+        # The previous release's source tree, for the events scenario's
+        # comparison (bench.harness extracts it); None: no comparison.
+        self.previous_release: Path | None = None
+        # Set by the standby scenario's preparation (bench.scenarios).
+        self.standby: Any = None
         # Run at the end, before the main scratch database is dropped.
         self.cleanups: list[Callable[[], None]] = []
         # Markdown sections for the results file (profiles, query plans).

@@ -472,3 +472,12 @@ async def backend_names(url: str) -> dict[int, str]:
     finally:
         await conn.close()
     return {int(r["pid"]): str(r["application_name"] or "") for r in rows}
+
+
+async def delete_webhook_endpoints(url: str) -> None:
+    """Forget every webhook endpoint (the webhooks scenario's, between runs)."""
+    conn = await connect(url)
+    try:
+        await conn.execute("DELETE FROM webhook_endpoints")
+    finally:
+        await conn.close()

@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra environment for the booking server, e.g. BOOKING_POOL_MAX_SIZE=20",
     )
+    p.add_argument(
+        "--previous-release",
+        default="",
+        metavar="REV",
+        help="git revision whose server the events scenario alternates with this one's, on the"
+        " same database (its calls must exist in this schema: a release from before a contract"
+        " migration that dropped them cannot serve it); needs a git checkout",
+    )
     p.add_argument("--no-pgbench", dest="pgbench", action="store_false")
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--data-dir", type=Path, default=None, help="scratch space (logs, database)")
@@ -218,6 +226,7 @@ def parse(argv: Sequence[str]) -> Options:
         history_concurrency=values["history_concurrency"],
         profile=[p.strip() for p in (args.profile or "").split(",") if p.strip()],
         profile_native=args.profile_native,
+        previous_release=args.previous_release,
     )
 
 
@@ -311,6 +320,18 @@ def evaluate(b: Bench) -> list[Goal]:
         )
     )
 
+    # The truer floor: one database round trip through the same server.
+    goals.append(
+        _ratio_goal(
+            "server CPU per HoldSlot vs database floor (one round trip)",
+            "<= 1.5x",
+            1.5,
+            best_hold,
+            _at_concurrency(figs, "floor.round_trip.", conc),
+            "server_cpu_us",
+        )
+    )
+
     # The design's bare hold transaction (pgbench's seed script; asyncpg's
     # when pgbench is missing) at the same concurrency.
     seed = _at_concurrency(figs, "ceiling.pgbench.seed.", conc) or _at_concurrency(
@@ -341,6 +362,17 @@ def evaluate(b: Bench) -> list[Goal]:
         )
     )
 
+    goals.append(
+        _ratio_goal(
+            "ListSlots (one specialist's day) server CPU per call vs database floor",
+            "<= 2x",
+            2.0,
+            reads,
+            _at_concurrency(figs, "floor.round_trip.", _conc(reads.key) if reads else None),
+            "server_cpu_us",
+        )
+    )
+
     ev = figs.get("events.streams100")
     if ev is None:
         streams = [f for k, f in figs.items() if k.startswith("events.streams")]
@@ -357,8 +389,172 @@ def evaluate(b: Bench) -> list[Goal]:
         )
     else:
         goals.append(Goal("event delivery with 100 streams", "p99 < 25 ms", "not measured", None))
+    prev = figs.get("events.previous.streams100")
+    if prev is None:
+        olds = [f for k, f in figs.items() if k.startswith("events.previous.streams")]
+        prev = olds[-1] if olds else None
+    if prev is not None:
+        now = figs.get(prev.key.replace("events.previous.", "events."))
+        a, c = _mean(now, "p99_ms"), _mean(prev, "p99_ms")
+        name = "event delivery p99, this release vs the previous one (alternating, same run)"
+        if now is None or a is None or c is None or c <= 0:
+            goals.append(Goal(name, "<= 1x", "not measured", None))
+        else:
+            goals.append(
+                Goal(
+                    name,
+                    "<= 1x",
+                    f"p99 {a:.1f} ms ({now.key}) vs {c:.1f} ms ({prev.key}) = {a / c:.2f}x",
+                    a <= c,
+                )
+            )
     goals += _history_goals(b)
     goals += _seats_goals(b)
+    goals += _capability_goals(b)
+    return goals
+
+
+def _cost(fig: Figure | None) -> float | None:
+    """Server + PostgreSQL CPU per call (what a capability adds to both)."""
+    s, p = _mean(fig, "server_cpu_us"), _mean(fig, "pg_cpu_us")
+    return None if s is None or p is None else s + p
+
+
+def _cost_goal(name: str, limit: float, num: Figure | None, den: Figure | None) -> Goal:
+    target = f"<= {limit:.2f}x"
+    a, c = _cost(num), _cost(den)
+    if num is None or den is None or a is None or not c:
+        return Goal(name, target, "not measured", None)
+    ratio = a / c
+    return Goal(
+        name,
+        target,
+        f"{a:,.0f} us ({num.key}) vs {c:,.0f} us ({den.key}) = {ratio:.2f}x",
+        ratio <= limit,
+    )
+
+
+# Standby reads: a scenario that serves reads from a standby names its
+# figures standby_reads.<call>.primary.cN and standby_reads.<call>.standby.cN
+# (the same call, answered by the primary and by a standby, in one run);
+# each pair measured becomes a goal here. No such scenario, no goal.
+STANDBY_READS_LIMIT = 1.10
+
+
+# A synchronous standby on loopback costs every commit one more round trip
+# and the standby's flush; the goal is to keep most of the throughput.
+STANDBY_THROUGHPUT_FLOOR = 0.70
+
+
+def _standby_goals(b: Bench) -> list[Goal]:
+    """HoldSlot (at each concurrency) and Hold+Confirm against the primary
+    with a synchronous standby vs the single PostgreSQL, from this run."""
+    figs = b.figures
+    goals = []
+    keys = sorted(
+        {k.replace(".sync.", ".") for k in figs if k.startswith("standby.") and ".sync." in k},
+        key=lambda k: (k.split(".")[1], _conc(k) or 0),
+    )
+    for key in keys:
+        method, conc = key.split(".")[1], key.rsplit(".", 1)[1]
+        sync = figs.get(f"standby.{method}.sync.{conc}")
+        single = figs.get(f"standby.{method}.single.{conc}")
+        what = "HoldSlot" if method == "hold" else "Hold+Confirm"
+        name = f"synchronous standby: {what} {conc} vs single PostgreSQL"
+        target = f">= {STANDBY_THROUGHPUT_FLOOR:.0%} of the single's throughput"
+        t1, t0 = _mean(sync, "throughput"), _mean(single, "throughput")
+        if not t1 or not t0:
+            goals.append(Goal(name, target, "not measured", None))
+            continue
+
+        def f(fig: Figure | None, metric: str) -> float:
+            return _mean(fig, metric) or 0.0
+
+        goals.append(
+            Goal(
+                name,
+                target,
+                f"{t1:,.0f}/s vs {t0:,.0f}/s = {t1 / t0:.0%}; p50 {f(sync, 'p50_ms'):.1f} vs"
+                f" {f(single, 'p50_ms'):.1f} ms, p99 {f(sync, 'p99_ms'):.1f} vs"
+                f" {f(single, 'p99_ms'):.1f} ms; primary PostgreSQL CPU"
+                f" {f(sync, 'pg_cpu_us'):,.0f} vs {f(single, 'pg_cpu_us'):,.0f} us a call,"
+                f" the standby's {f(sync, 'standby_cpu_us'):,.0f} us",
+                t1 / t0 >= STANDBY_THROUGHPUT_FLOOR,
+            )
+        )
+    return goals
+
+
+def _capability_goals(b: Bench) -> list[Goal]:
+    """What each capability costs the calls that existed before it, with
+    and without it, from this run: a seat of a multi-seat slot vs the only
+    seat, a series vs as many single holds, a hold with a webhook endpoint
+    subscribed vs none, a read from a standby vs from the primary."""
+    figs = b.figures
+    goals = []
+    single = _best([f for k, f in figs.items() if k.startswith("seats.single.c")])
+    conc = _conc(single.key) if single else None
+    goals.append(
+        _cost_goal(
+            "seats: HoldSlot of one seat of a 5-seat slot vs of a single-seat slot"
+            " (server + PostgreSQL CPU)",
+            1.25,
+            _at_concurrency(figs, "seats.multi.c", conc),
+            single,
+        )
+    )
+    ser = _best([f for k, f in figs.items() if k.startswith("series.hold")])
+    name = (
+        f"series: HoldSeries of {db.SERIES_OCCURRENCES} vs {db.SERIES_OCCURRENCES} single-seat"
+        " HoldSlots (server + PostgreSQL CPU)"
+    )
+    one = _at_concurrency(figs, "seats.single.c", _conc(ser.key) if ser else None)
+    s_cost, h_cost = _cost(ser), _cost(one)
+    if ser is None or one is None or s_cost is None or not h_cost:
+        goals.append(Goal(name, "<= 1x", "not measured", None))
+    else:
+        n_holds = h_cost * db.SERIES_OCCURRENCES
+        goals.append(
+            Goal(
+                name,
+                "<= 1x",
+                f"{s_cost:,.0f} us a series ({ser.key}) vs {db.SERIES_OCCURRENCES} x"
+                f" {h_cost:,.0f} us ({one.key}) = {s_cost / n_holds:.2f}x",
+                s_cost <= n_holds,
+            )
+        )
+    hook = _best([f for k, f in figs.items() if k.startswith("webhooks.hold.subscribed.c")])
+    goal = _cost_goal(
+        "webhooks: HoldSlot with one endpoint subscribed vs none"
+        " (server + PostgreSQL CPU, the dispatcher's included)",
+        1.25,
+        hook,
+        _at_concurrency(figs, "webhooks.hold.none.c", _conc(hook.key) if hook else None),
+    )
+    delivered = _mean(hook, "delivered_pct")
+    if delivered is not None:
+        goal.value += f"; {delivered:.0f}% of the holds delivered within the window"
+    goals.append(goal)
+    goals += _standby_goals(b)
+    calls = sorted(
+        {k.split(".")[1] for k in figs if k.startswith("standby_reads.") and k.count(".") >= 3}
+    )
+    for call in calls:
+        standby = _best(
+            [f for k, f in figs.items() if k.startswith(f"standby_reads.{call}.standby.c")]
+        )
+        primary = _at_concurrency(
+            figs, f"standby_reads.{call}.primary.c", _conc(standby.key) if standby else None
+        )
+        goals.append(
+            _cost_goal(
+                f"standby reads: {call} from a standby vs from the primary"
+                " (server + PostgreSQL CPU)",
+                STANDBY_READS_LIMIT,
+                standby,
+                primary,
+            )
+        )
     return goals
 
 
@@ -597,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(opts, database, seeded, pool, postmaster, run_dir, progress)
             if opts.profile:
                 bench.profiler = _profiler(bench, started)
+            if "events" in opts.scenarios and opts.previous_release:
+                bench.previous_release = _previous_tree(bench, opts.previous_release)
             try:
                 for name in opts.scenarios:
                     if name in PREPARE:
@@ -625,6 +823,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.info(f"scratch directory (server logs) kept: {run_dir}")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _previous_tree(b: Bench, rev: str) -> Path | None:
+    """`git archive` of the previous release's service, storage and gen
+    into the scratch directory; None (with a note) outside a git checkout."""
+    import subprocess
+
+    root = PACKAGE_DIR.parent.parent
+    out = b.run_dir / "previous-release"
+    archive = subprocess.run(
+        ["git", "archive", rev, "service", "storage", "gen", "migrations"],
+        cwd=root,
+        capture_output=True,
+    )
+    if archive.returncode != 0:
+        b.notes.append(
+            f"previous release {rev[:12]} not found ({archive.stderr.decode().strip()[:200]}):"
+            " events measured on this release only"
+        )
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    b.progress.info(f"events: the previous release ({rev[:12]}) alternates with this one")
+    return out
 
 
 def _profiler(b: Bench, started: float) -> Profiler:

@@ -48,7 +48,7 @@ class Job:
     concurrency: int = 1
     target: str = ""  # host:port of the gRPC server
     token: str = ""
-    # grpc: hold | hold_confirm | hold_series | health | list_slots | search_slots
+    # grpc: hold | hold_confirm | hold_series | health | floor | list_slots | search_slots
     method: str = "hold"
     first: int = 0  # first pool index this worker may use
     count: int = 0  # how many pool indices it may use
@@ -451,6 +451,23 @@ class _Worker:
                     return err.code().name
                 return "OK"
 
+            from bench.floor_server import METHOD as FLOOR_METHOD
+
+            floor_call = channel.unary_unary(
+                FLOOR_METHOD,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+
+            async def floor(k: int) -> str:
+                try:
+                    await floor_call(
+                        health_pb2.HealthCheckRequest(), metadata=md, timeout=CALL_TIMEOUT
+                    )
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+                return "OK"
+
             async def list_day(k: int) -> str:
                 specialist = rng.randrange(reads["specialists"])
                 day = reads["day0"] + rng.randrange(reads["days"]) * 86400
@@ -506,6 +523,7 @@ class _Worker:
                 "hold_confirm": hold_confirm,
                 "hold_series": hold_series,
                 "health": check,
+                "floor": floor,
                 "list_slots": list_day,
                 "search_slots": search_week,
                 **_history_reads(appointments, slots, md, rng, reads),

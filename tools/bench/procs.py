@@ -188,7 +188,10 @@ class ServerProcess:
     """A server started as `python -m MODULE ...`, its output in a log file;
     ready once it prints 'listening on HOST:PORT'."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path):
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: str = "/"
+    ):
+        self.cwd = cwd
         self.name = name
         self.argv = argv
         self.env = env
@@ -211,8 +214,30 @@ class ServerProcess:
             }
         )
         env.update(extra_env)
-        argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+        # The production server plus the bench-only floor RPC (bench.floor_server).
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.floor_server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]
         return cls(name, argv, env, log_path)
+
+    @classmethod
+    def previous(
+        cls, tree: Path, database_url: str, log_path: Path, extra_env: dict[str, str]
+    ) -> ServerProcess:
+        """The previous release's `service.cli serve`, from its source tree
+        (service, storage, gen; bench.harness extracts it), with this
+        environment's packages."""
+        server = cls.booking("server-previous", database_url, log_path, extra_env)
+        server.env["PYTHONPATH"] = f"{tree}:{tree / 'gen'}"
+        argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+        return cls(server.name, argv, server.env, log_path, cwd=str(tree))
 
     @classmethod
     def echo(cls, log_path: Path) -> ServerProcess:
@@ -237,7 +262,7 @@ class ServerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd="/"
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -161,6 +162,17 @@ def echo(b: Bench) -> None:
     )
     run = b.load(f"service health c={c}", b.hold_jobs(c, "health", [server]), [server])
     b.report_run(fig, run.sample())
+    # The database floor: one round trip of a trivial statement through the
+    # booking server's pool, interceptor, authentication and log line.
+    for c in b.opts.echo_concurrency:
+        fig = b.figure(
+            f"floor.round_trip.c{c}",
+            "echo",
+            f"database floor: one asyncpg round trip (SELECT 1) on the booking server,"
+            f" concurrency {c}",
+        )
+        run = b.load(f"floor c={c}", b.hold_jobs(c, "floor", [server]), [server])
+        b.report_run(fig, run.sample())
 
 
 # -- contention: everyone wants the same slot ------------------------------------------
@@ -295,6 +307,22 @@ def seats(b: Bench) -> None:
         b.reset()
         run = b.load(f"single-seat HoldSlot c={c}", b.hold_jobs(c, "hold", [server]), [server])
         b.report_run(fig, run.sample())
+    # One seat of a slot of SEAT_HERD_SEATS: the multi-seat path (no
+    # coalescing of a slot's herd, the seat count checked in the statement).
+    for c in b.opts.concurrency:
+        fig = b.figure(
+            f"seats.multi.c{c}",
+            "seats",
+            f"HoldSlot of one seat of a {SEAT_HERD_SEATS}-seat slot, concurrency {c}",
+        )
+        b.reset()
+        asyncio.run(db.set_capacity(b.db.url, 0, b.seeded.pool_size, SEAT_HERD_SEATS))
+        try:
+            run = b.load(f"multi-seat HoldSlot c={c}", b.hold_jobs(c, "hold", [server]), [server])
+        finally:
+            b.reset()
+            asyncio.run(db.set_capacity(b.db.url, 0, b.seeded.pool_size, 1))
+        b.report_run(fig, run.sample())
     rounds, contenders = b.opts.rounds, b.opts.contenders
     # Fewer contenders than seats (--quick) all win.
     n = min(SEAT_HERD_SEATS, contenders)
@@ -397,15 +425,112 @@ def series(b: Bench) -> None:
         b.report_run(fig, run.sample())
 
 
+# -- webhooks: what a subscribed endpoint adds to every hold ---------------------------
+
+
+class _Receiver:
+    """A webhook receiver in the harness's own process (its CPU is not the
+    server's): answers every POST 204 and counts them."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                with receiver.lock:
+                    receiver.received += 1
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.lock = threading.Lock()
+        self.received = 0
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}/hook"
+
+    def count(self) -> int:
+        with self.lock:
+            return self.received
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.thread.join(5)
+
+
+def webhooks(b: Bench) -> None:
+    """HoldSlot with no webhook endpoint, then with one subscribed to every
+    event (a receiver answering 204 at once), alternating the order by
+    repeat. The hold's cost includes the dispatcher's: reading the events,
+    POSTing them and moving the endpoint's cursor, in the same server and
+    database."""
+    from booking.v1 import webhook_pb2, webhook_pb2_grpc
+
+    server = b.ensure_primary()
+    c = max(b.opts.concurrency)
+    receiver = _Receiver()
+    try:
+        order = ("none", "subscribed") if b.rep % 2 == 0 else ("subscribed", "none")
+        for side in order:
+            fig = b.figure(
+                f"webhooks.hold.{side}.c{c}",
+                "webhooks",
+                f"HoldSlot, concurrency {c}, "
+                + ("one webhook endpoint subscribed" if side == "subscribed" else "no endpoint"),
+                extras=[("delivered_pct", "delivered in the window", "%")],
+            )
+            asyncio.run(db.delete_webhook_endpoints(b.db.url))
+            b.reset()
+            if side == "subscribed":
+                with grpc.insecure_channel(server.target) as channel:
+                    webhook_pb2_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(
+                        webhook_pb2.CreateWebhookEndpointRequest(url=receiver.url),
+                        metadata=(("authorization", f"Bearer {b.token}"),),
+                        timeout=10,
+                    )
+            before = receiver.count()
+            run = b.load(f"webhooks {side} c={c}", b.hold_jobs(c, "hold", [server]), [server])
+            sample = run.sample()
+            ok = sample.get("ok") or 0
+            sample["webhook_posts"] = receiver.count() - before
+            if side == "subscribed":
+                sample["delivered_pct"] = 100.0 * sample["webhook_posts"] / ok if ok else None
+            b.report_run(fig, sample)
+    finally:
+        asyncio.run(db.delete_webhook_endpoints(b.db.url))
+        receiver.close()
+
+
 # -- events: commit-to-receipt latency, and idle streams' memory -----------------------
 
 PRIME_RANGE = 2000  # pool indices kept out of the load for priming holds
 
 
-def _prime(b: Bench, indices: list[int], expected: int, first: int, timeout: float = 30.0) -> int:
+def _prime(
+    b: Bench,
+    indices: list[int],
+    expected: int,
+    first: int,
+    timeout: float = 30.0,
+    server: ServerProcess | None = None,
+) -> int:
     """Make holds until every stream has received something (so it is
     surely open on the server); returns how many holds it took."""
-    server = b.ensure_primary()
+    server = server or b.ensure_primary()
     deadline = time.monotonic() + timeout
     k = first
     while b.pool.counted(indices) < expected:
@@ -421,87 +546,112 @@ def _prime(b: Bench, indices: list[int], expected: int, first: int, timeout: flo
 
 
 def events(b: Bench) -> None:
-    server = b.ensure_primary()
     if b.pool.size < 2:
         raise SystemExit("the events scenario needs --client-procs 2 or more")
+    previous: Path | None = b.previous_release
+    for streams in b.opts.event_streams:
+        # This release and the previous one in turn, the order alternating
+        # by repeat, each server alone on the database while it is measured.
+        sides = ["", "previous"] if previous is not None else [""]
+        if b.rep % 2 == 1:
+            sides.reverse()
+        for release in sides:
+            if release:
+                assert previous is not None
+                b.stop_primary()
+                old = ServerProcess.previous(
+                    previous, b.db.url, b.run_dir / "logs" / "server-previous.log", b._server_env()
+                )
+                old.start()
+                try:
+                    _events_run(b, old, streams, release)
+                finally:
+                    old.stop()
+            else:
+                _events_run(b, b.ensure_primary(), streams, release)
+    _idle_streams(b)
+
+
+def _events_run(b: Bench, server: ServerProcess, streams: int, release: str) -> None:
+    """One events figure: `streams` streams on `server` while it takes the
+    paced holds; `release` is "" for this one, "previous" for the
+    previous release's server."""
     watchers = list(range(1, b.pool.size))
     load_count = b.seeded.pool_size - PRIME_RANGE
-    for streams in b.opts.event_streams:
-        fig = b.figure(
-            f"events.streams{streams}",
-            "events",
-            f"event delivery (commit to receipt), {streams} stream(s), "
-            f"{b.opts.event_rate:g} holds/s",
-            throughput_unit="events/s",
-            extras=[
-                ("holds_per_s", "load", " holds/s"),
-                ("delivered_pct", "delivered", "% of holds per stream"),
-            ],
+    fig = b.figure(
+        f"events.{release + '.' if release else ''}streams{streams}",
+        "events",
+        f"event delivery (commit to receipt), {streams} stream(s), "
+        f"{b.opts.event_rate:g} holds/s" + (", the previous release's server" if release else ""),
+        throughput_unit="events/s",
+        extras=[
+            ("holds_per_s", "load", " holds/s"),
+            ("delivered_pct", "delivered", "% of holds per stream"),
+        ],
+    )
+    b.reset()
+    watch_jobs = {
+        w: Job(kind="watch", target=server.target, token=b.token, streams=n)
+        for w, n in zip(watchers, split(streams, len(watchers)), strict=False)
+    }
+    used = list(watch_jobs)
+    b.pool.start_jobs(watch_jobs)
+    _prime(b, used, streams, load_count, server=server)
+    load_job = Job(
+        kind="grpc",
+        concurrency=64,
+        target=server.target,
+        token=b.token,
+        method="hold",
+        first=0,
+        count=load_count,
+        rate=b.opts.event_rate,
+    )
+    b.pool.start_jobs({0: load_job})
+    meter = b.meter([server])
+    meter.start()
+    deadline = time.monotonic() + b.opts.duration
+    b.pool.go([0, *used], deadline)
+    ticker = b.progress.run_ticker(f"events {streams} stream(s)", b.opts.duration)
+    while time.monotonic() < deadline:
+        ticker(b.opts.duration - (deadline - time.monotonic()), b.pool.counted([0]))
+        time.sleep(0.25)
+    results = b.pool.collect([0, *used], timeout=30)
+    cpu = meter.stop()
+    load = Run.merge(results[:1], cpu)
+    watched = results[1:]
+    latencies: list[float] = []
+    delivered = 0
+    stream_errors: Counter[str] = Counter()
+    first: Counter[str] = Counter()
+    for w in watched:
+        latencies.extend(latencies_of(w))
+        delivered += int(w["events"])
+        stream_errors.update(w["stream_errors"])
+        first.update(w["first_message"])
+    window = max((w["end"] - w["start"]) for w in watched) if watched else 0.0
+    holds_ok = load.codes.get("OK", 0)
+    sample: dict[str, Any] = {
+        "throughput": delivered / window if window else None,
+        **latency_ms(latencies),
+        "server_cpu_us": _per(cpu.get("server"), holds_ok),
+        "pg_cpu_us": _per(cpu.get("postgres"), holds_ok),
+        "holds_per_s": holds_ok / load.wall if load.wall else None,
+        "delivered_pct": 100.0 * delivered / streams / holds_ok if holds_ok else None,
+        "events_received": delivered,
+        "holds": holds_ok,
+        "streams_opened_by_heartbeat": first.get("heartbeat", 0),
+        "codes": dict(load.codes + stream_errors),
+    }
+    if load.dropped:
+        sample["dropped"] = load.dropped
+    b.report_run(fig, sample)
+    pct = sample["delivered_pct"]
+    if pct is not None and pct < 80:
+        b.notes.append(
+            f"{fig.key} run {b.rep + 1}: streams received only {pct:.0f}% of the holds"
+            " made while they watched (events arriving after the window are not counted)"
         )
-        b.reset()
-        watch_jobs = {
-            w: Job(kind="watch", target=server.target, token=b.token, streams=n)
-            for w, n in zip(watchers, split(streams, len(watchers)), strict=False)
-        }
-        used = list(watch_jobs)
-        b.pool.start_jobs(watch_jobs)
-        _prime(b, used, streams, load_count)
-        load_job = Job(
-            kind="grpc",
-            concurrency=64,
-            target=server.target,
-            token=b.token,
-            method="hold",
-            first=0,
-            count=load_count,
-            rate=b.opts.event_rate,
-        )
-        b.pool.start_jobs({0: load_job})
-        meter = b.meter([server])
-        meter.start()
-        deadline = time.monotonic() + b.opts.duration
-        b.pool.go([0, *used], deadline)
-        ticker = b.progress.run_ticker(f"events {streams} stream(s)", b.opts.duration)
-        while time.monotonic() < deadline:
-            ticker(b.opts.duration - (deadline - time.monotonic()), b.pool.counted([0]))
-            time.sleep(0.25)
-        results = b.pool.collect([0, *used], timeout=30)
-        cpu = meter.stop()
-        load = Run.merge(results[:1], cpu)
-        watched = results[1:]
-        latencies: list[float] = []
-        delivered = 0
-        stream_errors: Counter[str] = Counter()
-        first: Counter[str] = Counter()
-        for w in watched:
-            latencies.extend(latencies_of(w))
-            delivered += int(w["events"])
-            stream_errors.update(w["stream_errors"])
-            first.update(w["first_message"])
-        window = max((w["end"] - w["start"]) for w in watched) if watched else 0.0
-        holds_ok = load.codes.get("OK", 0)
-        sample: dict[str, Any] = {
-            "throughput": delivered / window if window else None,
-            **latency_ms(latencies),
-            "server_cpu_us": _per(cpu.get("server"), holds_ok),
-            "pg_cpu_us": _per(cpu.get("postgres"), holds_ok),
-            "holds_per_s": holds_ok / load.wall if load.wall else None,
-            "delivered_pct": 100.0 * delivered / streams / holds_ok if holds_ok else None,
-            "events_received": delivered,
-            "holds": holds_ok,
-            "streams_opened_by_heartbeat": first.get("heartbeat", 0),
-            "codes": dict(load.codes + stream_errors),
-        }
-        if load.dropped:
-            sample["dropped"] = load.dropped
-        b.report_run(fig, sample)
-        pct = sample["delivered_pct"]
-        if pct is not None and pct < 80:
-            b.notes.append(
-                f"{fig.key} run {b.rep + 1}: streams received only {pct:.0f}% of the holds"
-                " made while they watched (events arriving after the window are not counted)"
-            )
-    _idle_streams(b)
 
 
 def _idle_streams(b: Bench) -> None:
@@ -635,6 +785,150 @@ def replicas(b: Bench) -> None:
         run = b.load(f"replicas={n} c={c}", b.hold_jobs(c, "hold", servers), servers)
         b.report_run(fig, run.sample())
     b.stop_secondary()
+
+
+# -- standby: the price of a synchronous standby --------------------------------------
+
+STANDBY_NAME = "bench_standby"
+
+
+@dataclass
+class StandbyData:
+    pg: Any  # storage.embedded.EmbeddedPostgres: the standby
+    primary: Any  # storage.embedded.EmbeddedPostgres: the bench's server
+    running: bool = True
+
+
+def prepare_standby(b: Bench) -> None:
+    """A hot standby of the bench's embedded PostgreSQL (pg_basebackup on
+    loopback, durable like the primary), made once per run."""
+    from storage import basebackup
+
+    if b.db.embedded is None:
+        b.notes.append(
+            "standby scenario skipped: it needs the embedded PostgreSQL (not --database-url)"
+        )
+        return
+    b.progress.info("standby: pg_basebackup of the bench's PostgreSQL ...")
+    # The slot keeps the WAL written while the standby is stopped (the
+    # single-PostgreSQL runs), so it catches up when started again.
+    pg = basebackup.make_standby(
+        b.db.embedded, b.run_dir / "standby", STANDBY_NAME, max_connections=300, slot=STANDBY_NAME
+    )
+    b.standby = StandbyData(pg, b.db.embedded)
+    b.cleanups.append(functools.partial(_drop_standby, b.standby, b.db.admin_url))
+
+
+def _stop_standby(data: StandbyData) -> None:
+    if data.running:
+        data.pg.stop()
+        data.running = False
+
+
+def _drop_standby(data: StandbyData, admin_url: str) -> None:
+    _stop_standby(data)
+
+    async def drop() -> None:
+        conn = await db.connect(admin_url)
+        try:
+            await conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE slot_name = $1",
+                STANDBY_NAME,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+async def _set_synchronous(admin_url: str, names: str) -> None:
+    conn = await db.connect(admin_url)
+    try:
+        await conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+        await conn.execute("SELECT pg_reload_conf()")
+        # A reload is asynchronous: wait until a new session sees it, and for
+        # the standby to stream as the synchronous one.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            check = await db.connect(admin_url)
+            try:
+                shown = await check.fetchval("SHOW synchronous_standby_names")
+                sync = await check.fetchval(
+                    "SELECT count(*) FROM pg_stat_replication"
+                    " WHERE application_name = $1 AND state = 'streaming' AND sync_state = 'sync'",
+                    STANDBY_NAME,
+                )
+            finally:
+                await check.close()
+            if shown == names and (not names or sync == 1):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"synchronous_standby_names = '{names}' did not take effect in 60s")
+    finally:
+        await conn.close()
+
+
+def standby(b: Bench) -> None:
+    """HoldSlot and Hold+Confirm against the single PostgreSQL (the standby
+    stopped, synchronous_standby_names empty) and against the same primary
+    with the standby streaming as its synchronous standby (every commit
+    waits for the standby's WAL flush), alternating the order by repeat."""
+    data: StandbyData | None = b.standby
+    if data is None:
+        return
+    from bench.procs import postgres_cpu_seconds
+    from storage import embedded
+
+    server = b.ensure_primary()
+    hold_c = sorted({1, max(b.opts.concurrency)})
+    pair_c = max(b.opts.pair_concurrency)
+    order = ("single", "sync") if b.rep % 2 == 0 else ("sync", "single")
+    for side in order:
+        if side == "single":
+            asyncio.run(_set_synchronous(b.db.admin_url, ""))
+            _stop_standby(data)
+        else:
+            if not data.running:
+                data.pg = embedded.start(data.pg.data_dir, max_connections=300)
+                data.running = True
+            asyncio.run(_set_synchronous(b.db.admin_url, STANDBY_NAME))
+        what = (
+            "single PostgreSQL"
+            if side == "single"
+            else "primary + 1 synchronous standby (loopback)"
+        )
+        runs = [("hold", c, f"HoldSlot, concurrency {c}") for c in hold_c]
+        runs.append(
+            ("hold_confirm", pair_c, f"HoldSlot+ConfirmAppointment pairs, concurrency {pair_c}")
+        )
+        for method, c, label in runs:
+            fig = b.figure(
+                f"standby.{method}.{side}.c{c}",
+                "standby",
+                f"{label}, {what}",
+                throughput_unit="pairs/s" if method == "hold_confirm" else "calls/s",
+                extras=[("standby_cpu_us", "standby PostgreSQL CPU", " us/call")],
+            )
+            b.reset()
+            standby_pid = _postmaster_pid(data) if data.running else None
+            before = postgres_cpu_seconds(standby_pid)
+            run = b.load(f"{method} ({side}) c={c}", b.hold_jobs(c, method, [server]), [server])
+            after = postgres_cpu_seconds(standby_pid)
+            sample = run.sample()
+            if before is not None and after is not None:
+                sample["standby_cpu_us"] = run.per_call_us(after - before, run.codes.get("OK", 0))
+            b.report_run(fig, sample)
+    # Leave the primary as the other scenarios expect it: alone.
+    asyncio.run(_set_synchronous(b.db.admin_url, ""))
+    _stop_standby(data)
+
+
+def _postmaster_pid(data: StandbyData) -> int | None:
+    try:
+        return int((data.pg.pgdata / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- history: the hot paths with 10 million rows behind them --------------------------
@@ -821,14 +1115,17 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "contention": contention,
     "seats": seats,
     "series": series,
+    "webhooks": webhooks,
     "events": events,
     "reads": reads,
     "search": search,
     "replicas": replicas,
+    "standby": standby,
     "history": history_scenario,
 }
 PREPARE: dict[str, Callable[[Bench], None]] = {
     "reads": prepare_reads,
     "search": prepare_search,
+    "standby": prepare_standby,
     "history": prepare_history,
 }
