@@ -268,7 +268,17 @@ async def list_(
     where.add_if(user_id, "a.user_id = {}")
     where.add_if(specialist_id, "a.specialist_id = {}")
     where.add_if(status.value if status else None, "a.status = {}::appointment_status")
-    where.add_if(window_start, "s.end_time > {}")
+    # The slot's times on the appointment (a.slot_end) bound a user's range
+    # of appointments_user_slot_end to those ending after the window starts,
+    # so the user's past is never read; rows not yet backfilled (NULL) are
+    # the same index's empty range after `migrate backfill`, and are
+    # compared by their slot meanwhile.
+    if window_start is not None:
+        arg = where.arg(window_start)
+        where.add(
+            f"(a.slot_end > {arg} OR a.slot_end IS NULL)"
+            f" AND coalesce(a.slot_end, s.end_time) > {arg}"
+        )
     where.add_if(window_end, "s.start_time < {}")
     if after is not None:
         where.add("(s.start_time, a.id) > ({}, {})", after[0], after[1])

@@ -115,6 +115,13 @@ CREATE TABLE appointments (
     buffered_range  tstzrange,
     -- The recurring series it was held in, if any (series.sql).
     series_id       uuid,
+    -- Its slot's start and end, copied when it takes the slot (the trigger
+    -- appointments_range, buffers.sql), so that a user's upcoming
+    -- appointments are found without reading the past ones' slots. NULL
+    -- only on rows written before the columns existed, until
+    -- `booking-service migrate backfill` has set them.
+    slot_start      timestamptz,
+    slot_end        timestamptz,
 
     CONSTRAINT appointments_party_size_positive CHECK (party_size >= 1),
     CONSTRAINT appointments_slot_specialist_fkey
@@ -138,6 +145,9 @@ CREATE TABLE appointments (
 CREATE INDEX appointments_live_by_slot
     ON appointments (time_slot_id) WHERE status <> 'CANCELLED';
 CREATE INDEX appointments_user ON appointments (user_id, status);
+-- A user's appointments that end after an instant: the overlap check and a
+-- user's upcoming appointments read only those, never the user's past.
+CREATE INDEX appointments_user_slot_end ON appointments (user_id, slot_end);
 CREATE INDEX appointments_specialist ON appointments (specialist_id, status);
 CREATE INDEX appointments_hold_expiry ON appointments (expires_at) WHERE status = 'HOLD';
 
