@@ -50,3 +50,5 @@ END
 $$;
 
 ALTER TABLE appointments DROP COLUMN slot_start, DROP COLUMN slot_end;
+
+ALTER TABLE time_slots DROP CONSTRAINT time_slots_length_bounded;

@@ -3,7 +3,9 @@
 -- The slot's times kept on the appointment (appointments.slot_start,
 -- slot_end), so that the user-overlap check and a user's upcoming
 -- appointments read only the user's appointments that end after an
--- instant, never the user's past (docs/performance.md, "History").
+-- instant, never the user's past (docs/performance.md, "History"); and
+-- a slot's length bounded (time_slots_length_bounded, 48 hours), so that
+-- ListSlots can bound the start of its index range.
 --
 -- Expand only: two nullable columns with no default (no rewrite), the
 -- trigger that already sets the buffered range sets them too (so the
@@ -11,8 +13,10 @@
 -- signatures. Rows written before this migration keep NULL until
 -- `booking-service migrate backfill` sets them in batches; until then the
 -- new bodies also look at those rows the old way, so they stay correct at
--- every point of the backfill. The index comes in 0046, built
--- CONCURRENTLY. The ALTER needs appointments' lock for a moment; it is
+-- every point of the backfill. The CHECK is added NOT VALID (new rows
+-- only, no scan under the lock); 0046 validates it and builds the index
+-- CONCURRENTLY, without blocking writes. The ALTERs need the two tables'
+-- locks for a moment (in the transitions' order, slots first); they are
 -- taken with a short lock_timeout and retried, so the previous release's
 -- holds never queue behind it for long.
 DO $$
@@ -20,18 +24,23 @@ BEGIN
     FOR i IN 1 .. 1200 LOOP
         BEGIN
             PERFORM set_config('lock_timeout', '50ms', true);
-            LOCK TABLE appointments IN ACCESS EXCLUSIVE MODE;
+            LOCK TABLE time_slots, appointments IN ACCESS EXCLUSIVE MODE;
             PERFORM set_config('lock_timeout', '0', true);
             RETURN;
         EXCEPTION WHEN lock_not_available THEN
             PERFORM pg_sleep(0.01 * random());
         END;
     END LOOP;
-    RAISE EXCEPTION 'could not lock appointments for the migration';
+    RAISE EXCEPTION 'could not lock time_slots and appointments for the migration';
 END
 $$;
 
 ALTER TABLE appointments ADD COLUMN slot_start timestamptz, ADD COLUMN slot_end timestamptz;
+
+ALTER TABLE time_slots ADD CONSTRAINT time_slots_length_bounded CHECK (
+        end_time - start_time <= interval '48 hours'
+        OR (start_time = '-infinity' AND end_time <= '0001-01-03 00:00:00+00')
+        OR (end_time = 'infinity' AND start_time >= '9999-12-30 00:00:00+00')) NOT VALID;
 
 CREATE OR REPLACE FUNCTION booking_appointment_range() RETURNS trigger
 LANGUAGE plpgsql AS $$

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from datetime import timedelta
 
+import asyncpg
 import grpc
 import pytest
 
 from booking.v1 import appointment_pb2 as apb
 from booking.v1 import appointment_pb2_grpc
+from booking.v1 import slot_pb2 as spb
 from storage import backfill
 from storage.models import Role
 from tests.population import fetch, insert_clients
@@ -194,3 +197,33 @@ async def test_the_backfill_refuses_an_empty_batch(api: Api) -> None:
     assert api.server.db is not None
     with pytest.raises(ValueError):
         await backfill.slot_times(api.server.db, batch_size=0)
+
+
+async def test_a_slot_lasts_at_most_48_hours_and_the_longest_is_listed_by_a_window_it_overlaps(
+    api: Api, database_url: str
+) -> None:
+    spec = await api.specialist()
+    window = hours_from_now(24 * 10)
+    async with expect_failure(grpc.StatusCode.INVALID_ARGUMENT):
+        await api.slot(spec.id, window, minutes=48 * 60 + 1)
+    longest = await api.slot(spec.id, window - timedelta(hours=47, minutes=59), minutes=48 * 60)
+    await api.slot(spec.id, window - timedelta(hours=50), minutes=60)  # ends before the window
+    listed = await api.slots.ListSlots(
+        spb.ListSlotsRequest(
+            specialist_id=spec.id,
+            window_start_time=ts(window),
+            window_end_time=ts(window + timedelta(hours=1)),
+        ),
+        metadata=api.md,
+    )
+    assert [s.id for s in listed.slots] == [longest.id]
+    # The database refuses a longer one whatever writes it.
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
+        await fetch(
+            database_url,
+            "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
+            " VALUES (gen_random_uuid(), $1, $2::timestamptz, $2::timestamptz + interval '48 hours 1 second')",
+            uuid.UUID(spec.id),
+            window + timedelta(days=5),
+        )
+    assert refused.value.constraint_name == "time_slots_length_bounded"
