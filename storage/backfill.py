@@ -69,6 +69,8 @@ async def slot_times(
 
         last, count = await db.run(work, intent=Intent.WRITE, isolation=Isolation.READ_COMMITTED)
         if last is None:
+            # The planner's statistics of the columns, now they are set.
+            await db.execute("ANALYZE appointments", intent=Intent.WRITE)
             return Progress(batches, after, updated)
         batches += 1
         updated += count
