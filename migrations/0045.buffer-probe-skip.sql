@@ -1,4 +1,4 @@
--- depends: 0043.waitlist-party-size
+-- depends: 0044.appointment-slot-times
 --
 -- The buffer probe skipped for specialists whose buffers were never used
 -- (storage/sql/buffers.sql, docs/performance.md "Seats, series and

@@ -23,7 +23,7 @@ from service.config import (
     from_sources,
 )
 from service.server import BookingServer, database
-from storage import migrate
+from storage import backfill, migrate
 from storage import policies as policy_store
 from storage import users as user_store
 from storage.database import Database
@@ -131,7 +131,24 @@ async def _serve_workers(config: Config, argv: list[str]) -> int:
     return next((c for c in codes if c != 0 and c not in forwarded), 0)
 
 
-async def _migrate(config: Config, action: str, count: int, contract: bool) -> int:
+async def _backfill(dsn: str, batch_size: int) -> None:
+    db = await Database.connect(dsn, min_size=1, max_size=1)
+    try:
+
+        def report(p: backfill.Progress) -> None:
+            if p.batches % 100 == 0:
+                print(f"slot times: {p.batches} batches, {p.updated} appointments set", flush=True)
+
+        done = await backfill.slot_times(db, batch_size=batch_size, on_batch=report)
+        left = await backfill.slot_times_left(db)
+        print(f"slot times: {done.updated} appointments set in {done.batches} batches; {left} left")
+    finally:
+        await db.close()
+
+
+async def _migrate(
+    config: Config, action: str, count: int, contract: bool, batch_size: int = 5000
+) -> int:
     async with database(config) as dsn:
         if action == "apply":
             applied = await asyncio.to_thread(lambda: migrate.apply(dsn, contract=contract))
@@ -142,6 +159,8 @@ async def _migrate(config: Config, action: str, count: int, contract: bool) -> i
                     "contract migrations waiting for `migrate apply --contract` (once no"
                     " replica of the previous release is left): " + ", ".join(sorted(waiting))
                 )
+        elif action == "backfill":
+            await _backfill(dsn, batch_size)
         elif action == "rollback":
             rolled = await asyncio.to_thread(migrate.rollback, dsn, count)
             print("rolled back: " + (", ".join(rolled) or "nothing"))
@@ -225,10 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument(
         "action",
         nargs="?",
-        choices=["apply", "rollback", "list"],
+        choices=["apply", "rollback", "list", "backfill"],
         default="apply",
-        help="apply pending migrations (default), roll back the newest, or list each"
-        " migration as applied or pending",
+        help="apply pending migrations (default), roll back the newest, list each"
+        " migration as applied or pending, or backfill the columns that expand migrations"
+        " added (in short batches, under live traffic; safe to run again)",
+    )
+    mig.add_argument(
+        "--batch-size",
+        type=int,
+        default=5000,
+        help="with backfill: rows per transaction (default 5000)",
     )
     mig.add_argument("--count", type=int, default=1, help="migrations to roll back (default 1)")
     mig.add_argument(
@@ -322,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(lambda: _serve_workers(config, list(argv)))
         return _run(lambda: _serve(config))
     if args.command == "migrate":
-        return _run(lambda: _migrate(config, args.action, args.count, args.contract))
+        return _run(
+            lambda: _migrate(config, args.action, args.count, args.contract, args.batch_size)
+        )
     if args.command == "create-admin":
         try:
             password = _read_password(args.password_stdin)

@@ -554,6 +554,9 @@ def translate(exc: asyncpg.PostgresError) -> BookingError | None:
     if isinstance(exc, asyncpg.ExclusionViolationError) and constraint == "time_slots_no_overlap":
         # Key (specialist_id, tstzrange(...))=(<id>, [...)): the id comes first.
         return SlotOverlap(specialist_id=(_detail_value(exc) or "").split(",")[0])
+    if isinstance(exc, asyncpg.CheckViolationError) and constraint == "time_slots_length_bounded":
+        # Validation refuses it first; this is a slot written another way.
+        return InvalidValue(field="end_time", description="at most 48 hours after start_time")
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         if constraint == "time_slots_specialist_id_fkey":
             return SpecialistNotFound(id=_detail_value(exc) or "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -14,6 +14,11 @@ from storage.conditions import Conditions
 from storage.database import Connection, Database, Intent
 from storage.errors import SlotNotFound, SpecialistInactive, SpecialistNotFound
 from storage.models import AvailableSlot, Page, Slot, SlotStatus
+
+# The longest a slot may last (the CHECK time_slots_length_bounded): long
+# enough for any day's opening hours, a day of 25 hours included.
+MAX_SLOT_LENGTH = timedelta(hours=48)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 _COLUMNS = (
     "id, specialist_id, start_time, end_time, status, created_at, capacity,"
@@ -138,6 +143,11 @@ async def list_(
     # this reads a handful of pages for one specialist's day among 1M slots,
     # where the overlap operator on the GiST index read hundreds.
     where.add_if(window_start, "end_time > {}")
+    # No slot lasts longer (time_slots_length_bounded): a bound the index
+    # range can start at, instead of the specialist's first slot.
+    # (Within 48 hours of 0001-01-01 there is no bound to take.)
+    if window_start is not None and window_start - _EARLIEST >= MAX_SLOT_LENGTH:
+        where.add("start_time >= {}", window_start - MAX_SLOT_LENGTH)
     where.add_if(window_end, "start_time < {}")
     where.add_if(status.value if status else None, "status = {}::timeslot_status")
     if after is not None:

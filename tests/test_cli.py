@@ -55,7 +55,7 @@ def test_every_serve_flag_has_a_description(capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.parametrize(
     ("command", "own"),
     [
-        ("migrate", {"--count", "--contract"}),
+        ("migrate", {"--count", "--contract", "--batch-size"}),
         ("create-admin", {"--email", "--password-stdin"}),
     ],
 )

@@ -59,7 +59,9 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0041.series-request-ids",
         "0042.series-transition-request-ids",
         "0043.waitlist-party-size",
+        "0044.appointment-slot-times",
         "0045.buffer-probe-skip",
+        "0046.appointment-slot-times-index",
         "0050.contract-previous-release",
     ]
     before = await _counts(database_url)

@@ -42,6 +42,10 @@ def _new_slot(v: Validator, prefix: str, request: pb.CreateSlotRequest) -> NewSl
     if start is not None and end is not None and start >= end:
         v.fail(f"{prefix}end_time", "must be after start_time")
         return None
+    if start is not None and end is not None and end - start > store.MAX_SLOT_LENGTH:
+        hours = store.MAX_SLOT_LENGTH // timedelta(hours=1)
+        v.fail(f"{prefix}end_time", f"at most {hours} hours after start_time")
+        return None
     if specialist_id is None or start is None or end is None or capacity is None:
         return None
     return NewSlot(specialist_id, start, end, capacity)

@@ -52,14 +52,17 @@ BEGIN
 END
 $$;
 
--- Sets an appointment's buffered range when it takes a slot (a hold, an
--- offer, a reschedule), in this release or a previous one.
+-- Sets an appointment's buffered range and its slot's times (slot_start,
+-- slot_end: tables.sql) when it takes a slot (a hold, an offer, a
+-- reschedule), in this release or a previous one. A slot's times never
+-- change, so the copy stays equal to the slot's range.
 CREATE FUNCTION booking_appointment_range() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     SELECT tstzrange(s.start_time - make_interval(mins => p.buffer_before_minutes),
-                     s.end_time + make_interval(mins => p.buffer_after_minutes), '[)')
-    INTO NEW.buffered_range
+                     s.end_time + make_interval(mins => p.buffer_after_minutes), '[)'),
+           s.start_time, s.end_time
+    INTO NEW.buffered_range, NEW.slot_start, NEW.slot_end
     FROM time_slots s JOIN specialists p ON p.id = s.specialist_id
     WHERE s.id = NEW.time_slot_id;
     RETURN NEW;

@@ -79,6 +79,17 @@ CREATE TABLE time_slots (
     seats_held      integer NOT NULL DEFAULT 0,
 
     CONSTRAINT chk_time_range CHECK (start_time < end_time),
+    -- A slot lasts at most 48 hours (storage.slots.MAX_SLOT_LENGTH), so a
+    -- slot overlapping an instant starts at most 48 hours before it: the
+    -- lower bound on start_time that keeps a specialist's range of
+    -- idx_time_slots_specialist_time off the specialist's past. The edges
+    -- of the API's range (0001-01-01, 9999-12-31T23:59:59.999999) reach
+    -- PostgreSQL as -infinity and infinity (asyncpg's encoding): a slot
+    -- there is bounded by the same 48 hours from the edge.
+    CONSTRAINT time_slots_length_bounded CHECK (
+        end_time - start_time <= interval '48 hours'
+        OR (start_time = '-infinity' AND end_time <= '0001-01-03 00:00:00+00')
+        OR (end_time = 'infinity' AND start_time >= '9999-12-30 00:00:00+00')),
     -- Never more seats taken than the slot has, whatever writes them.
     CONSTRAINT time_slots_seats CHECK (
         capacity >= 1 AND seats_held >= 0 AND seats_held <= seats_taken
@@ -115,6 +126,13 @@ CREATE TABLE appointments (
     buffered_range  tstzrange,
     -- The recurring series it was held in, if any (series.sql).
     series_id       uuid,
+    -- Its slot's start and end, copied when it takes the slot (the trigger
+    -- appointments_range, buffers.sql), so that a user's upcoming
+    -- appointments are found without reading the past ones' slots. NULL
+    -- only on rows written before the columns existed, until
+    -- `booking-service migrate backfill` has set them.
+    slot_start      timestamptz,
+    slot_end        timestamptz,
 
     CONSTRAINT appointments_party_size_positive CHECK (party_size >= 1),
     CONSTRAINT appointments_slot_specialist_fkey
@@ -138,6 +156,9 @@ CREATE TABLE appointments (
 CREATE INDEX appointments_live_by_slot
     ON appointments (time_slot_id) WHERE status <> 'CANCELLED';
 CREATE INDEX appointments_user ON appointments (user_id, status);
+-- A user's appointments that end after an instant: the overlap check and a
+-- user's upcoming appointments read only those, never the user's past.
+CREATE INDEX appointments_user_slot_end ON appointments (user_id, slot_end);
 CREATE INDEX appointments_specialist ON appointments (specialist_id, status);
 CREATE INDEX appointments_hold_expiry ON appointments (expires_at) WHERE status = 'HOLD';
 

@@ -55,6 +55,7 @@ class Options:
     pool_size: int
     history_rows: int = 0
     history_concurrency: list[int] = field(default_factory=lambda: [16])
+    history_backfill: bool = False
     # --profile: figure-key patterns whose runs are profiled (empty: none).
     profile: list[str] = field(default_factory=list)
     profile_native: bool = False

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from bench import db
+from storage.slots import MAX_SLOT_LENGTH
 
 HIST_SLOT = 0xB0000006
 HIST_APPOINTMENT = 0xB0000007
@@ -154,8 +155,13 @@ _EXCLUSIONS = (
 _TABLES = ("time_slots", "appointments", "appointment_events", "users")
 
 
-async def load(url: str, s: Shape, on_progress: Callable[[str], None]) -> float:
-    """Add the history to the database at `url`; returns the seconds it took."""
+async def load(
+    url: str, s: Shape, on_progress: Callable[[str], None], *, slot_times: bool = True
+) -> float:
+    """Add the history to the database at `url`; returns the seconds it took.
+    The appointments get their slot's times (appointments.slot_start/slot_end,
+    what the trigger sets), unless `slot_times` is false: then they look
+    written before those columns existed, for `migrate backfill` to set."""
     started = time.monotonic()
     conn = await db.connect(url)
     try:
@@ -215,12 +221,13 @@ async def load(url: str, s: Shape, on_progress: Callable[[str], None]) -> float:
                 low,
                 high,
             )
+            times = (", slot_start, slot_end", f", {start}, {start} + interval '30 minutes'")
             await conn.execute(
                 "INSERT INTO appointments (id, user_id, specialist_id, time_slot_id, status,"
-                " created_at, updated_at)"
+                f" created_at, updated_at{times[0] if slot_times else ''})"
                 f" SELECT {db.sql_uuid(HIST_APPOINTMENT, 'g')}, {user}, {spec},"
                 f"  {db.sql_uuid(HIST_SLOT, 'g')}, {status},"
-                f"  {start} - interval '3 days', {start} {series}",
+                f"  {start} - interval '3 days', {start}{times[1] if slot_times else ''} {series}",
                 low,
                 high,
             )
@@ -294,6 +301,15 @@ async def reset(url: str, since: float) -> None:
         await conn.close()
 
 
+async def vacuum_analyze(url: str) -> None:
+    """After the backfill: the history as loaded is frozen and analyzed."""
+    conn = await db.connect(url)
+    try:
+        await conn.execute("VACUUM (FREEZE, ANALYZE) appointments")
+    finally:
+        await conn.close()
+
+
 @dataclass(frozen=True)
 class Plan:
     """EXPLAIN (ANALYZE, BUFFERS) of one read, as the service runs it."""
@@ -344,13 +360,16 @@ def read_statements(
         "ListSlots (a day)": (
             "SELECT id, specialist_id, start_time, end_time, status, created_at FROM time_slots"
             " WHERE deleted_at IS NULL AND specialist_id = $1 AND end_time > $2"
-            " AND start_time < $3 ORDER BY start_time, id LIMIT $4",
-            [specialist, day, day + timedelta(days=1), PAGE + 1],
+            " AND start_time >= $3 AND start_time < $4 ORDER BY start_time, id LIMIT $5",
+            [specialist, day, day - MAX_SLOT_LENGTH, day + timedelta(days=1), PAGE + 1],
         ),
         "ListAppointments (a user's upcoming)": (
             f"SELECT {appointment_cols} FROM appointments a"
+            " JOIN time_slots s ON s.id = a.time_slot_id WHERE a.slot_end > $2 AND a.user_id = $1"
+            f" UNION ALL SELECT {appointment_cols} FROM appointments a"
             " JOIN time_slots s ON s.id = a.time_slot_id"
-            " WHERE a.user_id = $1 AND s.end_time > $2 ORDER BY s.start_time, a.id LIMIT $3",
+            " WHERE a.slot_end IS NULL AND s.end_time > $2 AND a.user_id = $1"
+            " ORDER BY start_time, id LIMIT $3",
             [reader, day0, PAGE + 1],
         ),
         "ListAppointmentEvents (resume)": (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +25,8 @@ from bench.load import Job, latencies_of
 from bench.procs import ServerProcess, vm_rss_kib
 from bench.stats import latency_ms
 from booking.v1 import auth_pb2, auth_pb2_grpc
-from storage import migrate
+from storage import backfill, migrate
+from storage.database import Database
 
 # -- ceiling: the hold transaction straight against PostgreSQL -------------------
 
@@ -961,6 +963,9 @@ class HistoryData:
     seeded: db.Seeded
     sides: dict[str, HistorySide]
     load_seconds: float
+    # --history-backfill: the history's slot times are left NULL for the
+    # backfill, which runs during the first repeat's `backfill` side.
+    backfill_pending: bool = False
 
 
 def prepare_history(b: Bench) -> None:
@@ -984,7 +989,11 @@ def prepare_history(b: Bench) -> None:
         f"history: loading {shape.rows:,} appointments and events"
         f" ({shape.specialists:,} specialists, {shape.users:,} users) into {names['history']} ..."
     )
-    seconds = asyncio.run(history.load(urls["history"], shape, b.progress.info))
+    seconds = asyncio.run(
+        history.load(
+            urls["history"], shape, b.progress.info, slot_times=not b.opts.history_backfill
+        )
+    )
     b.progress.info(f"history: loaded in {seconds:.0f}s")
     sides = {}
     for side, url in urls.items():
@@ -997,7 +1006,7 @@ def prepare_history(b: Bench) -> None:
             asyncio.run(history.mark(url)),
             asyncio.run(history.resume_cursor(url)),
         )
-    b.history = HistoryData(shape, seeded, sides, seconds)
+    b.history = HistoryData(shape, seeded, sides, seconds, b.opts.history_backfill)
     b.checks["history"] = {"rows": shape.rows, "load_seconds": round(seconds, 1)}
 
 
@@ -1011,6 +1020,8 @@ def history_scenario(b: Bench) -> None:
     # counted in PostgreSQL's CPU.
     b.stop_primary()
     b.stop_secondary()
+    if data.backfill_pending:
+        _history_backfill(b, data)
     order = HISTORY_SIDES if b.rep % 2 == 0 else HISTORY_SIDES[::-1]
     for side_name in order:
         side = data.sides[side_name]
@@ -1035,6 +1046,68 @@ def history_scenario(b: Bench) -> None:
         _history_plans(b, data)
 
 
+def _history_backfill(b: Bench, data: HistoryData) -> None:
+    """`migrate backfill` of the history's slot times (storage/backfill.py,
+    what the command runs) while the history's calls are measured against
+    the same database: figures `history.<call>.backfill.cN`. The calls go
+    on until the backfill is done, each op run at least once."""
+    data.backfill_pending = False
+    hist = data.sides["history"]
+    side = HistorySide("backfill", hist.url, hist.database, hist.since, hist.resume_cursor)
+    outcome: dict[str, Any] = {}
+
+    def run_backfill() -> None:
+        async def go() -> None:
+            db_ = await Database.connect(side.url, min_size=1, max_size=1)
+            longest = 0.0
+            last = time.monotonic()
+
+            def batch(_: backfill.Progress) -> None:
+                nonlocal longest, last
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+
+            started = time.monotonic()
+            try:
+                done = await backfill.slot_times(db_, on_batch=batch)
+                outcome["seconds"] = round(time.monotonic() - started, 1)
+                outcome["batches"] = done.batches
+                outcome["rows"] = done.updated
+                outcome["longest_batch_ms"] = round(longest * 1000, 1)
+                outcome["left"] = await backfill.slot_times_left(db_)
+            finally:
+                await db_.close()
+
+        try:
+            asyncio.run(go())
+        except Exception as exc:  # noqa: BLE001 - reported with the figures
+            outcome["error"] = repr(exc)
+
+    asyncio.run(history.reset(side.url, side.since))
+    side.server = ServerProcess.booking(
+        "server-backfill", side.url, b.run_dir / "logs" / "server-backfill.log", b._server_env()
+    )
+    side.server.start()
+    worker = threading.Thread(target=run_backfill, name="history-backfill")
+    try:
+        side.token = _login(side.server, data.seeded.operator_email)
+        worker.start()
+        c = b.opts.history_concurrency[-1]
+        rounds = 0
+        while worker.is_alive() or rounds == 0:
+            for op, label in HISTORY_OPS:
+                _history_run(b, data, side, op, label, c, len(b.opts.history_concurrency) - 1)
+            rounds += 1
+            asyncio.run(history.reset(side.url, side.since))
+        worker.join()
+    finally:
+        side.server.stop()
+    outcome["rounds_of_calls_during_it"] = rounds
+    b.progress.info(f"history: backfill {outcome}")
+    b.checks["history_backfill"] = outcome
+    asyncio.run(history.vacuum_analyze(side.url))
+
+
 def _login(server: ServerProcess, email: str) -> str:
     with grpc.insecure_channel(server.target) as channel:
         reply = auth_pb2_grpc.AuthServiceStub(channel).Login(
@@ -1046,11 +1119,12 @@ def _login(server: ServerProcess, email: str) -> str:
 def _history_run(
     b: Bench, data: HistoryData, side: HistorySide, op: str, label: str, c: int, part: int
 ) -> None:
-    rows = data.shape.rows if side.name == "history" else 0
+    rows = data.shape.rows if side.name != "empty" else 0
+    during = ", during the backfill" if side.name == "backfill" else ""
     fig = b.figure(
         f"history.{op}.{side.name}.c{c}",
         "history",
-        f"{label}, {rows:,} rows of history, concurrency {c}",
+        f"{label}, {rows:,} rows of history{during}, concurrency {c}",
     )
     assert side.server is not None
     parts = split(c, b.pool.size)
