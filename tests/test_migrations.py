@@ -60,6 +60,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0042.series-transition-request-ids",
         "0043.waitlist-party-size",
         "0045.buffer-probe-skip",
+        "0047.standby-lease",
         "0050.contract-previous-release",
     ]
     before = await _counts(database_url)
