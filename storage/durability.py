@@ -123,7 +123,9 @@ SELECT current_setting('synchronous_standby_names') AS names,
        pg_is_in_recovery() AS recovery,
        (SELECT count(*) FROM pg_stat_replication) AS standbys,
        (SELECT count(*) FROM pg_stat_replication
-         WHERE sync_state IN ('sync', 'quorum')) AS synchronous
+         WHERE sync_state IN ('sync', 'quorum')) AS synchronous,
+       (SELECT bool_and(pg_has_role(p.proowner, 'pg_read_all_stats', 'USAGE'))
+          FROM pg_proc p WHERE p.proname = 'booking_standby_lease_held') AS lease_visible
 """
 
 
@@ -162,6 +164,12 @@ async def replication_warnings(db: Database) -> list[str]:
         found.append(
             f"synchronous_standby_names is {names!r} but no synchronous standby is"
             " connected: every commit waits until one is"
+        )
+    if row["lease_visible"] is False:
+        found.append(
+            "the schema's owner cannot read pg_stat_replication's reply times (it needs"
+            " pg_read_all_stats): the standby lease is not checked, and a primary that resumes"
+            " after being replaced can take writes (docs/cluster.md)"
         )
     return found
 

@@ -502,6 +502,22 @@ class DeadlineExceeded(BookingError):
         return "the deadline passed before the database answered"
 
 
+@dataclass(eq=False)
+class StandbyLeaseExpired(DatabaseUnavailable):
+    """The node refused a commit or a replay: synchronous replication is
+    configured, but no synchronous standby has replied to it within
+    `max_age`. Either the node was frozen and may have been replaced (a
+    resumed old primary, which must take no write), or its synchronous
+    standby is gone until the HA manager picks another. Retryable, as any
+    unavailable database (storage/sql/durability.sql)."""
+
+    reason = "STANDBY_LEASE_EXPIRED"
+    max_age: str
+
+    def __str__(self) -> str:
+        return f"no synchronous standby replied within {self.max_age}; retry"
+
+
 # Reasons raised by the SQL functions (SQLSTATE BK001), with the detail keys
 # each constructor takes.
 SQL_REASONS: dict[str, type[BookingError]] = {
@@ -530,6 +546,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         RequestIdReused,
         OutsideBookingWindow,
         OutsideCancellationWindow,
+        StandbyLeaseExpired,
     )
 }
 

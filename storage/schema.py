@@ -31,6 +31,7 @@ SOURCE_FILES = (
     "schedules.sql",
     "feeds.sql",
     "webhooks.sql",
+    "lease.sql",
 )
 
 

@@ -34,7 +34,15 @@ DATABASE = "booking"
 
 # fsync off keeps the tests cheap; it changes nothing a replication test
 # looks at (what a standby has is what it was sent and acknowledged).
-NODE_SETTINGS = {"fsync": "off", "wal_sender_timeout": "0", "wal_receiver_timeout": "0"}
+# Standbys report every second, idle or not, as in the shipped Patroni
+# configuration: a commit needs a synchronous standby's recent reply (the
+# standby lease, storage/sql/durability.sql).
+NODE_SETTINGS = {
+    "fsync": "off",
+    "wal_sender_timeout": "0",
+    "wal_receiver_timeout": "0",
+    "wal_receiver_status_interval": "1s",
+}
 
 
 def _children(pid: int) -> list[int]:

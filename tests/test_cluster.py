@@ -30,7 +30,7 @@ import pytest
 from booking.v1 import appointment_pb2 as apb
 from chaos import checks
 from cluster.patroni import Node, PatroniCluster, haproxy_available
-from storage import embedded, hosts
+from storage import embedded, errors, hosts
 from tests.support import Api, hours_from_now, running_server
 
 pytestmark = pytest.mark.integration
@@ -256,6 +256,14 @@ async def test_a_demoted_node_that_resumes_takes_no_write(healthy: PatroniCluste
         conn = await asyncpg.connect(healthy.node_url(old), ssl=False)
         try:
             after = await conn.fetchval("SELECT count(*) FROM appointments")
+            # A write to a service table is refused at its commit: no
+            # synchronous standby has replied to this node since it froze
+            # (the standby lease, storage/sql/durability.sql).
+            with pytest.raises(asyncpg.PostgresError) as refused:
+                await conn.execute(
+                    "INSERT INTO login_throttle (email_key) VALUES ($1)", str(uuid.uuid4())
+                )
+            assert isinstance(errors.translate(refused.value), errors.StandbyLeaseExpired)
             # Now a write of our own reaches the demoted node (committed
             # locally: its synchronous standby follows someone else). The
             # chaos checker must find it in the tail pg_rewind discards.

@@ -1,0 +1,174 @@
+"""A primary that resumes after being replaced in its absence takes no write
+and answers no replay: the synchronous standby's lease
+(storage/sql/durability.sql, storage/sql/lease.sql, docs/cluster.md).
+
+A real primary streams to a real synchronous standby (tests/replication.py).
+Our own sessions leave statements in the primary's sockets while it is
+frozen with SIGSTOP, as a service's sessions do when the node hangs: a
+single-statement write, the COMMIT of a transaction that wrote before the
+freeze, and a sync barrier (what a replay runs). The standby is promoted in
+the primary's absence, as Patroni does after its TTL, and the old primary
+resumes later than the lease: each statement must be refused at its commit
+(STANDBY_LEASE_EXPIRED), none may reach the commit record. Without the
+lease the write and the COMMIT commit on the old primary and wait for a
+standby that is gone, and the barrier's commit waits as well.
+
+A synchronous standby that stops answering makes the primary refuse commits
+too (UNAVAILABLE, retried), until it answers again or the HA manager takes
+it out of ``synchronous_standby_names``, as Patroni's non-strict mode does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from service.errors import code_for
+from storage import errors
+from tests.replication import Node, ReplicatedCluster, replicated_cluster
+
+# booking.standby_lease when unset (storage/sql/durability.sql).
+LEASE = 2.0
+# Waited past the lease so the freshest reply the frozen node may still
+# read from its sockets (sent by the standby until its promotion) is older.
+PAST_LEASE = LEASE + 1.5
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[ReplicatedCluster]:
+    async with replicated_cluster(1) as c:
+        yield c
+
+
+def _key() -> str:
+    return f"lease-{uuid.uuid4()}"
+
+
+_WRITE = "INSERT INTO login_throttle (email_key, failures) VALUES ($1, 1)"
+
+
+def _is_lease_refusal(exc: BaseException) -> bool:
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False
+    domain = errors.translate(exc)
+    return isinstance(domain, errors.StandbyLeaseExpired)
+
+
+async def _waiting_for_standby(node: Node) -> set[int]:
+    rows = await node.fetchval(
+        "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+    )
+    return set(rows)  # type: ignore[call-overload]
+
+
+async def _settled(node: Node, tasks: dict[int, asyncio.Task[Any]]) -> dict[int, str]:
+    """Each session's outcome on the resumed node, by backend pid: 'refused'
+    (the lease), 'committed' (its commit record is written: done, or waiting
+    for the synchronous standby) or the error's name."""
+    outcome: dict[int, str] = {}
+    while len(outcome) < len(tasks):
+        waiting = await _waiting_for_standby(node)
+        for pid, task in tasks.items():
+            if pid in outcome:
+                continue
+            if task.done():
+                exc = task.exception()
+                if exc is None:
+                    outcome[pid] = "committed"
+                elif _is_lease_refusal(exc):
+                    outcome[pid] = "refused"
+                else:
+                    outcome[pid] = type(exc).__name__
+            elif pid in waiting:
+                outcome[pid] = "committed"
+        await asyncio.sleep(0.05)
+    return outcome
+
+
+async def test_a_resumed_old_primary_refuses_what_waited_in_its_sockets(
+    cluster: ReplicatedCluster,
+) -> None:
+    old, standby = cluster.primary, cluster.standbys[0]
+    sessions = [await asyncpg.connect(old.url(), ssl=False) for _ in range(3)]
+    single, transaction, barrier = sessions
+    try:
+        # Healthy: the lease is held, a write commits.
+        await single.execute(_WRITE, _key())
+        await transaction.execute("BEGIN")
+        await transaction.execute(_WRITE, _key())
+        pids = [s.get_server_pid() for s in sessions]
+
+        old.pause()
+        tasks = {
+            pids[0]: asyncio.create_task(single.execute(_WRITE, _key())),
+            pids[1]: asyncio.create_task(transaction.execute("COMMIT")),
+            pids[2]: asyncio.create_task(barrier.execute("SELECT booking_sync_barrier()")),
+        }
+        await asyncio.sleep(0.2)  # the statements are in the frozen node's sockets
+        standby.promote()
+        await asyncio.sleep(PAST_LEASE)
+        old.resume()
+
+        outcome = await _settled(old, tasks)
+        assert outcome == dict.fromkeys(pids, "refused"), outcome
+
+        # The refusal is a retryable UNAVAILABLE, with its reason.
+        exc = tasks[pids[0]].exception()
+        assert isinstance(exc, asyncpg.PostgresError)
+        domain = errors.translate(exc)
+        assert isinstance(domain, errors.StandbyLeaseExpired)
+        assert domain.metadata() == {"max_age": "2s"}
+        assert code_for(domain) is grpc.StatusCode.UNAVAILABLE
+        # Nothing of the refused writes is on the old node.
+        assert await old.fetchval("SELECT count(*) FROM login_throttle") == 1
+    finally:
+        for session in sessions:
+            session.terminate()
+
+
+async def test_a_silent_synchronous_standby_makes_commits_refused_until_it_answers(
+    cluster: ReplicatedCluster,
+) -> None:
+    primary, standby = cluster.primary, cluster.standbys[0]
+    # Without the lease a commit would wait for the paused standby: the
+    # client's timeout ends the wait, so the check fails, not hangs.
+    session = await asyncpg.connect(primary.url(), ssl=False)
+    try:
+        standby.pause()
+        await asyncio.sleep(PAST_LEASE)
+        # Refused before the commit record: nothing waits for the standby.
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await session.execute(_WRITE, _key(), timeout=10)
+        assert _is_lease_refusal(refused.value)
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await session.execute("SELECT booking_sync_barrier()", timeout=10)
+        assert _is_lease_refusal(refused.value)
+        assert await _waiting_for_standby(primary) == set()
+
+        # The standby answers again: the retry commits.
+        standby.resume()
+        while True:
+            try:
+                await session.execute(_WRITE, _key())
+                break
+            except asyncpg.PostgresError as exc:
+                assert _is_lease_refusal(exc)
+                await asyncio.sleep(0.1)
+
+        # Replication made asynchronous (Patroni's non-strict mode once the
+        # synchronous standby is gone): no lease to check, writes commit.
+        standby.pause()
+        await cluster.set_synchronous("")
+        await asyncio.sleep(PAST_LEASE)
+        await session.execute(_WRITE, _key())
+        assert await primary.fetchval("SELECT count(*) FROM login_throttle") == 2
+    finally:
+        session.terminate()
+        if standby.paused:
+            standby.resume()
