@@ -345,6 +345,7 @@ class EventHub:
             if guard is not None and guard.attention:
                 await guard.check()
             if cursor < self._floor:
+                changed, before = self._changed, cursor
                 batch, cursor, _ = await store.read_after(
                     self.db, cursor, filter_, self.batch_size, gate=self.gate
                 )
@@ -354,6 +355,10 @@ class EventHub:
                     yield event
                 if batch:
                     last_sent = time.monotonic()
+                elif cursor == before:
+                    # A standby behind this stream's cursor (reads spread
+                    # over several standbys): wait for news, do not spin.
+                    await wait_up_to(changed, self.poll_interval)
                 continue
             start = bisect.bisect_right(self._events, cursor, key=lambda e: e.position)
             chunk = self._events[start : start + 256]
