@@ -103,8 +103,18 @@ class EventHub:
         max_streams: int,
         ring_size: int = 4096,
         batch_size: int = 500,
+        gate: Database | None = None,
+        replay_poll: float | None = None,
     ) -> None:
+        """`db` is where the log is read: the primary, or a hot standby.
+        Reading a standby, `gate` is the primary (the durability gate runs
+        there, and NOTIFY goes through it; `db` itself when None), and
+        `replay_poll` the seconds between looks at the standby's replay
+        position, its wake-up in place of LISTEN (docs/events.md, "Reading
+        from a standby"). None: wake-ups by NOTIFY only."""
         self.db = db
+        self.gate = gate
+        self.replay_poll = replay_poll
         self.poll_interval = poll_interval
         self.max_streams = max_streams
         self.ring_size = ring_size
@@ -124,7 +134,7 @@ class EventHub:
         self._read_outage = _Outage("reading appointment events again")
         self._listen_outage = _Outage("listening for events again")
         self._listener = KeptListener(
-            db.dsn,
+            (gate or db).dsn,
             store.CHANNEL,
             lambda _: self._poke.set(),
             application_name="booking-listener",
@@ -142,12 +152,38 @@ class EventHub:
             ),
         )
         self._keeper: asyncio.Task[None] | None = None
+        self._replay_watcher: asyncio.Task[None] | None = None
+        self._replay_outage = _Outage("reading the standby's replay position again")
 
     async def start(self) -> None:
         # The ring starts (from the newest stable event) when the first stream opens.
         self._task = asyncio.create_task(self._tail(), name="event-hub-tail")
         self._announcer = asyncio.create_task(self._announce(), name="event-hub-announcer")
         self._keeper = asyncio.create_task(self._listener.run(), name="event-hub-listener")
+        if self.replay_poll is not None:
+            self._replay_watcher = asyncio.create_task(
+                self._watch_replay(self.replay_poll), name="event-hub-replay"
+            )
+
+    async def _watch_replay(self, every: float) -> None:
+        # LISTEN is refused on a standby, and a NOTIFY from the primary can
+        # arrive before the standby has replayed the commit: the standby's
+        # own replay position moving is the wake-up. One tiny local query
+        # per interval, only while someone watches.
+        seen: str | None = None
+        while True:
+            await asyncio.sleep(every)
+            if self.active_streams == 0:
+                continue
+            try:
+                position = await store.replay_position(self.db)
+            except Exception as exc:  # noqa: BLE001 - the tail's own poll covers it
+                self._replay_outage.report("reading the standby's replay position: %s", exc)
+                continue
+            self._replay_outage.over()
+            if position != seen:
+                seen = position
+                self._poke.set()
 
     def committed(self) -> None:
         """Called after a transition commits: wake this server's tail reader
@@ -177,12 +213,12 @@ class EventHub:
 
     async def stop(self) -> None:
         self.close_streams()
-        for task in (self._task, self._announcer, self._keeper):
+        for task in (self._task, self._announcer, self._keeper, self._replay_watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._task = self._announcer = self._keeper = None
+        self._task = self._announcer = self._keeper = self._replay_watcher = None
         await self._listener.close()
 
     def wake(self) -> None:
@@ -246,7 +282,7 @@ class EventHub:
     async def _restart_ring(self) -> None:
         # Watchers compare their cursor with the floor on every turn, so one
         # that is now below it simply reads the table until it catches up.
-        head = await store.stable_head(self.db)
+        head = await store.stable_head(self.db, gate=self.gate)
         self._events.clear()
         self._head = self._floor = max(head, self._head)
         self._idle = False
@@ -255,7 +291,7 @@ class EventHub:
     async def _catch_up(self) -> bool:
         while True:
             batch, reached, pending = await store.read_after(
-                self.db, self._head, EventFilter(), self.batch_size
+                self.db, self._head, EventFilter(), self.batch_size, gate=self.gate
             )
             self._head = reached
             if batch:
@@ -270,6 +306,14 @@ class EventHub:
             cut = len(self._events) - self.ring_size
             self._floor = self._events[cut - 1].position
             del self._events[:cut]
+
+    async def stable_head(self) -> Position:
+        """Where a stream starting 'now' starts, read where the hub reads."""
+        return await store.stable_head(self.db, gate=self.gate)
+
+    async def resume_point(self, after: Position) -> Position:
+        """store.resume_point, read where the hub reads."""
+        return await store.resume_point(self.db, after, gate=self.gate)
 
     @contextlib.contextmanager
     def stream_slot(self) -> Iterator[None]:
@@ -301,13 +345,20 @@ class EventHub:
             if guard is not None and guard.attention:
                 await guard.check()
             if cursor < self._floor:
-                batch, cursor, _ = await store.read_after(self.db, cursor, filter_, self.batch_size)
+                changed, before = self._changed, cursor
+                batch, cursor, _ = await store.read_after(
+                    self.db, cursor, filter_, self.batch_size, gate=self.gate
+                )
                 for event in batch:
                     if guard is not None and guard.attention:
                         await guard.check()
                     yield event
                 if batch:
                     last_sent = time.monotonic()
+                elif cursor == before:
+                    # A standby behind this stream's cursor (reads spread
+                    # over several standbys): wait for news, do not spin.
+                    await wait_up_to(changed, self.poll_interval)
                 continue
             start = bisect.bisect_right(self._events, cursor, key=lambda e: e.position)
             chunk = self._events[start : start + 256]

@@ -14,7 +14,7 @@ import asyncpg
 
 from storage.conditions import Conditions
 from storage.database import Database, Intent
-from storage.errors import CursorCompacted, CursorNotInHistory
+from storage.errors import CursorCompacted, CursorNotInHistory, DatabaseUnavailable
 from storage.models import (
     Appointment,
     AppointmentEvent,
@@ -64,7 +64,27 @@ _STABLE_HEAD = (
 # waits until every commit visible to its snapshot is on the synchronous
 # standbys, so no event read here can be lost by a failover. Evaluated once,
 # in the statement's first CTE (a volatile call is never inlined away).
-_GATE = "booking_sync_barrier()"
+# On a hot standby the barrier cannot run (it writes WAL): the statement
+# reports what the standby has replayed instead (`replayed`, `replayed_tli`)
+# and the gate runs on the primary after it (`_standby_gate`; docs/events.md,
+# "Reading from a standby"). `r.standby` is evaluated once per statement, so
+# the statement either ran the barrier or reported its replay position.
+_RECOVERY = "(SELECT pg_is_in_recovery() AS standby) r"
+_GATE = (
+    "CASE WHEN r.standby THEN NULL ELSE booking_sync_barrier() END AS gate, r.standby,"
+    " CASE WHEN r.standby THEN pg_last_wal_replay_lsn()::text END AS replayed,"
+    " CASE WHEN r.standby THEN (SELECT w.received_tli FROM pg_stat_wal_receiver w"
+    "  WHERE w.status = 'streaming') END AS replayed_tli"
+)
+
+# Run on the primary after a standby's read: a barrier (everything before
+# its commit record is on the synchronous standbys once it returns), and the
+# primary's WAL write position and timeline taken before that commit.
+_PRIMARY_GATE = (
+    "SELECT pg_current_wal_lsn()::text AS lsn,"
+    " ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS tli"
+    " FROM booking_sync_barrier() b"
+)
 
 
 # Everything at or before this position may have been pruned (at most one row).
@@ -109,7 +129,12 @@ def event_from_row(row: asyncpg.Record) -> AppointmentEvent:
 
 
 async def read_after(
-    db: Database, after: Position, filter_: EventFilter, limit: int
+    db: Database,
+    after: Position,
+    filter_: EventFilter,
+    limit: int,
+    *,
+    gate: Database | None = None,
 ) -> tuple[list[AppointmentEvent], Position, bool]:
     """Up to `limit` stable events after `after`, how far the read got, and
     whether newer events exist that are not yet stable.
@@ -122,6 +147,11 @@ async def read_after(
     hand out xids below a horizon it showed before (docs/events.md). One
     statement, so one snapshot: the horizon and the newest event match the
     rows.
+
+    `db` may be a hot standby: then the durability gate runs on `gate`
+    (the primary; `db` itself when None, with a write's intent so routing
+    sends it to the primary) after the read, and nothing is returned that
+    the gate could not prove is on the synchronous standbys.
     """
 
     where = Conditions()
@@ -137,8 +167,10 @@ async def read_after(
     )
     sql = (
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
-        f" AS pending, {present} AS present, {_GATE} AS gate FROM (SELECT {_HORIZON} AS x) s)"
-        " SELECT h.pending, h.present, head.xid AS head_xid, head.seq AS head_seq,"
+        f" AS pending, {present} AS present, {_GATE}"
+        f" FROM (SELECT {_HORIZON} AS x) s, {_RECOVERY})"
+        " SELECT h.pending, h.present, h.standby, h.replayed, h.replayed_tli,"
+        " head.xid AS head_xid, head.seq AS head_seq,"
         " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
         " w.id AS waitlist_entry_id, ap.party_size, ap.series_id"
         f" FROM h LEFT JOIN {_PRUNED} c ON true"
@@ -152,8 +184,15 @@ async def read_after(
         f" ) ev ON true{_WAITLIST_JOIN}{_APPOINTMENT_JOIN} ORDER BY ev.xid, ev.seq"
     )
     rows = await db.fetch(sql, *where.args, intent=Intent.READ)
+    await _standby_gate(gate or db, rows[0])
     pruned = _pruned(rows[0])
     _refuse_compacted(after, pruned)
+    if not rows[0]["present"] and rows[0]["standby"] and _names_an_event(after):
+        # A standby that has not replayed the cursor's event yet (the
+        # cursor came from a node further ahead), or a lost cursor: the
+        # primary decides which. Behind: nothing to read here yet.
+        await _resume_point(gate or db, after, Intent.WRITE)
+        return [], after, True
     _refuse_lost(after, pruned, bool(rows[0]["present"]))
     pending = bool(rows[0]["pending"])
     events = [event_from_row(r) for r in rows if r["id"] is not None]
@@ -163,26 +202,74 @@ async def read_after(
     return events, max(_head(rows[0]), after, pruned), pending
 
 
-async def resume_point(db: Database, after: Position) -> Position:
+async def resume_point(db: Database, after: Position, *, gate: Database | None = None) -> Position:
     """Where a reader asking to resume after `after` starts: `after` itself,
     or the pruning horizon when `after` is the start of the log and history
     has been pruned. Raises CursorCompacted when events after `after` may
     have been pruned, and CursorNotInHistory when `after` is the position
-    of an event the database does not have (docs/events.md, "Failover")."""
+    of an event the database does not have (docs/events.md, "Failover").
+    On a standby that lacks the event, the primary (`gate`) decides: the
+    standby may only be behind the node that handed the cursor out."""
+    return await _resume_point(db, after, Intent.READ, gate=gate)
+
+
+async def _resume_point(
+    db: Database, after: Position, intent: Intent, *, gate: Database | None = None
+) -> Position:
     row = await db.fetchrow(
-        "SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq,"
+        "SELECT c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, r.standby,"
         " EXISTS (SELECT 1 FROM appointment_events e"
         "  WHERE e.xid = $1::text::xid8 AND e.seq = $2::bigint) AS present"
-        f" FROM (SELECT 1) one LEFT JOIN {_PRUNED} c ON true",
+        f" FROM {_RECOVERY} LEFT JOIN {_PRUNED} c ON true",
         str(after.xid),
         after.seq,
-        intent=Intent.READ,
+        intent=intent,
     )
-    assert row is not None  # one row always: the LEFT JOIN from (SELECT 1)
+    assert row is not None  # one row always: the LEFT JOIN from one row
     pruned = _pruned(row)
     _refuse_compacted(after, pruned)
+    if not row["present"] and row["standby"] and _names_an_event(after):
+        if intent is Intent.WRITE:
+            raise DatabaseUnavailable()  # the primary's answer is needed, not a standby's
+        await _resume_point(gate or db, after, Intent.WRITE)
+        return after
     _refuse_lost(after, pruned, bool(row["present"]))
     return max(after, pruned)
+
+
+async def _standby_gate(gate: Database, row: asyncpg.Record) -> None:
+    """After a read on a hot standby (`row["standby"]`), prove that what it
+    showed survives any failover the primary's durability covers: the
+    standby streams on the primary's timeline, so its WAL is a prefix of
+    the primary's, and a barrier on the primary returned after a position
+    at or past the standby's replay position, so everything the standby
+    had replayed is on the synchronous standbys. Otherwise the read is not
+    delivered: DatabaseUnavailable, tried again by the caller."""
+    if not row["standby"]:
+        return  # read on a primary: the statement ran the barrier itself
+    replayed, tli = row["replayed"], row["replayed_tli"]
+    if replayed is None or tli is None:
+        raise DatabaseUnavailable()  # not streaming (or not allowed to see it)
+    try:
+        primary = await gate.fetchrow(_PRIMARY_GATE, intent=Intent.WRITE)
+    except asyncpg.ObjectNotInPrerequisiteStateError as exc:  # the "primary" is in recovery
+        raise DatabaseUnavailable() from exc
+    assert primary is not None
+    if int(primary["tli"]) != int(tli) or lsn_value(str(primary["lsn"])) < lsn_value(str(replayed)):
+        raise DatabaseUnavailable()
+
+
+def lsn_value(lsn: str) -> int:
+    """A pg_lsn's text ('16/B374D848') as a number, for comparisons."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+async def replay_position(db: Database) -> str | None:
+    """How far `db` has replayed WAL (None on a primary): cheap and local,
+    polled by a stream served from a standby to learn of new events."""
+    value = await db.fetchval("SELECT pg_last_wal_replay_lsn()::text", intent=Intent.READ)
+    return None if value is None else str(value)
 
 
 def _refuse_lost(after: Position, pruned: Position, present: bool) -> None:
@@ -217,15 +304,20 @@ def _refuse_compacted(after: Position, pruned: Position) -> None:
         )
 
 
-async def stable_head(db: Database) -> Position:
+async def stable_head(db: Database, *, gate: Database | None = None) -> Position:
     """The position a reader starting 'now' should resume after: the newest
     event below the horizon, or the start of the log if there is none."""
     row = await db.fetchrow(
-        f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} AS gate)"
-        f" SELECT head.* FROM h, LATERAL ({_STABLE_HEAD}) head",
+        f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} FROM {_RECOVERY})"
+        f" SELECT h.standby, h.replayed, h.replayed_tli, head.xid, head.seq"
+        f" FROM h LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true",
         intent=Intent.READ,
     )
-    return Position.start() if row is None else Position(int(row["xid"]), int(row["seq"]))
+    assert row is not None  # one row: the LEFT JOIN from h
+    await _standby_gate(gate or db, row)
+    if row["xid"] is None:
+        return Position.start()
+    return Position(int(row["xid"]), int(row["seq"]))
 
 
 def _head(row: asyncpg.Record) -> Position:

@@ -371,7 +371,10 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
                     ]
                 )
             after = resumed
-        batch, reached, _ = await event_store.read_after(self.db, after, filter_, size)
+        # Read where the event hub reads (a hot standby, or the primary).
+        batch, reached, _ = await event_store.read_after(
+            self.hub.db, after, filter_, size, gate=self.hub.gate
+        )
         return pb.ListAppointmentEventsResponse(
             events=[convert.event_fields(e) for e in batch],
             next_page_token=pagination.encode([convert.cursor(reached)], filters)
@@ -404,10 +407,10 @@ class AppointmentService(appointment_pb2_grpc.AppointmentServiceServicer):
             ):
                 after = Position.start()
             else:
-                after = await event_store.stable_head(self.db)
+                after = await self.hub.stable_head()
         # Checked here, not only on table reads: recent events are served
         # from memory, which may still hold some the database has pruned.
-        after = await event_store.resume_point(self.db, after)
+        after = await self.hub.resume_point(after)
         # The stream outlives the call's authorization: the guard ends it
         # (UNAUTHENTICATED) when its token is revoked, its user deactivated,
         # or the token expires.
