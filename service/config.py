@@ -161,6 +161,15 @@ class Config:
     event_poll_seconds: float = field(
         default=0.5, metadata={"help": "how often the event reader polls when no NOTIFY arrives"}
     )
+    # LISTEN is refused on a standby: with reads on standbys, streams wake
+    # when the replay position moves (docs/events.md, "Reading from a standby").
+    event_replay_poll_seconds: float = field(
+        default=0.01,
+        metadata={
+            "help": "with reads on standbys, how often the event reader looks at the"
+            " standby's replay position to wake streams"
+        },
+    )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, how long in-flight calls get to finish"}
     )
@@ -280,6 +289,7 @@ class Config:
             "sweep_interval_seconds",
             "heartbeat_seconds",
             "event_poll_seconds",
+            "event_replay_poll_seconds",
             "token_ttl_seconds",
             "login_lockout_seconds",
             "request_id_retention_hours",

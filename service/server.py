@@ -19,7 +19,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -127,25 +126,12 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
             await task
 
 
-@dataclass(frozen=True)
-class StandbyEvents:
-    """Serve ListAppointmentEvents and WatchAppointmentEvents from the hot
-    standby at `dsn`: rows are read there, the durability gate and NOTIFY
-    stay on the primary, and streams wake when the standby's replay
-    position moves, looked at every `replay_poll_seconds` (docs/events.md,
-    "Reading from a standby")."""
-
-    dsn: str
-    replay_poll_seconds: float = 0.01
-
-
 class BookingServer:
     """Start and stop are composed from one AsyncExitStack: each part is
     entered in order and undone in reverse, on a failed start as on stop."""
 
-    def __init__(self, config: Config, *, standby_events: StandbyEvents | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.standby_events = standby_events
         self.port: int | None = None
         self.db: Database | None = None
         # Holds of one slot reach the database one at a time from this
@@ -182,18 +168,17 @@ class BookingServer:
             )
             stack.push_async_callback(db.close)
             self._observe(stack, db)
-            events_db, replay_poll = db, None
-            if self.standby_events is not None:
-                events_db = await Database.connect(
-                    self.standby_events.dsn, min_size=1, max_size=self.config.pool_max_size
-                )
-                stack.push_async_callback(events_db.close)
-                replay_poll = self.standby_events.replay_poll_seconds
+            # Event reads are READ calls: with standbys serving reads, the
+            # routing sends them there and their durability check to the
+            # primary, and streams wake when the standby's replay moves
+            # (LISTEN is refused on a standby).
+            replay_poll = (
+                None if self.config.reads is None else self.config.event_replay_poll_seconds
+            )
             self._hub = hub = EventHub(
-                events_db,
+                db,
                 poll_interval=self.config.event_poll_seconds,
                 max_streams=self.config.max_streams,
-                gate=db if events_db is not db else None,
                 replay_poll=replay_poll,
             )
             if self.config.metrics_port is not None:

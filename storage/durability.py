@@ -141,7 +141,8 @@ async def replication_warnings(db: Database) -> list[str]:
     async def work(conn: Connection) -> Any:
         return await conn.fetchrow(_SETTINGS_SQL)
 
-    row = await db.run(work, single_statement=True, intent=Intent.READ)
+    # On the primary: a standby serving reads has no commits to describe.
+    row = await db.run(work, single_statement=True, intent=Intent.READ_PRIMARY)
     if row is None or row["recovery"]:
         return []
     names, sync_commit = str(row["names"]), str(row["sync_commit"])

@@ -3,7 +3,7 @@ a standby").
 
 Real standbys made with pg_basebackup stream from a real primary
 (tests/replication.py). A server reads the log from a standby
-(`StandbyEvents`): its rows come from the standby, the durability gate runs
+(its read URL names the standby): its rows come from the standby, the durability gate runs
 on the primary, and its streams wake when the standby's replay position
 moves. These tests show that such a consumer gets exactly the primary's
 sequence (concurrent writers, commits out of xid order), that the snapshot
@@ -29,7 +29,7 @@ import grpc
 import pytest
 
 from booking.v1 import appointment_pb2 as apb
-from service.server import BookingServer, StandbyEvents
+from service.server import BookingServer
 from storage import events as event_store
 from storage.database import Database
 from storage.errors import DatabaseUnavailable
@@ -51,10 +51,17 @@ async def standby_server(
     cluster: ReplicatedCluster, standby: Node, replay_poll: float = 0.005, **overrides: Any
 ) -> AsyncIterator[BookingServer]:
     """A server whose event log is read from `standby`."""
-    config = ServerConfig.for_tests(cluster.primary.url(), pool_max_size=8, **overrides)
-    server = BookingServer(
-        config, standby_events=StandbyEvents(standby.url(), replay_poll_seconds=replay_poll)
+    # The read URL names this standby alone; a lag bound far above any
+    # delay a test sets keeps the reads there.
+    config = ServerConfig.for_tests(
+        cluster.primary.url(),
+        pool_max_size=8,
+        read_database_url=standby.url(),
+        read_max_lag_seconds=3600.0,
+        event_replay_poll_seconds=replay_poll,
+        **overrides,
     )
+    server = BookingServer(config)
     await server.start()
     try:
         yield server
