@@ -262,6 +262,10 @@ async def reset(url: str) -> None:
     all pool slots AVAILABLE, no appointments, events or request ids."""
     conn = await connect(url)
     try:
+        # Read committed: a sweep or a straggling call of the run before
+        # may still change a slot, and at repeatable read the UPDATE below
+        # would then fail (40001) instead of waiting and applying.
+        await conn.execute("SET default_transaction_isolation = 'read committed'")
         await conn.execute(
             "TRUNCATE idempotency_keys, appointment_events, waitlist_entries,"
             " calendar_sequences, appointments, appointment_series"
