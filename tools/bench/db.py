@@ -482,6 +482,10 @@ async def delete_webhook_endpoints(url: str) -> None:
     """Forget every webhook endpoint (the webhooks scenario's, between runs)."""
     conn = await connect(url)
     try:
+        # Read committed: the server's dispatcher may still be updating an
+        # endpoint's row, which would fail this DELETE (40001) at
+        # repeatable read instead of waiting for it.
+        await conn.execute("SET default_transaction_isolation = 'read committed'")
         await conn.execute("DELETE FROM webhook_endpoints")
     finally:
         await conn.close()
