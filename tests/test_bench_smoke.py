@@ -130,7 +130,7 @@ def test_quick_bench_run_is_correct_and_writes_results(pg_admin_url: str, tmp_pa
         assert codes.get("OK", 0) > 0 and set(codes) == {"OK"}, (key, codes)
 
     # Without an endpoint nothing is posted. (How many reach the subscribed
-    # endpoint within a quarter of a second of holds depends on the
+    # endpoint within the quick run's half second of holds depends on the
     # machine's load: the full run reports it; zero is possible here.)
     assert figures["webhooks.hold.none.c4"]["samples"][0]["webhook_posts"] == 0
 
