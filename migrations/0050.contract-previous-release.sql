@@ -1,4 +1,4 @@
--- depends: 0047.standby-lease
+-- depends: 0048.commit-by
 -- contract: drops the functions only the previous releases called or reached
 --
 -- The previous release (v0.2.0) calls the transitions by their unversioned

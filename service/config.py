@@ -75,6 +75,15 @@ class Config:
     )
     pool_min_size: int = field(default=2, metadata={"help": "database connections kept open"})
     pool_max_size: int = field(default=10, metadata={"help": "most database connections at once"})
+    commit_clock_tolerance_ms: int = field(
+        default=1000,
+        metadata={
+            "help": "clock skew allowed between this host and the database's: each write"
+            " transaction must reach its commit by the caller's time bound (at most 10 s)"
+            " plus this, by the database's clock, or it is refused (UNAVAILABLE, retried);"
+            " 0-5000 (docs/cluster.md, 'A resumed old primary')"
+        },
+    )
     hold_ttl_seconds: float = field(
         default=300.0,
         metadata={"help": "how long a HELD slot stays held before the sweeper releases it"},
@@ -296,6 +305,8 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if not 0 <= self.commit_clock_tolerance_ms <= 5000:
+            problems.append("commit_clock_tolerance_ms must be 0-5000")
         if self.waitlist_offer_ttl_seconds > 7 * 86400:
             problems.append("waitlist_offer_ttl_seconds must be at most a week (604800)")
         if self.event_retention_hours < 0:

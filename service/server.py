@@ -165,6 +165,7 @@ class BookingServer:
                 max_size=self.config.pool_max_size,
                 deferred=True,
                 reads=self.config.reads,
+                commit_tolerance=self.config.commit_clock_tolerance_ms / 1000,
             )
             stack.push_async_callback(db.close)
             self._observe(stack, db)

@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import datetime
 import enum
 import functools
 import logging
 import random
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+from asyncpg.transaction import Transaction, TransactionState
 
 from storage import consistency, deadline, durability, errors, hosts, replicas
 
@@ -112,6 +116,71 @@ RELEASE_TIMEOUT_SECONDS = 2.0
 # Client-side bound on one statement beyond the session's statement_timeout
 # (which a frozen server cannot enforce), for calls without a deadline.
 COMMAND_TIMEOUT_MARGIN_SECONDS = 5.0
+
+
+# The caller's time bound carried into each write transaction
+# (docs/cluster.md, "A resumed old primary"): it must commit by the
+# service's clock now plus the time the call can still wait (its deadline,
+# the client-side statement bound, and at most this) plus the clock
+# tolerance, or the database refuses it (COMMIT_DEADLINE_PASSED). A
+# statement that waited in a frozen node's socket longer than that is
+# refused when the node resumes. A promotion takes a freeze of at least the
+# HA manager's TTL (20 s in the shipped configuration), more than this
+# window plus the largest tolerance the configuration accepts (5 s).
+MAX_COMMIT_WINDOW_SECONDS = 10.0
+DEFAULT_COMMIT_TOLERANCE_SECONDS = 1.0
+
+# The bound of the write transaction the current task is running, as the
+# one-time filter of a single statement needs it (:func:`stamped`).
+_commit_by: contextvars.ContextVar[datetime.datetime | None] = contextvars.ContextVar(
+    "booking_commit_by", default=None
+)
+
+
+def stamped(sql: str, args: Sequence[object]) -> tuple[str, list[object]]:
+    """A single-statement write (a SELECT of an SQL function, without a
+    WHERE clause of its own) with the current write's bound as its one-time
+    filter: ``WHERE booking_commit_by($N)`` runs before the rest of the
+    statement, stamps the implicit transaction for its COMMIT check, and
+    refuses a statement that arrives late. Outside a write run by
+    :class:`Database` (no bound), the statement unchanged. No extra round
+    trip: the bound travels as one more parameter."""
+    bound = _commit_by.get()
+    if bound is None:
+        return sql, list(args)
+    return f"{sql} WHERE booking_commit_by(${len(args) + 1}::timestamptz)", [*args, bound]
+
+
+class _StampedTransaction(Transaction):  # type: ignore[misc]  # asyncpg is untyped
+    """A top-level read-write transaction whose BEGIN also stamps it with
+    its bound (booking_commit_by), in the same simple query: no extra round
+    trip. Otherwise asyncpg's Transaction (savepoints nest in it)."""
+
+    def __init__(self, conn: Connection, isolation: Isolation, commit_by: datetime.datetime):
+        # The connection itself, as Connection.transaction() gives it (a
+        # pool's proxy forwards the call to it).
+        if isinstance(conn, asyncpg.pool.PoolConnectionProxy):
+            conn = conn._con
+        super().__init__(conn, isolation.value, False, False)
+        self._begin = (
+            f"BEGIN ISOLATION LEVEL {isolation.sql_name.upper()};"
+            f" SELECT booking_commit_by('{commit_by.isoformat()}'::timestamptz);"
+        )
+
+    async def start(self) -> None:
+        con = self._connection
+        if con._top_xact is not None or con._protocol.is_in_transaction():
+            raise asyncpg.InterfaceError("a stamped transaction starts outside any other")
+        con._top_xact = self
+        try:
+            await con.execute(self._begin)
+        except BaseException:
+            # Not left as the connection's transaction: the pool's reset rolls
+            # back the failed one, and the next starts afresh.
+            con._top_xact = None
+            self._state = TransactionState.FAILED
+            raise
+        self._state = TransactionState.STARTED
 
 
 def went_away(exc: BaseException, conn: Connection | None = None) -> bool:
@@ -334,6 +403,9 @@ class Database:
         # primary), and the primary's cluster identity, read once.
         self.standbys: replicas.Standbys | None = None
         self.system_id: int | None = None
+        # The clock skew allowed between this host and the database's when
+        # a write's bound is checked there (MAX_COMMIT_WINDOW_SECONDS).
+        self.commit_tolerance = DEFAULT_COMMIT_TOLERANCE_SECONDS
 
     @classmethod
     async def connect(
@@ -347,6 +419,7 @@ class Database:
         retry: RetryPolicy | None = None,
         deferred: bool = False,
         reads: replicas.Settings | None = None,
+        commit_tolerance: float = DEFAULT_COMMIT_TOLERANCE_SECONDS,
     ) -> Database:
         """A connected pool; with ``deferred``, one that has not connected
         yet (so it cannot fail) and refuses work until :meth:`open`."""
@@ -361,6 +434,7 @@ class Database:
         db = cls(pool, retry or RetryPolicy(), dsn, args)
         db.finder = finder
         db.accepting = not deferred
+        db.commit_tolerance = commit_tolerance
         if reads is not None:
             db.standbys = replicas.Standbys(reads, functools.partial(_standby_pool, args))
         return db
@@ -424,15 +498,16 @@ class Database:
             raise errors.DatabaseUnavailable()
         limit = deadline.remaining() if timeout is None else timeout
         if limit is None:
-            return await self._run(work, intent, isolation, single_statement)
+            return await self._run(work, intent, isolation, single_statement, None)
         if limit <= 0:
             raise errors.DeadlineExceeded()
         # Cancelling the task cancels the statement: asyncpg sends the server
         # a cancel request, and the pool's reset rolls the transaction back.
         bounded = asyncio.timeout(limit)
+        until = time.monotonic() + limit
         try:
             async with bounded:
-                return await self._run(work, intent, isolation, single_statement)
+                return await self._run(work, intent, isolation, single_statement, until)
         except TimeoutError as exc:
             if bounded.expired():
                 raise errors.DeadlineExceeded() from exc
@@ -477,6 +552,7 @@ class Database:
         intent: Intent,
         isolation: Isolation,
         single_statement: bool,
+        until: float | None,
     ) -> T:
         attempt = 0
         # One retry per pooled connection (each may be a dead one) plus one.
@@ -484,7 +560,7 @@ class Database:
         while True:
             try:
                 with self.span(work, attempt) if self.span else contextlib.nullcontext():
-                    return await self._once(work, intent, isolation, single_statement)
+                    return await self._once(work, intent, isolation, single_statement, until)
             except _Broken as broken:
                 cause = broken.__cause__
                 lost_budget -= 1
@@ -534,12 +610,28 @@ class Database:
             return None  # another cluster's token: the primary answers
         return await self.standbys.acquire(wanted, deadline.remaining())
 
+    def _commit_by(self, until: float | None) -> datetime.datetime:
+        """The bound of a write sent now: by the service's wall clock, the
+        time it can still wait (its deadline `until` on the monotonic clock,
+        the client-side statement bound, MAX_COMMIT_WINDOW_SECONDS), plus
+        the clock tolerance."""
+        window = min(
+            MAX_COMMIT_WINDOW_SECONDS,
+            self._pool_args["statement_timeout_ms"] / 1000 + COMMAND_TIMEOUT_MARGIN_SECONDS,
+        )
+        if until is not None:
+            window = min(window, max(0.0, until - time.monotonic()))
+        return datetime.datetime.fromtimestamp(
+            time.time() + window + self.commit_tolerance, datetime.UTC
+        )
+
     async def _once(
         self,
         work: Callable[[Connection], Awaitable[T]],
         intent: Intent,
         isolation: Isolation,
         single_statement: bool,
+        until: float | None,
     ) -> T:
         lease = await self._standby(intent)
         if lease is not None:
@@ -557,13 +649,26 @@ class Database:
             raise
         finally:
             self.acquiring -= 1
+        stamp = None
         try:
             self.commits.install(conn)
-            if single_statement:
-                result = await work(conn)
-            else:
-                async with conn.transaction(isolation=isolation.value, readonly=intent.reads):
+            if intent is not Intent.WRITE:
+                if single_statement:
                     result = await work(conn)
+                else:
+                    async with conn.transaction(isolation=isolation.value, readonly=True):
+                        result = await work(conn)
+            else:
+                # The caller's bound rides with the write (docs/cluster.md, "A
+                # resumed old primary"): in its BEGIN, or as a single
+                # statement's one-time filter (stamped()).
+                commit_by = self._commit_by(until)
+                if single_statement:
+                    stamp = _commit_by.set(commit_by)
+                    result = await work(conn)
+                else:
+                    async with _StampedTransaction(conn, isolation, commit_by):
+                        result = await work(conn)
             if self.commits.unreplicated(conn):
                 # Committed, but maybe not on the synchronous standbys: never
                 # answered as done (storage/durability.py).
@@ -586,6 +691,8 @@ class Database:
                 conn.terminate()
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
+            if stamp is not None:
+                _commit_by.reset(stamp)
             self.commits.uninstall(conn)
             await self._release(pool, conn)
 

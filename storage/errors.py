@@ -518,6 +518,22 @@ class StandbyLeaseExpired(DatabaseUnavailable):
         return f"no synchronous standby replied within {self.max_age}; retry"
 
 
+@dataclass(eq=False)
+class CommitDeadlinePassed(DatabaseUnavailable):
+    """The node refused a transaction whose own time bound (`commit_by`,
+    stamped by the service: when its caller stops waiting, plus a clock
+    tolerance) had passed by the node's clock: it waited that long in the
+    node's socket, as it does on a primary that was frozen and may have been
+    replaced. Retryable, as any unavailable database
+    (storage/sql/durability.sql)."""
+
+    reason = "COMMIT_DEADLINE_PASSED"
+    commit_by: str
+
+    def __str__(self) -> str:
+        return f"the transaction reached the database after its bound {self.commit_by}; retry"
+
+
 # Reasons raised by the SQL functions (SQLSTATE BK001), with the detail keys
 # each constructor takes.
 SQL_REASONS: dict[str, type[BookingError]] = {
@@ -547,6 +563,7 @@ SQL_REASONS: dict[str, type[BookingError]] = {
         OutsideBookingWindow,
         OutsideCancellationWindow,
         StandbyLeaseExpired,
+        CommitDeadlinePassed,
     )
 }
 

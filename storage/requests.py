@@ -15,7 +15,7 @@ import asyncpg
 
 from storage import durability, errors
 from storage import functions as fn
-from storage.database import Connection, Database, Intent
+from storage.database import Connection, Database, Intent, stamped
 
 _REMEMBER = fn.REMEMBER_FAILURE.statement(
     {"p_key": "$1::jsonb", "p_reason": "$2", "p_detail": "$3::jsonb"}
@@ -55,8 +55,10 @@ async def call(
     async def work(conn: Connection) -> asyncpg.Record:
         if on_send is not None:
             on_send()
+        # The write's time bound as the statement's one-time filter.
+        statement, values = stamped(sql, args)
         try:
-            return await conn.fetchrow(sql, *args)
+            return await conn.fetchrow(statement, *values)
         except asyncpg.PostgresError as exc:
             key = getattr(exc, "hint", None) if exc.sqlstate == "BK001" else None
             if not key:
@@ -68,7 +70,7 @@ async def call(
             )
             if stored:
                 raise
-            return await conn.fetchrow(sql, *args)
+            return await conn.fetchrow(statement, *values)
 
     row: asyncpg.Record = await db.run(work, intent=Intent.WRITE, single_statement=True)
     return row

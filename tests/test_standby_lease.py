@@ -172,3 +172,85 @@ async def test_a_silent_synchronous_standby_makes_commits_refused_until_it_answe
         session.terminate()
         if standby.paused:
             standby.resume()
+
+
+# The lease's residual window: a resumed node may read from its sockets the
+# replies its standby sent until its promotion, dated about the promotion,
+# and for a moment the lease looks held. Here the lease is truly held (the
+# standby is not promoted and answers again as soon as the primary resumes;
+# a lease of a minute covers the moment before its first reply), so only
+# the caller's time bound (booking_commit_by, stamped by storage/database.py
+# on every write) can refuse what waited in the frozen node's sockets. A
+# freeze long enough for a promotion is longer than any bound.
+_WIDE_LEASE = "SET booking.standby_lease = '60s'"
+_BOUND = 1.0  # seconds from the stamp to the write's bound
+_STAMPED_WRITE = (
+    "WITH written AS (INSERT INTO login_throttle (email_key, failures) VALUES ($1, 1)"
+    " RETURNING 1) SELECT count(*) FROM written WHERE booking_commit_by($2::timestamptz)"
+)
+
+
+async def test_a_frozen_primary_refuses_stamped_writes_that_waited_past_their_bound(
+    cluster: ReplicatedCluster,
+) -> None:
+    old = cluster.primary
+    sessions = [await asyncpg.connect(old.url(), ssl=False) for _ in range(4)]
+    unstamped, single, transaction, barrier = sessions
+    try:
+        for session in sessions:
+            await session.execute(_WIDE_LEASE)
+        await unstamped.execute("BEGIN")
+        await unstamped.execute(_WRITE, _key())
+        bound = await old.fetchval(f"SELECT clock_timestamp() + interval '{_BOUND} s'")
+        for session in (transaction, barrier):
+            await session.execute("BEGIN")
+            await session.execute("SELECT booking_commit_by($1)", bound)
+        await transaction.execute(_WRITE, _key())
+        pids = [s.get_server_pid() for s in sessions]
+
+        old.pause()
+        tasks = {
+            pids[0]: asyncio.create_task(unstamped.execute("COMMIT")),
+            pids[1]: asyncio.create_task(single.fetchval(_STAMPED_WRITE, _key(), bound)),
+            pids[2]: asyncio.create_task(transaction.execute("COMMIT")),
+            pids[3]: asyncio.create_task(barrier.execute("SELECT booking_sync_barrier()")),
+        }
+        await asyncio.sleep(_BOUND + 1.0)  # the statements wait in its sockets
+        old.resume()
+
+        outcome: dict[int, str] = {}
+        while len(outcome) < len(tasks):
+            waiting = await _waiting_for_standby(old)
+            for pid, task in tasks.items():
+                if pid in outcome:
+                    continue
+                if task.done():
+                    exc = task.exception()
+                    if exc is None:
+                        outcome[pid] = "committed"
+                    elif isinstance(exc, asyncpg.PostgresError):
+                        outcome[pid] = type(errors.translate(exc)).__name__
+                    else:
+                        outcome[pid] = type(exc).__name__
+                elif pid in waiting:
+                    outcome[pid] = "committed"
+            await asyncio.sleep(0.05)
+        # The lease alone lets the unstamped commit through.
+        assert outcome[pids[0]] == "committed", outcome
+        # Every stamped statement is refused on its bound before its commit
+        # record: the single write at its one-time filter, the COMMIT and
+        # the barrier (what a replay runs) at their check.
+        assert {pid: outcome[pid] for pid in pids[1:]} == dict.fromkeys(
+            pids[1:], "CommitDeadlinePassed"
+        ), outcome
+        exc = tasks[pids[2]].exception()
+        assert isinstance(exc, asyncpg.PostgresError)
+        domain = errors.translate(exc)
+        assert isinstance(domain, errors.CommitDeadlinePassed)
+        assert code_for(domain) is grpc.StatusCode.UNAVAILABLE
+        assert set(domain.metadata()) == {"commit_by"}
+        # Only the unstamped write is on the node.
+        assert await old.fetchval("SELECT count(*) FROM login_throttle") == 1
+    finally:
+        for session in sessions:
+            session.terminate()
