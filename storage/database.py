@@ -130,11 +130,23 @@ COMMAND_TIMEOUT_MARGIN_SECONDS = 5.0
 MAX_COMMIT_WINDOW_SECONDS = 10.0
 DEFAULT_COMMIT_TOLERANCE_SECONDS = 1.0
 
-# The bound of the write transaction the current task is running, as the
-# one-time filter of a single statement needs it (:func:`stamped`).
-_commit_by: contextvars.ContextVar[datetime.datetime | None] = contextvars.ContextVar(
+# The bound of the call the current task is running on the primary, as the
+# one-time filter of a single-statement write needs it (:func:`stamped`), or
+# a read that runs a sync barrier (:func:`barrier_bound`). With whether the
+# call writes.
+_commit_by: contextvars.ContextVar[tuple[datetime.datetime, bool] | None] = contextvars.ContextVar(
     "booking_commit_by", default=None
 )
+
+# What a stamped statement contains; a single-statement write without it is
+# refused before it is sent (:class:`_StampedStatements`).
+_STAMP = "booking_commit_by($"
+
+
+class UnstampedWrite(RuntimeError):
+    """A single-statement write sent without its time bound: a programming
+    error (the statement did not go through :func:`stamped`), refused before
+    anything reached the database."""
 
 
 def stamped(sql: str, args: Sequence[object]) -> tuple[str, list[object]]:
@@ -145,10 +157,54 @@ def stamped(sql: str, args: Sequence[object]) -> tuple[str, list[object]]:
     refuses a statement that arrives late. Outside a write run by
     :class:`Database` (no bound), the statement unchanged. No extra round
     trip: the bound travels as one more parameter."""
-    bound = _commit_by.get()
-    if bound is None:
+    current = _commit_by.get()
+    if current is None or not current[1]:
         return sql, list(args)
-    return f"{sql} WHERE booking_commit_by(${len(args) + 1}::timestamptz)", [*args, bound]
+    return f"{sql} WHERE booking_commit_by(${len(args) + 1}::timestamptz)", [*args, current[0]]
+
+
+def barrier_bound() -> datetime.datetime | None:
+    """The bound of the current call on the primary, read or write, for a
+    read that runs a sync barrier (a logical message: a write) in its own
+    statement (storage/events.py): ``booking_commit_by($N)`` before the
+    barrier refuses it when it arrives late, as a write's is. None on a
+    standby or outside :class:`Database`."""
+    current = _commit_by.get()
+    return None if current is None else current[0]
+
+
+class _StampedStatements:
+    """The connection a single-statement write's work is given: each
+    statement it sends must carry the bound (:func:`stamped`), so no write
+    can leave without it; one that does not is refused before it is sent
+    (UnstampedWrite). Everything else is the connection's."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    @staticmethod
+    def _check(sql: str) -> None:
+        if _STAMP not in sql:
+            raise UnstampedWrite(f"a single-statement write without its bound: {sql[:80]!r}")
+
+    async def fetch(self, sql: str, *args: object, **kwargs: Any) -> Any:
+        self._check(sql)
+        return await self._conn.fetch(sql, *args, **kwargs)
+
+    async def fetchrow(self, sql: str, *args: object, **kwargs: Any) -> Any:
+        self._check(sql)
+        return await self._conn.fetchrow(sql, *args, **kwargs)
+
+    async def fetchval(self, sql: str, *args: object, **kwargs: Any) -> Any:
+        self._check(sql)
+        return await self._conn.fetchval(sql, *args, **kwargs)
+
+    async def execute(self, sql: str, *args: object, **kwargs: Any) -> Any:
+        self._check(sql)
+        return await self._conn.execute(sql, *args, **kwargs)
 
 
 class _StampedTransaction(Transaction):  # type: ignore[misc]  # asyncpg is untyped
@@ -544,7 +600,9 @@ class Database:
         # Named after the storage function that called fetch() & co. (two
         # frames up), as its own closure was: the tracing span's name.
         work.__qualname__ = f"{sys._getframe(2).f_code.co_qualname}.work"
-        return await self.run(work, intent=intent, single_statement=True)
+        # A write shortcut runs in a stamped transaction (its BEGIN carries
+        # the bound): its SQL cannot take a one-time filter of its own.
+        return await self.run(work, intent=intent, single_statement=intent.reads)
 
     async def _run(
         self,
@@ -649,7 +707,11 @@ class Database:
             raise
         finally:
             self.acquiring -= 1
-        stamp = None
+        # The caller's bound (docs/cluster.md, "A resumed old primary"): it
+        # rides with a write, in its BEGIN or as a single statement's one-time
+        # filter (stamped()), and with a read's sync barrier (barrier_bound()).
+        commit_by = self._commit_by(until)
+        stamp = _commit_by.set((commit_by, intent is Intent.WRITE))
         try:
             self.commits.install(conn)
             if intent is not Intent.WRITE:
@@ -658,17 +720,11 @@ class Database:
                 else:
                     async with conn.transaction(isolation=isolation.value, readonly=True):
                         result = await work(conn)
+            elif single_statement:
+                result = await work(_StampedStatements(conn))
             else:
-                # The caller's bound rides with the write (docs/cluster.md, "A
-                # resumed old primary"): in its BEGIN, or as a single
-                # statement's one-time filter (stamped()).
-                commit_by = self._commit_by(until)
-                if single_statement:
-                    stamp = _commit_by.set(commit_by)
+                async with _StampedTransaction(conn, isolation, commit_by):
                     result = await work(conn)
-                else:
-                    async with _StampedTransaction(conn, isolation, commit_by):
-                        result = await work(conn)
             if self.commits.unreplicated(conn):
                 # Committed, but maybe not on the synchronous standbys: never
                 # answered as done (storage/durability.py).
@@ -691,8 +747,7 @@ class Database:
                 conn.terminate()
             raise _Broken(retry_safe=_nothing_sent(exc)) from exc
         finally:
-            if stamp is not None:
-                _commit_by.reset(stamp)
+            _commit_by.reset(stamp)
             self.commits.uninstall(conn)
             await self._release(pool, conn)
 

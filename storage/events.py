@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncpg
 
 from storage.conditions import Conditions
-from storage.database import Database, Intent
+from storage.database import Connection, Database, Intent, barrier_bound, stamped
 from storage.errors import CursorCompacted, CursorNotInHistory, DatabaseUnavailable
 from storage.models import (
     Appointment,
@@ -70,8 +70,15 @@ _STABLE_HEAD = (
 # "Reading from a standby"). `r.standby` is evaluated once per statement, so
 # the statement either ran the barrier or reported its replay position.
 _RECOVERY = "(SELECT pg_is_in_recovery() AS standby) r"
+# The barrier is a write (it commits a logical message): on the primary the
+# call's time bound comes first (`_BOUND`, storage/database.py
+# barrier_bound()), so a read that waited in a frozen node's socket past it
+# is refused before its barrier, as a write is (docs/cluster.md, "A resumed
+# old primary").
+_BOUND = "$BOUND::timestamptz"
 _GATE = (
-    "CASE WHEN r.standby THEN NULL ELSE booking_sync_barrier() END AS gate, r.standby,"
+    f"CASE WHEN r.standby THEN NULL WHEN {_BOUND} IS NULL OR booking_commit_by({_BOUND})"
+    " THEN booking_sync_barrier() END AS gate, r.standby,"
     " CASE WHEN r.standby THEN pg_last_wal_replay_lsn()::text END AS replayed,"
     " CASE WHEN r.standby THEN (SELECT w.received_tli FROM pg_stat_wal_receiver w"
     "  WHERE w.status = 'streaming') END AS replayed_tli"
@@ -85,6 +92,34 @@ _PRIMARY_GATE = (
     " ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS tli"
     " FROM booking_sync_barrier() b"
 )
+
+
+async def _gated(db: Database, sql: str, *args: object) -> list[asyncpg.Record]:
+    """Run a statement with `_GATE` in it, the call's bound as its last
+    argument."""
+
+    async def work(conn: Connection) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            sql.replace("$BOUND", f"${len(args) + 1}"), *args, barrier_bound()
+        )
+        return rows
+
+    return await db.run(work, intent=Intent.READ, single_statement=True)
+
+
+async def _primary_gate(db: Database) -> asyncpg.Record:
+    """`_PRIMARY_GATE` on the primary, stamped as a write is."""
+
+    async def work(conn: Connection) -> asyncpg.Record:
+        row: asyncpg.Record = await conn.fetchrow(*_stamped_gate())
+        return row
+
+    return await db.run(work, intent=Intent.WRITE, single_statement=True)
+
+
+def _stamped_gate() -> list[object]:
+    statement, values = stamped(_PRIMARY_GATE, [])
+    return [statement, *values]
 
 
 # Everything at or before this position may have been pruned (at most one row).
@@ -183,7 +218,7 @@ async def read_after(
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
         f" ) ev ON true{_WAITLIST_JOIN}{_APPOINTMENT_JOIN} ORDER BY ev.xid, ev.seq"
     )
-    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
+    rows = await _gated(db, sql, *where.args)
     await _standby_gate(gate or db, rows[0])
     pruned = _pruned(rows[0])
     _refuse_compacted(after, pruned)
@@ -251,7 +286,7 @@ async def _standby_gate(gate: Database, row: asyncpg.Record) -> None:
     if replayed is None or tli is None:
         raise DatabaseUnavailable()  # not streaming (or not allowed to see it)
     try:
-        primary = await gate.fetchrow(_PRIMARY_GATE, intent=Intent.WRITE)
+        primary = await _primary_gate(gate)
     except asyncpg.ObjectNotInPrerequisiteStateError as exc:  # the "primary" is in recovery
         raise DatabaseUnavailable() from exc
     assert primary is not None
@@ -307,13 +342,13 @@ def _refuse_compacted(after: Position, pruned: Position) -> None:
 async def stable_head(db: Database, *, gate: Database | None = None) -> Position:
     """The position a reader starting 'now' should resume after: the newest
     event below the horizon, or the start of the log if there is none."""
-    row = await db.fetchrow(
+    rows = await _gated(
+        db,
         f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} FROM {_RECOVERY})"
         f" SELECT h.standby, h.replayed, h.replayed_tli, head.xid, head.seq"
         f" FROM h LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true",
-        intent=Intent.READ,
     )
-    assert row is not None  # one row: the LEFT JOIN from h
+    row = rows[0]  # one row: the LEFT JOIN from h
     await _standby_gate(gate or db, row)
     if row["xid"] is None:
         return Position.start()

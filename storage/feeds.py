@@ -97,7 +97,7 @@ async def rotate(db: Database, subject: Subject, *, actor_id: UUID) -> tuple[str
         )
         return value
 
-    rotated_at = await db.run(work, intent=Intent.WRITE, single_statement=True)
+    rotated_at = await db.run(work, intent=Intent.WRITE)
     if rotated_at is None:
         raise subject.not_found()
     return token, rotated_at
@@ -114,7 +114,7 @@ async def revoke(db: Database, subject: Subject) -> None:
         )
         return status
 
-    status = await db.run(work, intent=Intent.WRITE, single_statement=True)
+    status = await db.run(work, intent=Intent.WRITE)
     if status.endswith(" 0"):
         raise CalendarFeedNotFound(id=str(subject_id))
 

@@ -63,10 +63,13 @@ async def call(
             key = getattr(exc, "hint", None) if exc.sqlstate == "BK001" else None
             if not key:
                 if exc.sqlstate == "BK001" and replayable:
-                    await durability.barrier(conn)
+                    # Its own implicit transaction: stamped as the first was.
+                    await conn.execute(*_stamped(durability.BARRIER))
                 raise
             stored = await conn.fetchval(
-                _REMEMBER, key, getattr(exc, "message", None), getattr(exc, "detail", None)
+                *_stamped(
+                    _REMEMBER, key, getattr(exc, "message", None), getattr(exc, "detail", None)
+                )
             )
             if stored:
                 raise
@@ -74,6 +77,13 @@ async def call(
 
     row: asyncpg.Record = await db.run(work, intent=Intent.WRITE, single_statement=True)
     return row
+
+
+def _stamped(sql: str, *args: object) -> list[Any]:
+    """`sql` and its arguments with the write's bound (storage/database.py
+    stamped()), as a statement call's positional arguments."""
+    statement, values = stamped(sql, args)
+    return [statement, *values]
 
 
 async def begin(

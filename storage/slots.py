@@ -11,7 +11,7 @@ import asyncpg
 
 from storage import functions as fn
 from storage.conditions import Conditions
-from storage.database import Connection, Database, Intent
+from storage.database import Connection, Database, Intent, stamped
 from storage.errors import SlotNotFound, SpecialistInactive, SpecialistNotFound
 from storage.models import AvailableSlot, Page, Slot, SlotStatus
 
@@ -165,7 +165,8 @@ async def set_capacity(db: Database, slot_id: UUID, capacity: int) -> Slot:
     (CapacityBelowSeatsTaken); added seats go to the waitlist first."""
 
     async def work(conn: Connection) -> asyncpg.Record:
-        return await conn.fetchrow(_SET_CAPACITY, slot_id, capacity)
+        statement, values = stamped(_SET_CAPACITY, [slot_id, capacity])
+        return await conn.fetchrow(statement, *values)
 
     return _slot(await db.run(work, intent=Intent.WRITE, single_statement=True))
 

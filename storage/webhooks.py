@@ -83,7 +83,7 @@ async def _one(db: Database, sql: str, *args: object, missing: UUID | None = Non
     async def work(conn: Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(sql, *args)
 
-    row = await db.run(work, intent=Intent.WRITE, single_statement=True)
+    row = await db.run(work, intent=Intent.WRITE)
     if row is None:
         raise WebhookEndpointNotFound(id=str(missing))
     return _endpoint(row)
@@ -176,7 +176,7 @@ async def delete(db: Database, endpoint_id: UUID) -> None:
         status: str = await conn.execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
         return status
 
-    if (await db.run(work, intent=Intent.WRITE, single_statement=True)).endswith(" 0"):
+    if (await db.run(work, intent=Intent.WRITE)).endswith(" 0"):
         raise WebhookEndpointNotFound(id=str(endpoint_id))
 
 
@@ -204,7 +204,7 @@ async def claim(
         rows: list[asyncpg.Record] = await conn.fetch(sql, owner, lease, limit, busy)
         return rows
 
-    return [_endpoint(r) for r in await db.run(work, intent=Intent.WRITE, single_statement=True)]
+    return [_endpoint(r) for r in await db.run(work, intent=Intent.WRITE)]
 
 
 async def renew(db: Database, endpoint_id: UUID, owner: str, lease: timedelta) -> Endpoint | None:
@@ -222,7 +222,7 @@ async def renew(db: Database, endpoint_id: UUID, owner: str, lease: timedelta) -
             lease,
         )
 
-    row = await db.run(work, intent=Intent.WRITE, single_statement=True)
+    row = await db.run(work, intent=Intent.WRITE)
     return None if row is None else _endpoint(row)
 
 
@@ -254,7 +254,7 @@ async def advance(
         )
         return status
 
-    return (await db.run(work, intent=Intent.WRITE, single_statement=True)).endswith(" 1")
+    return (await db.run(work, intent=Intent.WRITE)).endswith(" 1")
 
 
 async def fail(
@@ -293,7 +293,7 @@ async def fail(
             max_failures,
         )
 
-    row = await db.run(work, intent=Intent.WRITE, single_statement=True)
+    row = await db.run(work, intent=Intent.WRITE)
     if row is None:
         return False, 0
     return bool(row["enabled"]), int(row["failures"])
@@ -310,7 +310,7 @@ async def disable(db: Database, endpoint_id: UUID, owner: str, reason: str) -> N
             reason,
         )
 
-    await db.run(work, intent=Intent.WRITE, single_statement=True)
+    await db.run(work, intent=Intent.WRITE)
 
 
 async def release(db: Database, endpoint_id: UUID, owner: str) -> None:
@@ -327,4 +327,4 @@ async def release(db: Database, endpoint_id: UUID, owner: str) -> None:
             owner,
         )
 
-    await db.run(work, intent=Intent.WRITE, single_statement=True)
+    await db.run(work, intent=Intent.WRITE)

@@ -13,8 +13,9 @@ import grpc
 import pytest
 
 from service.errors import code_for
-from storage import deadline, errors
-from storage.database import Connection, Database, Intent, stamped
+from storage import deadline, errors, events
+from storage.database import Connection, Database, Intent, UnstampedWrite, stamped
+from storage.models import EventFilter, Position
 
 _BOUND = "SELECT current_setting('booking.commit_by', true)"
 
@@ -83,5 +84,50 @@ async def test_a_write_arriving_after_its_bound_is_refused_and_writes_nothing(
             "SELECT count(*) FROM login_throttle WHERE email_key = $1", key, intent=Intent.READ
         )
         assert count == 0
+    finally:
+        await db.close()
+
+
+async def test_a_write_shortcut_carries_its_bound(database_url: str) -> None:
+    # The shortcuts (the sweeps' batch functions, deletes) cannot take a
+    # one-time filter: they run in a transaction whose BEGIN carries it.
+    db = await Database.connect(database_url, min_size=1, max_size=1, commit_tolerance=0.5)
+    try:
+        assert await db.fetchval(_BOUND, intent=Intent.WRITE)
+        assert not await db.fetchval(_BOUND, intent=Intent.READ)
+    finally:
+        await db.close()
+
+
+async def test_a_single_statement_write_without_its_bound_is_never_sent(
+    database_url: str,
+) -> None:
+    db = await Database.connect(database_url, min_size=1, max_size=1)
+    key = f"unstamped-{uuid.uuid4()}"
+
+    async def work(conn: Connection) -> None:
+        await conn.execute("INSERT INTO login_throttle (email_key, failures) VALUES ($1, 1)", key)
+
+    try:
+        with pytest.raises(UnstampedWrite):
+            await db.run(work, intent=Intent.WRITE, single_statement=True)
+        count = await db.fetchval(
+            "SELECT count(*) FROM login_throttle WHERE email_key = $1", key, intent=Intent.READ
+        )
+        assert count == 0
+    finally:
+        await db.close()
+
+
+async def test_an_event_read_arriving_after_its_bound_is_refused(database_url: str) -> None:
+    # An event read on the primary runs a sync barrier, which commits a
+    # logical message (a write, with synchronous standbys): late, it is
+    # refused before the barrier, as a write is.
+    db = await Database.connect(database_url, min_size=1, max_size=1, commit_tolerance=-60)
+    try:
+        with pytest.raises(errors.CommitDeadlinePassed):
+            await events.stable_head(db)
+        with pytest.raises(errors.CommitDeadlinePassed):
+            await events.read_after(db, Position.start(), EventFilter(), 10)
     finally:
         await db.close()
