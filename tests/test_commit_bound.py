@@ -16,6 +16,7 @@ from service.errors import code_for
 from storage import deadline, errors, events
 from storage.database import Connection, Database, Intent, UnstampedWrite, stamped
 from storage.models import EventFilter, Position
+from tests.support import Api, expect_failure, hours_from_now
 
 _BOUND = "SELECT current_setting('booking.commit_by', true)"
 
@@ -131,3 +132,30 @@ async def test_an_event_read_arriving_after_its_bound_is_refused(database_url: s
             await events.read_after(db, Position.start(), EventFilter(), 10)
     finally:
         await db.close()
+
+
+async def test_a_hold_refused_past_its_bound_is_applied_once_by_its_retry(api: Api) -> None:
+    # The refusal is never stored as the request's outcome: the retry with
+    # the same request id holds the slot, and a copy after it replays that.
+    specialist = await api.specialist()
+    slot = await api.slot(specialist.id, hours_from_now(30))
+    caller, user_id = await api.client()
+    request_id = str(uuid.uuid4())
+    db = api.server.db
+    assert db is not None
+    db.commit_tolerance = -60  # every bound in the past: each write arrives late
+    try:
+        async with expect_failure(grpc.StatusCode.UNAVAILABLE, "COMMIT_DEADLINE_PASSED"):
+            await caller.hold(slot.id, request_id=request_id)
+    finally:
+        db.commit_tolerance = 1.0
+    held = await caller.hold(slot.id, request_id=request_id)
+    again = await caller.hold(slot.id, request_id=request_id)
+    assert held.user_id == user_id
+    assert again == held
+    count = await db.fetchval(
+        "SELECT count(*) FROM appointments WHERE time_slot_id = $1",
+        uuid.UUID(slot.id),
+        intent=Intent.READ,
+    )
+    assert count == 1
