@@ -377,3 +377,41 @@ def test_only_a_transaction_on_catalogs_alone_is_the_nodes_own() -> None:
     # Without the whole tail nothing is taken for the node's own.
     cut = checks.parse_rewind_witness("node1", "r", commits + records.replace("# tail-end", "#"))
     assert len(checks.check_writes_on_leader(HISTORY, [cut])[0]) == 3
+
+
+def test_a_transaction_begun_before_the_promotion_and_committed_on_resuming_is_counted_apart() -> (
+    None
+):
+    # The node froze between a barrier's checks and its commit record: xid
+    # 901's message was written before the freeze (a RUNNING_XACTS snapshot
+    # lists it with 900, which committed before the promotion); it committed
+    # when the node resumed. xid 903, begun after, is a write on a non-leader.
+    before, after = "2030-01-01 12:00:05.000000", "2030-01-01 12:00:30.000000"
+    commits = witness_text(
+        (900, "0/05000100", before),  # the leader's own, in flight
+        (902, "0/05000300", after),  # begun after the promotion: not proven
+        (901, "0/05000400", after),
+        (903, "0/05000500", after),
+    )
+    records = tail(
+        ("LogicalMessage", 901, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
+        (
+            "Standby",
+            0,
+            "RUNNING_XACTS nextXid 902 latestCompletedXid 899 oldestRunningXid 900;"
+            " 2 xacts: 900 901",
+        ),
+        ("LogicalMessage", 902, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
+        ("LogicalMessage", 903, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
+    )
+    w = checks.parse_rewind_witness("node1", "r", commits + records)
+    violations, stats = checks.check_writes_on_leader(HISTORY, [w])
+    assert sorted(v.detail.split()[3] for v in violations) == ["902", "903"]
+    assert (stats.lost_in_flight, stats.frozen_mid_commit, stats.after_promotion) == (1, 1, 2)
+    # Without the snapshot only 900 is proven begun before: 901 is a write.
+    bare = checks.parse_rewind_witness(
+        "node1", "r", commits + records.replace("RUNNING_XACTS", "RUNNING")
+    )
+    assert len(checks.check_writes_on_leader(HISTORY, [bare])[0]) == 3
+    # An xid that ended before the promotion proves every smaller one began.
+    assert w.started_before(datetime(2030, 1, 1, 12, 0, 10, 500000, tzinfo=UTC)) == 902

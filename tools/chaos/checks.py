@@ -537,6 +537,42 @@ class RewindWitness:
     # (relation numbers below 16384) and send no logical message, i.e. the
     # node's own autovacuum and autoanalyze, not a write a client sent.
     catalog_only: frozenset[int] | None = None
+    # Proofs of when transactions began writing (took their xid): the
+    # timestamp of each commit or abort record, by xid, and each
+    # RUNNING_XACTS record's (nextXid, running xids). See started_before().
+    ended_at: tuple[tuple[int, datetime], ...] = ()
+    snapshots: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+    def started_before(self, moment: datetime) -> int:
+        """The smallest xid not proven to have been assigned before
+        `moment`: every xid below it had begun writing by then. xids are
+        assigned in order, so a transaction that committed or aborted before
+        `moment` proves every smaller xid was assigned before it; and a
+        RUNNING_XACTS record lists transactions still running when its
+        snapshot was taken, so one listing a transaction that ended before
+        `moment` was taken before it, when every xid below its nextXid had
+        been assigned."""
+        ended = dict(self.ended_at)
+        bound = 0
+        for xid, at in self.ended_at:
+            if at < moment:
+                bound = max(bound, xid + 1)
+        for next_xid, running in self.snapshots:
+            if any(x in ended and ended[x] < moment for x in running):
+                bound = max(bound, next_xid)
+        return bound
+
+
+_ENDED = re.compile(
+    r"tx:\s+(\d+), lsn: [0-9A-F]+/[0-9A-F]+,.*desc: (?:COMMIT|ABORT)(?:_PREPARED)?\b[^0-9]*"
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC"
+)
+_RUNNING_XACTS = re.compile(r"desc: RUNNING_XACTS nextXid (\d+) .*?\d+ xacts:((?: \d+)*)")
+
+
+def _stamp(text: str) -> datetime:
+    fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S"
+    return datetime.strptime(text, fmt).replace(tzinfo=UTC)
 
 
 _COMMIT = re.compile(
@@ -576,8 +612,23 @@ def parse_rewind_witness(node: str, source: str, text: str) -> RewindWitness:
             )
     if timeline is None and error is None:
         error = "no timeline recorded"
+    ended: dict[int, datetime] = {}
+    snapshots: list[tuple[int, tuple[int, ...]]] = []
+    for line in text.splitlines():
+        if (e := _ENDED.search(line)) is not None:
+            ended[int(e.group(1))] = _stamp(e.group(2))
+        elif (r := _RUNNING_XACTS.search(line)) is not None:
+            snapshots.append((int(r.group(1)), tuple(int(x) for x in r.group(2).split())))
     return RewindWitness(
-        node, source, timeline, covers_from, tuple(commits), error, _catalog_only(text)
+        node,
+        source,
+        timeline,
+        covers_from,
+        tuple(commits),
+        error,
+        _catalog_only(text),
+        tuple(sorted(ended.items())),
+        tuple(snapshots),
     )
 
 
@@ -616,6 +667,11 @@ class LeaderWrites:
     # Of those, the node's own autovacuum/autoanalyze (catalogs only): not
     # a write that reached it.
     maintenance_after_promotion: int = 0
+    # Of those, transactions proven to have begun writing before the
+    # promotion (RewindWitness.started_before): frozen between their last
+    # check and their commit record, which the node wrote when it resumed.
+    # Never acknowledged: no synchronous standby answered for the node.
+    frozen_mid_commit: int = 0
 
 
 def check_writes_on_leader(
@@ -627,7 +683,13 @@ def check_writes_on_leader(
     T's successor was promoted, unless the witness's whole tail shows that
     transaction touching system catalogs only (the node's own autovacuum or
     autoanalyze, which no client sent; a logical message, such as the
-    service's sync barrier, counts as a client's write).
+    service's sync barrier, counts as a client's write), or unless the
+    transaction is proven to have begun writing before the promotion
+    (RewindWitness.started_before): the node froze after its checks and
+    before its commit record, which it wrote on resuming. No check the
+    service or the schema makes can refuse that commit (every check already
+    ran), and no synchronous standby acknowledges it, so it is never
+    answered OK: counted apart, as frozen mid-commit.
 
     `history` is Patroni's ``/history``: ``[T, switch LSN, reason, the next
     timeline's creation time (ISO 8601), its leader]``. A commit past the
@@ -669,6 +731,8 @@ def check_writes_on_leader(
             seen.add((c.node, c.timeline, c.lsn))
             if c.at >= promoted and w.catalog_only is not None and c.xid in w.catalog_only:
                 stats.maintenance_after_promotion += 1
+            elif c.at >= promoted and c.xid < w.started_before(promoted):
+                stats.frozen_mid_commit += 1
             elif c.at >= promoted:
                 stats.after_promotion += 1
                 out.append(

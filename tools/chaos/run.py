@@ -123,11 +123,13 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
         summary["meta"]["lost_tail_commits_in_flight"] = stats.lost_in_flight
         summary["meta"]["lost_tail_commits_after_promotion"] = stats.after_promotion
         summary["meta"]["lost_tail_maintenance_after_promotion"] = stats.maintenance_after_promotion
+        summary["meta"]["lost_tail_frozen_mid_commit"] = stats.frozen_mid_commit
         say(
             f"chaos: {stats.rewinds} rewinds witnessed; commits on lost tails: "
             f"{stats.lost_in_flight} by the leader in flight, "
             f"{stats.after_promotion} after another node was promoted "
-            f"(and {stats.maintenance_after_promotion} autovacuum/autoanalyze ones)"
+            f"(and {stats.maintenance_after_promotion} autovacuum/autoanalyze ones, "
+            f"{stats.frozen_mid_commit} begun before it, frozen mid-commit)"
         )
         say(f"chaos: Patroni cluster, {cluster.leader_changes} leader changes")
     print(render(summary), flush=True)
