@@ -275,11 +275,13 @@ def test_quick_standby_reads_run_measures_every_phase(tmp_path: Path) -> None:
     figures = {f["key"]: f for f in doc["figures"]}
     samples = {
         phase: figures[f"standby_reads.{phase}.c2"]["samples"][0]
-        for phase in ("writes", "primary", "standbys", "tokens")
+        for phase in ("writes", "primary", "token_writes", "standbys", "tokens")
     }
     for phase, sample in samples.items():
         assert set(sample["codes"]) == {"OK"}, (phase, sample["codes"])
-    assert samples["writes"]["writes"] > 0 and samples["writes"]["reads"] == 0
+    for phase in ("writes", "token_writes"):
+        assert samples[phase]["writes"] > 0 and samples[phase]["reads"] == 0, phase
+    assert "token_cost_us" in samples["token_writes"]
     assert samples["primary"]["standby_reads"] == 0
     for phase in ("standbys", "tokens"):
         # A standby may be skipped for a moment (lag, a slow check): most

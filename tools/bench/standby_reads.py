@@ -12,14 +12,17 @@ reads, one CreateSlot write in ten operations. Four phases per repeat:
 
 - ``writes``: writes only (the primary's CPU per write);
 - ``primary``: the mix with every read on the primary;
+- ``token_writes``: writes only with standby reads on (each write's
+  token costs the primary a round trip);
 - ``standbys``: the mix with reads on the standbys, no tokens;
 - ``tokens``: the same, each caller carrying its writes' tokens
   (``booking_client.Session``: every read waits for a standby that
   replayed the caller's last write).
 
 PostgreSQL's CPU is read from /proc for each node's processes, so the
-primary's CPU per read is the phase's primary CPU less its writes' share
-(the writes phase's CPU per write); the routing counters of the server
+primary's CPU per read is the phase's primary sessions' CPU less its
+writes' share (the CPU per write of the writes-only phase of the same
+server); the routing counters of the server
 (storage/replicas.py) give the reads served by standbys, the token waits
 and the fallbacks to the primary. The server runs in this process (its
 counters are read directly), so its CPU and the callers' are one figure.
@@ -67,10 +70,12 @@ WARM_UP_SECONDS = 1.0
 PHASES: tuple[tuple[str, str, bool, float, bool], ...] = (
     ("writes", "CreateSlot only, reads on the primary", True, 1.0, False),
     ("primary", "read-heavy mix, every read on the primary", True, WRITE_SHARE, False),
+    ("token_writes", "CreateSlot only, standby reads on (tokens issued)", False, 1.0, False),
     ("standbys", "read-heavy mix, reads on 2 standbys, no tokens", False, WRITE_SHARE, False),
     ("tokens", "read-heavy mix, reads on 2 standbys, callers' tokens", False, WRITE_SHARE, True),
 )
 EXTRAS = [
+    ("token_cost_us", "the token's cost per write on the primary", " us"),
     ("off_primary_pct", "read work off the primary", "%"),
     ("standby_share_pct", "reads on standbys", "%"),
     ("standby_pg_cpu_us", "standby PG CPU per standby read", " us"),
@@ -514,11 +519,17 @@ def _ms(values: list[float], q: float) -> float | None:
 def samples(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
     """Each phase's sample, the primary's CPU per read against the
     all-on-primary phase of the same repeat."""
-    writes = outcomes["writes"]
-    per_write = writes.cpu["primary"].get("backend", 0.0) / max(1, writes.measured.writes)
+
+    def per_write_of(key: str) -> float:
+        o = outcomes[key]
+        return o.cpu["primary"].get("backend", 0.0) / max(1, o.measured.writes)
+
     base: float | None = None
     out: dict[str, dict[str, Any]] = {}
-    for key, _, _, _, _ in PHASES:
+    for key, _, on_primary, _, _ in PHASES:
+        # A write costs the primary one more round trip while standby reads
+        # are on (its token): each side's writes at that side's cost.
+        per_write = per_write_of("writes" if on_primary else "token_writes")
         o = outcomes[key]
         m = o.measured
         ops = m.reads + m.writes
@@ -526,7 +537,7 @@ def samples(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
         backends = primary.get("backend", 0.0)
         standby_cpu = sum(sum(v.values()) for k, v in o.cpu.items() if k != "primary")
         sample: dict[str, Any] = {
-            "throughput": (m.writes if key == "writes" else m.reads) / o.seconds,
+            "throughput": (m.writes if "writes" in key else m.reads) / o.seconds,
             "server_cpu_us": None,
             "process_cpu_us": o.process_cpu / max(1, ops) * 1e6,
             "codes": dict(m.codes),
@@ -539,8 +550,10 @@ def samples(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
             "primary_other_cpu_us": primary.get("other", 0.0) / max(1, ops) * 1e6,
             "cpu_seconds": o.cpu,
         }
-        if key == "writes":
+        if key in ("writes", "token_writes"):
             sample["pg_cpu_us"] = per_write * 1e6
+            if key == "token_writes":
+                sample["token_cost_us"] = (per_write - per_write_of("writes")) * 1e6
             out[key] = sample
             continue
         # Read work on the primary: its sessions' CPU less the writes' share
@@ -595,7 +608,7 @@ def scenario(b: Bench) -> None:
             f"standby_reads.{key}.c{callers}",
             "standby-reads",
             f"{label}, {callers} callers (primary PostgreSQL CPU per read; reads/s)",
-            throughput_unit="writes/s" if key == "writes" else "reads/s",
+            throughput_unit="writes/s" if "writes" in key else "reads/s",
             extras=EXTRAS,
         )
         b.report_run(fig, sample)
