@@ -465,3 +465,48 @@ async def test_reads_through_the_haproxy_replica_port(patroni: PatroniCluster) -
         assert routed.counters.standby >= 1
         assert all(wait <= 2.0 for wait in routed.counters.token_waits)
         print(f"token waits through HAProxy: {sorted(routed.counters.token_waits)}")
+
+
+def test_every_rpc_carries_a_token_one_way_or_is_named() -> None:
+    """Every write's response has `consistency_token` (the interceptor fills
+    it by descriptor), every read a standby may serve takes one in its
+    request; an RPC with neither must be named here, so a new RPC cannot
+    silently drop out of read-your-writes."""
+    from booking.v1 import (
+        appointment_pb2,
+        auth_pb2,
+        calendar_pb2,
+        schedule_pb2,
+        slot_pb2,
+        specialist_pb2,
+        user_pb2,
+        waitlist_pb2,
+        webhook_pb2,
+    )
+
+    # WhoAmI reads the caller's own account on the primary (READ_PRIMARY).
+    neither = {"booking.v1.AuthService.WhoAmI"}
+    writes: set[str] = set()
+    reads: set[str] = set()
+    other: set[str] = set()
+    for module in (
+        appointment_pb2,
+        auth_pb2,
+        calendar_pb2,
+        schedule_pb2,
+        slot_pb2,
+        specialist_pb2,
+        user_pb2,
+        waitlist_pb2,
+        webhook_pb2,
+    ):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                out = "consistency_token" in method.output_type.fields_by_name
+                inp = "consistency_token" in method.input_type.fields_by_name
+                assert not (out and inp), method.full_name
+                (writes if out else reads if inp else other).add(method.full_name)
+    assert other == neither
+    assert "booking.v1.AppointmentService.HoldSlot" in writes
+    assert "booking.v1.AppointmentService.WatchAppointmentEvents" in reads
+    assert len(writes) == 28 and len(reads) == 16
