@@ -7,8 +7,8 @@ one run (docs/performance.md, "Reads from standbys").
 A primary with two streaming standbys of its own (the embedded PostgreSQL,
 ``pg_basebackup`` on loopback, made once per run and removed at its end),
 a booking server in the bench's process, and a read-heavy mix from
-concurrent callers: ListSlots, GetSpecialist and SearchAvailableSlots
-reads, one CreateSlot write in ten operations. Four phases per repeat:
+concurrent callers: ListSlots, GetSpecialist, ListAppointmentEvents and
+SearchAvailableSlots reads, one CreateSlot write in ten operations. Four phases per repeat:
 
 - ``writes``: writes only (the primary's CPU per write);
 - ``primary``: the mix with every read on the primary;
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 SCENARIO = "standby-reads"
 DATABASE = "booking"
 WRITE_SHARE = 0.1
+PASSWORD = "bench-standby-reads"
 # The slots each phase's specialist starts with (ListSlots pages of 20).
 SLOTS = 20
 # Goals (docs/performance.md).
@@ -245,8 +246,9 @@ class Measured:
 
 class Caller:
     def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        from booking.v1 import slot_pb2_grpc, specialist_pb2_grpc
+        from booking.v1 import appointment_pb2_grpc, slot_pb2_grpc, specialist_pb2_grpc
 
+        self.appointments = appointment_pb2_grpc.AppointmentServiceStub(channel)
         self.slots = slot_pb2_grpc.SlotServiceStub(channel)
         self.specialists = specialist_pb2_grpc.SpecialistServiceStub(channel)
         self.md = (("authorization", f"Bearer {token}"),)
@@ -260,6 +262,7 @@ class Caller:
         write_share: float,
         rng: random.Random,
     ) -> None:
+        from booking.v1 import appointment_pb2 as apb
         from booking.v1 import slot_pb2 as spb
         from booking.v1 import specialist_pb2 as sppb
 
@@ -284,7 +287,7 @@ class Caller:
                     out.codes["OK"] += 1
                     continue
                 began = time.perf_counter()
-                kind = rng.randrange(3)
+                kind = rng.randrange(4)
                 if kind == 0:
                     await self.slots.ListSlots(
                         spb.ListSlotsRequest(specialist_id=specialist_id, page_size=SLOTS),
@@ -294,6 +297,17 @@ class Caller:
                 elif kind == 1:
                     await self.specialists.GetSpecialist(
                         sppb.GetSpecialistRequest(id=specialist_id), metadata=self.md, timeout=10
+                    )
+                elif kind == 2:
+                    # The specialist's event stream from its start (its
+                    # holds, made at the phase's setup).
+                    await self.appointments.ListAppointmentEvents(
+                        apb.ListAppointmentEventsRequest(
+                            filter=apb.AppointmentEventFilter(specialist_id=specialist_id),
+                            page_size=SLOTS,
+                        ),
+                        metadata=self.md,
+                        timeout=10,
                     )
                 else:
                     await self.slots.SearchAvailableSlots(
@@ -354,8 +368,9 @@ async def _phase(
     tokens: bool,
     seed: str,
 ) -> Outcome:
+    from booking.v1 import appointment_pb2 as apb
+    from booking.v1 import appointment_pb2_grpc, slot_pb2_grpc, specialist_pb2_grpc
     from booking.v1 import slot_pb2 as spb
-    from booking.v1 import slot_pb2_grpc, specialist_pb2_grpc
     from booking.v1 import specialist_pb2 as sppb
     from booking_client import Session, insecure_channel
 
@@ -363,7 +378,9 @@ async def _phase(
     md = (("authorization", f"Bearer {token}"),)
     service_type = f"bench-{seed}"
     # A fresh specialist (and service type) per phase: every phase's reads
-    # see the same number of slots.
+    # see the same number of slots. A fresh client too: its holds' times
+    # are the same in every phase, and a user holds no two at once.
+    client_id, _ = await _user(srv, "CLIENT")
     async with grpc.aio.insecure_channel(target) as setup:
         specialists = specialist_pb2_grpc.SpecialistServiceStub(setup)
         slots = slot_pb2_grpc.SlotServiceStub(setup)
@@ -373,9 +390,10 @@ async def _phase(
         )
         specialist_id = reply.specialist.id
         day0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        appointments = appointment_pb2_grpc.AppointmentServiceStub(setup)
         for day in range(SLOTS):
             start = day0 + timedelta(days=1 + day)
-            await slots.CreateSlot(
+            created = await slots.CreateSlot(
                 spb.CreateSlotRequest(
                     specialist_id=specialist_id,
                     start_time=_ts(start),
@@ -383,6 +401,13 @@ async def _phase(
                 ),
                 metadata=md,
             )
+            if day % 2:
+                # Half the slots held: the specialist's event stream has
+                # SLOTS / 2 events for the ListAppointmentEvents reads.
+                await appointments.HoldSlot(
+                    apb.HoldSlotRequest(slot_id=created.slot.id, user_id=client_id),
+                    metadata=md,
+                )
     routed = srv.db.standbys if srv.db is not None else None
     waits0 = len(routed.counters.token_waits) if routed else 0
     standby0 = routed.counters.standby if routed else 0
@@ -426,20 +451,31 @@ async def _phase(
     )
 
 
-async def _admin_token(srv: Any, target: str) -> str:
-    from booking.v1 import auth_pb2, auth_pb2_grpc
+async def _user(srv: Any, role: str) -> tuple[str, str]:
+    """A new user of `role` made in storage: its id and email (password
+    PASSWORD)."""
     from service import passwords
     from storage import users
     from storage.models import Role
 
-    password = "bench-standby-reads"
-    email = f"admin-{random.randrange(10**9)}@bench.example"
-    await users.create(
-        srv.db, email=email, password_hash=await passwords.hash_password(password), role=Role.ADMIN
+    email = f"{role.lower()}-{random.randrange(10**12)}@bench.example"
+    user = await users.create(
+        srv.db,
+        email=email,
+        password_hash=await passwords.hash_password(PASSWORD),
+        role=Role(role),
     )
+    return str(user.id), email
+
+
+async def _admin_token(srv: Any, target: str) -> str:
+    """An ADMIN's access token, the callers' and the setup's."""
+    from booking.v1 import auth_pb2, auth_pb2_grpc
+
+    _, email = await _user(srv, "ADMIN")
     async with grpc.aio.insecure_channel(target) as channel:
         reply = await auth_pb2_grpc.AuthServiceStub(channel).Login(
-            auth_pb2.LoginRequest(email=email, password=password)
+            auth_pb2.LoginRequest(email=email, password=PASSWORD)
         )
     return str(reply.access_token)
 
