@@ -71,28 +71,38 @@ class _Call:
         )
         context.set_trailing_metadata(self.response_metadata)
         # The caller's read-your-writes token(s), for reads served by standbys.
-        self.consistency = consistency.begin(
-            consistency.wanted_from(
-                [
-                    value if isinstance(value, str) else ""
-                    for key, value in metadata
-                    if key == consistency.HEADER
-                ]
-            )
-        )
+        self.tokens = [
+            value if isinstance(value, str) else ""
+            for key, value in metadata
+            if key == consistency.HEADER
+        ]
+        self.consistency = consistency.begin(consistency.wanted_from(self.tokens))
         self.metrics = telemetry.metrics()
         if self.metrics.enabled:
             self.metrics.calls_started.add(1, {"grpc.method": method.lstrip("/")})
 
-    def answered(self) -> None:
-        """An OK answer: a write's token goes with it, in a trailer."""
+    def read_token_field(self, request: Any) -> None:
+        """A read request's own `consistency_token` field (for callers that
+        cannot set metadata, grpcurl's users) counts like one more value of
+        the metadata key: the newest of all wins, an unreadable one sends
+        the read to the primary."""
+        value = _token_field(request)
+        if value:
+            self.consistency.wanted = consistency.wanted_from([*self.tokens, value])
+
+    def answered(self, response: Any) -> None:
+        """An OK answer: a write's token goes with it, in a trailer and in
+        the response's `consistency_token` field where it has one."""
         issued = self.consistency.issued
         if issued is not None:
+            encoded = issued.encode()
             self.response_metadata = (
                 *self.response_metadata,
-                (consistency.HEADER, issued.encode()),
+                (consistency.HEADER, encoded),
             )
             self.context.set_trailing_metadata(self.response_metadata)
+            if _has_token_field(response):
+                response.consistency_token = encoded
 
     async def fail(self, exc: BaseException) -> NoReturn:
         """Answer the client for `exc`; always raises."""
@@ -198,6 +208,25 @@ class _Call:
             self.metrics.transitions.add(
                 1, {"transition": transition, "outcome": self.reason or self.code.name}
             )
+
+
+# The field, request and response alike, that carries a consistency token
+# (protos/booking/v1: every write's response, every standby read's request).
+TOKEN_FIELD = "consistency_token"
+
+
+def _has_token_field(message: Any) -> bool:
+    descriptor = getattr(message, "DESCRIPTOR", None)
+    fields = getattr(descriptor, "fields_by_name", None)
+    return fields is not None and TOKEN_FIELD in fields
+
+
+def _token_field(message: Any) -> str:
+    """`message`'s consistency_token, "" if it has none (or is a request
+    stream, not a message)."""
+    if not _has_token_field(message):
+        return ""
+    return str(getattr(message, TOKEN_FIELD))
 
 
 Parser = Callable[[bytes], Any]
@@ -310,7 +339,9 @@ class ServiceInterceptor(ServerInterceptor):
                 try:
                     if not open_:
                         await self._authorize(method, call)
-                    response = await inner(prepare(request), context)
+                    message = prepare(request)
+                    call.read_token_field(message)
+                    response = await inner(message, context)
                 except asyncio.CancelledError:
                     call.cancelled()
                     raise
@@ -319,7 +350,7 @@ class ServiceInterceptor(ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001 - mapped or answered INTERNAL
                     await call.fail(exc)
                 call.give_up_if_expired()
-                call.answered()
+                call.answered(response)
                 return response
             finally:
                 call.finish()
@@ -334,7 +365,9 @@ class ServiceInterceptor(ServerInterceptor):
             try:
                 if not open_:
                     await self._authorize(method, call)
-                async for message in inner(prepare(request), context):
+                parsed = prepare(request)
+                call.read_token_field(parsed)
+                async for message in inner(parsed, context):
                     call.give_up_if_expired()
                     yield message
                     sent += 1

@@ -70,3 +70,66 @@ def test_standby_read_figures_become_a_goal_and_none_means_no_goal() -> None:
     standby = [g for g in goals if g.name.startswith("standby reads: list_slots")]
     assert len(standby) == 1 and standby[0].met is False
     assert "1,200 us" in standby[0].value and "1.20x" in standby[0].value
+
+
+def test_standby_reads_figures_become_goals_with_ratios_and_verdicts() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from bench import standby_reads
+    from bench.report import Figure
+
+    none: Any = SimpleNamespace(figures={})
+    assert standby_reads.goals(cast(Any, none)) == []
+
+    def fig(key: str, **sample: float) -> Figure:
+        return Figure(f"standby_reads.{key}.c16", "standby-reads", key, samples=[sample])
+
+    figures = {
+        f.key: f
+        for f in (
+            fig("writes", throughput=100.0, pg_cpu_us=900.0),
+            fig("primary", pg_cpu_us=200.0, p50_ms=2.0, p99_ms=10.0, reads=1000.0),
+            # 90% off the primary; p99 2.5x the primary's: missed.
+            fig(
+                "standbys",
+                pg_cpu_us=20.0,
+                p50_ms=2.5,
+                p99_ms=25.0,
+                standby_share_pct=100.0,
+                fallbacks=0.0,
+                reads=1000.0,
+            ),
+            # 70% off: missed; token waits within bounds but 2% fell back.
+            fig(
+                "tokens",
+                pg_cpu_us=60.0,
+                p50_ms=2.5,
+                p99_ms=30.0,
+                standby_share_pct=98.0,
+                fallbacks=20.0,
+                reads=1000.0,
+                token_wait_p50_ms=0.3,
+                token_wait_p90_ms=0.6,
+                token_wait_p99_ms=4.0,
+                token_wait_max_ms=40.0,
+            ),
+        )
+    }
+    goals = {g.name: g for g in standby_reads.goals(cast(Any, SimpleNamespace(figures=figures)))}
+    off_tokens = goals[
+        "standby reads with tokens: read work off the primary (its PostgreSQL CPU per read)"
+    ]
+    off_plain = goals[
+        "standby reads without tokens: read work off the primary (its PostgreSQL CPU per read)"
+    ]
+    assert (off_tokens.met, off_plain.met) == (False, True)
+    assert "70% off" in off_tokens.value and "90% off" in off_plain.value
+    latency = goals["standby reads: read latency without tokens vs on the primary"]
+    assert latency.met is False and "p99 25.00 vs 10.00 ms = 2.50x" in latency.value
+    tokened = goals["standby reads: read latency with tokens vs without"]
+    assert tokened.met is True and "= 1.20x" in tokened.value
+    waits = goals["standby reads: token waits (read-your-writes on a standby)"]
+    assert waits.met is False and "p99 4.00" in waits.value and "= 2.00%" in waits.value
+    # Every goal of the scenario is measured from these figures.
+    assert all(g.met is not None for g in goals.values())

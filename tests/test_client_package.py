@@ -26,6 +26,7 @@ from booking_client import (
     EventConsumer,
     FieldViolation,
     MemoryCheckpoint,
+    Session,
     error_details,
     insecure_channel,
     service_config,
@@ -325,5 +326,50 @@ async def test_channel_retries_unavailable_applies_timeouts_and_decodes_details(
                 await stub.ConfirmAppointment(apb.ConfirmAppointmentRequest(id="a1"))
             assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert time.monotonic() - started >= 0.9, "the timeout is not cut short"
+    finally:
+        await fake.stop(None)
+
+
+class _FieldOnly(appointment_pb2_grpc.AppointmentServiceServicer):
+    """HoldSlot answers with a token in the response field and no trailer (a
+    proxy that drops trailers); GetAppointment records the tokens it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    async def HoldSlot(  # noqa: N802 - the generated name
+        self, request: apb.HoldSlotRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.HoldSlotResponse:
+        return apb.HoldSlotResponse(consistency_token=f"token-{request.slot_id}")
+
+    async def GetAppointment(  # noqa: N802 - the generated name
+        self, request: apb.GetAppointmentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> apb.GetAppointmentResponse:
+        self.seen.append(
+            [
+                str(value)
+                for key, value in context.invocation_metadata() or ()
+                if key == "x-booking-consistency-token"
+            ]
+        )
+        return apb.GetAppointmentResponse(appointment=apb.Appointment(id=request.id))
+
+
+async def test_a_session_takes_tokens_from_the_response_field() -> None:
+    servicer = _FieldOnly()  # type: ignore[abstract]
+    fake = grpc.aio.server()
+    appointment_pb2_grpc.add_AppointmentServiceServicer_to_server(servicer, fake)
+    port = fake.add_insecure_port("127.0.0.1:0")
+    await fake.start()
+    session = Session()
+    try:
+        async with insecure_channel(f"127.0.0.1:{port}", interceptors=[session]) as channel:
+            stub = appointment_pb2_grpc.AppointmentServiceStub(channel)
+            await stub.GetAppointment(apb.GetAppointmentRequest(id="a1"))
+            await stub.HoldSlot(apb.HoldSlotRequest(slot_id="s1"))
+            await stub.HoldSlot(apb.HoldSlotRequest(slot_id="s2"))
+            await stub.GetAppointment(apb.GetAppointmentRequest(id="a1"))
+        assert session.tokens == ("token-s1", "token-s2")
+        assert servicer.seen == [[], ["token-s1", "token-s2"]]
     finally:
         await fake.stop(None)

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import asyncpg
 import grpc
@@ -1052,6 +1052,12 @@ NASTY = [
 ]
 
 
+class _Active(TypedDict, total=False):
+    """`active` set or not (a request's optional field)."""
+
+    active: bool
+
+
 class Garbage:
     def __init__(self, rng: random.Random, ids: list[str]) -> None:
         self.rng = rng
@@ -1114,7 +1120,7 @@ class Garbage:
         pool = [*allowed, "id", "", "nickname"]
         return FieldMask(paths=self.rng.sample(pool, self.rng.randint(0, 3)))
 
-    def maybe_bool(self) -> dict[str, bool]:
+    def maybe_bool(self) -> _Active:
         return {} if self.rng.random() < 0.5 else {"active": self.rng.random() < 0.5}
 
 

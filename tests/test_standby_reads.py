@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import asyncpg
 import grpc
 import pytest
 
+from booking.v1 import slot_pb2 as spb
 from booking.v1 import specialist_pb2 as sppb
 from booking_client import Session, insecure_channel
 from cluster.patroni import PatroniCluster, haproxy_available
@@ -30,7 +32,7 @@ from service.config import from_sources
 from service.server import BookingServer
 from storage import consistency, hosts, migrate, replicas
 from tests.replication import Node, ReplicatedCluster, replicated_cluster
-from tests.support import Api, running_server
+from tests.support import Api, running_server, ts
 
 TOKEN = consistency.HEADER
 DEADLINE = 10.0
@@ -139,6 +141,87 @@ async def test_a_tokened_read_on_a_lagging_standby_returns_the_write(
         for _ in range(4):
             assert await get(api, specialist_id, token) is grpc.StatusCode.OK
         assert routed.counters.standby - before >= 1
+
+
+async def get_by_field(api: Api, specialist_id: str, field: str, *tokens: str) -> grpc.StatusCode:
+    """GetSpecialist with `field` as the request's consistency_token (and
+    `tokens` as metadata, if any)."""
+    try:
+        await api.specialists.GetSpecialist(
+            sppb.GetSpecialistRequest(id=specialist_id, consistency_token=field),
+            metadata=[*api.md, *((TOKEN, t) for t in tokens)],
+            timeout=DEADLINE,
+        )
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def test_a_writes_response_field_carries_its_trailer_token(
+    cluster: ReplicatedCluster,
+) -> None:
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        for _ in range(2):
+            call = api.specialists.CreateSpecialist(
+                sppb.CreateSpecialistRequest(full_name="Dr. Field", service_type="dentist"),
+                metadata=api.md,
+                timeout=DEADLINE,
+            )
+            reply = await call
+            trailer = dict(await call.trailing_metadata() or ()).get(TOKEN)
+            assert isinstance(trailer, str) and consistency.decode(trailer) is not None
+            assert reply.consistency_token == trailer
+        # Another service's write, another response message: the same
+        # generic filling (by the message's descriptor, not per servicer).
+        specialist = await api.specialist()
+        slot_call = api.slots.CreateSlot(
+            spb.CreateSlotRequest(
+                specialist_id=specialist.id,
+                start_time=ts(datetime.now(UTC) + timedelta(days=3)),
+                end_time=ts(datetime.now(UTC) + timedelta(days=3, minutes=30)),
+            ),
+            metadata=api.md,
+            timeout=DEADLINE,
+        )
+        slot_reply = await slot_call
+        slot_trailer = dict(await slot_call.trailing_metadata() or ()).get(TOKEN)
+        assert slot_reply.consistency_token and slot_reply.consistency_token == slot_trailer
+        deleted = api.slots.DeleteSlot(
+            spb.DeleteSlotRequest(id=slot_reply.slot.id), metadata=api.md, timeout=DEADLINE
+        )
+        deleted_reply = await deleted
+        assert deleted_reply.consistency_token == dict(await deleted.trailing_metadata() or ()).get(
+            TOKEN
+        )
+
+
+async def test_a_read_with_only_the_field_token_on_a_lagging_standby_returns_the_write(
+    cluster: ReplicatedCluster,
+) -> None:
+    await delay_replay(cluster, *cluster.standbys)
+    async with serving(cluster) as srv, Api.connect(srv) as api:
+        reply = await api.specialists.CreateSpecialist(
+            sppb.CreateSpecialistRequest(full_name="Dr. Grpcurl", service_type="dentist"),
+            metadata=api.md,
+            timeout=DEADLINE,
+        )
+        token = reply.consistency_token
+        assert consistency.decode(token) is not None
+        routed = standbys_of(srv)
+        # Without a token the lagging standby answers, and lacks the write.
+        assert await get_by_field(api, reply.specialist.id, "") is grpc.StatusCode.NOT_FOUND
+        # The field alone: the primary answers (no standby replayed it).
+        fallbacks = routed.fallbacks.get("token", 0)
+        assert await get_by_field(api, reply.specialist.id, token) is grpc.StatusCode.OK
+        assert routed.fallbacks.get("token", 0) == fallbacks + 1
+        # Field and metadata: the newest of all counts, wherever it is.
+        real = consistency.decode(token)
+        assert real is not None
+        older = consistency.Token(real.system, real.timeline, 0).encode()
+        assert await get_by_field(api, reply.specialist.id, older, token) is grpc.StatusCode.OK
+        assert await get_by_field(api, reply.specialist.id, token, older) is grpc.StatusCode.OK
+        # An unreadable field token is no error: the primary serves it.
+        assert await get_by_field(api, reply.specialist.id, "garbage") is grpc.StatusCode.OK
 
 
 async def test_a_token_of_another_cluster_or_timeline_is_served_by_the_primary(
@@ -285,6 +368,7 @@ async def test_reads_stay_on_the_primary_when_told(cluster: ReplicatedCluster) -
         reply = await call
         # No standbys, no token to wait for.
         assert TOKEN not in dict(await call.trailing_metadata() or ())
+        assert reply.consistency_token == ""
         assert await get(api, reply.specialist.id) is grpc.StatusCode.OK
 
 
@@ -381,3 +465,48 @@ async def test_reads_through_the_haproxy_replica_port(patroni: PatroniCluster) -
         assert routed.counters.standby >= 1
         assert all(wait <= 2.0 for wait in routed.counters.token_waits)
         print(f"token waits through HAProxy: {sorted(routed.counters.token_waits)}")
+
+
+def test_every_rpc_carries_a_token_one_way_or_is_named() -> None:
+    """Every write's response has `consistency_token` (the interceptor fills
+    it by descriptor), every read a standby may serve takes one in its
+    request; an RPC with neither must be named here, so a new RPC cannot
+    silently drop out of read-your-writes."""
+    from booking.v1 import (
+        appointment_pb2,
+        auth_pb2,
+        calendar_pb2,
+        schedule_pb2,
+        slot_pb2,
+        specialist_pb2,
+        user_pb2,
+        waitlist_pb2,
+        webhook_pb2,
+    )
+
+    # WhoAmI reads the caller's own account on the primary (READ_PRIMARY).
+    neither = {"booking.v1.AuthService.WhoAmI"}
+    writes: set[str] = set()
+    reads: set[str] = set()
+    other: set[str] = set()
+    for module in (
+        appointment_pb2,
+        auth_pb2,
+        calendar_pb2,
+        schedule_pb2,
+        slot_pb2,
+        specialist_pb2,
+        user_pb2,
+        waitlist_pb2,
+        webhook_pb2,
+    ):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                out = "consistency_token" in method.output_type.fields_by_name
+                inp = "consistency_token" in method.input_type.fields_by_name
+                assert not (out and inp), method.full_name
+                (writes if out else reads if inp else other).add(method.full_name)
+    assert other == neither
+    assert "booking.v1.AppointmentService.HoldSlot" in writes
+    assert "booking.v1.AppointmentService.WatchAppointmentEvents" in reads
+    assert len(writes) == 28 and len(reads) == 16

@@ -206,6 +206,8 @@ class Bench:
         self.previous_release: Path | None = None
         # Set by the standby scenario's preparation (bench.scenarios).
         self.standby: Any = None
+        # Set by the standby-reads scenario's preparation (bench.standby_reads).
+        self.standby_reads: Any = None
         # Run at the end, before the main scratch database is dropped.
         self.cleanups: list[Callable[[], None]] = []
         # Markdown sections for the results file (profiles, query plans).

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import db
+from bench import db, standby_reads
 from bench.context import Bench, Options, Progress
 from bench.load import WorkerPool
 from bench.profile import Profiler, enable_function_timing
@@ -419,6 +419,7 @@ def evaluate(b: Bench) -> list[Goal]:
     goals += _history_goals(b)
     goals += _seats_goals(b)
     goals += _capability_goals(b)
+    goals += standby_reads.goals(b)
     return goals
 
 

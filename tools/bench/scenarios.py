@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from bench import db, history, pgbench
+from bench import db, history, pgbench, standby_reads
 from bench import profile as profiling
 from bench.context import Bench, Run, rusage_children_seconds, split
 from bench.load import Job, latencies_of
@@ -1196,10 +1196,12 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "replicas": replicas,
     "standby": standby,
     "history": history_scenario,
+    standby_reads.SCENARIO: standby_reads.scenario,
 }
 PREPARE: dict[str, Callable[[Bench], None]] = {
     "reads": prepare_reads,
     "search": prepare_search,
     "standby": prepare_standby,
     "history": prepare_history,
+    standby_reads.SCENARIO: standby_reads.prepare,
 }

@@ -260,16 +260,24 @@ class HoldSlotResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPOINTMENT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def appointment(self) -> Global___Appointment: ...
     def __init__(
         self,
         *,
         appointment: Global___Appointment | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,16 +312,24 @@ class ConfirmAppointmentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPOINTMENT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def appointment(self) -> Global___Appointment: ...
     def __init__(
         self,
         *,
         appointment: Global___Appointment | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -352,16 +368,24 @@ class CancelAppointmentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPOINTMENT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def appointment(self) -> Global___Appointment: ...
     def __init__(
         self,
         *,
         appointment: Global___Appointment | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -396,16 +420,24 @@ class MarkNoShowResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPOINTMENT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def appointment(self) -> Global___Appointment: ...
     def __init__(
         self,
         *,
         appointment: Global___Appointment | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,16 +476,24 @@ class RescheduleAppointmentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPOINTMENT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def appointment(self) -> Global___Appointment: ...
     def __init__(
         self,
         *,
         appointment: Global___Appointment | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,16 +504,25 @@ class GetAppointmentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Required."""
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,6 +559,7 @@ class ListAppointmentsRequest(_message.Message):
     WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Only this user's appointments, when set."""
     specialist_id: _builtins.str
@@ -519,6 +569,13 @@ class ListAppointmentsRequest(_message.Message):
     page_size: _builtins.int
     """0 means the default (50); values above 1000 are coerced to 1000."""
     page_token: _builtins.str
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     @_builtins.property
     def window_start_time(self) -> _timestamp_pb2.Timestamp:
         """Only appointments whose slot ends after this instant, when set."""
@@ -537,10 +594,11 @@ class ListAppointmentsRequest(_message.Message):
         window_end_time: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "specialist_id", b"specialist_id", "status", b"status", "user_id", b"user_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "page_size", b"page_size", "page_token", b"page_token", "specialist_id", b"specialist_id", "status", b"status", "user_id", b"user_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,11 +734,19 @@ class ListAppointmentEventsRequest(_message.Message):
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.str
     """Start after this cursor (exclusive); from the beginning when empty."""
     page_size: _builtins.int
     """0 means the default (50); values above 1000 are coerced to 1000."""
     page_token: _builtins.str
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     @_builtins.property
     def filter(self) -> Global___AppointmentEventFilter: ...
     def __init__(
@@ -690,10 +756,11 @@ class ListAppointmentEventsRequest(_message.Message):
         after_cursor: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "consistency_token", b"consistency_token", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -729,9 +796,17 @@ class WatchAppointmentEventsRequest(_message.Message):
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     START_POSITION_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.str
     """Resume right after this cursor (exclusive), from an event or heartbeat."""
     start_position: Global___WatchStartPosition.ValueType
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     @_builtins.property
     def filter(self) -> Global___AppointmentEventFilter: ...
     def __init__(
@@ -740,10 +815,11 @@ class WatchAppointmentEventsRequest(_message.Message):
         after_cursor: _builtins.str = ...,
         start_position: Global___WatchStartPosition.ValueType = ...,
         filter: Global___AppointmentEventFilter | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "filter", b"filter", "start", b"start", "start_position", b"start_position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "filter", b"filter", "start", b"start", "start_position", b"start_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "consistency_token", b"consistency_token", "filter", b"filter", "start", b"start", "start_position", b"start_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["after_cursor", "start_position"]  # noqa: Y015
     _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
@@ -925,9 +1001,16 @@ class HoldSeriesResponse(_message.Message):
     SERIES_ID_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     OCCURRENCES_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     series_id: _builtins.str
     held: _builtins.bool
     """False when all or nothing refused the series: nothing is held."""
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def occurrences(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeriesOccurrence]:
         """Every occurrence, in time order."""
@@ -938,10 +1021,11 @@ class HoldSeriesResponse(_message.Message):
         series_id: _builtins.str = ...,
         held: _builtins.bool = ...,
         occurrences: _abc.Iterable[Global___SeriesOccurrence] | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "occurrences", b"occurrences", "series_id", b"series_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "held", b"held", "occurrences", b"occurrences", "series_id", b"series_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -978,6 +1062,13 @@ class ConfirmSeriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPOINTMENTS_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def appointments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Appointment]:
         """Every appointment of the series, in time order."""
@@ -986,10 +1077,11 @@ class ConfirmSeriesResponse(_message.Message):
         self,
         *,
         appointments: _abc.Iterable[Global___Appointment] | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1030,6 +1122,13 @@ class CancelSeriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     APPOINTMENTS_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def appointments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Appointment]:
         """Every appointment of the series, in time order."""
@@ -1038,10 +1137,11 @@ class CancelSeriesResponse(_message.Message):
         self,
         *,
         appointments: _abc.Iterable[Global___Appointment] | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from booking.v1 import user_pb2 as booking_dot_v1_dot_user__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62ooking/v1/auth.proto\x12\nbooking.v1\x1a\x15\x62ooking/v1/user.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x0cLoginRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"v\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04user\x18\x03 \x01(\x0b\x32\x10.booking.v1.User\"\x0f\n\rWhoAmIRequest\"0\n\x0eWhoAmIResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\"\x0f\n\rLogoutRequest\"\x10\n\x0eLogoutResponse2\xcd\x01\n\x0b\x41uthService\x12<\n\x05Login\x12\x18.booking.v1.LoginRequest\x1a\x19.booking.v1.LoginResponse\x12?\n\x06WhoAmI\x12\x19.booking.v1.WhoAmIRequest\x1a\x1a.booking.v1.WhoAmIResponse\x12?\n\x06Logout\x12\x19.booking.v1.LogoutRequest\x1a\x1a.booking.v1.LogoutResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62ooking/v1/auth.proto\x12\nbooking.v1\x1a\x15\x62ooking/v1/user.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x0cLoginRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\x91\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04user\x18\x03 \x01(\x0b\x32\x10.booking.v1.User\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\t\"\x0f\n\rWhoAmIRequest\"0\n\x0eWhoAmIResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\"\x0f\n\rLogoutRequest\"+\n\x0eLogoutResponse\x12\x19\n\x11\x63onsistency_token\x18\x01 \x01(\t2\xcd\x01\n\x0b\x41uthService\x12<\n\x05Login\x12\x18.booking.v1.LoginRequest\x1a\x19.booking.v1.LoginResponse\x12?\n\x06WhoAmI\x12\x19.booking.v1.WhoAmIRequest\x1a\x1a.booking.v1.WhoAmIResponse\x12?\n\x06Logout\x12\x19.booking.v1.LogoutRequest\x1a\x1a.booking.v1.LogoutResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,16 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOGINREQUEST']._serialized_start=93
   _globals['_LOGINREQUEST']._serialized_end=140
-  _globals['_LOGINRESPONSE']._serialized_start=142
-  _globals['_LOGINRESPONSE']._serialized_end=260
-  _globals['_WHOAMIREQUEST']._serialized_start=262
-  _globals['_WHOAMIREQUEST']._serialized_end=277
-  _globals['_WHOAMIRESPONSE']._serialized_start=279
-  _globals['_WHOAMIRESPONSE']._serialized_end=327
-  _globals['_LOGOUTREQUEST']._serialized_start=329
-  _globals['_LOGOUTREQUEST']._serialized_end=344
-  _globals['_LOGOUTRESPONSE']._serialized_start=346
-  _globals['_LOGOUTRESPONSE']._serialized_end=362
-  _globals['_AUTHSERVICE']._serialized_start=365
-  _globals['_AUTHSERVICE']._serialized_end=570
+  _globals['_LOGINRESPONSE']._serialized_start=143
+  _globals['_LOGINRESPONSE']._serialized_end=288
+  _globals['_WHOAMIREQUEST']._serialized_start=290
+  _globals['_WHOAMIREQUEST']._serialized_end=305
+  _globals['_WHOAMIRESPONSE']._serialized_start=307
+  _globals['_WHOAMIRESPONSE']._serialized_end=355
+  _globals['_LOGOUTREQUEST']._serialized_start=357
+  _globals['_LOGOUTREQUEST']._serialized_end=372
+  _globals['_LOGOUTRESPONSE']._serialized_start=374
+  _globals['_LOGOUTRESPONSE']._serialized_end=417
+  _globals['_AUTHSERVICE']._serialized_start=420
+  _globals['_AUTHSERVICE']._serialized_end=625
 # @@protoc_insertion_point(module_scope)

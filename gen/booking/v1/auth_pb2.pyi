@@ -49,8 +49,15 @@ class LoginResponse(_message.Message):
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Opaque bearer token."""
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -61,10 +68,11 @@ class LoginResponse(_message.Message):
         access_token: _builtins.str = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         user: _user_pb2.User | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expire_time", b"expire_time", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "consistency_token", b"consistency_token", "expire_time", b"expire_time", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -124,12 +132,21 @@ Global___LogoutRequest: _TypeAlias = LogoutRequest  # noqa: Y015
 class LogoutResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     def __init__(
         self,
+        *,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

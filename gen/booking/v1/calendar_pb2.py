@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62ooking/v1/calendar.proto\x12\nbooking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x1eRotateCalendarFeedTokenRequest\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x17\n\rspecialist_id\x18\x02 \x01(\tH\x00\x42\t\n\x07subject\"o\n\x1fRotateCalendarFeedTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12/\n\x0brotate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x1eRevokeCalendarFeedTokenRequest\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x17\n\rspecialist_id\x18\x02 \x01(\tH\x00\x42\t\n\x07subject\"!\n\x1fRevokeCalendarFeedTokenResponse2\xfd\x01\n\x13\x43\x61lendarFeedService\x12r\n\x17RotateCalendarFeedToken\x12*.booking.v1.RotateCalendarFeedTokenRequest\x1a+.booking.v1.RotateCalendarFeedTokenResponse\x12r\n\x17RevokeCalendarFeedToken\x12*.booking.v1.RevokeCalendarFeedTokenRequest\x1a+.booking.v1.RevokeCalendarFeedTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62ooking/v1/calendar.proto\x12\nbooking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x1eRotateCalendarFeedTokenRequest\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x17\n\rspecialist_id\x18\x02 \x01(\tH\x00\x42\t\n\x07subject\"\x8a\x01\n\x1fRotateCalendarFeedTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12/\n\x0brotate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\t\"W\n\x1eRevokeCalendarFeedTokenRequest\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x17\n\rspecialist_id\x18\x02 \x01(\tH\x00\x42\t\n\x07subject\"<\n\x1fRevokeCalendarFeedTokenResponse\x12\x19\n\x11\x63onsistency_token\x18\x01 \x01(\t2\xfd\x01\n\x13\x43\x61lendarFeedService\x12r\n\x17RotateCalendarFeedToken\x12*.booking.v1.RotateCalendarFeedTokenRequest\x1a+.booking.v1.RotateCalendarFeedTokenResponse\x12r\n\x17RevokeCalendarFeedToken\x12*.booking.v1.RevokeCalendarFeedTokenRequest\x1a+.booking.v1.RevokeCalendarFeedTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROTATECALENDARFEEDTOKENREQUEST']._serialized_start=74
   _globals['_ROTATECALENDARFEEDTOKENREQUEST']._serialized_end=161
-  _globals['_ROTATECALENDARFEEDTOKENRESPONSE']._serialized_start=163
-  _globals['_ROTATECALENDARFEEDTOKENRESPONSE']._serialized_end=274
-  _globals['_REVOKECALENDARFEEDTOKENREQUEST']._serialized_start=276
-  _globals['_REVOKECALENDARFEEDTOKENREQUEST']._serialized_end=363
-  _globals['_REVOKECALENDARFEEDTOKENRESPONSE']._serialized_start=365
-  _globals['_REVOKECALENDARFEEDTOKENRESPONSE']._serialized_end=398
-  _globals['_CALENDARFEEDSERVICE']._serialized_start=401
-  _globals['_CALENDARFEEDSERVICE']._serialized_end=654
+  _globals['_ROTATECALENDARFEEDTOKENRESPONSE']._serialized_start=164
+  _globals['_ROTATECALENDARFEEDTOKENRESPONSE']._serialized_end=302
+  _globals['_REVOKECALENDARFEEDTOKENREQUEST']._serialized_start=304
+  _globals['_REVOKECALENDARFEEDTOKENREQUEST']._serialized_end=391
+  _globals['_REVOKECALENDARFEEDTOKENRESPONSE']._serialized_start=393
+  _globals['_REVOKECALENDARFEEDTOKENRESPONSE']._serialized_end=453
+  _globals['_CALENDARFEEDSERVICE']._serialized_start=456
+  _globals['_CALENDARFEEDSERVICE']._serialized_end=709
 # @@protoc_insertion_point(module_scope)

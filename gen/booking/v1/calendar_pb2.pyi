@@ -48,11 +48,18 @@ class RotateCalendarFeedTokenResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     ROTATE_TIME_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """Output only. The secret; shown only here."""
     path: _builtins.str
     """Output only. The path to subscribe to on the calendar feed port:
     /calendar/<token>.ics.
+    """
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
     """
     @_builtins.property
     def rotate_time(self) -> _timestamp_pb2.Timestamp:
@@ -64,10 +71,11 @@ class RotateCalendarFeedTokenResponse(_message.Message):
         token: _builtins.str = ...,
         path: _builtins.str = ...,
         rotate_time: _timestamp_pb2.Timestamp | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rotate_time", b"rotate_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "rotate_time", b"rotate_time", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "path", b"path", "rotate_time", b"rotate_time", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -101,12 +109,21 @@ Global___RevokeCalendarFeedTokenRequest: _TypeAlias = RevokeCalendarFeedTokenReq
 class RevokeCalendarFeedTokenResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     def __init__(
         self,
+        *,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,19 +26,19 @@ from booking.v1 import slot_pb2 as booking_dot_v1_dot_slot__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62ooking/v1/schedule.proto\x12\nbooking.v1\x1a\x15\x62ooking/v1/slot.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\nWeeklyRule\x12$\n\x07weekday\x18\x01 \x01(\x0e\x32\x13.booking.v1.Weekday\x12\x12\n\nstart_time\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_time\x18\x03 \x01(\t\x12\x14\n\x0cslot_minutes\x18\x04 \x01(\x05\x12\x13\n\x0bgap_minutes\x18\x05 \x01(\x05\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x06 \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_until\x18\x07 \x01(\t\"\xa3\x01\n\x11ScheduleException\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.booking.v1.ScheduleExceptionKind\x12\x12\n\nstart_time\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_time\x18\x04 \x01(\t\x12\x14\n\x0cslot_minutes\x18\x05 \x01(\x05\x12\x13\n\x0bgap_minutes\x18\x06 \x01(\x05\"\x8e\x01\n\x08Schedule\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\x12%\n\x05rules\x18\x03 \x03(\x0b\x32\x16.booking.v1.WeeklyRule\x12\x31\n\nexceptions\x18\x04 \x03(\x0b\x32\x1d.booking.v1.ScheduleException\"+\n\x12GetScheduleRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\"=\n\x13GetScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.booking.v1.Schedule\"V\n\x15UpdateScheduleRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12&\n\x08schedule\x18\x02 \x01(\x0b\x32\x14.booking.v1.Schedule\"@\n\x16UpdateScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.booking.v1.Schedule\"\x84\x01\n\x1aMaterializeScheduleRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xea\x01\n\x0bSkippedSlot\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x12\n\nstart_time\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_time\x18\x03 \x01(\t\x12&\n\x06reason\x18\x04 \x01(\x0e\x32\x16.booking.v1.SkipReason\x12\x31\n\rstart_instant\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65nd_instant\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x63onflicting_slot_id\x18\x07 \x01(\t\"\x9d\x01\n\x1bMaterializeScheduleResponse\x12\'\n\rcreated_slots\x18\x01 \x03(\x0b\x32\x10.booking.v1.Slot\x12.\n\rskipped_slots\x18\x02 \x03(\x0b\x32\x17.booking.v1.SkippedSlot\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\x12\n\ntz_version\x18\x04 \x01(\t*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07*\x84\x01\n\x15ScheduleExceptionKind\x12\'\n#SCHEDULE_EXCEPTION_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSCHEDULE_EXCEPTION_KIND_OFF\x10\x01\x12!\n\x1dSCHEDULE_EXCEPTION_KIND_EXTRA\x10\x02*\x8b\x02\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19SKIP_REASON_EXISTING_SLOT\x10\x01\x12&\n\"SKIP_REASON_OVERLAPS_EXISTING_SLOT\x10\x02\x12\'\n#SKIP_REASON_OVERLAPS_SCHEDULED_SLOT\x10\x03\x12&\n\"SKIP_REASON_NONEXISTENT_LOCAL_TIME\x10\x04\x12$\n SKIP_REASON_CROSSES_CLOCK_CHANGE\x10\x05\x12\"\n\x1eSKIP_REASON_STARTS_IN_THE_PAST\x10\x06\x32\xa2\x02\n\x0fScheduleService\x12N\n\x0bGetSchedule\x12\x1e.booking.v1.GetScheduleRequest\x1a\x1f.booking.v1.GetScheduleResponse\x12W\n\x0eUpdateSchedule\x12!.booking.v1.UpdateScheduleRequest\x1a\".booking.v1.UpdateScheduleResponse\x12\x66\n\x13MaterializeSchedule\x12&.booking.v1.MaterializeScheduleRequest\x1a\'.booking.v1.MaterializeScheduleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62ooking/v1/schedule.proto\x12\nbooking.v1\x1a\x15\x62ooking/v1/slot.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\nWeeklyRule\x12$\n\x07weekday\x18\x01 \x01(\x0e\x32\x13.booking.v1.Weekday\x12\x12\n\nstart_time\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_time\x18\x03 \x01(\t\x12\x14\n\x0cslot_minutes\x18\x04 \x01(\x05\x12\x13\n\x0bgap_minutes\x18\x05 \x01(\x05\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_from\x18\x06 \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_until\x18\x07 \x01(\t\"\xa3\x01\n\x11ScheduleException\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.booking.v1.ScheduleExceptionKind\x12\x12\n\nstart_time\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_time\x18\x04 \x01(\t\x12\x14\n\x0cslot_minutes\x18\x05 \x01(\x05\x12\x13\n\x0bgap_minutes\x18\x06 \x01(\x05\"\x8e\x01\n\x08Schedule\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\x12%\n\x05rules\x18\x03 \x03(\x0b\x32\x16.booking.v1.WeeklyRule\x12\x31\n\nexceptions\x18\x04 \x03(\x0b\x32\x1d.booking.v1.ScheduleException\"F\n\x12GetScheduleRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"=\n\x13GetScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.booking.v1.Schedule\"V\n\x15UpdateScheduleRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12&\n\x08schedule\x18\x02 \x01(\x0b\x32\x14.booking.v1.Schedule\"[\n\x16UpdateScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.booking.v1.Schedule\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\x84\x01\n\x1aMaterializeScheduleRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xea\x01\n\x0bSkippedSlot\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x12\n\nstart_time\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_time\x18\x03 \x01(\t\x12&\n\x06reason\x18\x04 \x01(\x0e\x32\x16.booking.v1.SkipReason\x12\x31\n\rstart_instant\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65nd_instant\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x63onflicting_slot_id\x18\x07 \x01(\t\"\xb8\x01\n\x1bMaterializeScheduleResponse\x12\'\n\rcreated_slots\x18\x01 \x03(\x0b\x32\x10.booking.v1.Slot\x12.\n\rskipped_slots\x18\x02 \x03(\x0b\x32\x17.booking.v1.SkippedSlot\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\x12\n\ntz_version\x18\x04 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\t*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07*\x84\x01\n\x15ScheduleExceptionKind\x12\'\n#SCHEDULE_EXCEPTION_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSCHEDULE_EXCEPTION_KIND_OFF\x10\x01\x12!\n\x1dSCHEDULE_EXCEPTION_KIND_EXTRA\x10\x02*\x8b\x02\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19SKIP_REASON_EXISTING_SLOT\x10\x01\x12&\n\"SKIP_REASON_OVERLAPS_EXISTING_SLOT\x10\x02\x12\'\n#SKIP_REASON_OVERLAPS_SCHEDULED_SLOT\x10\x03\x12&\n\"SKIP_REASON_NONEXISTENT_LOCAL_TIME\x10\x04\x12$\n SKIP_REASON_CROSSES_CLOCK_CHANGE\x10\x05\x12\"\n\x1eSKIP_REASON_STARTS_IN_THE_PAST\x10\x06\x32\xa2\x02\n\x0fScheduleService\x12N\n\x0bGetSchedule\x12\x1e.booking.v1.GetScheduleRequest\x1a\x1f.booking.v1.GetScheduleResponse\x12W\n\x0eUpdateSchedule\x12!.booking.v1.UpdateScheduleRequest\x1a\".booking.v1.UpdateScheduleResponse\x12\x66\n\x13MaterializeSchedule\x12&.booking.v1.MaterializeScheduleRequest\x1a\'.booking.v1.MaterializeScheduleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'booking.v1.schedule_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEEKDAY']._serialized_start=1386
-  _globals['_WEEKDAY']._serialized_end=1568
-  _globals['_SCHEDULEEXCEPTIONKIND']._serialized_start=1571
-  _globals['_SCHEDULEEXCEPTIONKIND']._serialized_end=1703
-  _globals['_SKIPREASON']._serialized_start=1706
-  _globals['_SKIPREASON']._serialized_end=1973
+  _globals['_WEEKDAY']._serialized_start=1467
+  _globals['_WEEKDAY']._serialized_end=1649
+  _globals['_SCHEDULEEXCEPTIONKIND']._serialized_start=1652
+  _globals['_SCHEDULEEXCEPTIONKIND']._serialized_end=1784
+  _globals['_SKIPREASON']._serialized_start=1787
+  _globals['_SKIPREASON']._serialized_end=2054
   _globals['_WEEKLYRULE']._serialized_start=98
   _globals['_WEEKLYRULE']._serialized_end=278
   _globals['_SCHEDULEEXCEPTION']._serialized_start=281
@@ -46,19 +46,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEDULE']._serialized_start=447
   _globals['_SCHEDULE']._serialized_end=589
   _globals['_GETSCHEDULEREQUEST']._serialized_start=591
-  _globals['_GETSCHEDULEREQUEST']._serialized_end=634
-  _globals['_GETSCHEDULERESPONSE']._serialized_start=636
-  _globals['_GETSCHEDULERESPONSE']._serialized_end=697
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=699
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=785
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=787
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=851
-  _globals['_MATERIALIZESCHEDULEREQUEST']._serialized_start=854
-  _globals['_MATERIALIZESCHEDULEREQUEST']._serialized_end=986
-  _globals['_SKIPPEDSLOT']._serialized_start=989
-  _globals['_SKIPPEDSLOT']._serialized_end=1223
-  _globals['_MATERIALIZESCHEDULERESPONSE']._serialized_start=1226
-  _globals['_MATERIALIZESCHEDULERESPONSE']._serialized_end=1383
-  _globals['_SCHEDULESERVICE']._serialized_start=1976
-  _globals['_SCHEDULESERVICE']._serialized_end=2266
+  _globals['_GETSCHEDULEREQUEST']._serialized_end=661
+  _globals['_GETSCHEDULERESPONSE']._serialized_start=663
+  _globals['_GETSCHEDULERESPONSE']._serialized_end=724
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=726
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=812
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=814
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=905
+  _globals['_MATERIALIZESCHEDULEREQUEST']._serialized_start=908
+  _globals['_MATERIALIZESCHEDULEREQUEST']._serialized_end=1040
+  _globals['_SKIPPEDSLOT']._serialized_start=1043
+  _globals['_SKIPPEDSLOT']._serialized_end=1277
+  _globals['_MATERIALIZESCHEDULERESPONSE']._serialized_start=1280
+  _globals['_MATERIALIZESCHEDULERESPONSE']._serialized_end=1464
+  _globals['_SCHEDULESERVICE']._serialized_start=2057
+  _globals['_SCHEDULESERVICE']._serialized_end=2347
 # @@protoc_insertion_point(module_scope)

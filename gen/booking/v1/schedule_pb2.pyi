@@ -235,16 +235,25 @@ class GetScheduleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPECIALIST_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     specialist_id: _builtins.str
     """Required."""
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     def __init__(
         self,
         *,
         specialist_id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["specialist_id", b"specialist_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "specialist_id", b"specialist_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -301,16 +310,24 @@ class UpdateScheduleResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SCHEDULE_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule: ...
     def __init__(
         self,
         *,
         schedule: Global___Schedule | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "schedule", b"schedule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -408,9 +425,16 @@ class MaterializeScheduleResponse(_message.Message):
     SKIPPED_SLOTS_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     TZ_VERSION_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     time_zone: _builtins.str
     """The time zone and the tz database release (such as "2026f") used."""
     tz_version: _builtins.str
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def created_slots(self) -> _containers.RepeatedCompositeFieldContainer[_slot_pb2.Slot]:
         """The slots created, in time order. With validate_only, the slots that
@@ -428,10 +452,11 @@ class MaterializeScheduleResponse(_message.Message):
         skipped_slots: _abc.Iterable[Global___SkippedSlot] | None = ...,
         time_zone: _builtins.str = ...,
         tz_version: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_slots", b"created_slots", "skipped_slots", b"skipped_slots", "time_zone", b"time_zone", "tz_version", b"tz_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "created_slots", b"created_slots", "skipped_slots", b"skipped_slots", "time_zone", b"time_zone", "tz_version", b"tz_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

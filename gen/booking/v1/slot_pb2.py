@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62ooking/v1/slot.proto\x12\nbooking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n\x04Slot\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rspecialist_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.booking.v1.SlotStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x17\n\x0fseats_available\x18\x08 \x01(\x05\"\x9a\x01\n\x11\x43reateSlotRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\"4\n\x12\x43reateSlotResponse\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\"J\n\x17\x42\x61tchCreateSlotsRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.booking.v1.CreateSlotRequest\";\n\x18\x42\x61tchCreateSlotsResponse\x12\x1f\n\x05slots\x18\x01 \x03(\x0b\x32\x10.booking.v1.Slot\"\x1c\n\x0eGetSlotRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x0fGetSlotResponse\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\"\xe4\x01\n\x10ListSlotsRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12\x35\n\x11window_start_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.booking.v1.SlotStatus\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"M\n\x11ListSlotsResponse\x12\x1f\n\x05slots\x18\x01 \x03(\x0b\x32\x10.booking.v1.Slot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x44\x65leteSlotRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteSlotResponse\"9\n\x19UpdateSlotCapacityRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\"<\n\x1aUpdateSlotCapacityResponse\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\"\xf2\x01\n\x1bSearchAvailableSlotsRequest\x12\x14\n\x0cservice_type\x18\x01 \x01(\t\x12\x16\n\x0especialist_ids\x18\x02 \x03(\t\x12\x35\n\x11window_start_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x12\n\nparty_size\x18\x07 \x01(\x05\"c\n\rAvailableSlot\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\x12\x1c\n\x14specialist_full_name\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\"k\n\x1cSearchAvailableSlotsResponse\x12\x32\n\x0f\x61vailable_slots\x18\x01 \x03(\x0b\x32\x19.booking.v1.AvailableSlot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*r\n\nSlotStatus\x12\x1b\n\x17SLOT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15SLOT_STATUS_AVAILABLE\x10\x01\x12\x14\n\x10SLOT_STATUS_HOLD\x10\x02\x12\x16\n\x12SLOT_STATUS_BOOKED\x10\x03\x32\xe4\x04\n\x0bSlotService\x12K\n\nCreateSlot\x12\x1d.booking.v1.CreateSlotRequest\x1a\x1e.booking.v1.CreateSlotResponse\x12]\n\x10\x42\x61tchCreateSlots\x12#.booking.v1.BatchCreateSlotsRequest\x1a$.booking.v1.BatchCreateSlotsResponse\x12\x42\n\x07GetSlot\x12\x1a.booking.v1.GetSlotRequest\x1a\x1b.booking.v1.GetSlotResponse\x12H\n\tListSlots\x12\x1c.booking.v1.ListSlotsRequest\x1a\x1d.booking.v1.ListSlotsResponse\x12K\n\nDeleteSlot\x12\x1d.booking.v1.DeleteSlotRequest\x1a\x1e.booking.v1.DeleteSlotResponse\x12\x63\n\x12UpdateSlotCapacity\x12%.booking.v1.UpdateSlotCapacityRequest\x1a&.booking.v1.UpdateSlotCapacityResponse\x12i\n\x14SearchAvailableSlots\x12\'.booking.v1.SearchAvailableSlotsRequest\x1a(.booking.v1.SearchAvailableSlotsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62ooking/v1/slot.proto\x12\nbooking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n\x04Slot\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rspecialist_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.booking.v1.SlotStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x17\n\x0fseats_available\x18\x08 \x01(\x05\"\x9a\x01\n\x11\x43reateSlotRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\"O\n\x12\x43reateSlotResponse\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"J\n\x17\x42\x61tchCreateSlotsRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.booking.v1.CreateSlotRequest\"V\n\x18\x42\x61tchCreateSlotsResponse\x12\x1f\n\x05slots\x18\x01 \x03(\x0b\x32\x10.booking.v1.Slot\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"7\n\x0eGetSlotRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"1\n\x0fGetSlotResponse\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\"\xff\x01\n\x10ListSlotsRequest\x12\x15\n\rspecialist_id\x18\x01 \x01(\t\x12\x35\n\x11window_start_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.booking.v1.SlotStatus\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x07 \x01(\t\"M\n\x11ListSlotsResponse\x12\x1f\n\x05slots\x18\x01 \x03(\x0b\x32\x10.booking.v1.Slot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x44\x65leteSlotRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x12\x44\x65leteSlotResponse\x12\x19\n\x11\x63onsistency_token\x18\x01 \x01(\t\"9\n\x19UpdateSlotCapacityRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\"W\n\x1aUpdateSlotCapacityResponse\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\x8d\x02\n\x1bSearchAvailableSlotsRequest\x12\x14\n\x0cservice_type\x18\x01 \x01(\t\x12\x16\n\x0especialist_ids\x18\x02 \x03(\t\x12\x35\n\x11window_start_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x12\n\nparty_size\x18\x07 \x01(\x05\x12\x19\n\x11\x63onsistency_token\x18\x08 \x01(\t\"c\n\rAvailableSlot\x12\x1e\n\x04slot\x18\x01 \x01(\x0b\x32\x10.booking.v1.Slot\x12\x1c\n\x14specialist_full_name\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\"k\n\x1cSearchAvailableSlotsResponse\x12\x32\n\x0f\x61vailable_slots\x18\x01 \x03(\x0b\x32\x19.booking.v1.AvailableSlot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*r\n\nSlotStatus\x12\x1b\n\x17SLOT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15SLOT_STATUS_AVAILABLE\x10\x01\x12\x14\n\x10SLOT_STATUS_HOLD\x10\x02\x12\x16\n\x12SLOT_STATUS_BOOKED\x10\x03\x32\xe4\x04\n\x0bSlotService\x12K\n\nCreateSlot\x12\x1d.booking.v1.CreateSlotRequest\x1a\x1e.booking.v1.CreateSlotResponse\x12]\n\x10\x42\x61tchCreateSlots\x12#.booking.v1.BatchCreateSlotsRequest\x1a$.booking.v1.BatchCreateSlotsResponse\x12\x42\n\x07GetSlot\x12\x1a.booking.v1.GetSlotRequest\x1a\x1b.booking.v1.GetSlotResponse\x12H\n\tListSlots\x12\x1c.booking.v1.ListSlotsRequest\x1a\x1d.booking.v1.ListSlotsResponse\x12K\n\nDeleteSlot\x12\x1d.booking.v1.DeleteSlotRequest\x1a\x1e.booking.v1.DeleteSlotResponse\x12\x63\n\x12UpdateSlotCapacity\x12%.booking.v1.UpdateSlotCapacityRequest\x1a&.booking.v1.UpdateSlotCapacityResponse\x12i\n\x14SearchAvailableSlots\x12\'.booking.v1.SearchAvailableSlotsRequest\x1a(.booking.v1.SearchAvailableSlotsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'booking.v1.slot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SLOTSTATUS']._serialized_start=1710
-  _globals['_SLOTSTATUS']._serialized_end=1824
+  _globals['_SLOTSTATUS']._serialized_start=1899
+  _globals['_SLOTSTATUS']._serialized_end=2013
   _globals['_SLOT']._serialized_start=71
   _globals['_SLOT']._serialized_end=338
   _globals['_CREATESLOTREQUEST']._serialized_start=341
   _globals['_CREATESLOTREQUEST']._serialized_end=495
   _globals['_CREATESLOTRESPONSE']._serialized_start=497
-  _globals['_CREATESLOTRESPONSE']._serialized_end=549
-  _globals['_BATCHCREATESLOTSREQUEST']._serialized_start=551
-  _globals['_BATCHCREATESLOTSREQUEST']._serialized_end=625
-  _globals['_BATCHCREATESLOTSRESPONSE']._serialized_start=627
-  _globals['_BATCHCREATESLOTSRESPONSE']._serialized_end=686
-  _globals['_GETSLOTREQUEST']._serialized_start=688
-  _globals['_GETSLOTREQUEST']._serialized_end=716
-  _globals['_GETSLOTRESPONSE']._serialized_start=718
-  _globals['_GETSLOTRESPONSE']._serialized_end=767
-  _globals['_LISTSLOTSREQUEST']._serialized_start=770
-  _globals['_LISTSLOTSREQUEST']._serialized_end=998
-  _globals['_LISTSLOTSRESPONSE']._serialized_start=1000
-  _globals['_LISTSLOTSRESPONSE']._serialized_end=1077
-  _globals['_DELETESLOTREQUEST']._serialized_start=1079
-  _globals['_DELETESLOTREQUEST']._serialized_end=1110
-  _globals['_DELETESLOTRESPONSE']._serialized_start=1112
-  _globals['_DELETESLOTRESPONSE']._serialized_end=1132
-  _globals['_UPDATESLOTCAPACITYREQUEST']._serialized_start=1134
-  _globals['_UPDATESLOTCAPACITYREQUEST']._serialized_end=1191
-  _globals['_UPDATESLOTCAPACITYRESPONSE']._serialized_start=1193
-  _globals['_UPDATESLOTCAPACITYRESPONSE']._serialized_end=1253
-  _globals['_SEARCHAVAILABLESLOTSREQUEST']._serialized_start=1256
-  _globals['_SEARCHAVAILABLESLOTSREQUEST']._serialized_end=1498
-  _globals['_AVAILABLESLOT']._serialized_start=1500
-  _globals['_AVAILABLESLOT']._serialized_end=1599
-  _globals['_SEARCHAVAILABLESLOTSRESPONSE']._serialized_start=1601
-  _globals['_SEARCHAVAILABLESLOTSRESPONSE']._serialized_end=1708
-  _globals['_SLOTSERVICE']._serialized_start=1827
-  _globals['_SLOTSERVICE']._serialized_end=2439
+  _globals['_CREATESLOTRESPONSE']._serialized_end=576
+  _globals['_BATCHCREATESLOTSREQUEST']._serialized_start=578
+  _globals['_BATCHCREATESLOTSREQUEST']._serialized_end=652
+  _globals['_BATCHCREATESLOTSRESPONSE']._serialized_start=654
+  _globals['_BATCHCREATESLOTSRESPONSE']._serialized_end=740
+  _globals['_GETSLOTREQUEST']._serialized_start=742
+  _globals['_GETSLOTREQUEST']._serialized_end=797
+  _globals['_GETSLOTRESPONSE']._serialized_start=799
+  _globals['_GETSLOTRESPONSE']._serialized_end=848
+  _globals['_LISTSLOTSREQUEST']._serialized_start=851
+  _globals['_LISTSLOTSREQUEST']._serialized_end=1106
+  _globals['_LISTSLOTSRESPONSE']._serialized_start=1108
+  _globals['_LISTSLOTSRESPONSE']._serialized_end=1185
+  _globals['_DELETESLOTREQUEST']._serialized_start=1187
+  _globals['_DELETESLOTREQUEST']._serialized_end=1218
+  _globals['_DELETESLOTRESPONSE']._serialized_start=1220
+  _globals['_DELETESLOTRESPONSE']._serialized_end=1267
+  _globals['_UPDATESLOTCAPACITYREQUEST']._serialized_start=1269
+  _globals['_UPDATESLOTCAPACITYREQUEST']._serialized_end=1326
+  _globals['_UPDATESLOTCAPACITYRESPONSE']._serialized_start=1328
+  _globals['_UPDATESLOTCAPACITYRESPONSE']._serialized_end=1415
+  _globals['_SEARCHAVAILABLESLOTSREQUEST']._serialized_start=1418
+  _globals['_SEARCHAVAILABLESLOTSREQUEST']._serialized_end=1687
+  _globals['_AVAILABLESLOT']._serialized_start=1689
+  _globals['_AVAILABLESLOT']._serialized_end=1788
+  _globals['_SEARCHAVAILABLESLOTSRESPONSE']._serialized_start=1790
+  _globals['_SEARCHAVAILABLESLOTSRESPONSE']._serialized_end=1897
+  _globals['_SLOTSERVICE']._serialized_start=2016
+  _globals['_SLOTSERVICE']._serialized_end=2628
 # @@protoc_insertion_point(module_scope)

@@ -151,16 +151,24 @@ class CreateSlotResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SLOT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def slot(self) -> Global___Slot: ...
     def __init__(
         self,
         *,
         slot: Global___Slot | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,6 +201,13 @@ class BatchCreateSlotsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SLOTS_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Slot]:
         """In request order."""
@@ -201,10 +216,11 @@ class BatchCreateSlotsResponse(_message.Message):
         self,
         *,
         slots: _abc.Iterable[Global___Slot] | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,16 +231,25 @@ class GetSlotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Required."""
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,6 +285,7 @@ class ListSlotsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     specialist_id: _builtins.str
     """Only this specialist's slots, when set."""
     status: Global___SlotStatus.ValueType
@@ -267,6 +293,13 @@ class ListSlotsRequest(_message.Message):
     page_size: _builtins.int
     """0 means the default (50); values above 1000 are coerced to 1000."""
     page_token: _builtins.str
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     @_builtins.property
     def window_start_time(self) -> _timestamp_pb2.Timestamp:
         """Only slots that end after this instant, when set."""
@@ -284,10 +317,11 @@ class ListSlotsRequest(_message.Message):
         status: Global___SlotStatus.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "specialist_id", b"specialist_id", "status", b"status", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "page_size", b"page_size", "page_token", b"page_token", "specialist_id", b"specialist_id", "status", b"status", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,12 +374,21 @@ Global___DeleteSlotRequest: _TypeAlias = DeleteSlotRequest  # noqa: Y015
 class DeleteSlotResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     def __init__(
         self,
+        *,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,16 +423,24 @@ class UpdateSlotCapacityResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SLOT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def slot(self) -> Global___Slot: ...
     def __init__(
         self,
         *,
         slot: Global___Slot | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,6 +457,7 @@ class SearchAvailableSlotsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     PARTY_SIZE_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     service_type: _builtins.str
     """One of service_type and specialist_ids is required.
     Slots of active specialists of this service type.
@@ -417,6 +469,13 @@ class SearchAvailableSlotsRequest(_message.Message):
     """The seats the caller means to hold, 0 meaning 1: a slot is shown when
     that many of its seats are free (or would be once its lapsed holds are
     reclaimed). At most 1000.
+    """
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
     """
     @_builtins.property
     def specialist_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -442,10 +501,11 @@ class SearchAvailableSlotsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         party_size: _builtins.int = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "party_size", b"party_size", "service_type", b"service_type", "specialist_ids", b"specialist_ids", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "page_size", b"page_size", "page_token", b"page_token", "party_size", b"party_size", "service_type", b"service_type", "specialist_ids", b"specialist_ids", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

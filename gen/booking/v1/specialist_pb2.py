@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62ooking/v1/specialist.proto\x12\nbooking.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x02\n\nSpecialist\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tfull_name\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x07 \x01(\t\x12\x31\n\x0e\x62ooking_policy\x18\x08 \x01(\x0b\x32\x19.booking.v1.BookingPolicy\x12\x1d\n\x15\x62uffer_before_minutes\x18\t \x01(\x05\x12\x1c\n\x14\x62uffer_after_minutes\x18\n \x01(\x05\"\xc1\x01\n\rBookingPolicy\x12\x1f\n\x12min_notice_minutes\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10max_advance_days\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12&\n\x19\x63\x61ncellation_cutoff_hours\x18\x03 \x01(\x05H\x02\x88\x01\x01\x42\x15\n\x13_min_notice_minutesB\x13\n\x11_max_advance_daysB\x1c\n\x1a_cancellation_cutoff_hours\"\xc5\x01\n\x17\x43reateSpecialistRequest\x12\x11\n\tfull_name\x18\x01 \x01(\t\x12\x14\n\x0cservice_type\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\x31\n\x0e\x62ooking_policy\x18\x04 \x01(\x0b\x32\x19.booking.v1.BookingPolicy\x12\x1d\n\x15\x62uffer_before_minutes\x18\x05 \x01(\x05\x12\x1c\n\x14\x62uffer_after_minutes\x18\x06 \x01(\x05\"F\n\x18\x43reateSpecialistResponse\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist\"\"\n\x14GetSpecialistRequest\x12\n\n\x02id\x18\x01 \x01(\t\"C\n\x15GetSpecialistResponse\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist\"u\n\x16ListSpecialistsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\x12\x13\n\x06\x61\x63tive\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_active\"_\n\x17ListSpecialistsResponse\x12+\n\x0bspecialists\x18\x01 \x03(\x0b\x32\x16.booking.v1.Specialist\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x17UpdateSpecialistRequest\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"F\n\x18UpdateSpecialistResponse\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist2\x83\x03\n\x11SpecialistService\x12]\n\x10\x43reateSpecialist\x12#.booking.v1.CreateSpecialistRequest\x1a$.booking.v1.CreateSpecialistResponse\x12T\n\rGetSpecialist\x12 .booking.v1.GetSpecialistRequest\x1a!.booking.v1.GetSpecialistResponse\x12Z\n\x0fListSpecialists\x12\".booking.v1.ListSpecialistsRequest\x1a#.booking.v1.ListSpecialistsResponse\x12]\n\x10UpdateSpecialist\x12#.booking.v1.UpdateSpecialistRequest\x1a$.booking.v1.UpdateSpecialistResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62ooking/v1/specialist.proto\x12\nbooking.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x02\n\nSpecialist\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tfull_name\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x07 \x01(\t\x12\x31\n\x0e\x62ooking_policy\x18\x08 \x01(\x0b\x32\x19.booking.v1.BookingPolicy\x12\x1d\n\x15\x62uffer_before_minutes\x18\t \x01(\x05\x12\x1c\n\x14\x62uffer_after_minutes\x18\n \x01(\x05\"\xc1\x01\n\rBookingPolicy\x12\x1f\n\x12min_notice_minutes\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10max_advance_days\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12&\n\x19\x63\x61ncellation_cutoff_hours\x18\x03 \x01(\x05H\x02\x88\x01\x01\x42\x15\n\x13_min_notice_minutesB\x13\n\x11_max_advance_daysB\x1c\n\x1a_cancellation_cutoff_hours\"\xc5\x01\n\x17\x43reateSpecialistRequest\x12\x11\n\tfull_name\x18\x01 \x01(\t\x12\x14\n\x0cservice_type\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\x31\n\x0e\x62ooking_policy\x18\x04 \x01(\x0b\x32\x19.booking.v1.BookingPolicy\x12\x1d\n\x15\x62uffer_before_minutes\x18\x05 \x01(\x05\x12\x1c\n\x14\x62uffer_after_minutes\x18\x06 \x01(\x05\"a\n\x18\x43reateSpecialistResponse\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"=\n\x14GetSpecialistRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"C\n\x15GetSpecialistResponse\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist\"\x90\x01\n\x16ListSpecialistsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\x12\x13\n\x06\x61\x63tive\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\tB\t\n\x07_active\"_\n\x17ListSpecialistsResponse\x12+\n\x0bspecialists\x18\x01 \x03(\x0b\x32\x16.booking.v1.Specialist\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x17UpdateSpecialistRequest\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"a\n\x18UpdateSpecialistResponse\x12*\n\nspecialist\x18\x01 \x01(\x0b\x32\x16.booking.v1.Specialist\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t2\x83\x03\n\x11SpecialistService\x12]\n\x10\x43reateSpecialist\x12#.booking.v1.CreateSpecialistRequest\x1a$.booking.v1.CreateSpecialistResponse\x12T\n\rGetSpecialist\x12 .booking.v1.GetSpecialistRequest\x1a!.booking.v1.GetSpecialistResponse\x12Z\n\x0fListSpecialists\x12\".booking.v1.ListSpecialistsRequest\x1a#.booking.v1.ListSpecialistsResponse\x12]\n\x10UpdateSpecialist\x12#.booking.v1.UpdateSpecialistRequest\x1a$.booking.v1.UpdateSpecialistResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESPECIALISTREQUEST']._serialized_start=620
   _globals['_CREATESPECIALISTREQUEST']._serialized_end=817
   _globals['_CREATESPECIALISTRESPONSE']._serialized_start=819
-  _globals['_CREATESPECIALISTRESPONSE']._serialized_end=889
-  _globals['_GETSPECIALISTREQUEST']._serialized_start=891
-  _globals['_GETSPECIALISTREQUEST']._serialized_end=925
-  _globals['_GETSPECIALISTRESPONSE']._serialized_start=927
-  _globals['_GETSPECIALISTRESPONSE']._serialized_end=994
-  _globals['_LISTSPECIALISTSREQUEST']._serialized_start=996
-  _globals['_LISTSPECIALISTSREQUEST']._serialized_end=1113
-  _globals['_LISTSPECIALISTSRESPONSE']._serialized_start=1115
-  _globals['_LISTSPECIALISTSRESPONSE']._serialized_end=1210
-  _globals['_UPDATESPECIALISTREQUEST']._serialized_start=1212
-  _globals['_UPDATESPECIALISTREQUEST']._serialized_end=1330
-  _globals['_UPDATESPECIALISTRESPONSE']._serialized_start=1332
-  _globals['_UPDATESPECIALISTRESPONSE']._serialized_end=1402
-  _globals['_SPECIALISTSERVICE']._serialized_start=1405
-  _globals['_SPECIALISTSERVICE']._serialized_end=1792
+  _globals['_CREATESPECIALISTRESPONSE']._serialized_end=916
+  _globals['_GETSPECIALISTREQUEST']._serialized_start=918
+  _globals['_GETSPECIALISTREQUEST']._serialized_end=979
+  _globals['_GETSPECIALISTRESPONSE']._serialized_start=981
+  _globals['_GETSPECIALISTRESPONSE']._serialized_end=1048
+  _globals['_LISTSPECIALISTSREQUEST']._serialized_start=1051
+  _globals['_LISTSPECIALISTSREQUEST']._serialized_end=1195
+  _globals['_LISTSPECIALISTSRESPONSE']._serialized_start=1197
+  _globals['_LISTSPECIALISTSRESPONSE']._serialized_end=1292
+  _globals['_UPDATESPECIALISTREQUEST']._serialized_start=1294
+  _globals['_UPDATESPECIALISTREQUEST']._serialized_end=1412
+  _globals['_UPDATESPECIALISTRESPONSE']._serialized_start=1414
+  _globals['_UPDATESPECIALISTRESPONSE']._serialized_end=1511
+  _globals['_SPECIALISTSERVICE']._serialized_start=1514
+  _globals['_SPECIALISTSERVICE']._serialized_end=1901
 # @@protoc_insertion_point(module_scope)

@@ -26,33 +26,33 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62ooking/v1/user.proto\x12\nbooking.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.booking.v1.UserRole\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.booking.v1.UserRole\"4\n\x12\x43reateUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x0fGetUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\"}\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.booking.v1.UserRole\x12\x13\n\x06\x61\x63tive\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_active\"M\n\x11ListUsersResponse\x12\x1f\n\x05users\x18\x01 \x03(\x0b\x32\x10.booking.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x11UpdateUserRequest\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x10\n\x08password\x18\x03 \x01(\t\"4\n\x12UpdateUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User*h\n\x08UserRole\x12\x19\n\x15USER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10USER_ROLE_CLIENT\x10\x01\x12\x16\n\x12USER_ROLE_OPERATOR\x10\x02\x12\x13\n\x0fUSER_ROLE_ADMIN\x10\x03\x32\xb5\x02\n\x0bUserService\x12K\n\nCreateUser\x12\x1d.booking.v1.CreateUserRequest\x1a\x1e.booking.v1.CreateUserResponse\x12\x42\n\x07GetUser\x12\x1a.booking.v1.GetUserRequest\x1a\x1b.booking.v1.GetUserResponse\x12H\n\tListUsers\x12\x1c.booking.v1.ListUsersRequest\x1a\x1d.booking.v1.ListUsersResponse\x12K\n\nUpdateUser\x12\x1d.booking.v1.UpdateUserRequest\x1a\x1e.booking.v1.UpdateUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62ooking/v1/user.proto\x12\nbooking.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.booking.v1.UserRole\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.booking.v1.UserRole\"O\n\x12\x43reateUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"7\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"1\n\x0fGetUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\"\x98\x01\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.booking.v1.UserRole\x12\x13\n\x06\x61\x63tive\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\tB\t\n\x07_active\"M\n\x11ListUsersResponse\x12\x1f\n\x05users\x18\x01 \x03(\x0b\x32\x10.booking.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x11UpdateUserRequest\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x10\n\x08password\x18\x03 \x01(\t\"O\n\x12UpdateUserResponse\x12\x1e\n\x04user\x18\x01 \x01(\x0b\x32\x10.booking.v1.User\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t*h\n\x08UserRole\x12\x19\n\x15USER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10USER_ROLE_CLIENT\x10\x01\x12\x16\n\x12USER_ROLE_OPERATOR\x10\x02\x12\x13\n\x0fUSER_ROLE_ADMIN\x10\x03\x32\xb5\x02\n\x0bUserService\x12K\n\nCreateUser\x12\x1d.booking.v1.CreateUserRequest\x1a\x1e.booking.v1.CreateUserResponse\x12\x42\n\x07GetUser\x12\x1a.booking.v1.GetUserRequest\x1a\x1b.booking.v1.GetUserResponse\x12H\n\tListUsers\x12\x1c.booking.v1.ListUsersRequest\x1a\x1d.booking.v1.ListUsersResponse\x12K\n\nUpdateUser\x12\x1d.booking.v1.UpdateUserRequest\x1a\x1e.booking.v1.UpdateUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'booking.v1.user_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USERROLE']._serialized_start=895
-  _globals['_USERROLE']._serialized_end=999
+  _globals['_USERROLE']._serialized_start=1004
+  _globals['_USERROLE']._serialized_end=1108
   _globals['_USER']._serialized_start=105
   _globals['_USER']._serialized_end=288
   _globals['_CREATEUSERREQUEST']._serialized_start=290
   _globals['_CREATEUSERREQUEST']._serialized_end=378
   _globals['_CREATEUSERRESPONSE']._serialized_start=380
-  _globals['_CREATEUSERRESPONSE']._serialized_end=432
-  _globals['_GETUSERREQUEST']._serialized_start=434
-  _globals['_GETUSERREQUEST']._serialized_end=462
-  _globals['_GETUSERRESPONSE']._serialized_start=464
-  _globals['_GETUSERRESPONSE']._serialized_end=513
-  _globals['_LISTUSERSREQUEST']._serialized_start=515
-  _globals['_LISTUSERSREQUEST']._serialized_end=640
-  _globals['_LISTUSERSRESPONSE']._serialized_start=642
-  _globals['_LISTUSERSRESPONSE']._serialized_end=719
-  _globals['_UPDATEUSERREQUEST']._serialized_start=721
-  _globals['_UPDATEUSERREQUEST']._serialized_end=839
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=841
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=893
-  _globals['_USERSERVICE']._serialized_start=1002
-  _globals['_USERSERVICE']._serialized_end=1311
+  _globals['_CREATEUSERRESPONSE']._serialized_end=459
+  _globals['_GETUSERREQUEST']._serialized_start=461
+  _globals['_GETUSERREQUEST']._serialized_end=516
+  _globals['_GETUSERRESPONSE']._serialized_start=518
+  _globals['_GETUSERRESPONSE']._serialized_end=567
+  _globals['_LISTUSERSREQUEST']._serialized_start=570
+  _globals['_LISTUSERSREQUEST']._serialized_end=722
+  _globals['_LISTUSERSRESPONSE']._serialized_start=724
+  _globals['_LISTUSERSRESPONSE']._serialized_end=801
+  _globals['_UPDATEUSERREQUEST']._serialized_start=803
+  _globals['_UPDATEUSERREQUEST']._serialized_end=921
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=923
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=1002
+  _globals['_USERSERVICE']._serialized_start=1111
+  _globals['_USERSERVICE']._serialized_end=1420
 # @@protoc_insertion_point(module_scope)

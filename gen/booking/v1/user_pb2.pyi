@@ -125,16 +125,24 @@ class CreateUserResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def user(self) -> Global___User: ...
     def __init__(
         self,
         *,
         user: Global___User | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,16 +153,25 @@ class GetUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Required. The user's UUID."""
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -188,6 +205,7 @@ class ListUsersRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """0 means the default (50); values above 1000 are coerced to 1000."""
     page_token: _builtins.str
@@ -196,6 +214,13 @@ class ListUsersRequest(_message.Message):
     """Only users with this role, when set."""
     active: _builtins.bool
     """Only active (true) or inactive (false) users, when set."""
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     def __init__(
         self,
         *,
@@ -203,10 +228,11 @@ class ListUsersRequest(_message.Message):
         page_token: _builtins.str = ...,
         role: Global___UserRole.ValueType = ...,
         active: _builtins.bool | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "page_size", b"page_size", "page_token", b"page_token", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "consistency_token", b"consistency_token", "page_size", b"page_size", "page_token", b"page_token", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
     _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
@@ -275,16 +301,24 @@ class UpdateUserResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def user(self) -> Global___User: ...
     def __init__(
         self,
         *,
         user: Global___User | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

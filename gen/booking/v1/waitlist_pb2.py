@@ -26,33 +26,33 @@ from booking.v1 import appointment_pb2 as booking_dot_v1_dot_appointment__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62ooking/v1/waitlist.proto\x12\nbooking.v1\x1a\x1c\x62ooking/v1/appointment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n\rWaitlistEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\rspecialist_id\x18\x03 \x01(\tH\x00\x12\x16\n\x0cservice_type\x18\x04 \x01(\tH\x00\x12\x35\n\x11window_start_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08priority\x18\x07 \x01(\x0e\x32\x1f.booking.v1.AppointmentPriority\x12/\n\x06status\x18\x08 \x01(\x0e\x32\x1f.booking.v1.WaitlistEntryStatus\x12\x16\n\x0e\x61ppointment_id\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nparty_size\x18\x0c \x01(\x05\x42\x08\n\x06target\"\xaf\x02\n\x1a\x43reateWaitlistEntryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\rspecialist_id\x18\x02 \x01(\tH\x00\x12\x16\n\x0cservice_type\x18\x03 \x01(\tH\x00\x12\x35\n\x11window_start_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08priority\x18\x06 \x01(\x0e\x32\x1f.booking.v1.AppointmentPriority\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nparty_size\x18\x08 \x01(\x05\x42\x08\n\x06target\"P\n\x1b\x43reateWaitlistEntryResponse\x12\x31\n\x0ewaitlist_entry\x18\x01 \x01(\x0b\x32\x19.booking.v1.WaitlistEntry\"%\n\x17GetWaitlistEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"M\n\x18GetWaitlistEntryResponse\x12\x31\n\x0ewaitlist_entry\x18\x01 \x01(\x0b\x32\x19.booking.v1.WaitlistEntry\"\xb2\x01\n\x1aListWaitlistEntriesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rspecialist_id\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\x12/\n\x06status\x18\x04 \x01(\x0e\x32\x1f.booking.v1.WaitlistEntryStatus\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"k\n\x1bListWaitlistEntriesResponse\x12\x33\n\x10waitlist_entries\x18\x01 \x03(\x0b\x32\x19.booking.v1.WaitlistEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x1a\x43\x61ncelWaitlistEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"P\n\x1b\x43\x61ncelWaitlistEntryResponse\x12\x31\n\x0ewaitlist_entry\x18\x01 \x01(\x0b\x32\x19.booking.v1.WaitlistEntry*\xb4\x02\n\x13WaitlistEntryStatus\x12%\n!WAITLIST_ENTRY_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cWAITLIST_ENTRY_STATUS_ACTIVE\x10\x01\x12!\n\x1dWAITLIST_ENTRY_STATUS_OFFERED\x10\x02\x12#\n\x1fWAITLIST_ENTRY_STATUS_FULFILLED\x10\x03\x12#\n\x1fWAITLIST_ENTRY_STATUS_CANCELLED\x10\x04\x12\"\n\x1eWAITLIST_ENTRY_STATUS_DECLINED\x10\x05\x12 \n\x1cWAITLIST_ENTRY_STATUS_LAPSED\x10\x06\x12!\n\x1dWAITLIST_ENTRY_STATUS_EXPIRED\x10\x07\x32\xa8\x03\n\x0fWaitlistService\x12\x66\n\x13\x43reateWaitlistEntry\x12&.booking.v1.CreateWaitlistEntryRequest\x1a\'.booking.v1.CreateWaitlistEntryResponse\x12]\n\x10GetWaitlistEntry\x12#.booking.v1.GetWaitlistEntryRequest\x1a$.booking.v1.GetWaitlistEntryResponse\x12\x66\n\x13ListWaitlistEntries\x12&.booking.v1.ListWaitlistEntriesRequest\x1a\'.booking.v1.ListWaitlistEntriesResponse\x12\x66\n\x13\x43\x61ncelWaitlistEntry\x12&.booking.v1.CancelWaitlistEntryRequest\x1a\'.booking.v1.CancelWaitlistEntryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62ooking/v1/waitlist.proto\x12\nbooking.v1\x1a\x1c\x62ooking/v1/appointment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x03\n\rWaitlistEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\rspecialist_id\x18\x03 \x01(\tH\x00\x12\x16\n\x0cservice_type\x18\x04 \x01(\tH\x00\x12\x35\n\x11window_start_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08priority\x18\x07 \x01(\x0e\x32\x1f.booking.v1.AppointmentPriority\x12/\n\x06status\x18\x08 \x01(\x0e\x32\x1f.booking.v1.WaitlistEntryStatus\x12\x16\n\x0e\x61ppointment_id\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nparty_size\x18\x0c \x01(\x05\x42\x08\n\x06target\"\xaf\x02\n\x1a\x43reateWaitlistEntryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\rspecialist_id\x18\x02 \x01(\tH\x00\x12\x16\n\x0cservice_type\x18\x03 \x01(\tH\x00\x12\x35\n\x11window_start_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08priority\x18\x06 \x01(\x0e\x32\x1f.booking.v1.AppointmentPriority\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nparty_size\x18\x08 \x01(\x05\x42\x08\n\x06target\"k\n\x1b\x43reateWaitlistEntryResponse\x12\x31\n\x0ewaitlist_entry\x18\x01 \x01(\x0b\x32\x19.booking.v1.WaitlistEntry\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"@\n\x17GetWaitlistEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"M\n\x18GetWaitlistEntryResponse\x12\x31\n\x0ewaitlist_entry\x18\x01 \x01(\x0b\x32\x19.booking.v1.WaitlistEntry\"\xcd\x01\n\x1aListWaitlistEntriesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rspecialist_id\x18\x02 \x01(\t\x12\x14\n\x0cservice_type\x18\x03 \x01(\t\x12/\n\x06status\x18\x04 \x01(\x0e\x32\x1f.booking.v1.WaitlistEntryStatus\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x07 \x01(\t\"k\n\x1bListWaitlistEntriesResponse\x12\x33\n\x10waitlist_entries\x18\x01 \x03(\x0b\x32\x19.booking.v1.WaitlistEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x1a\x43\x61ncelWaitlistEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"k\n\x1b\x43\x61ncelWaitlistEntryResponse\x12\x31\n\x0ewaitlist_entry\x18\x01 \x01(\x0b\x32\x19.booking.v1.WaitlistEntry\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t*\xb4\x02\n\x13WaitlistEntryStatus\x12%\n!WAITLIST_ENTRY_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cWAITLIST_ENTRY_STATUS_ACTIVE\x10\x01\x12!\n\x1dWAITLIST_ENTRY_STATUS_OFFERED\x10\x02\x12#\n\x1fWAITLIST_ENTRY_STATUS_FULFILLED\x10\x03\x12#\n\x1fWAITLIST_ENTRY_STATUS_CANCELLED\x10\x04\x12\"\n\x1eWAITLIST_ENTRY_STATUS_DECLINED\x10\x05\x12 \n\x1cWAITLIST_ENTRY_STATUS_LAPSED\x10\x06\x12!\n\x1dWAITLIST_ENTRY_STATUS_EXPIRED\x10\x07\x32\xa8\x03\n\x0fWaitlistService\x12\x66\n\x13\x43reateWaitlistEntry\x12&.booking.v1.CreateWaitlistEntryRequest\x1a\'.booking.v1.CreateWaitlistEntryResponse\x12]\n\x10GetWaitlistEntry\x12#.booking.v1.GetWaitlistEntryRequest\x1a$.booking.v1.GetWaitlistEntryResponse\x12\x66\n\x13ListWaitlistEntries\x12&.booking.v1.ListWaitlistEntriesRequest\x1a\'.booking.v1.ListWaitlistEntriesResponse\x12\x66\n\x13\x43\x61ncelWaitlistEntry\x12&.booking.v1.CancelWaitlistEntryRequest\x1a\'.booking.v1.CancelWaitlistEntryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'booking.v1.waitlist_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WAITLISTENTRYSTATUS']._serialized_start=1481
-  _globals['_WAITLISTENTRYSTATUS']._serialized_end=1789
+  _globals['_WAITLISTENTRYSTATUS']._serialized_start=1589
+  _globals['_WAITLISTENTRYSTATUS']._serialized_end=1897
   _globals['_WAITLISTENTRY']._serialized_start=105
   _globals['_WAITLISTENTRY']._serialized_end=558
   _globals['_CREATEWAITLISTENTRYREQUEST']._serialized_start=561
   _globals['_CREATEWAITLISTENTRYREQUEST']._serialized_end=864
   _globals['_CREATEWAITLISTENTRYRESPONSE']._serialized_start=866
-  _globals['_CREATEWAITLISTENTRYRESPONSE']._serialized_end=946
-  _globals['_GETWAITLISTENTRYREQUEST']._serialized_start=948
-  _globals['_GETWAITLISTENTRYREQUEST']._serialized_end=985
-  _globals['_GETWAITLISTENTRYRESPONSE']._serialized_start=987
-  _globals['_GETWAITLISTENTRYRESPONSE']._serialized_end=1064
-  _globals['_LISTWAITLISTENTRIESREQUEST']._serialized_start=1067
-  _globals['_LISTWAITLISTENTRIESREQUEST']._serialized_end=1245
-  _globals['_LISTWAITLISTENTRIESRESPONSE']._serialized_start=1247
-  _globals['_LISTWAITLISTENTRIESRESPONSE']._serialized_end=1354
-  _globals['_CANCELWAITLISTENTRYREQUEST']._serialized_start=1356
-  _globals['_CANCELWAITLISTENTRYREQUEST']._serialized_end=1396
-  _globals['_CANCELWAITLISTENTRYRESPONSE']._serialized_start=1398
-  _globals['_CANCELWAITLISTENTRYRESPONSE']._serialized_end=1478
-  _globals['_WAITLISTSERVICE']._serialized_start=1792
-  _globals['_WAITLISTSERVICE']._serialized_end=2216
+  _globals['_CREATEWAITLISTENTRYRESPONSE']._serialized_end=973
+  _globals['_GETWAITLISTENTRYREQUEST']._serialized_start=975
+  _globals['_GETWAITLISTENTRYREQUEST']._serialized_end=1039
+  _globals['_GETWAITLISTENTRYRESPONSE']._serialized_start=1041
+  _globals['_GETWAITLISTENTRYRESPONSE']._serialized_end=1118
+  _globals['_LISTWAITLISTENTRIESREQUEST']._serialized_start=1121
+  _globals['_LISTWAITLISTENTRIESREQUEST']._serialized_end=1326
+  _globals['_LISTWAITLISTENTRIESRESPONSE']._serialized_start=1328
+  _globals['_LISTWAITLISTENTRIESRESPONSE']._serialized_end=1435
+  _globals['_CANCELWAITLISTENTRYREQUEST']._serialized_start=1437
+  _globals['_CANCELWAITLISTENTRYREQUEST']._serialized_end=1477
+  _globals['_CANCELWAITLISTENTRYRESPONSE']._serialized_start=1479
+  _globals['_CANCELWAITLISTENTRYRESPONSE']._serialized_end=1586
+  _globals['_WAITLISTSERVICE']._serialized_start=1900
+  _globals['_WAITLISTSERVICE']._serialized_end=2324
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from booking.v1 import appointment_pb2 as booking_dot_v1_dot_appointment__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62ooking/v1/webhook.proto\x12\nbooking.v1\x1a\x1c\x62ooking/v1/appointment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x02\n\x0fWebhookEndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x35\n\x0b\x65vent_types\x18\x03 \x03(\x0e\x32 .booking.v1.AppointmentEventType\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x05 \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x11\n\tdelivered\x18\x08 \x01(\x03\x12\x14\n\x0csecret_count\x18\t \x01(\x05\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x1c\x43reateWebhookEndpointRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x35\n\x0b\x65vent_types\x18\x02 \x03(\x0e\x32 .booking.v1.AppointmentEventType\x12\x0e\n\x06secret\x18\x03 \x01(\t\"f\n\x1d\x43reateWebhookEndpointResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\'\n\x19GetWebhookEndpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x1aGetWebhookEndpointResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\"f\n\x1bListWebhookEndpointsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x07\x65nabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_enabled\"o\n\x1cListWebhookEndpointsResponse\x12\x36\n\x11webhook_endpoints\x18\x01 \x03(\x0b\x32\x1b.booking.v1.WebhookEndpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x1aRotateWebhookSecretRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x17\n\x0fretire_previous\x18\x03 \x01(\x08\"d\n\x1bRotateWebhookSecretResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\"*\n\x1c\x45nableWebhookEndpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\"V\n\x1d\x45nableWebhookEndpointResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\"*\n\x1c\x44\x65leteWebhookEndpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1f\n\x1d\x44\x65leteWebhookEndpointResponse2\x92\x05\n\x0eWebhookService\x12l\n\x15\x43reateWebhookEndpoint\x12(.booking.v1.CreateWebhookEndpointRequest\x1a).booking.v1.CreateWebhookEndpointResponse\x12\x63\n\x12GetWebhookEndpoint\x12%.booking.v1.GetWebhookEndpointRequest\x1a&.booking.v1.GetWebhookEndpointResponse\x12i\n\x14ListWebhookEndpoints\x12\'.booking.v1.ListWebhookEndpointsRequest\x1a(.booking.v1.ListWebhookEndpointsResponse\x12\x66\n\x13RotateWebhookSecret\x12&.booking.v1.RotateWebhookSecretRequest\x1a\'.booking.v1.RotateWebhookSecretResponse\x12l\n\x15\x45nableWebhookEndpoint\x12(.booking.v1.EnableWebhookEndpointRequest\x1a).booking.v1.EnableWebhookEndpointResponse\x12l\n\x15\x44\x65leteWebhookEndpoint\x12(.booking.v1.DeleteWebhookEndpointRequest\x1a).booking.v1.DeleteWebhookEndpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62ooking/v1/webhook.proto\x12\nbooking.v1\x1a\x1c\x62ooking/v1/appointment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x02\n\x0fWebhookEndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x35\n\x0b\x65vent_types\x18\x03 \x03(\x0e\x32 .booking.v1.AppointmentEventType\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x05 \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x11\n\tdelivered\x18\x08 \x01(\x03\x12\x14\n\x0csecret_count\x18\t \x01(\x05\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x1c\x43reateWebhookEndpointRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x35\n\x0b\x65vent_types\x18\x02 \x03(\x0e\x32 .booking.v1.AppointmentEventType\x12\x0e\n\x06secret\x18\x03 \x01(\t\"\x81\x01\n\x1d\x43reateWebhookEndpointResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x03 \x01(\t\"B\n\x19GetWebhookEndpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"S\n\x1aGetWebhookEndpointResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\"\x81\x01\n\x1bListWebhookEndpointsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x07\x65nabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\tB\n\n\x08_enabled\"o\n\x1cListWebhookEndpointsResponse\x12\x36\n\x11webhook_endpoints\x18\x01 \x03(\x0b\x32\x1b.booking.v1.WebhookEndpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x1aRotateWebhookSecretRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x17\n\x0fretire_previous\x18\x03 \x01(\x08\"\x7f\n\x1bRotateWebhookSecretResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x03 \x01(\t\"*\n\x1c\x45nableWebhookEndpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\"q\n\x1d\x45nableWebhookEndpointResponse\x12\x35\n\x10webhook_endpoint\x18\x01 \x01(\x0b\x32\x1b.booking.v1.WebhookEndpoint\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"*\n\x1c\x44\x65leteWebhookEndpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x1d\x44\x65leteWebhookEndpointResponse\x12\x19\n\x11\x63onsistency_token\x18\x01 \x01(\t2\x92\x05\n\x0eWebhookService\x12l\n\x15\x43reateWebhookEndpoint\x12(.booking.v1.CreateWebhookEndpointRequest\x1a).booking.v1.CreateWebhookEndpointResponse\x12\x63\n\x12GetWebhookEndpoint\x12%.booking.v1.GetWebhookEndpointRequest\x1a&.booking.v1.GetWebhookEndpointResponse\x12i\n\x14ListWebhookEndpoints\x12\'.booking.v1.ListWebhookEndpointsRequest\x1a(.booking.v1.ListWebhookEndpointsResponse\x12\x66\n\x13RotateWebhookSecret\x12&.booking.v1.RotateWebhookSecretRequest\x1a\'.booking.v1.RotateWebhookSecretResponse\x12l\n\x15\x45nableWebhookEndpoint\x12(.booking.v1.EnableWebhookEndpointRequest\x1a).booking.v1.EnableWebhookEndpointResponse\x12l\n\x15\x44\x65leteWebhookEndpoint\x12(.booking.v1.DeleteWebhookEndpointRequest\x1a).booking.v1.DeleteWebhookEndpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,28 +37,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOKENDPOINT']._serialized_end=420
   _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_start=422
   _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_end=536
-  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_start=538
-  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_end=640
-  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_start=642
-  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_end=681
-  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_start=683
-  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_end=766
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=768
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=870
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=872
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=983
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=985
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1066
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1068
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1168
-  _globals['_ENABLEWEBHOOKENDPOINTREQUEST']._serialized_start=1170
-  _globals['_ENABLEWEBHOOKENDPOINTREQUEST']._serialized_end=1212
-  _globals['_ENABLEWEBHOOKENDPOINTRESPONSE']._serialized_start=1214
-  _globals['_ENABLEWEBHOOKENDPOINTRESPONSE']._serialized_end=1300
-  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_start=1302
-  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_end=1344
-  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_start=1346
-  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_end=1377
-  _globals['_WEBHOOKSERVICE']._serialized_start=1380
-  _globals['_WEBHOOKSERVICE']._serialized_end=2038
+  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_start=539
+  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_end=668
+  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_start=670
+  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_end=736
+  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_start=738
+  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_end=821
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=824
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=953
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=955
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=1066
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1068
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1149
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1151
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1278
+  _globals['_ENABLEWEBHOOKENDPOINTREQUEST']._serialized_start=1280
+  _globals['_ENABLEWEBHOOKENDPOINTREQUEST']._serialized_end=1322
+  _globals['_ENABLEWEBHOOKENDPOINTRESPONSE']._serialized_start=1324
+  _globals['_ENABLEWEBHOOKENDPOINTRESPONSE']._serialized_end=1437
+  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_start=1439
+  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_end=1481
+  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_start=1483
+  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_end=1541
+  _globals['_WEBHOOKSERVICE']._serialized_start=1544
+  _globals['_WEBHOOKSERVICE']._serialized_end=2202
 # @@protoc_insertion_point(module_scope)

@@ -124,8 +124,15 @@ class CreateWebhookEndpointResponse(_message.Message):
 
     WEBHOOK_ENDPOINT_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """Output only. The signing secret (whsec_...); shown only here."""
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def webhook_endpoint(self) -> Global___WebhookEndpoint: ...
     def __init__(
@@ -133,10 +140,11 @@ class CreateWebhookEndpointResponse(_message.Message):
         *,
         webhook_endpoint: Global___WebhookEndpoint | None = ...,
         secret: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "secret", b"secret", "webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -147,16 +155,25 @@ class GetWebhookEndpointRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Required."""
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,6 +206,7 @@ class ListWebhookEndpointsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """0 means the default (50); values above 1000 are coerced to 1000."""
     page_token: _builtins.str
@@ -197,16 +215,24 @@ class ListWebhookEndpointsRequest(_message.Message):
     """
     enabled: _builtins.bool
     """Only enabled (true) or disabled (false) endpoints, when set."""
+    consistency_token: _builtins.str
+    """Optional. A consistency_token from a write's answer: the read then sees
+    that write, whichever standby serves it (it waits for one that has
+    replayed it, or the primary answers). The same as the request metadata
+    x-booking-consistency-token; with both, the newest token counts. One
+    that is not the service's is served by the primary, never refused.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         enabled: _builtins.bool | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "enabled", b"enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "enabled", b"enabled", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "consistency_token", b"consistency_token", "enabled", b"enabled", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
@@ -274,8 +300,15 @@ class RotateWebhookSecretResponse(_message.Message):
 
     WEBHOOK_ENDPOINT_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """Output only. The new secret; shown only here."""
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def webhook_endpoint(self) -> Global___WebhookEndpoint: ...
     def __init__(
@@ -283,10 +316,11 @@ class RotateWebhookSecretResponse(_message.Message):
         *,
         webhook_endpoint: Global___WebhookEndpoint | None = ...,
         secret: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "secret", b"secret", "webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -317,16 +351,24 @@ class EnableWebhookEndpointResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WEBHOOK_ENDPOINT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     @_builtins.property
     def webhook_endpoint(self) -> Global___WebhookEndpoint: ...
     def __init__(
         self,
         *,
         webhook_endpoint: Global___WebhookEndpoint | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "webhook_endpoint", b"webhook_endpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -356,12 +398,21 @@ Global___DeleteWebhookEndpointRequest: _TypeAlias = DeleteWebhookEndpointRequest
 class DeleteWebhookEndpointResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    consistency_token: _builtins.str
+    """Output only. The read-your-writes token of this write (the same as the
+    trailer x-booking-consistency-token): a read that passes it back
+    (consistency_token of the read's request, or that metadata) sees this
+    write. Empty while no standby serves reads. Opaque.
+    """
     def __init__(
         self,
+        *,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

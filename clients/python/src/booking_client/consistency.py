@@ -1,7 +1,8 @@
 """Read-your-writes across calls and across replicas of the service.
 
 Every write the service answers OK carries a consistency token in the
-``x-booking-consistency-token`` trailer. A read that sends it back is served
+``x-booking-consistency-token`` trailer and in its response's
+``consistency_token`` field. A read that sends it back is served
 by a standby only once that standby has replayed past it, otherwise by the
 primary. :class:`Session` does this for every call made through a channel
 it intercepts: it keeps the tokens of the writes it saw and sends them with
@@ -26,6 +27,8 @@ from typing import Any
 import grpc
 
 HEADER = "x-booking-consistency-token"
+# The response field holding the same token (every write's response).
+FIELD = "consistency_token"
 # Tokens sent with each call: the newest among them is what counts, so a few
 # cover writes of concurrent calls answered in any order.
 KEEP = 8
@@ -57,6 +60,15 @@ class Session(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
             if key == HEADER and isinstance(value, str):
                 self.observe(value)
 
+    def take_response(self, response: Any) -> None:
+        """The token in a write's response field (the trailer's twin; a
+        proxy that drops trailers still passes the message)."""
+        fields = getattr(getattr(response, "DESCRIPTOR", None), "fields_by_name", None)
+        if fields is not None and FIELD in fields:
+            value = getattr(response, FIELD)
+            if isinstance(value, str):
+                self.observe(value)
+
     async def intercept_unary_unary(
         self,
         continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
@@ -73,8 +85,9 @@ class Session(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
             )
         call = await continuation(client_call_details, request)
         try:
-            await call
+            response = await call
         except grpc.RpcError:
             return call  # the caller sees the failure; a failed call gives no token
+        self.take_response(response)
         self.take(await call.trailing_metadata())
         return call
