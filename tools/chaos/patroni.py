@@ -40,8 +40,11 @@ class PatroniChaosCluster:
         *,
         haproxy: bool = False,
         hang_seconds: float = 25.0,
+        standby_reads: bool = True,
     ) -> None:
         self.work_dir = work_dir
+        # Whether the replicas read (and stream events) from the standbys.
+        self.standby_reads = standby_reads
         self.n_replicas = replicas
         self.settings = settings
         self.pc = PatroniCluster(work_dir / "cluster", haproxy=haproxy)
@@ -61,7 +64,11 @@ class PatroniChaosCluster:
         self.pc.start()
         for i in range(self.n_replicas):
             replica = Replica.create(
-                i, self.service_url, self.work_dir / "logs" / f"replica-{i}.log", self.settings
+                i,
+                self.service_url,
+                self.work_dir / "logs" / f"replica-{i}.log",
+                self.settings,
+                read_url=self.read_url,
             )
             self.replicas.append(replica)
             replica.start(timeout=120)
@@ -80,6 +87,18 @@ class PatroniChaosCluster:
     @property
     def service_url(self) -> str:
         return self.pc.haproxy_url() if self.haproxy else self.pc.url()
+
+    @property
+    def read_url(self) -> str | None:
+        """The replicas' --read-database-url: every node by address (the
+        service checks each and reads only from those in recovery, so the
+        URL stays right across failovers), or HAProxy's replicas front;
+        None without standby reads."""
+        if not self.standby_reads:
+            return None
+        if self.haproxy:
+            return self.pc.haproxy_replica_url()
+        return self.pc.read_url()
 
     @property
     def url(self) -> str:

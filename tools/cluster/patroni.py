@@ -449,6 +449,14 @@ class PatroniCluster:
         hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in self.nodes)
         return f"postgresql://{self._auth()}@{hosts}/{database}?target_session_attrs=read-write"
 
+    def read_url(self, database: str = DATABASE) -> str:
+        """A read URL (docs/reads.md) naming every node, without
+        target_session_attrs: the service checks each host before a read
+        and reads only from those in recovery, so after any failover the
+        URL still names every standby."""
+        hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in self.nodes)
+        return f"postgresql://{self._auth()}@{hosts}/{database}"
+
     def haproxy_url(self, database: str = DATABASE) -> str:
         assert self.front_port, "started without haproxy"
         return (
