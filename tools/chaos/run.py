@@ -91,8 +91,11 @@ class Options:
         return self
 
 
+_STARTED = time.monotonic()
+
+
 def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 def run(opts: Options) -> tuple[int, dict[str, Any]]:
@@ -116,6 +119,7 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
     try:
         say(f"chaos: starting PostgreSQL and {opts.replicas} replicas in {work_dir}")
         cluster.start()
+        say(f"chaos: started in {time.monotonic() - started:.1f}s")
         summary = asyncio.run(_run(cluster, opts))
     finally:
         keep = opts.keep or opts.work_dir is not None
@@ -269,10 +273,12 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
         await asyncio.gather(*client_tasks)
         await fault_task
         say(f"chaos: workload stopped after {time.monotonic() - t0:.0f}s; settling")
+        settling = time.monotonic()
 
         violations, background, read_stats = await _settle_and_check(
             cluster, replicas, world, history, injector.records, stop_consumers, consumer_tasks
         )
+        say(f"chaos: settled and checked in {time.monotonic() - settling:.1f}s")
         meta = {
             "replicas": opts.replicas,
             "clients": opts.clients,
