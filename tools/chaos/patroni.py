@@ -8,7 +8,9 @@ plus the cluster faults, so the injector and the checks are the same ones.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +63,13 @@ class PatroniChaosCluster:
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
         self.pc.start()
+        print(
+            f"chaos: Patroni cluster up in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
         for i in range(self.n_replicas):
             replica = Replica.create(
                 i,
@@ -75,11 +83,16 @@ class PatroniChaosCluster:
 
     def close(self, *, keep_database: bool = False) -> None:
         del keep_database
-        for replica in self.replicas:
+
+        def stop(replica: Replica) -> None:
             try:
                 replica.stop()
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 replica.kill()
+
+        # All at once: each drains for its grace period.
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
+            list(pool.map(stop, self.replicas))
         self.pc.close()
 
     # -- facts ---------------------------------------------------------------------

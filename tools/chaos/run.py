@@ -268,7 +268,7 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
         t0 = time.monotonic()
         client_tasks = [asyncio.create_task(c.run(stop_work)) for c in clients]
         client_tasks += [asyncio.create_task(r.run(stop_work)) for r in readers]
-        fault_task = asyncio.create_task(_faults(injector, opts, stop_work, rng))
+        fault_task = asyncio.create_task(_faults(injector, opts, stop_work, rng, t0))
         await _until_done(history, injector, opts, stop_work, t0)
         await asyncio.gather(*client_tasks)
         await fault_task
@@ -304,7 +304,7 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
 
 
 async def _faults(
-    injector: Injector, opts: Options, stop: asyncio.Event, rng: random.Random
+    injector: Injector, opts: Options, stop: asyncio.Event, rng: random.Random, t0: float
 ) -> None:
     if not opts.faults:
         return
@@ -314,6 +314,15 @@ async def _faults(
             return
         except TimeoutError:
             pass
+        if (
+            opts.duration is not None
+            and opts.operations is None
+            and len(injector.records) >= (opts.faults_min or 0)
+            and time.monotonic() - t0 > opts.duration - opts.fault_interval
+        ):
+            # Enough faults, and one started now would outlast the run's
+            # time (a cluster fault waits for a healthy cluster first).
+            return
         kind = injector.next_kind()
         rec = await injector.inject(kind)
         _say_fault(len(injector.records), rec)

@@ -259,6 +259,12 @@ class PatroniCluster:
         _resume_all()
         if self._haproxy is not None:
             self._terminate(self._haproxy)
+        # Every node is asked to stop first, so they shut down together.
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.kill(node.proc.pid, signal.SIGCONT)
+                    node.proc.terminate()
         for node in self.nodes:
             if node.proc is not None:
                 self._terminate(node.proc, timeout=30)
