@@ -126,6 +126,20 @@ class PatroniChaosCluster:
     def targets(self) -> list[str]:
         return [r.target for r in self.replicas]
 
+    def processes(self) -> dict[str, int]:
+        """The processes whose sessions the standby observer attributes:
+        each running replica, and HAProxy (through it a session's client
+        port is HAProxy's, whichever replica sent the read)."""
+        out = {
+            r.name: r.proc.pid
+            for r in self.replicas
+            if r.proc is not None and r.proc.poll() is None
+        }
+        haproxy = self.pc.haproxy_pid()
+        if haproxy is not None:
+            out["haproxy"] = haproxy
+        return out
+
     def log_paths(self) -> list[Path]:
         return [r.log_path for r in self.replicas]
 

@@ -191,10 +191,10 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
         pagers: list[Pager] = []
         observer: StandbyObserver | None = None
         observer_task: asyncio.Task[None] | None = None
-        if opts.standby_reading and isinstance(cluster, PatroniChaosCluster):
+        if isinstance(cluster, PatroniChaosCluster):
             # Standby consumers: with standby reads every replica serves its
-            # streams from the standbys (the observer shows it); a pager of
-            # ListAppointmentEvents per replica too.
+            # streams from the standbys (the observer shows it; without, it
+            # sees none); a pager of ListAppointmentEvents per replica too.
             pagers = [Pager(f"list-{i}@replica-{i}", i, replicas, world.operator) for i in range(n)]
             observer = StandbyObserver(
                 {node.name: cluster.pc.node_url(node) for node in cluster.pc.nodes},
@@ -203,11 +203,7 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
             observer_task = asyncio.create_task(
                 observer.run(
                     stop_consumers,
-                    lambda: {
-                        r.name: r.proc.pid
-                        for r in cluster.replicas
-                        if r.proc is not None and r.proc.poll() is None
-                    },
+                    lambda: cluster.processes(),
                 )
             )
         history.consumers = [c.log for c in consumers] + [p.log for p in pagers]

@@ -463,6 +463,10 @@ class PatroniCluster:
         hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in self.nodes)
         return f"postgresql://{self._auth()}@{hosts}/{database}"
 
+    def haproxy_pid(self) -> int | None:
+        proc = self._haproxy
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def haproxy_url(self, database: str = DATABASE) -> str:
         assert self.front_port, "started without haproxy"
         return (
