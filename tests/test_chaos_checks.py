@@ -9,7 +9,7 @@ from pathlib import Path
 
 from chaos import checks
 from chaos.checks import AppointmentRow, EventRef, EventRow, SlotRow
-from chaos.history import Answer, ConsumerLog, Copy, Request
+from chaos.history import Answer, ConsumerLog, Copy, Request, TokenRead
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -158,6 +158,94 @@ def test_unknown_and_internal_are_reported_even_when_a_retry_succeeded() -> None
     assert checks.check_codes([request("HoldSlot", "r1", HELD, attempts=["UNAVAILABLE"])], []) == []
     log = ConsumerLog("c", bad_messages=["UNKNOWN: Unexpected <class 'KeyError'>"])
     assert names(checks.check_codes([], [log])) == ["no_unknown_or_internal"]
+
+
+# -- readers with tokens ---------------------------------------------------------------------------
+
+# Appointment a1's chain in the final history: held at t=10, confirmed at
+# t=20, cancelled at t=30 (created_us, the transaction's now()).
+CHAIN = [
+    EventRow("e1", "a1", "HELD", None, "HOLD", created_us=10),
+    EventRow("e2", "a1", "CONFIRMED", "HOLD", "CONFIRMED", created_us=20),
+    EventRow("e3", "a1", "CANCELLED", "CONFIRMED", "CANCELLED", created_us=30),
+]
+# The reader's ConfirmAppointment (request w2) produced e2.
+PRODUCED = {"w2": [EventRef("e2", "CONFIRMED", "a1", "CONFIRMED")]}
+
+
+def read_back(
+    status: str,
+    update_us: int | None,
+    *,
+    code: str = "OK",
+    tokened: bool = True,
+    token_issued: bool = True,
+    attempts: list[str] | None = None,
+) -> TokenRead:
+    return TokenRead(
+        "reader-0",
+        "ConfirmAppointment",
+        "w2",
+        "a1",
+        "CONFIRMED",
+        0,
+        1,
+        "GetAppointment",
+        tokened,
+        token_issued,
+        code,
+        attempts or [code],
+        [],
+        status,
+        update_us,
+    )
+
+
+def test_a_tokened_read_at_or_past_its_write_passes() -> None:
+    reads = [read_back("CONFIRMED", 20), read_back("CANCELLED", 30)]
+    found, stats = checks.check_token_reads(reads, PRODUCED, CHAIN)
+    assert found == []
+    assert stats.tokened_checked == 2
+
+
+def test_a_tokened_read_older_than_its_write_is_reported() -> None:
+    found, _ = checks.check_token_reads([read_back("HOLD", 10)], PRODUCED, CHAIN)
+    assert names(found) == ["read_not_older_than_token"]
+    assert "older than the write's own state 1" in found[0].detail
+
+
+def test_a_tokened_read_that_misses_the_appointment_is_reported() -> None:
+    missing = [read_back("", None, code="NOT_FOUND"), read_back("", None)]
+    found, _ = checks.check_token_reads(missing, PRODUCED, CHAIN)
+    assert names(found) == ["read_not_older_than_token"] * 2
+
+
+def test_a_tokened_read_of_a_state_the_history_lacks_is_reported() -> None:
+    # The right status, but not the change that made it (update_time differs).
+    found, _ = checks.check_token_reads([read_back("CONFIRMED", 21)], PRODUCED, CHAIN)
+    assert names(found) == ["read_not_older_than_token"]
+    assert "does not have" in found[0].detail
+
+
+def test_stale_reads_without_a_token_or_without_one_issued_are_only_counted() -> None:
+    stale = [
+        read_back("HOLD", 10, tokened=False),
+        read_back("", None, code="NOT_FOUND", tokened=False),
+        read_back("HOLD", 10, token_issued=False),
+        # A read that gave up, and a write the final history lost, say nothing.
+        read_back("", None, code=""),
+    ]
+    found, stats = checks.check_token_reads(stale, PRODUCED, CHAIN)
+    assert found == []
+    assert (stats.untokened_checked, stats.untokened_stale) == (2, 2)
+    assert (stats.tokened_checked, stats.tokened_unchecked, stats.gave_up) == (0, 2, 1)
+    lost, _ = checks.check_token_reads([read_back("HOLD", 10)], {}, CHAIN)
+    assert lost == []
+
+
+def test_a_read_answered_internal_is_reported() -> None:
+    bad = read_back("CONFIRMED", 20, attempts=["INTERNAL", "OK"])
+    assert names(checks.check_codes([], [], [bad])) == ["no_unknown_or_internal"]
 
 
 # -- consumers -----------------------------------------------------------------------------------

@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --cluster: how long primary_hang, node_hang and etcd_loss last"
         " (default 25, longer than Patroni's 20 s TTL)",
     )
+    p.add_argument(
+        "--no-standby-reads",
+        action="store_true",
+        help="with --cluster: the replicas read and stream from the primary only (by default"
+        " they read from the standbys: --read-database-url naming every node, or HAProxy's"
+        " replicas front with --haproxy)",
+    )
+    p.add_argument(
+        "--readers",
+        type=int,
+        help="readers that write and read their write back through another replica with"
+        " consistency tokens (default 2 with standby reads, else 0)",
+    )
     p.add_argument("--out", type=Path, help="write the summary as JSON here")
     p.add_argument(
         "--work-dir",
@@ -131,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster=args.cluster,
         haproxy=args.haproxy,
         hang_seconds=args.hang_seconds,
+        standby_reads=not args.no_standby_reads,
+        readers=args.readers,
     )
     code, _ = run(opts)
     return code

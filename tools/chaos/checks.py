@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 
-from chaos.history import EVENT_OF, FORBIDDEN, TRANSITIONS, ConsumerLog, Request
+from chaos.history import EVENT_OF, FORBIDDEN, TRANSITIONS, ConsumerLog, Request, TokenRead
 
 # Every check, in the order the report lists them.
 CHECKS = (
@@ -30,6 +30,7 @@ CHECKS = (
     "copies_got_same_answer",
     "no_unknown_or_internal",
     "consumer_sequence",
+    "read_not_older_than_token",
     "api_agrees_with_sql",
     "no_traceback_in_logs",
     "recovered_after_fault",
@@ -77,6 +78,9 @@ class EventRow:
     old_status: str | None
     new_status: str
     specialist_id: str = ""
+    # Its created_at (the transaction's now(), as the appointment's
+    # updated_at of the same change) in microseconds since the epoch.
+    created_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -318,8 +322,22 @@ def check_copies(requests: Iterable[Request]) -> list[Violation]:
     return out
 
 
-def check_codes(requests: Iterable[Request], consumers: Iterable[ConsumerLog]) -> list[Violation]:
+def check_codes(
+    requests: Iterable[Request],
+    consumers: Iterable[ConsumerLog],
+    reads: Iterable[TokenRead] = (),
+) -> list[Violation]:
     out: list[Violation] = []
+    for read in reads:
+        bad = [code for code in read.attempts if code in FORBIDDEN]
+        if bad:
+            out.append(
+                Violation(
+                    "no_unknown_or_internal",
+                    f"reader {read.reader} {read.method} got {', '.join(bad)}: "
+                    + "; ".join(read.messages)[:200],
+                )
+            )
     for r in requests:
         for c in r.copies:
             bad = [code for code, _ in c.attempts if code in FORBIDDEN]
@@ -410,6 +428,109 @@ def check_consumer(
             )
         )
     return out
+
+
+@dataclass
+class ReadStats:
+    """What the readers' read-backs came to (the report's readers table)."""
+
+    # Tokened reads the check compared with the final history.
+    tokened_checked: int = 0
+    # Tokened reads it could not compare: the write's answer carried no
+    # token, its event is not in the final history (a lost acknowledgement,
+    # which acknowledged_request_has_one_event reports), or the read gave up.
+    tokened_unchecked: int = 0
+    untokened_checked: int = 0
+    # Untokened reads that showed a state older than the write (allowed:
+    # without a token a read may lag by up to --read-max-lag-seconds).
+    untokened_stale: int = 0
+    gave_up: int = 0
+    by_method: Counter[str] = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "tokened_checked": self.tokened_checked,
+            "tokened_unchecked": self.tokened_unchecked,
+            "untokened_checked": self.untokened_checked,
+            "untokened_stale": self.untokened_stale,
+            "gave_up": self.gave_up,
+            "by_method": dict(self.by_method),
+        }
+
+
+def check_token_reads(
+    reads: Iterable[TokenRead],
+    produced: dict[str, list[EventRef]],
+    events: Iterable[EventRow],
+) -> tuple[list[Violation], ReadStats]:
+    """No read that carried the token of a write showed the appointment
+    older than that write left it.
+
+    Exact, by the final primary's history: each appointment's events in
+    stream order are the states it went through, and each state is named
+    by (status, the change's now()), which is what a read returns as
+    (status, update_time): the appointment's updated_at and its event's
+    created_at are the same transaction's now(). The write's own event
+    (through its idempotency record) is at chain position k; the state the
+    read showed must be at a position >= k. A read that did not find the
+    appointment, or showed a state the history does not have, is a
+    violation too. Untokened reads are compared the same way and only
+    counted (they may lag)."""
+    chains: dict[str, list[EventRow]] = defaultdict(list)
+    for e in events:
+        chains[e.appointment_id].append(e)
+    out: list[Violation] = []
+    stats = ReadStats()
+    for read in reads:
+        stats.by_method[read.method + (" (token)" if read.tokened else "")] += 1
+        if not read.code:
+            stats.gave_up += 1
+        refs = produced.get(read.write_request_id, [])
+        chain = chains.get(read.appointment_id, [])
+        positions = [i for i, e in enumerate(chain) if refs and e.id == refs[0].event_id]
+        if (
+            len(refs) != 1
+            or not positions
+            or not read.code
+            or read.code not in ("OK", "NOT_FOUND")
+            or (read.tokened and not read.token_issued)
+        ):
+            if read.tokened:
+                stats.tokened_unchecked += 1
+            continue
+        k = positions[0]
+        shown = next(
+            (
+                i
+                for i, e in enumerate(chain)
+                if read.code == "OK"
+                and e.new_status == read.status
+                and e.created_us == read.update_us
+            ),
+            None,
+        )
+        if not read.tokened:
+            stats.untokened_checked += 1
+            if shown is None or shown < k:
+                stats.untokened_stale += 1
+            continue
+        stats.tokened_checked += 1
+        if read.code != "OK" or not read.status:
+            problem = "did not find the appointment"
+        elif shown is None:
+            problem = (
+                f"showed it {read.status} as of {read.update_us}, a state the final history"
+                " does not have"
+            )
+        elif shown < k:
+            problem = (
+                f"showed state {shown} ({chain[shown].type} -> {read.status}) of its chain,"
+                f" older than the write's own state {k} ({chain[k].type} -> {chain[k].new_status})"
+            )
+        else:
+            continue
+        out.append(Violation("read_not_older_than_token", f"{read.brief()}: the read {problem}"))
+    return out, stats
 
 
 def check_api_agrees(
@@ -810,10 +931,12 @@ async def _fetch_state(conn: asyncpg.Connection) -> DatabaseState:
             r["old_status"],
             r["new_status"],
             r["specialist_id"],
+            r["created_us"],
         )
         for r in await conn.fetch(
             "SELECT id::text, appointment_id::text, event_type, old_status::text,"
-            " new_status::text, specialist_id::text"
+            " new_status::text, specialist_id::text,"
+            " (extract(epoch FROM created_at) * 1000000)::int8 AS created_us"
             " FROM appointment_events ORDER BY xid, seq"
         )
     ]

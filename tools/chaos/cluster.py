@@ -82,12 +82,20 @@ class Replica(ServerProcess):
 
     @classmethod
     def create(
-        cls, index: int, database_url: str, log_path: Path, settings: ReplicaSettings
+        cls,
+        index: int,
+        database_url: str,
+        log_path: Path,
+        settings: ReplicaSettings,
+        read_url: str | None = None,
     ) -> Replica:
         port = embedded._free_port()
         env = dict(os.environ)
         env.update(settings.env())
         env["DATABASE_URL"] = database_url
+        if read_url:
+            # Reads (and event streams) from the standbys (docs/reads.md).
+            env["BOOKING_READ_DATABASE_URL"] = read_url
         # Only the first replica migrates, as in a rolling deployment.
         env["BOOKING_MIGRATE_ON_START"] = "true" if index == 0 else "false"
         argv = [

@@ -99,3 +99,59 @@ class Consumer:
                 self._dropped = True
                 call.cancel()
                 return
+
+
+class Pager:
+    """A consumer that pages ListAppointmentEvents from its last event's
+    cursor (no stream: a poller, the way a batch job reads the log), on its
+    own replica first and on the next one after a failure. Its log is
+    checked like a watcher's (consumer_sequence)."""
+
+    PAGE_SIZE = 200
+    IDLE_PAUSE = 0.2
+
+    def __init__(self, name: str, home: int, replicas: Replicas, seat: Seat) -> None:
+        self.log = ConsumerLog(name)
+        self.home = home
+        self.replicas = replicas
+        self.seat = seat
+        self.cursor = ""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
+        connected = -1
+        while not stop.is_set():
+            replica = (self.home + failures) % len(self.replicas)
+            if replica != connected:
+                self.log.connects += 1
+                connected = replica
+            try:
+                page = await self.replicas.stubs[replica].appointments.ListAppointmentEvents(
+                    apb.ListAppointmentEventsRequest(
+                        after_cursor=self.cursor, page_size=self.PAGE_SIZE
+                    ),
+                    metadata=self.seat.metadata,
+                    timeout=5,
+                )
+            except grpc.aio.AioRpcError as err:
+                code = err.code().name
+                self.log.errors[code] += 1
+                if code in FORBIDDEN:
+                    self.log.bad_messages.append(f"{code}: {err.details()}")
+                failures += 1
+                await asyncio.sleep(0.05 + random.random() * 0.2)
+                continue
+            failures = 0
+            for event in page.events:
+                self.log.event_ids.append(event.id)
+                self.log.event_types.append(
+                    apb.AppointmentEventType.Name(event.type).removeprefix(
+                        "APPOINTMENT_EVENT_TYPE_"
+                    )
+                )
+                self.cursor = event.cursor
+            if len(page.events) < self.PAGE_SIZE:
+                try:
+                    await asyncio.wait_for(stop.wait(), self.IDLE_PAUSE)
+                except TimeoutError:
+                    pass

@@ -121,9 +121,51 @@ class ConsumerLog:
 
 
 @dataclass
+class TokenRead:
+    """A reader's read-back of its own write (chaos.readers): the write (a
+    transition answered OK through one replica of the service) and what a
+    read of the same appointment through another replica returned, with
+    the session's tokens (`tokened`) or without any."""
+
+    reader: str
+    write_op: str
+    write_request_id: str
+    appointment_id: str
+    # The status the write's answer named.
+    write_status: str
+    write_replica: int
+    read_replica: int
+    # GetAppointment or ListAppointments.
+    method: str
+    tokened: bool
+    # Whether the write's answer carried a consistency token (none: the
+    # read has nothing to wait for, and the check does not apply).
+    token_issued: bool
+    # The read's definitive code ("" when every attempt was UNAVAILABLE or
+    # DEADLINE_EXCEEDED: gave up), and the code of every attempt.
+    code: str = ""
+    attempts: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    # The appointment as the read showed it: its status ("" when the read
+    # did not show it) and update_time in microseconds since the epoch.
+    status: str = ""
+    update_us: int | None = None
+
+    def brief(self) -> str:
+        kind = "tokened" if self.tokened else "untokened"
+        return (
+            f"{self.reader}: {self.write_op} {self.write_request_id[:8]} -> "
+            f"{self.write_status} of {self.appointment_id[:8]} via replica-{self.write_replica},"
+            f" then {kind} {self.method} via replica-{self.read_replica}:"
+            f" {self.code or 'gave up'} {self.status or '(absent)'}"
+        )
+
+
+@dataclass
 class History:
     requests: list[Request] = field(default_factory=list)
     consumers: list[ConsumerLog] = field(default_factory=list)
+    reads: list[TokenRead] = field(default_factory=list)
 
     def transitions(self) -> list[Request]:
         return [r for r in self.requests if r.op in TRANSITIONS]

@@ -8,7 +8,9 @@ plus the cluster faults, so the injector and the checks are the same ones.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -40,8 +42,11 @@ class PatroniChaosCluster:
         *,
         haproxy: bool = False,
         hang_seconds: float = 25.0,
+        standby_reads: bool = True,
     ) -> None:
         self.work_dir = work_dir
+        # Whether the replicas read (and stream events) from the standbys.
+        self.standby_reads = standby_reads
         self.n_replicas = replicas
         self.settings = settings
         self.pc = PatroniCluster(work_dir / "cluster", haproxy=haproxy)
@@ -58,21 +63,36 @@ class PatroniChaosCluster:
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
         self.pc.start()
+        print(
+            f"chaos: Patroni cluster up in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
         for i in range(self.n_replicas):
             replica = Replica.create(
-                i, self.service_url, self.work_dir / "logs" / f"replica-{i}.log", self.settings
+                i,
+                self.service_url,
+                self.work_dir / "logs" / f"replica-{i}.log",
+                self.settings,
+                read_url=self.read_url,
             )
             self.replicas.append(replica)
             replica.start(timeout=120)
 
     def close(self, *, keep_database: bool = False) -> None:
         del keep_database
-        for replica in self.replicas:
+
+        def stop(replica: Replica) -> None:
             try:
                 replica.stop()
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 replica.kill()
+
+        # All at once: each drains for its grace period.
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
+            list(pool.map(stop, self.replicas))
         self.pc.close()
 
     # -- facts ---------------------------------------------------------------------
@@ -80,6 +100,18 @@ class PatroniChaosCluster:
     @property
     def service_url(self) -> str:
         return self.pc.haproxy_url() if self.haproxy else self.pc.url()
+
+    @property
+    def read_url(self) -> str | None:
+        """The replicas' --read-database-url: every node by address (the
+        service checks each and reads only from those in recovery, so the
+        URL stays right across failovers), or HAProxy's replicas front;
+        None without standby reads."""
+        if not self.standby_reads:
+            return None
+        if self.haproxy:
+            return self.pc.haproxy_replica_url()
+        return self.pc.read_url()
 
     @property
     def url(self) -> str:
@@ -93,6 +125,20 @@ class PatroniChaosCluster:
     @property
     def targets(self) -> list[str]:
         return [r.target for r in self.replicas]
+
+    def processes(self) -> dict[str, int]:
+        """The processes whose sessions the standby observer attributes:
+        each running replica, and HAProxy (through it a session's client
+        port is HAProxy's, whichever replica sent the read)."""
+        out = {
+            r.name: r.proc.pid
+            for r in self.replicas
+            if r.proc is not None and r.proc.poll() is None
+        }
+        haproxy = self.pc.haproxy_pid()
+        if haproxy is not None:
+            out["haproxy"] = haproxy
+        return out
 
     def log_paths(self) -> list[Path]:
         return [r.log_path for r in self.replicas]

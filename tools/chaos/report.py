@@ -174,6 +174,38 @@ def render(summary: dict[str, Any]) -> str:
             ],
         )
     )
+    readers = summary.get("readers")
+    if readers and (readers["tokened_checked"] or readers["tokened_unchecked"]):
+        parts.append(
+            "\nReaders (a write, then a read of it through another replica)\n"
+            + _table(
+                ["reads", "count"],
+                [
+                    ["tokened, checked against the final history", readers["tokened_checked"]],
+                    [
+                        "tokened, not checkable (no token, lost write, gave up)",
+                        readers["tokened_unchecked"],
+                    ],
+                    ["untokened, checked", readers["untokened_checked"]],
+                    ["untokened, older than the write (allowed)", readers["untokened_stale"]],
+                    ["gave up", readers["gave_up"]],
+                    *[[f"by method: {k}", v] for k, v in sorted(readers["by_method"].items())],
+                ],
+            )
+        )
+    observed = summary.get("standby_reads_observed")
+    if observed is not None:
+        parts.append(
+            "\nReads seen on standbys (sampled statements per replica and node)\n"
+            + _table(
+                ["replica", "statements"],
+                [
+                    [replica, ", ".join(f"{k}: {v}" for k, v in kinds.items()) or "none"]
+                    for replica, kinds in sorted(observed.items())
+                ]
+                or [["-", "none"]],
+            )
+        )
     parts.append(
         "\nViolations\n"
         + _table(["check", "violations"], [[k, v] for k, v in summary["violations"].items()])

@@ -22,10 +22,12 @@ from booking.v1 import slot_pb2
 from chaos import checks
 from chaos.checks import Violation
 from chaos.cluster import Cluster, ReplicaSettings
-from chaos.consumers import Consumer
+from chaos.consumers import Consumer, Pager
 from chaos.faults import KINDS, FaultRecord, Injector
 from chaos.history import History
+from chaos.observer import StandbyObserver
 from chaos.patroni import PatroniChaosCluster
+from chaos.readers import Reader
 from chaos.report import render, summarize
 from chaos.workload import Client, Replicas, RetryPolicy, Sender, World, login, seed, status_name
 
@@ -59,6 +61,14 @@ class Options:
     cluster: str | None = None
     haproxy: bool = False
     hang_seconds: float = 25.0
+    # Cluster mode: the replicas read and stream events from the standbys.
+    standby_reads: bool = True
+    # Readers with tokens (chaos.readers); default 2 with standby reads, else 0.
+    readers: int | None = None
+
+    @property
+    def standby_reading(self) -> bool:
+        return self.cluster == "patroni" and self.standby_reads
 
     def resolved(self) -> Options:
         if self.duration is None and self.operations is None:
@@ -70,6 +80,8 @@ class Options:
             self.users = max(1, (self.clients * 2) // 3)
         if self.faults_min is None:
             self.faults_min = len(self.faults)
+        if self.readers is None:
+            self.readers = 2 if self.standby_reading else 0
         # Confirmed and NO_SHOW appointments keep their slots for good: long
         # runs get more slots so holds keep succeeding.
         if self.future_slots is None:
@@ -79,8 +91,11 @@ class Options:
         return self
 
 
+_STARTED = time.monotonic()
+
+
 def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 def run(opts: Options) -> tuple[int, dict[str, Any]]:
@@ -96,6 +111,7 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
             settings,
             haproxy=opts.haproxy,
             hang_seconds=opts.hang_seconds,
+            standby_reads=opts.standby_reads,
         )
     else:
         cluster = Cluster(work_dir, opts.replicas, settings)
@@ -103,6 +119,7 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
     try:
         say(f"chaos: starting PostgreSQL and {opts.replicas} replicas in {work_dir}")
         cluster.start()
+        say(f"chaos: started in {time.monotonic() - started:.1f}s")
         summary = asyncio.run(_run(cluster, opts))
     finally:
         keep = opts.keep or opts.work_dir is not None
@@ -142,6 +159,7 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
 async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[str, Any]:
     assert opts.seed is not None and opts.users is not None
     assert opts.future_slots is not None and opts.past_slots is not None
+    assert opts.readers is not None
     rng = random.Random(opts.seed)
     world = await seed(
         cluster.url,
@@ -149,9 +167,11 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
         specialists=opts.specialists,
         future_slots=opts.future_slots,
         past_slots=opts.past_slots,
+        readers=opts.readers,
     )
     replicas = Replicas(cluster.targets)
     history = History()
+    readers: list[Reader] = []
     try:
         await login(replicas, world)
         policy = RetryPolicy(deadline=opts.deadline)
@@ -170,8 +190,42 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
             Consumer(f"probe-{i}@replica-{i}", i, replicas, world.operator, world.probe_specialist)
             for i in range(n)
         ]
-        history.consumers = [c.log for c in consumers]
+        pagers: list[Pager] = []
+        observer: StandbyObserver | None = None
+        observer_task: asyncio.Task[None] | None = None
+        if isinstance(cluster, PatroniChaosCluster):
+            # Standby consumers: with standby reads every replica serves its
+            # streams from the standbys (the observer shows it; without, it
+            # sees none); a pager of ListAppointmentEvents per replica too.
+            pagers = [Pager(f"list-{i}@replica-{i}", i, replicas, world.operator) for i in range(n)]
+            observer = StandbyObserver(
+                {node.name: cluster.pc.node_url(node) for node in cluster.pc.nodes},
+                cluster.database_name,
+            )
+            observer_task = asyncio.create_task(
+                observer.run(
+                    stop_consumers,
+                    lambda: cluster.processes(),
+                )
+            )
+        history.consumers = [c.log for c in consumers] + [p.log for p in pagers]
         consumer_tasks = [asyncio.create_task(c.run(stop_consumers)) for c in consumers]
+        consumer_tasks += [asyncio.create_task(p.run(stop_consumers)) for p in pagers]
+        if observer_task is not None:
+            consumer_tasks.append(observer_task)
+        readers = [
+            Reader(
+                f"reader-{i}",
+                seat,
+                world.reader_slots[i :: len(world.readers)],
+                world.reader_specialist,
+                cluster.targets,
+                history,
+                random.Random(rng.random()),
+                policy,
+            )
+            for i, seat in enumerate(world.readers)
+        ]
 
         clients = [
             Client(
@@ -204,20 +258,25 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
             sigstop_seconds=opts.sigstop_seconds,
         )
         say(
-            f"chaos: {len(clients)} clients, {len(consumers)} consumers, faults "
-            f"{', '.join(opts.faults)}; seed {opts.seed}"
+            f"chaos: {len(clients)} clients, {len(readers)} readers, {len(consumers)} consumers"
+            + (f" and {len(pagers)} pagers" if pagers else "")
+            + (" (streams and reads from the standbys)" if opts.standby_reading else "")
+            + f", faults {', '.join(opts.faults)}; seed {opts.seed}"
         )
         t0 = time.monotonic()
         client_tasks = [asyncio.create_task(c.run(stop_work)) for c in clients]
-        fault_task = asyncio.create_task(_faults(injector, opts, stop_work, rng))
+        client_tasks += [asyncio.create_task(r.run(stop_work)) for r in readers]
+        fault_task = asyncio.create_task(_faults(injector, opts, stop_work, rng, t0))
         await _until_done(history, injector, opts, stop_work, t0)
         await asyncio.gather(*client_tasks)
         await fault_task
         say(f"chaos: workload stopped after {time.monotonic() - t0:.0f}s; settling")
+        settling = time.monotonic()
 
-        violations, background = await _settle_and_check(
+        violations, background, read_stats = await _settle_and_check(
             cluster, replicas, world, history, injector.records, stop_consumers, consumer_tasks
         )
+        say(f"chaos: settled and checked in {time.monotonic() - settling:.1f}s")
         meta = {
             "replicas": opts.replicas,
             "clients": opts.clients,
@@ -227,16 +286,23 @@ async def _run(cluster: Cluster | PatroniChaosCluster, opts: Options) -> dict[st
             "operations_option": opts.operations,
             "faults_min": opts.faults_min,
             "workload_seconds": round(time.monotonic() - t0, 1),
+            "standby_reads": opts.standby_reading,
+            "readers": opts.readers,
         }
         summary = summarize(history, injector.records, violations, meta)
         summary["background_tracebacks"] = [tb.brief() for tb in background]
+        summary["readers"] = read_stats.to_json()
+        if observer is not None:
+            summary["standby_reads_observed"] = observer.summary()
         return summary
     finally:
+        for reader in readers:
+            await reader.close()
         await replicas.close()
 
 
 async def _faults(
-    injector: Injector, opts: Options, stop: asyncio.Event, rng: random.Random
+    injector: Injector, opts: Options, stop: asyncio.Event, rng: random.Random, t0: float
 ) -> None:
     if not opts.faults:
         return
@@ -246,6 +312,15 @@ async def _faults(
             return
         except TimeoutError:
             pass
+        if (
+            opts.duration is not None
+            and opts.operations is None
+            and len(injector.records) >= (opts.faults_min or 0)
+            and time.monotonic() - t0 > opts.duration - opts.fault_interval
+        ):
+            # Enough faults, and one started now would outlast the run's
+            # time (a cluster fault waits for a healthy cluster first).
+            return
         kind = injector.next_kind()
         rec = await injector.inject(kind)
         _say_fault(len(injector.records), rec)
@@ -290,7 +365,7 @@ async def _settle_and_check(
     faults: list[FaultRecord],
     stop_consumers: asyncio.Event,
     consumer_tasks: list[asyncio.Task[None]],
-) -> tuple[list[Violation], list[checks.Traceback]]:
+) -> tuple[list[Violation], list[checks.Traceback], checks.ReadStats]:
     violations: list[Violation] = []
     for replica in cluster.replicas:
         if not replica.running:
@@ -349,7 +424,9 @@ async def _settle_and_check(
     violations += checks.check_event_chains(state.events, state.appointments)
     violations += checks.check_requests(history.requests, produced)
     violations += checks.check_copies(history.requests)
-    violations += checks.check_codes(history.requests, history.consumers)
+    violations += checks.check_codes(history.requests, history.consumers, history.reads)
+    read_violations, read_stats = checks.check_token_reads(history.reads, produced, state.events)
+    violations += read_violations
     for log in history.consumers:
         violations += checks.check_consumer(
             log, checks.stream_of(log, state.events), want[log.name]
@@ -369,14 +446,14 @@ async def _settle_and_check(
         leader_violations, leader_writes = await asyncio.to_thread(cluster.leader_writes)
         violations += leader_violations
         cluster.leader_writes_stats = leader_writes
-    return violations, background
+    return violations, background, read_stats
 
 
 async def _api_view(replicas: Replicas, world: World) -> tuple[dict[str, str], dict[str, str]]:
     """Every slot (GetSlot) and appointment (ListAppointments) as the API reports them."""
     md = world.operator.metadata
     slots: dict[str, str] = {}
-    for i, slot_id in enumerate([*world.all_slots(), *world.probe_slots]):
+    for i, slot_id in enumerate([*world.all_slots(), *world.probe_slots, *world.reader_slots]):
         stubs = replicas.stubs[i % len(replicas)]
         reply = await _retrying(
             lambda s=stubs, sid=slot_id: s.slots.GetSlot(
@@ -385,7 +462,11 @@ async def _api_view(replicas: Replicas, world: World) -> tuple[dict[str, str], d
         )
         slots[slot_id] = slot_pb2.SlotStatus.Name(reply.slot.status).removeprefix("SLOT_STATUS_")
     appointments: dict[str, str] = {}
-    for spec in [*world.specialists, world.probe_specialist]:
+    for spec in [
+        *world.specialists,
+        world.probe_specialist,
+        *filter(None, [world.reader_specialist]),
+    ]:
         token = ""
         while True:
             stubs = replicas.stubs[len(appointments) % len(replicas)]

@@ -77,9 +77,12 @@ class Replicas:
     """One channel per replica address; channels reconnect by themselves
     when a replica comes back on its port."""
 
-    def __init__(self, targets: list[str]) -> None:
+    def __init__(self, targets: list[str], interceptors: list[Any] | None = None) -> None:
         self.targets = targets
-        self.stubs = [Stubs(grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS)) for t in targets]
+        self.stubs = [
+            Stubs(grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS, interceptors=interceptors))
+            for t in targets
+        ]
 
     def __len__(self) -> int:
         return len(self.stubs)
@@ -119,13 +122,24 @@ class World:
     probe_specialist: str = ""
     # Confirmed appointments anyone saw: id -> slot id (for MarkNoShow).
     confirmed: dict[str, str] = field(default_factory=dict)
+    # The readers (chaos.readers): their users, and a specialist of their
+    # own whose future slots they share out, so their holds mostly succeed.
+    readers: list[Seat] = field(default_factory=list)
+    reader_specialist: str = ""
+    reader_slots: list[str] = field(default_factory=list)
 
     def all_slots(self) -> list[str]:
         return list(self.slot_specialist)
 
 
 async def seed(
-    url: str, *, users: int, specialists: int, future_slots: int, past_slots: int
+    url: str,
+    *,
+    users: int,
+    specialists: int,
+    future_slots: int,
+    past_slots: int,
+    readers: int = 0,
 ) -> World:
     """Users straight into storage (one password hash for all of them, to
     spare the CPU), specialists and slots straight into SQL, so set-up takes
@@ -143,11 +157,12 @@ async def seed(
         operator = await user(Role.OPERATOR, "operator")
         probe = await user(Role.CLIENT, "probe")
         seats = [await user(Role.CLIENT, f"client{i}") for i in range(users)]
+        reader_seats = [await user(Role.CLIENT, f"reader{i}") for i in range(readers)]
     finally:
         await db.close()
 
     conn = await bench_db.connect(url)
-    world = World([], {}, {}, [], seats, operator, probe)
+    world = World([], {}, {}, [], seats, operator, probe, readers=reader_seats)
     slot_length = timedelta(minutes=30)
     try:
         for s in range(specialists + 1):
@@ -197,13 +212,34 @@ async def seed(
             world.past[spec] = [r["id"] for r in rows if r["past"]]
             for r in rows:
                 world.slot_specialist[r["id"]] = spec
+        if readers:
+            spec = str(uuid.uuid4())
+            await conn.execute(
+                "INSERT INTO specialists (id, full_name, service_type)"
+                " VALUES ($1, 'Chaos readers', 'chaos')",
+                uuid.UUID(spec),
+            )
+            world.reader_specialist = spec
+            world.reader_slots = [
+                r["id"]
+                for r in await conn.fetch(
+                    "INSERT INTO time_slots (id, specialist_id, start_time, end_time)"
+                    " SELECT gen_random_uuid(), $1,"
+                    "  date_trunc('hour', now()) + k * $2::interval,"
+                    "  date_trunc('hour', now()) + (k + 1) * $2::interval"
+                    " FROM generate_series(2, $3::int + 1) k RETURNING id::text",
+                    uuid.UUID(spec),
+                    slot_length,
+                    max(4, 4 * readers),
+                )
+            ]
     finally:
         await conn.close()
     return world
 
 
 async def login(replicas: Replicas, world: World) -> None:
-    for seat in [world.operator, world.probe, *world.seats]:
+    for seat in [world.operator, world.probe, *world.seats, *world.readers]:
         reply = await replicas.stubs[0].auth.Login(
             auth_pb2.LoginRequest(email=seat.email, password=PASSWORD), timeout=60
         )

@@ -259,6 +259,12 @@ class PatroniCluster:
         _resume_all()
         if self._haproxy is not None:
             self._terminate(self._haproxy)
+        # Every node is asked to stop first, so they shut down together.
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.kill(node.proc.pid, signal.SIGCONT)
+                    node.proc.terminate()
         for node in self.nodes:
             if node.proc is not None:
                 self._terminate(node.proc, timeout=30)
@@ -448,6 +454,18 @@ class PatroniCluster:
         """The multi-host URL naming every node."""
         hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in self.nodes)
         return f"postgresql://{self._auth()}@{hosts}/{database}?target_session_attrs=read-write"
+
+    def read_url(self, database: str = DATABASE) -> str:
+        """A read URL (docs/reads.md) naming every node, without
+        target_session_attrs: the service checks each host before a read
+        and reads only from those in recovery, so after any failover the
+        URL still names every standby."""
+        hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in self.nodes)
+        return f"postgresql://{self._auth()}@{hosts}/{database}"
+
+    def haproxy_pid(self) -> int | None:
+        proc = self._haproxy
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def haproxy_url(self, database: str = DATABASE) -> str:
         assert self.front_port, "started without haproxy"
