@@ -130,11 +130,9 @@ COMMAND_TIMEOUT_MARGIN_SECONDS = 5.0
 MAX_COMMIT_WINDOW_SECONDS = 10.0
 DEFAULT_COMMIT_TOLERANCE_SECONDS = 1.0
 
-# The bound of the call the current task is running on the primary, as the
-# one-time filter of a single-statement write needs it (:func:`stamped`), or
-# a read that runs a sync barrier (:func:`barrier_bound`). With whether the
-# call writes.
-_commit_by: contextvars.ContextVar[tuple[datetime.datetime, bool] | None] = contextvars.ContextVar(
+# The bound of the write the current task is running, as the one-time filter
+# of a single statement needs it (:func:`stamped`).
+_commit_by: contextvars.ContextVar[datetime.datetime | None] = contextvars.ContextVar(
     "booking_commit_by", default=None
 )
 
@@ -157,20 +155,10 @@ def stamped(sql: str, args: Sequence[object]) -> tuple[str, list[object]]:
     refuses a statement that arrives late. Outside a write run by
     :class:`Database` (no bound), the statement unchanged. No extra round
     trip: the bound travels as one more parameter."""
-    current = _commit_by.get()
-    if current is None or not current[1]:
+    bound = _commit_by.get()
+    if bound is None:
         return sql, list(args)
-    return f"{sql} WHERE booking_commit_by(${len(args) + 1}::timestamptz)", [*args, current[0]]
-
-
-def barrier_bound() -> datetime.datetime | None:
-    """The bound of the current call on the primary, read or write, for a
-    read that runs a sync barrier (a logical message: a write) in its own
-    statement (storage/events.py): ``booking_commit_by($N)`` before the
-    barrier refuses it when it arrives late, as a write's is. None on a
-    standby or outside :class:`Database`."""
-    current = _commit_by.get()
-    return None if current is None else current[0]
+    return f"{sql} WHERE booking_commit_by(${len(args) + 1}::timestamptz)", [*args, bound]
 
 
 class _StampedStatements:
@@ -707,11 +695,11 @@ class Database:
             raise
         finally:
             self.acquiring -= 1
-        # The caller's bound (docs/cluster.md, "A resumed old primary"): it
-        # rides with a write, in its BEGIN or as a single statement's one-time
-        # filter (stamped()), and with a read's sync barrier (barrier_bound()).
-        commit_by = self._commit_by(until)
-        stamp = _commit_by.set((commit_by, intent is Intent.WRITE))
+        # The caller's bound rides with a write (docs/cluster.md, "A resumed
+        # old primary"): in its BEGIN, or as a single statement's one-time
+        # filter (stamped()).
+        commit_by = self._commit_by(until) if intent is Intent.WRITE else None
+        stamp = _commit_by.set(commit_by)
         try:
             self.commits.install(conn)
             if intent is not Intent.WRITE:
@@ -723,6 +711,7 @@ class Database:
             elif single_statement:
                 result = await work(_StampedStatements(conn))
             else:
+                assert commit_by is not None
                 async with _StampedTransaction(conn, isolation, commit_by):
                     result = await work(conn)
             if self.commits.unreplicated(conn):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncpg
 
 from storage.conditions import Conditions
-from storage.database import Connection, Database, Intent, barrier_bound, stamped
+from storage.database import Connection, Database, Intent, stamped
 from storage.errors import CursorCompacted, CursorNotInHistory, DatabaseUnavailable
 from storage.models import (
     Appointment,
@@ -60,33 +60,30 @@ _STABLE_HEAD = (
 )
 
 
-# The durability gate (storage/durability.py): the statement's own commit
-# waits until every commit visible to its snapshot is on the synchronous
-# standbys, so no event read here can be lost by a failover. Evaluated once,
-# in the statement's first CTE (a volatile call is never inlined away).
-# On a hot standby the barrier cannot run (it writes WAL): the statement
-# reports what the standby has replayed instead (`replayed`, `replayed_tli`)
-# and the gate runs on the primary after it (`_standby_gate`; docs/events.md,
-# "Reading from a standby"). `r.standby` is evaluated once per statement, so
-# the statement either ran the barrier or reported its replay position.
+# The durability gate (storage/durability.py): after the read, a barrier on
+# the primary (`_gate_after`): its commit waits until everything committed
+# before it, so every commit the read's snapshot saw, is on the synchronous
+# standbys; until it returns nothing read is delivered, so no event read here
+# can be lost by a failover. The barrier is a statement of its own, not part
+# of the read, so that its logical message and its commit record are written
+# microseconds apart: a node frozen in between and replaced in its absence
+# would write that commit record when it resumes, and a read takes far
+# longer than the barrier's own statement. It is stamped with the call's
+# time bound, as a write is (docs/cluster.md, "A resumed old primary").
+# On a hot standby the read reports what the standby has replayed
+# (`replayed`, `replayed_tli`), and the gate checks that the primary's
+# barrier came at or after it (docs/events.md, "Reading from a standby").
 _RECOVERY = "(SELECT pg_is_in_recovery() AS standby) r"
-# The barrier is a write (it commits a logical message): on the primary the
-# call's time bound comes first (`_BOUND`, storage/database.py
-# barrier_bound()), so a read that waited in a frozen node's socket past it
-# is refused before its barrier, as a write is (docs/cluster.md, "A resumed
-# old primary").
-_BOUND = "$BOUND::timestamptz"
 _GATE = (
-    f"CASE WHEN r.standby THEN NULL WHEN {_BOUND} IS NULL OR booking_commit_by({_BOUND})"
-    " THEN booking_sync_barrier() END AS gate, r.standby,"
+    "r.standby,"
     " CASE WHEN r.standby THEN pg_last_wal_replay_lsn()::text END AS replayed,"
     " CASE WHEN r.standby THEN (SELECT w.received_tli FROM pg_stat_wal_receiver w"
     "  WHERE w.status = 'streaming') END AS replayed_tli"
 )
 
-# Run on the primary after a standby's read: a barrier (everything before
-# its commit record is on the synchronous standbys once it returns), and the
-# primary's WAL write position and timeline taken before that commit.
+# Run on the primary after a read: a barrier (everything before its commit
+# record is on the synchronous standbys once it returns), and the primary's
+# WAL write position and timeline taken before that commit.
 _PRIMARY_GATE = (
     "SELECT pg_current_wal_lsn()::text AS lsn,"
     " ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS tli"
@@ -94,32 +91,15 @@ _PRIMARY_GATE = (
 )
 
 
-async def _gated(db: Database, sql: str, *args: object) -> list[asyncpg.Record]:
-    """Run a statement with `_GATE` in it, the call's bound as its last
-    argument."""
-
-    async def work(conn: Connection) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            sql.replace("$BOUND", f"${len(args) + 1}"), *args, barrier_bound()
-        )
-        return rows
-
-    return await db.run(work, intent=Intent.READ, single_statement=True)
-
-
 async def _primary_gate(db: Database) -> asyncpg.Record:
     """`_PRIMARY_GATE` on the primary, stamped as a write is."""
 
     async def work(conn: Connection) -> asyncpg.Record:
-        row: asyncpg.Record = await conn.fetchrow(*_stamped_gate())
+        statement, values = stamped(_PRIMARY_GATE, [])
+        row: asyncpg.Record = await conn.fetchrow(statement, *values)
         return row
 
     return await db.run(work, intent=Intent.WRITE, single_statement=True)
-
-
-def _stamped_gate() -> list[object]:
-    statement, values = stamped(_PRIMARY_GATE, [])
-    return [statement, *values]
 
 
 # Everything at or before this position may have been pruned (at most one row).
@@ -218,8 +198,8 @@ async def read_after(
         f"  ORDER BY e.xid, e.seq LIMIT {where.arg(limit)}"
         f" ) ev ON true{_WAITLIST_JOIN}{_APPOINTMENT_JOIN} ORDER BY ev.xid, ev.seq"
     )
-    rows = await _gated(db, sql, *where.args)
-    await _standby_gate(gate or db, rows[0])
+    rows = await db.fetch(sql, *where.args, intent=Intent.READ)
+    await _gate_after(gate or db, rows[0])
     pruned = _pruned(rows[0])
     _refuse_compacted(after, pruned)
     if not rows[0]["present"] and rows[0]["standby"] and _names_an_event(after):
@@ -272,16 +252,18 @@ async def _resume_point(
     return max(after, pruned)
 
 
-async def _standby_gate(gate: Database, row: asyncpg.Record) -> None:
-    """After a read on a hot standby (`row["standby"]`), prove that what it
-    showed survives any failover the primary's durability covers: the
-    standby streams on the primary's timeline, so its WAL is a prefix of
-    the primary's, and a barrier on the primary returned after a position
-    at or past the standby's replay position, so everything the standby
-    had replayed is on the synchronous standbys. Otherwise the read is not
-    delivered: DatabaseUnavailable, tried again by the caller."""
+async def _gate_after(gate: Database, row: asyncpg.Record) -> None:
+    """After a read, prove that what it showed survives any failover the
+    primary's durability covers. On the primary: a barrier there returned.
+    On a hot standby (`row["standby"]`): the standby streams on the
+    primary's timeline, so its WAL is a prefix of the primary's, and a
+    barrier on the primary returned after a position at or past the
+    standby's replay position, so everything the standby had replayed is on
+    the synchronous standbys. Otherwise the read is not delivered:
+    DatabaseUnavailable, tried again by the caller."""
     if not row["standby"]:
-        return  # read on a primary: the statement ran the barrier itself
+        await _primary_gate(gate)
+        return
     replayed, tli = row["replayed"], row["replayed_tli"]
     if replayed is None or tli is None:
         raise DatabaseUnavailable()  # not streaming (or not allowed to see it)
@@ -342,14 +324,14 @@ def _refuse_compacted(after: Position, pruned: Position) -> None:
 async def stable_head(db: Database, *, gate: Database | None = None) -> Position:
     """The position a reader starting 'now' should resume after: the newest
     event below the horizon, or the start of the log if there is none."""
-    rows = await _gated(
-        db,
+    row = await db.fetchrow(
         f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} FROM {_RECOVERY})"
         f" SELECT h.standby, h.replayed, h.replayed_tli, head.xid, head.seq"
         f" FROM h LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true",
+        intent=Intent.READ,
     )
-    row = rows[0]  # one row: the LEFT JOIN from h
-    await _standby_gate(gate or db, row)
+    assert row is not None  # one row: the LEFT JOIN from h
+    await _gate_after(gate or db, row)
     if row["xid"] is None:
         return Position.start()
     return Position(int(row["xid"]), int(row["seq"]))

@@ -470,36 +470,44 @@ def test_only_a_transaction_on_catalogs_alone_is_the_nodes_own() -> None:
 def test_a_transaction_begun_before_the_promotion_and_committed_on_resuming_is_counted_apart() -> (
     None
 ):
-    # The node froze between a barrier's checks and its commit record: xid
-    # 901's message was written before the freeze (a RUNNING_XACTS snapshot
-    # lists it with 900, which committed before the promotion); it committed
-    # when the node resumed. xid 903, begun after, is a write on a non-leader.
+    # xid 901 took its xid before 902, which aborted before the promotion:
+    # it had begun writing then, and its commit record, stamped after, was
+    # written when the node resumed. xid 903 is not proven so: a write on a
+    # node that was no longer the leader.
     before, after = "2030-01-01 12:00:05.000000", "2030-01-01 12:00:30.000000"
     commits = witness_text(
         (900, "0/05000100", before),  # the leader's own, in flight
-        (902, "0/05000300", after),  # begun after the promotion: not proven
         (901, "0/05000400", after),
         (903, "0/05000500", after),
     )
     records = tail(
         ("LogicalMessage", 901, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
-        (
-            "Standby",
-            0,
-            "RUNNING_XACTS nextXid 902 latestCompletedXid 899 oldestRunningXid 900;"
-            " 2 xacts: 900 901",
-        ),
-        ("LogicalMessage", 902, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
+        ("Transaction", 902, f"ABORT {before} UTC"),
         ("LogicalMessage", 903, 'MESSAGE transactional, prefix "booking_sync_barrier"'),
     )
     w = checks.parse_rewind_witness("node1", "r", commits + records)
     violations, stats = checks.check_writes_on_leader(HISTORY, [w])
-    assert sorted(v.detail.split()[3] for v in violations) == ["902", "903"]
-    assert (stats.lost_in_flight, stats.frozen_mid_commit, stats.after_promotion) == (1, 1, 2)
-    # Without the snapshot only 900 is proven begun before: 901 is a write.
-    bare = checks.parse_rewind_witness(
-        "node1", "r", commits + records.replace("RUNNING_XACTS", "RUNNING")
+    assert [v.detail.split()[3] for v in violations] == ["903"]
+    assert (stats.lost_in_flight, stats.frozen_mid_commit, stats.after_promotion) == (1, 1, 1)
+    assert w.started_before(datetime(2030, 1, 1, 12, 0, 10, 500000, tzinfo=UTC)) == 903
+    # Without 902's abort only 900 is proven begun before: 901 is a write.
+    bare = checks.parse_rewind_witness("node1", "r", commits + records.replace("ABORT", "X"))
+    assert len(checks.check_writes_on_leader(HISTORY, [bare])[0]) == 2
+
+
+def test_autovacuum_truncating_a_table_is_the_nodes_own() -> None:
+    after = "2030-01-01 12:00:30.000000"
+    commits = witness_text((811, "0/05000200", after), (812, "0/05000300", after))
+    records = tail(
+        ("Standby", 811, "LOCK xid 811 db 16386 rel 17187 "),
+        ("XLOG", 811, "FPI , blkref #0: rel 1663/16386/17187 fork fsm blk 2 FPW"),
+        ("XLOG", 811, "FPI , blkref #0: rel 1663/16386/17187 fork vm blk 0 FPW"),
+        ("Storage", 811, "TRUNCATE base/16386/17187 to 1 blocks flags 7"),
+        ("Heap", 811, "INPLACE off: 2; blkref #0: rel 1663/16386/1259 blk 3"),
+        # A page image of a table's own pages is no vacuum's: a client's.
+        ("XLOG", 812, "FPI , blkref #0: rel 1663/16386/17187 blk 0 FPW"),
     )
-    assert len(checks.check_writes_on_leader(HISTORY, [bare])[0]) == 3
-    # An xid that ended before the promotion proves every smaller one began.
-    assert w.started_before(datetime(2030, 1, 1, 12, 0, 10, 500000, tzinfo=UTC)) == 902
+    w = checks.parse_rewind_witness("node1", "r", commits + records)
+    violations, stats = checks.check_writes_on_leader(HISTORY, [w])
+    assert [v.detail.split()[3] for v in violations] == ["812"]
+    assert stats.maintenance_after_promotion == 1

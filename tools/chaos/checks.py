@@ -658,29 +658,22 @@ class RewindWitness:
     # (relation numbers below 16384) and send no logical message, i.e. the
     # node's own autovacuum and autoanalyze, not a write a client sent.
     catalog_only: frozenset[int] | None = None
-    # Proofs of when transactions began writing (took their xid): the
-    # timestamp of each commit or abort record, by xid, and each
-    # RUNNING_XACTS record's (nextXid, running xids). See started_before().
+    # When transactions ended: the time of each commit or abort record, by
+    # xid (see started_before()).
     ended_at: tuple[tuple[int, datetime], ...] = ()
-    snapshots: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     def started_before(self, moment: datetime) -> int:
         """The smallest xid not proven to have been assigned before
         `moment`: every xid below it had begun writing by then. xids are
-        assigned in order, so a transaction that committed or aborted before
-        `moment` proves every smaller xid was assigned before it; and a
-        RUNNING_XACTS record lists transactions still running when its
-        snapshot was taken, so one listing a transaction that ended before
-        `moment` was taken before it, when every xid below its nextXid had
-        been assigned."""
-        ended = dict(self.ended_at)
+        assigned in order and a commit or abort record's time is read after
+        its xid was assigned, so one stamped before `moment` proves every
+        smaller xid was assigned before it. (A RUNNING_XACTS snapshot proves
+        nothing here: a transaction waiting for its synchronous standby
+        stays listed after its commit record, through a freeze too.)"""
         bound = 0
         for xid, at in self.ended_at:
             if at < moment:
                 bound = max(bound, xid + 1)
-        for next_xid, running in self.snapshots:
-            if any(x in ended and ended[x] < moment for x in running):
-                bound = max(bound, next_xid)
         return bound
 
 
@@ -688,7 +681,6 @@ _ENDED = re.compile(
     r"tx:\s+(\d+), lsn: [0-9A-F]+/[0-9A-F]+,.*desc: (?:COMMIT|ABORT)(?:_PREPARED)?\b[^0-9]*"
     r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC"
 )
-_RUNNING_XACTS = re.compile(r"desc: RUNNING_XACTS nextXid (\d+) .*?\d+ xacts:((?: \d+)*)")
 
 
 def _stamp(text: str) -> datetime:
@@ -734,12 +726,9 @@ def parse_rewind_witness(node: str, source: str, text: str) -> RewindWitness:
     if timeline is None and error is None:
         error = "no timeline recorded"
     ended: dict[int, datetime] = {}
-    snapshots: list[tuple[int, tuple[int, ...]]] = []
     for line in text.splitlines():
         if (e := _ENDED.search(line)) is not None:
             ended[int(e.group(1))] = _stamp(e.group(2))
-        elif (r := _RUNNING_XACTS.search(line)) is not None:
-            snapshots.append((int(r.group(1)), tuple(int(x) for x in r.group(2).split())))
     return RewindWitness(
         node,
         source,
@@ -749,13 +738,19 @@ def parse_rewind_witness(node: str, source: str, text: str) -> RewindWitness:
         error,
         _catalog_only(text),
         tuple(sorted(ended.items())),
-        tuple(snapshots),
     )
 
 
 _TAIL_RECORD = re.compile(r"^# tail: rmgr: (\S+)\s.*?tx:\s+(\d+), lsn: ")
 _RELATION = re.compile(r"rel \d+/\d+/(\d+)")
 FIRST_NORMAL_OID = 16384
+# The records of a vacuum's truncation of a table (its AccessExclusiveLock,
+# the whole-page images of the maps it logs, the truncation itself), which no client
+# statement writes without other records of its own.
+_VACUUM_TRUNCATION = re.compile(
+    r"^# tail: rmgr: (?:Standby\s.*desc: LOCK xid|Storage\s.*desc: TRUNCATE "
+    r"|XLOG\s.*desc: FPI , blkref #0: rel \S+ fork (?:fsm|vm) )"
+)
 
 
 def _catalog_only(text: str) -> frozenset[int] | None:
@@ -769,6 +764,10 @@ def _catalog_only(text: str) -> frozenset[int] | None:
             continue
         xid = int(m.group(2))
         seen.add(xid)
+        if _VACUUM_TRUNCATION.search(line):
+            # Autovacuum cutting a table's empty tail: its lock, the pages
+            # of its free space and visibility maps, the truncation.
+            continue
         if m.group(1) == "LogicalMessage" or any(
             int(rel) >= FIRST_NORMAL_OID for rel in _RELATION.findall(line)
         ):
