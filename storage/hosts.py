@@ -137,7 +137,10 @@ def _set_keepalive(conn: asyncpg.Connection) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     for level, option, value in _KEEPALIVE:
-        with contextlib.suppress(OSError):
+        # ValueError: the server closed the session meanwhile (uvloop's
+        # socket of a closed transport has file descriptor -1). The pool's
+        # first statement on it finds it closed: UNAVAILABLE, not INTERNAL.
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(level, option, value)
 
 

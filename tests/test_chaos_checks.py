@@ -511,3 +511,25 @@ def test_autovacuum_truncating_a_table_is_the_nodes_own() -> None:
     violations, stats = checks.check_writes_on_leader(HISTORY, [w])
     assert [v.detail.split()[3] for v in violations] == ["812"]
     assert stats.maintenance_after_promotion == 1
+
+
+def test_autovacuum_truncating_a_table_as_a_resumed_node_showed_it_is_the_nodes_own() -> None:
+    """As a resumed node's witness showed it (a 180 s cluster run): an xid,
+    its lock, full-page images of a user table's free space and visibility
+    maps, the truncation, pg_class in place. No client writes so."""
+    after = "2030-01-01 12:00:30.000000"
+    commits = witness_text((1770, "0/05000200", after), (1771, "0/05000300", after))
+    records = tail(
+        ("Standby", 1770, "LOCK xid 1770 db 16386 rel 17250 "),
+        ("XLOG", 1770, "FPI , blkref #0: rel 1663/16386/17250 fork fsm blk 2 FPW"),
+        ("XLOG", 1770, "FPI , blkref #0: rel 1663/16386/17250 fork vm blk 0 FPW"),
+        ("Storage", 1770, "TRUNCATE base/16386/17250 to 8 blocks flags 7"),
+        ("Heap", 1770, "INPLACE off: 27; blkref #0: rel 1663/16386/1259 blk 6"),
+        # A client's update whose page was imaged first is still a client's.
+        ("XLOG", 1771, "FPI_FOR_HINT , blkref #0: rel 1663/16386/17224 blk 1 FPW"),
+        ("Heap", 1771, "HOT_UPDATE old_xmax: 1771, blkref #0: rel 1663/16386/17224 blk 1"),
+    )
+    w = checks.parse_rewind_witness("node0", "r", commits + records)
+    violations, stats = checks.check_writes_on_leader(HISTORY, [w])
+    assert [v.detail.split()[3] for v in violations] == ["1771"]
+    assert (stats.after_promotion, stats.maintenance_after_promotion) == (1, 1)
