@@ -4,8 +4,8 @@
 
 Two set-ups from the embedded PostgreSQL (tests/replication.py): a single
 PostgreSQL without standbys, and a primary with one synchronous standby.
-On each, with the gate and without it (booking_sync_barrier() left out of
-the event reads, and no listening for cancelled synchronous waits):
+On each, with the gate and without it (no barrier after the event reads,
+and no listening for cancelled synchronous waits):
 
 - hold latency: HoldSlot over gRPC, one at a time;
 - delivery latency: from a hold's answer to its event on an open
@@ -40,11 +40,15 @@ from tests.support import Api, hours_from_now, running_server  # noqa: E402
 
 @contextmanager
 def gate(enabled: bool) -> Iterator[None]:
-    saved_gate = event_store._GATE
+    saved_gate = event_store._gate_after
     saved_check = durability.CommitWatch.unreplicated
     saved_install = durability.CommitWatch.install
     if not enabled:
-        event_store._GATE = "NULL"
+
+        async def ungated(_gate: Any, _row: Any) -> None:
+            return None
+
+        setattr(event_store, "_gate_after", ungated)  # noqa: B010
 
         def never(_self: Any, _conn: Any) -> bool:
             return False
@@ -57,7 +61,7 @@ def gate(enabled: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        event_store._GATE = saved_gate
+        setattr(event_store, "_gate_after", saved_gate)  # noqa: B010
         setattr(durability.CommitWatch, "unreplicated", saved_check)  # noqa: B010
         setattr(durability.CommitWatch, "install", saved_install)  # noqa: B010
 
