@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from yoyo import get_backend, read_migrations
 from yoyo.migrations import MigrationList
 
 from storage import hosts
+from storage.database import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +78,48 @@ def due_contract(migrations: Any) -> list[str]:
     return waiting
 
 
+# A migration that takes table locks (CREATE TRIGGER: SHARE ROW EXCLUSIVE)
+# while the previous release serves can deadlock with a transition that
+# holds one of those tables and wants the next; PostgreSQL then aborts one
+# of the two. Each migration is one transaction, so an aborted one left
+# nothing behind: it is applied again, after a pause, from where the chain
+# stopped. The service's transactions retry the same errors
+# (storage/database.py).
+MIGRATION_RETRY = RetryPolicy(attempts=6, base_delay=0.1, max_delay=2.0)
+_TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable)
+
+
 def apply(dsn: str, *, contract: bool = False) -> list[str]:
     """Apply every pending migration, except the trailing contract ones
-    unless `contract` (or the database is new); returns the ids applied."""
+    unless `contract` (or the database is new); returns the ids applied.
+    A migration aborted by a deadlock or a lock timeout is applied again
+    (MIGRATION_RETRY)."""
+    done: list[str] = []
+    attempt = 0
+    while True:
+        try:
+            return done + _apply_once(dsn, contract=contract, done=done)
+        except _TRANSIENT as exc:
+            attempt += 1
+            if attempt >= MIGRATION_RETRY.attempts:
+                raise
+            log.warning("migration aborted (%s); applying it again", type(exc).__name__)
+            time.sleep(MIGRATION_RETRY.delay(attempt))
+
+
+def _apply_once(dsn: str, *, contract: bool, done: list[str]) -> list[str]:
     migrations = read_migrations(str(migrations_dir()))
     with _backend(dsn) as backend, backend.lock():
         pending = backend.to_apply(migrations)
         fresh = not any(backend.is_applied(m) for m in migrations)
         held = set() if contract or fresh else set(due_contract(migrations))
         chosen = MigrationList([m for m in pending if m.id not in held])
-        backend.apply_migrations(chosen)
+        try:
+            backend.apply_migrations(chosen)
+        except _TRANSIENT:
+            # The ones applied before the aborted one stay applied.
+            done.extend(m.id for m in chosen if backend.is_applied(m))
+            raise
     ids = [m.id for m in chosen]
     if ids:
         log.info("applied migrations: %s", ", ".join(ids))
