@@ -75,7 +75,7 @@ _STABLE_HEAD = (
 # barrier came at or after it (docs/events.md, "Reading from a standby").
 _RECOVERY = "(SELECT pg_is_in_recovery() AS standby) r"
 _GATE = (
-    "r.standby,"
+    "r.standby, current_setting('synchronous_standby_names') <> '' AS synchronous,"
     " CASE WHEN r.standby THEN pg_last_wal_replay_lsn()::text END AS replayed,"
     " CASE WHEN r.standby THEN (SELECT w.received_tli FROM pg_stat_wal_receiver w"
     "  WHERE w.status = 'streaming') END AS replayed_tli"
@@ -184,7 +184,7 @@ async def read_after(
         "WITH h AS (SELECT x, EXISTS (SELECT 1 FROM appointment_events p WHERE p.xid >= x)"
         f" AS pending, {present} AS present, {_GATE}"
         f" FROM (SELECT {_HORIZON} AS x) s, {_RECOVERY})"
-        " SELECT h.pending, h.present, h.standby, h.replayed, h.replayed_tli,"
+        " SELECT h.pending, h.present, h.standby, h.synchronous, h.replayed, h.replayed_tli,"
         " head.xid AS head_xid, head.seq AS head_seq,"
         " c.pruned_xid::text::bigint AS pruned_xid, c.pruned_seq, ev.*,"
         " w.id AS waitlist_entry_id, ap.party_size, ap.series_id"
@@ -262,7 +262,10 @@ async def _gate_after(gate: Database, row: asyncpg.Record) -> None:
     the synchronous standbys. Otherwise the read is not delivered:
     DatabaseUnavailable, tried again by the caller."""
     if not row["standby"]:
-        await _primary_gate(gate)
+        # Without synchronous standbys when the read ran, the barrier would
+        # write nothing (it looks at the same setting): no round trip.
+        if row["synchronous"]:
+            await _primary_gate(gate)
         return
     replayed, tli = row["replayed"], row["replayed_tli"]
     if replayed is None or tli is None:
@@ -326,7 +329,7 @@ async def stable_head(db: Database, *, gate: Database | None = None) -> Position
     event below the horizon, or the start of the log if there is none."""
     row = await db.fetchrow(
         f"WITH h AS (SELECT {_HORIZON} AS x, {_GATE} FROM {_RECOVERY})"
-        f" SELECT h.standby, h.replayed, h.replayed_tli, head.xid, head.seq"
+        f" SELECT h.standby, h.synchronous, h.replayed, h.replayed_tli, head.xid, head.seq"
         f" FROM h LEFT JOIN LATERAL ({_STABLE_HEAD}) head ON true",
         intent=Intent.READ,
     )

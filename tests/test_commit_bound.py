@@ -13,9 +13,8 @@ import grpc
 import pytest
 
 from service.errors import code_for
-from storage import deadline, errors, events
+from storage import deadline, errors
 from storage.database import Connection, Database, Intent, UnstampedWrite, stamped
-from storage.models import EventFilter, Position
 from tests.support import Api, expect_failure, hours_from_now
 
 _BOUND = "SELECT current_setting('booking.commit_by', true)"
@@ -116,20 +115,6 @@ async def test_a_single_statement_write_without_its_bound_is_never_sent(
             "SELECT count(*) FROM login_throttle WHERE email_key = $1", key, intent=Intent.READ
         )
         assert count == 0
-    finally:
-        await db.close()
-
-
-async def test_an_event_read_arriving_after_its_bound_is_refused(database_url: str) -> None:
-    # An event read on the primary runs a sync barrier, which commits a
-    # logical message (a write, with synchronous standbys): late, it is
-    # refused before the barrier, as a write is.
-    db = await Database.connect(database_url, min_size=1, max_size=1, commit_tolerance=-60)
-    try:
-        with pytest.raises(errors.CommitDeadlinePassed):
-            await events.stable_head(db)
-        with pytest.raises(errors.CommitDeadlinePassed):
-            await events.read_after(db, Position.start(), EventFilter(), 10)
     finally:
         await db.close()
 

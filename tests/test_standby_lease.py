@@ -30,7 +30,9 @@ import grpc
 import pytest
 
 from service.errors import code_for
-from storage import errors
+from storage import errors, events
+from storage.database import Database
+from storage.models import EventFilter, Position
 from tests.replication import Node, ReplicatedCluster, replicated_cluster
 
 # booking.standby_lease when unset (storage/sql/durability.sql).
@@ -239,3 +241,20 @@ async def test_a_frozen_primary_refuses_stamped_writes_that_waited_past_their_bo
     finally:
         for session in sessions:
             session.terminate()
+
+
+async def test_a_late_event_read_on_a_synchronous_primary_is_refused_before_its_barrier(
+    cluster: ReplicatedCluster,
+) -> None:
+    # An event read's durability gate is a sync barrier, which commits a
+    # logical message: with a synchronous standby, a write. Late (a bound
+    # in the past, as for a statement that waited in a frozen node's
+    # socket), it is refused before the barrier, as a write is.
+    db = await Database.connect(cluster.primary.url(), min_size=1, max_size=1, commit_tolerance=-60)
+    try:
+        with pytest.raises(errors.CommitDeadlinePassed):
+            await events.stable_head(db)
+        with pytest.raises(errors.CommitDeadlinePassed):
+            await events.read_after(db, Position.start(), EventFilter(), 10)
+    finally:
+        await db.close()
