@@ -291,6 +291,17 @@ def _ratio_goal(
     )
 
 
+def _bare_hold(figs: dict[str, Figure], conc: int | None) -> Figure | None:
+    """The design's bare hold transaction at `conc`: pgbench's seed script,
+    or asyncpg's when pgbench is missing or its PostgreSQL CPU read as zero
+    (a run shorter than the CPU counters' tick, as a quick run can be)."""
+    pgbench = _at_concurrency(figs, "ceiling.pgbench.seed.", conc)
+    cpu = _mean(pgbench, "pg_cpu_us")
+    if pgbench is not None and cpu is not None and cpu > 0:
+        return pgbench
+    return _at_concurrency(figs, "ceiling.asyncpg.seed.", conc) or pgbench
+
+
 def evaluate(b: Bench) -> list[Goal]:
     """The goals, each a ratio of two figures of this run (or a bound)."""
     figs = b.figures
@@ -340,11 +351,8 @@ def evaluate(b: Bench) -> list[Goal]:
         )
     )
 
-    # The design's bare hold transaction (pgbench's seed script; asyncpg's
-    # when pgbench is missing) at the same concurrency.
-    seed = _at_concurrency(figs, "ceiling.pgbench.seed.", conc) or _at_concurrency(
-        figs, "ceiling.asyncpg.seed.", conc
-    )
+    # The design's bare hold transaction at the same concurrency.
+    seed = _bare_hold(figs, conc)
     goals.append(
         _ratio_goal(
             "PostgreSQL CPU per hold, service vs the design's bare hold transaction",
@@ -575,9 +583,7 @@ def _seats_goals(b: Bench) -> list[Goal]:
     goals = []
     single = _best([f for k, f in figs.items() if k.startswith("seats.single.c")])
     conc = _conc(single.key) if single else None
-    seed = _at_concurrency(figs, "ceiling.pgbench.seed.", conc) or _at_concurrency(
-        figs, "ceiling.asyncpg.seed.", conc
-    )
+    seed = _bare_hold(figs, conc)
     goals.append(
         _ratio_goal(
             "seats: single-seat HoldSlot PostgreSQL CPU vs the design's bare hold",
