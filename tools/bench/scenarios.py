@@ -666,6 +666,7 @@ def _idle_streams(b: Bench) -> None:
     n = b.opts.idle_streams
     if n <= 0:
         return
+    b.stop_primary()  # a fresh server for the truncated log, as in _events_run's caller
     server = b.ensure_primary()
     fig = b.figure(
         f"events.idle{n}",
