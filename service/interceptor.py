@@ -259,6 +259,21 @@ def _stream_parser(parse: Parser | None) -> Prepare:
     return each
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """The method's serializer, except that a message already serialized
+    (bytes) is sent as it is: a stream event goes to many streams, and is
+    serialized once for all of them (service/servicers/appointments.py)."""
+    if serialize is None:
+        return None
+
+    def each(message: Any) -> bytes:
+        if type(message) is bytes:
+            return message
+        return serialize(message)
+
+    return each
+
+
 class ServiceInterceptor(ServerInterceptor):
     def __init__(self, authenticator: auth.Authenticator) -> None:
         self.authenticator = authenticator
@@ -297,7 +312,10 @@ class ServiceInterceptor(ServerInterceptor):
         # Requests are decoded inside the wrapper, so undecodable bytes become
         # INVALID_ARGUMENT instead of grpc's UNKNOWN with the parser's
         # exception text (and a traceback in the log).
-        raw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+        raw = {
+            "request_deserializer": None,
+            "response_serializer": _passing_bytes(handler.response_serializer),
+        }
         parse = handler.request_deserializer
         open_ = self.authenticator.is_open(method)
         if handler.unary_unary is not None:

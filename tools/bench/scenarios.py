@@ -570,6 +570,12 @@ def events(b: Bench) -> None:
                 finally:
                     old.stop()
             else:
+                # A fresh server, as the previous release's is: the reset
+                # between runs truncates the log under a running server,
+                # whose ring then holds events the table no longer has, and
+                # streams that resumed from one ended with OUT_OF_RANGE
+                # (CURSOR_NOT_IN_HISTORY, as after an asynchronous failover).
+                b.stop_primary()
                 _events_run(b, b.ensure_primary(), streams, release)
     _idle_streams(b)
 
@@ -660,6 +666,7 @@ def _idle_streams(b: Bench) -> None:
     n = b.opts.idle_streams
     if n <= 0:
         return
+    b.stop_primary()  # a fresh server for the truncated log, as in _events_run's caller
     server = b.ensure_primary()
     fig = b.figure(
         f"events.idle{n}",
