@@ -21,6 +21,7 @@ import pytest
 
 from service.server import BookingServer
 from storage import embedded, migrate
+from tests import ordering
 from tests.support import Api, running_server
 
 # The image test builds and runs the container (minutes, root, podman): run by
@@ -109,3 +110,15 @@ async def server(database_url: str) -> AsyncIterator[BookingServer]:
 async def api(server: BookingServer) -> AsyncIterator[Api]:
     async with Api.connect(server) as client:
         yield client
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist orders files by their number of tests unless told not to; the
+    # order below (tests/ordering.py) is by their recorded cost instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    ordering.slowest_files_first(items)

@@ -14,10 +14,12 @@ removes it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -191,13 +193,15 @@ class ReplicatedCluster:
         node_settings = {**NODE_SETTINGS, **(settings or {})}
         cluster: ReplicatedCluster | None = None
         try:
+            if migrate:
+                # A copy of a stopped primary migrated once per process:
+                # initdb and the migration chain took most of a cluster's
+                # start-up, once per test.
+                _copy_tree(await _migrated_primary(), base / "primary")
             pg = embedded.start(base / "primary", max_connections=100, settings=node_settings)
             cluster = cls(base, Node("primary", pg))
-            await cluster.primary.execute(f"CREATE DATABASE {DATABASE}", database="postgres")
-            if migrate:
-                from storage import migrate as migrations
-
-                migrations.apply(cluster.primary.url())
+            if not migrate:
+                await cluster.primary.execute(f"CREATE DATABASE {DATABASE}", database="postgres")
             for number in range(1, standbys + 1):
                 cluster.standbys.append(cluster._make_standby(f"standby{number}", node_settings))
             if synchronous and standbys:
@@ -285,6 +289,37 @@ class ReplicatedCluster:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_MIGRATED: Path | None = None
+
+
+async def _migrated_primary() -> Path:
+    """The data directory (server stopped) of a primary whose database
+    ``booking`` is migrated, made on first use in this process and removed
+    at its exit. Copies of it share its system identifier, which no test
+    compares across clusters (a token of another cluster is made up)."""
+    global _MIGRATED
+    if _MIGRATED is None:
+        from storage import migrate as migrations
+
+        base = Path(tempfile.mkdtemp(prefix="booking-repl-template-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        pg = embedded.start(base / "primary", max_connections=100, settings=NODE_SETTINGS)
+        try:
+            node = Node("primary", pg)
+            await node.execute(f"CREATE DATABASE {DATABASE}", database="postgres")
+            migrations.apply(node.url())
+        finally:
+            pg.stop()
+        _MIGRATED = base / "primary"
+    return _MIGRATED
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """`source` copied to `target`, owners and modes kept (the data
+    directory belongs to the server's user)."""
+    subprocess.run(["cp", "-a", str(source), str(target)], check=True)
 
 
 async def _sleep() -> None:

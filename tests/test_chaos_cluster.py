@@ -39,10 +39,12 @@ def test_short_cluster_chaos_run_with_standby_readers_breaks_no_invariant(
             "chaos",
             "--cluster",
             "patroni",
+            # The run lasts until each of FAULTS was injected once (each
+            # waits for a healthy cluster first), however short the duration.
             "--duration",
-            "45",
+            "20",
             "--fault-interval",
-            "8",
+            "4",
             "--faults",
             ",".join(FAULTS),
             "--clients",

@@ -31,10 +31,13 @@ def test_short_chaos_run_breaks_no_invariant(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "chaos",
+            # The run lasts until every fault kind was injected once
+            # (--faults-min defaults to the number of kinds), however short
+            # the duration: 15 s of load around them, a fault every 1-3 s.
             "--duration",
-            "45",
+            "15",
             "--fault-interval",
-            "3",
+            "2",
             "--clients",
             "8",
             "--seed",

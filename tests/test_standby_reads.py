@@ -31,18 +31,49 @@ from cluster.patroni import PatroniCluster, haproxy_available
 from service.config import from_sources
 from service.server import BookingServer
 from storage import consistency, hosts, migrate, replicas
-from tests.replication import Node, ReplicatedCluster, replicated_cluster
+from tests.replication import NODE_SETTINGS, Node, ReplicatedCluster, replicated_cluster
 from tests.support import Api, running_server, ts
 
 TOKEN = consistency.HEADER
 DEADLINE = 10.0
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[ReplicatedCluster]:
+@pytest.fixture(scope="module")
+async def shared_cluster() -> AsyncIterator[ReplicatedCluster]:
     # Asynchronous: a paused or killed standby holds no commit.
     async with replicated_cluster(2, synchronous=False) as c:
         yield c
+
+
+@pytest.fixture
+async def cluster(shared_cluster: ReplicatedCluster) -> ReplicatedCluster:
+    """The module's primary and two standbys, as a new cluster has them:
+    both streaming, replaying without delay, caught up."""
+    await restore(shared_cluster)
+    return shared_cluster
+
+
+async def restore(cluster: ReplicatedCluster) -> None:
+    """Undo what a test did to the standbys: resume a paused one, make a
+    killed or promoted one again from the primary (pg_basebackup), lift
+    any replay delay, and wait until both have replayed a new commit
+    (so each reports a replay time, as after delay_replay's first commit)."""
+    for index, node in enumerate(cluster.standbys):
+        if node.paused and not node.killed:
+            node.resume()
+        if not node.killed and await node.fetchval("SELECT pg_is_in_recovery()"):
+            await cluster.set_apply_delay(node, "0")
+            continue
+        node.stop()
+        shutil.rmtree(cluster.base_dir / node.name, ignore_errors=True)
+        cluster.standbys[index] = cluster._make_standby(node.name, NODE_SETTINGS)
+    await cluster.wait_streaming()
+    await cluster.primary.execute(
+        "CREATE TABLE IF NOT EXISTS replay_mark (); INSERT INTO replay_mark DEFAULT VALUES"
+    )
+    lsn = await replayed_lsn(cluster)
+    for node in cluster.standbys:
+        await cluster.wait_replayed(node, lsn)
 
 
 def read_url(nodes: list[Node]) -> str:
@@ -79,7 +110,9 @@ async def delay_replay(cluster: ReplicatedCluster, *nodes: Node) -> None:
     """Hold back replay on `nodes` from now on. First a commit they replay:
     a standby that replayed none since it started reports no replay time,
     so its lag is unknown and it serves no tokenless read at all."""
-    await cluster.primary.execute("CREATE TABLE IF NOT EXISTS replay_mark ()")
+    await cluster.primary.execute(
+        "CREATE TABLE IF NOT EXISTS replay_mark (); INSERT INTO replay_mark DEFAULT VALUES"
+    )
     for node in nodes:
         await cluster.wait_replayed(node, await replayed_lsn(cluster))
     for node in nodes:
