@@ -1,4 +1,4 @@
--- depends: 0048.commit-by
+-- depends: 0049.hold-overlap-generic-plan
 -- contract: drops the functions only the previous releases called or reached
 --
 -- The previous release (v0.2.0) calls the transitions by their unversioned

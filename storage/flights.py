@@ -68,15 +68,25 @@ class Outcome(enum.Enum):
 
 
 class _Flight:
-    __slots__ = ("done", "outcome", "sent", "status")
+    """One leader's hold in flight. Costs the leader nothing beyond the
+    slot's dict entry: the Event its followers wait on is made by the first
+    follower (an uncontended hold creates none and sets none)."""
+
+    __slots__ = ("done", "ended", "outcome", "sent", "status")
 
     def __init__(self) -> None:
-        self.done = asyncio.Event()
+        self.done: asyncio.Event | None = None
+        self.ended = False
         self.outcome = Outcome.UNKNOWN
         self.status = ""
         # The arrival count when the leader's statement (last) went to the
         # database; None before it did.
         self.sent: int | None = None
+
+    def finished(self) -> None:
+        self.ended = True
+        if self.done is not None:
+            self.done.set()
 
 
 def _nothing() -> None:
@@ -169,19 +179,24 @@ class SlotFlights:
             # Whatever happened, the flight ends and its followers wake.
             if self._flights.get(slot_id) is flight:
                 del self._flights[slot_id]
-            flight.done.set()
+            flight.finished()
 
     @staticmethod
     async def _wait(flight: _Flight) -> None:
         """Wait for the leader, within the caller's own deadline."""
         limit = deadline.remaining()
-        if limit is None:
-            await flight.done.wait()
-            return
-        if limit <= 0:
+        if limit is not None and limit <= 0:
             raise DeadlineExceeded()
+        if flight.ended:
+            return
+        done = flight.done
+        if done is None:
+            done = flight.done = asyncio.Event()
+        if limit is None:
+            await done.wait()
+            return
         try:
             async with asyncio.timeout(limit):
-                await flight.done.wait()
+                await done.wait()
         except TimeoutError as exc:
             raise DeadlineExceeded() from exc

@@ -64,6 +64,7 @@ async def test_every_migration_rolls_back_and_reapplies(database_url: str) -> No
         "0046.appointment-slot-times-index",
         "0047.standby-lease",
         "0048.commit-by",
+        "0049.hold-overlap-generic-plan",
         "0050.contract-previous-release",
     ]
     before = await _counts(database_url)

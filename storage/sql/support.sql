@@ -88,10 +88,16 @@ $$;
 -- none of the user's past), then among the rows written before those
 -- columns existed and not yet backfilled (slot_end IS NULL: an empty range
 -- of the same index once `booking-service migrate backfill` is done).
+-- Always the generic plans (three buffers per probe, with or without
+-- history): left to choose, PL/pgSQL kept planning the probes afresh on a
+-- database with a million past appointments, 0.15-0.6 ms per hold
+-- (docs/performance.md, 2026-12-08).
 CREATE FUNCTION booking_check_user_overlap(
     p_user_id uuid, p_slot time_slots, p_exclude_appointment_id uuid
 ) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     v_conflict uuid;
 BEGIN

@@ -6,7 +6,12 @@ plus one bench-only RPC, the database floor.
 
 `/booking.bench.v1.BenchFloor/RoundTrip` makes exactly one asyncpg round
 trip of a trivial statement through the server's own `Database` and
-answers a health-check message. Its server CPU per call is what any RPC
+answers a health-check message. It goes the way HoldSlot's one statement
+goes (storage/requests.py call): a single-statement write, stamped with
+the write's time bound as its one-time filter, its own implicit
+transaction. (Sent as `db.fetchval(..., intent=Intent.WRITE)` it would be
+a stamped BEGIN, the statement and a COMMIT: three round trips, the floor
+the 2026-12-07 run measured.) Its server CPU per call is what any RPC
 that reads or writes the database costs at least, so HoldSlot and
 ListSlots are compared with it (docs/performance.md, "floor"). The RPC and
 its access policy exist only in this process: `service.cli serve` never
@@ -26,7 +31,7 @@ from service.auth import Authenticator
 from service.event_hub import EventHub
 from service.policy import POLICIES, STAFF, Policy
 from service.server import BookingServer
-from storage.database import Database, Intent
+from storage.database import Connection, Database, Intent, stamped
 
 SERVICE = "booking.bench.v1.BenchFloor"
 METHOD = f"/{SERVICE}/RoundTrip"
@@ -35,8 +40,12 @@ STATEMENT = "SELECT 1"
 
 
 def handler(db: Database) -> grpc.GenericRpcHandler[Any, Any]:
+    async def work(conn: Connection) -> Any:
+        statement, values = stamped(STATEMENT, ())
+        return await conn.fetchval(statement, *values)
+
     async def round_trip(request: health_pb2.HealthCheckRequest, context: Any) -> Any:
-        await db.fetchval(STATEMENT, intent=Intent.WRITE)
+        await db.run(work, intent=Intent.WRITE, single_statement=True)
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     return grpc.method_handlers_generic_handler(
