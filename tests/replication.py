@@ -240,6 +240,24 @@ class ReplicatedCluster:
         (e.g. '2s'; '0' to stop); WAL is still received and flushed."""
         await standby.execute(f"ALTER SYSTEM SET recovery_min_apply_delay = '{delay}'")
         await standby.execute("SELECT pg_reload_conf()")
+        if delay.strip("0smh ") == "":
+            return
+        # pg_reload_conf only signals: the startup process takes the delay
+        # when it next handles the signal, and a commit arriving before that
+        # is replayed at once. The delay is in effect once a commit made
+        # now is received but not replayed (it then waits its delay, and
+        # every later commit behind it).
+        while True:
+            await self.primary.execute("SELECT pg_current_xact_id()")  # a commit
+            lsn = await self.primary.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+            while not await standby.fetchval(
+                "SELECT pg_last_wal_receive_lsn() >= $1::text::pg_lsn", lsn
+            ):
+                await _sleep()
+            if not await standby.fetchval(
+                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn
+            ):
+                return
 
     async def wait_streaming(self) -> None:
         """Until every live standby streams from the primary."""
